@@ -1,0 +1,421 @@
+//! The execution engine: validation, layout, state buffers, chunk planning and thread dispatch.
+//!
+//! This is the only place that knows about rayon, chunk lengths and SIMD tier selection. An
+//! optimizer hands [`Core::run`] a [`Kernel`] holding its per-step scalars; the engine does the
+//! rest. A single-tensor `step` is a model with one tensor.
+//!
+//! # Layout and state
+//! The first step of a stateful optimizer fixes the *layout*: the number of tensors and each
+//! one's length. Each state buffer (momentum, second moment, ...) is one 64-byte aligned
+//! allocation covering every tensor, each tensor's slice starting on a 64-byte boundary.
+//!
+//! # Plan
+//! The elements of all tensors, in order, are cut into *tasks* of about `chunk_len` elements:
+//! small tensors are packed together into one task, large ones are split (at multiples of
+//! [`BLOCK`] elements inside the tensor). The plan is computed once per layout and chunk length and
+//! reused by every step. Tasks run on the caller's rayon pool; a step with a single task, or on a
+//! pool with one thread, runs inline without any thread dispatch.
+//!
+//! # Determinism
+//! Every tier computes bitwise identical results (see [`crate::simd`]), and the update of an
+//! element depends only on that element, so results do not depend on how the work is cut or on
+//! the number of threads.
+
+use crate::optimizer::{Backend, StepError, StepReport};
+use crate::simd::{self, Kernel, Run, SimdLevel};
+use aligned_vec::{AVec, ConstAlign};
+use rayon::prelude::*;
+
+/// Alignment unit of state slices and of cuts inside a tensor, in elements (64 bytes of f32).
+pub(crate) const BLOCK: usize = 16;
+
+/// Default number of elements per task.
+///
+/// 32,768 elements (128 KiB of each stream) measured best or within noise of best for every
+/// optimizer on a 2-core Zen 3 at 256K to 64M parameters; see the README's Performance section
+/// and `examples/tune.rs` to measure your machine.
+pub const DEFAULT_CHUNK_LEN: usize = 1 << 15;
+
+/// The per-step input of every optimizer: one `(weights, grads)` pair per tensor.
+pub(crate) type Params<'a, 'b> = [(&'a mut [f32], &'b [f32])];
+
+type StateBuf = AVec<f32, ConstAlign<64>>;
+
+/// Tensor lengths and where each tensor's slice starts in the state buffers.
+#[derive(Debug, Clone, PartialEq)]
+struct Layout {
+    lens: Vec<usize>,
+    offsets: Vec<usize>,
+    /// Length of every state buffer (sum of lengths, each rounded up to [`BLOCK`]).
+    total: usize,
+}
+
+impl Layout {
+    fn new(lens: Vec<usize>) -> Layout {
+        let mut offsets = Vec::with_capacity(lens.len());
+        let mut total = 0usize;
+        for &len in &lens {
+            offsets.push(total);
+            total += len.div_ceil(BLOCK) * BLOCK;
+        }
+        Layout {
+            lens,
+            offsets,
+            total,
+        }
+    }
+
+    fn matches(&self, params: &Params<'_, '_>) -> bool {
+        self.lens.len() == params.len() && self.lens.iter().zip(params).all(|(&l, (w, _))| l == w.len())
+    }
+}
+
+/// One contiguous run of one tensor inside a task.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Segment {
+    tensor: usize,
+    start: usize,
+    len: usize,
+}
+
+/// The tasks of one layout at one chunk length.
+#[derive(Debug, Clone, PartialEq)]
+struct Plan {
+    chunk_len: usize,
+    segments: Vec<Segment>,
+    /// `segments[bounds[t]..bounds[t + 1]]` is task `t`.
+    bounds: Vec<usize>,
+}
+
+/// Fixed cost of a segment, in elements, when packing small tensors into tasks: keeps a task
+/// made of many tiny tensors from carrying thousands of kernel calls.
+const SEGMENT_COST: usize = 64;
+
+impl Plan {
+    fn new(lens: &[usize], chunk_len: usize) -> Plan {
+        let mut segments = Vec::new();
+        let mut bounds = vec![0];
+        let mut room = chunk_len;
+        for (tensor, &len) in lens.iter().enumerate() {
+            let mut start = 0;
+            while start < len {
+                let left = len - start;
+                let open = segments.len() - bounds.last().expect("starts with 0");
+                let take = if open == 0 {
+                    // An empty task takes a whole chunk, or the rest of the tensor. `chunk_len` is
+                    // a multiple of BLOCK, so cuts inside a tensor stay on BLOCK boundaries.
+                    left.min(chunk_len)
+                } else if left + SEGMENT_COST <= room {
+                    left
+                } else {
+                    room.saturating_sub(SEGMENT_COST) / BLOCK * BLOCK
+                };
+                if take == 0 {
+                    // Not enough room left for a useful piece: close the task.
+                    bounds.push(segments.len());
+                    room = chunk_len;
+                    continue;
+                }
+                segments.push(Segment { tensor, start, len: take });
+                room = room.saturating_sub(take + SEGMENT_COST);
+                start += take;
+            }
+        }
+        if *bounds.last().unwrap() != segments.len() {
+            bounds.push(segments.len());
+        }
+        Plan {
+            chunk_len,
+            segments,
+            bounds,
+        }
+    }
+
+    fn tasks(&self) -> usize {
+        self.bounds.len() - 1
+    }
+
+    fn task(&self, t: usize) -> &[Segment] {
+        &self.segments[self.bounds[t]..self.bounds[t + 1]]
+    }
+}
+
+/// A raw pointer that may cross threads: the engine guarantees that concurrent tasks touch
+/// disjoint elements.
+#[derive(Debug, Clone, Copy)]
+struct SharedPtr<T>(*mut T);
+// SAFETY: the pointer is only dereferenced by tasks of one plan, whose segments are disjoint, while
+// the step that created it holds the exclusive borrows of every buffer involved.
+unsafe impl<T> Send for SharedPtr<T> {}
+// SAFETY: as above.
+unsafe impl<T> Sync for SharedPtr<T> {}
+
+/// Everything an optimizer needs besides its formula: settings, layout, state, plan, counter.
+#[derive(Debug)]
+pub struct Core {
+    backend: Backend,
+    chunk_len: usize,
+    steps: u64,
+    layout: Option<Layout>,
+    state: Vec<StateBuf>,
+    plan: Option<Plan>,
+    /// Reused per step: each tensor's (weights, grads) base pointers.
+    ptrs: Vec<(SharedPtr<f32>, SharedPtr<f32>)>,
+}
+
+impl Default for Core {
+    fn default() -> Self {
+        Core {
+            backend: Backend::default(),
+            chunk_len: DEFAULT_CHUNK_LEN,
+            steps: 0,
+            layout: None,
+            state: Vec::new(),
+            plan: None,
+            ptrs: Vec::new(),
+        }
+    }
+}
+
+/// The effective chunk length for a requested one: `0` means the default; anything else is rounded
+/// up to a multiple of [`BLOCK`].
+pub(crate) fn effective_chunk_len(len: usize) -> usize {
+    if len == 0 {
+        DEFAULT_CHUNK_LEN
+    } else {
+        len.div_ceil(BLOCK).min(usize::MAX / BLOCK) * BLOCK
+    }
+}
+
+impl Core {
+    pub(crate) fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    pub(crate) fn set_backend(&mut self, backend: Backend) {
+        self.backend = backend;
+    }
+
+    pub(crate) fn chunk_len(&self) -> usize {
+        self.chunk_len
+    }
+
+    pub(crate) fn set_chunk_len(&mut self, len: usize) {
+        self.chunk_len = effective_chunk_len(len);
+    }
+
+    pub(crate) fn steps(&self) -> u64 {
+        self.steps
+    }
+
+    pub(crate) fn layout(&self) -> Option<&[usize]> {
+        self.layout.as_ref().map(|l| l.lens.as_slice())
+    }
+
+    /// Drops all state and the step counter; settings are kept.
+    pub(crate) fn reset(&mut self) {
+        self.steps = 0;
+        self.layout = None;
+        self.state.clear();
+        self.plan = None;
+    }
+
+    /// Checks `params` against each other and against the layout, without modifying anything.
+    fn validate(&self, params: &Params<'_, '_>, stateful: bool) -> Result<(), StepError> {
+        for (tensor, (w, g)) in params.iter().enumerate() {
+            if w.len() != g.len() {
+                return Err(StepError::LengthMismatch {
+                    tensor,
+                    weights: w.len(),
+                    grads: g.len(),
+                });
+            }
+        }
+        if let (true, Some(layout)) = (stateful, &self.layout) {
+            if layout.lens.len() != params.len() {
+                return Err(StepError::TensorCount {
+                    expected: layout.lens.len(),
+                    found: params.len(),
+                });
+            }
+            for (tensor, (&expected, (w, _))) in layout.lens.iter().zip(params.iter()).enumerate() {
+                if expected != w.len() {
+                    return Err(StepError::TensorLen {
+                        tensor,
+                        expected,
+                        found: w.len(),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes layout, `N` state buffers and plan ready for `params`. Allocation failure is an error
+    /// and leaves the previous state in place.
+    fn prepare<const N: usize>(&mut self, params: &Params<'_, '_>) -> Result<(), StepError> {
+        let stateful = N > 0 || !self.state.is_empty();
+        self.validate(params, stateful)?;
+        if !self.layout.as_ref().is_some_and(|l| l.matches(params)) {
+            // First step, or a stateless optimizer seeing another layout.
+            self.layout = Some(Layout::new(params.iter().map(|(w, _)| w.len()).collect()));
+            self.plan = None;
+        }
+        let total = self.layout.as_ref().map_or(0, |l| l.total);
+        let mut fresh = Vec::new();
+        for _ in self.state.len()..N {
+            fresh.push(zeroed(total)?);
+        }
+        self.state.extend(fresh);
+        if self.plan.as_ref().is_none_or(|p| p.chunk_len != self.chunk_len) {
+            let lens = &self.layout.as_ref().expect("layout set above").lens;
+            self.plan = Some(Plan::new(lens, self.chunk_len));
+        }
+        Ok(())
+    }
+
+    /// Validates `params`, then applies `kernel` to every element of every tensor and counts the
+    /// step. On error nothing is modified.
+    pub(crate) fn run<K: Kernel<N>, const N: usize>(
+        &mut self,
+        kernel: &K,
+        params: &mut Params<'_, '_>,
+    ) -> Result<StepReport, StepError> {
+        self.prepare::<N>(params)?;
+        let level = self.backend.level();
+        let layout = self.layout.as_ref().expect("prepared");
+        let plan = self.plan.as_ref().expect("prepared");
+        self.ptrs.clear();
+        self.ptrs.extend(
+            params
+                .iter_mut()
+                .map(|(w, g)| (SharedPtr(w.as_mut_ptr()), SharedPtr(g.as_ptr().cast_mut()))),
+        );
+        let ptrs = &self.ptrs;
+        let state: [SharedPtr<f32>; N] = {
+            let mut it = self.state.iter_mut();
+            core::array::from_fn(|_| SharedPtr(it.next().expect("prepared").as_mut_ptr()))
+        };
+        let offsets = &layout.offsets;
+        let run_task = |t: usize| {
+            for seg in plan.task(t) {
+                let (w, g) = ptrs[seg.tensor];
+                let at = offsets[seg.tensor] + seg.start;
+                // SAFETY: `seg` lies inside tensor `seg.tensor` (the plan was built from the lengths
+                // that `prepare` checked against `params`), and inside that tensor's slice of every
+                // state buffer (`offsets` and `total` come from the same lengths). Segments of a plan
+                // are disjoint, so concurrent tasks never touch the same element, and the
+                // gradient slices are distinct from the weights (one is `&`, the other `&mut`).
+                // `level` comes from `Backend::level`, which only returns available tiers.
+                unsafe {
+                    let run = Run {
+                        w: w.0.add(seg.start),
+                        g: g.0.add(seg.start).cast_const(),
+                        s: core::array::from_fn(|j| state[j].0.add(at)),
+                        len: seg.len,
+                    };
+                    simd::run(level, kernel, run);
+                }
+            }
+        };
+        let tasks = plan.tasks();
+        if tasks <= 1 || rayon::current_num_threads() == 1 {
+            (0..tasks).for_each(run_task);
+        } else {
+            (0..tasks).into_par_iter().for_each(run_task);
+        }
+        self.steps += 1;
+        Ok(StepReport { step: self.steps })
+    }
+}
+
+fn zeroed(len: usize) -> Result<StateBuf, StepError> {
+    let mut buf = StateBuf::new(64);
+    buf.try_reserve_exact(len)
+        .map_err(|_| StepError::OutOfMemory { elements: len })?;
+    buf.resize(len, 0.0);
+    Ok(buf)
+}
+
+impl Backend {
+    /// The tier this backend runs on here: `Scalar` for [`Backend::Scalar`], the best available
+    /// tier for [`Backend::Simd`], and for [`Backend::Level`] the requested tier or, where the CPU
+    /// lacks it, the best available one below it.
+    ///
+    /// ```
+    /// use fusedopt::{Backend, SimdLevel};
+    /// assert_eq!(Backend::Scalar.level(), SimdLevel::Scalar);
+    /// assert_eq!(Backend::Simd.level(), SimdLevel::detect());
+    /// assert_eq!(Backend::Level(SimdLevel::Portable).level(), SimdLevel::Portable);
+    /// ```
+    pub fn level(self) -> SimdLevel {
+        match self {
+            Backend::Scalar => SimdLevel::Scalar,
+            Backend::Simd => SimdLevel::detect(),
+            Backend::Level(l) => l.min(SimdLevel::detect()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn covered(plan: &Plan, lens: &[usize]) {
+        // Every element of every tensor appears in exactly one segment, in order.
+        let mut next = vec![0usize; lens.len()];
+        for t in 0..plan.tasks() {
+            assert!(!plan.task(t).is_empty(), "empty task {t}");
+            for s in plan.task(t) {
+                assert_eq!(s.start, next[s.tensor]);
+                assert!(s.len > 0);
+                next[s.tensor] += s.len;
+            }
+        }
+        assert_eq!(next, lens);
+    }
+
+    #[test]
+    fn plan_covers_every_element_once() {
+        let layouts: [&[usize]; 6] = [
+            &[],
+            &[0, 0],
+            &[1],
+            &[100_000],
+            &[0, 1, 7, 15, 16, 17, 4097, 65537, 0, 3],
+            &[1024; 300],
+        ];
+        for lens in layouts {
+            for chunk in [BLOCK, 64, 100 * BLOCK, 1 << 12, DEFAULT_CHUNK_LEN] {
+                let plan = Plan::new(lens, chunk);
+                covered(&plan, lens);
+            }
+        }
+    }
+
+    #[test]
+    fn plan_packs_small_and_splits_large() {
+        let plan = Plan::new(&[1024; 64], 1 << 15);
+        assert!(plan.tasks() < 4, "small tensors were not packed: {} tasks", plan.tasks());
+        let plan = Plan::new(&[1 << 20], 1 << 15);
+        assert!(plan.tasks() >= 32, "a large tensor was not split: {} tasks", plan.tasks());
+        for s in &plan.segments {
+            assert_eq!(s.start % BLOCK, 0);
+        }
+    }
+
+    #[test]
+    fn layout_offsets_are_block_aligned() {
+        let l = Layout::new(vec![3, 0, 17, 16]);
+        assert_eq!(l.offsets, vec![0, 16, 16, 48]);
+        assert_eq!(l.total, 64);
+    }
+
+    #[test]
+    fn chunk_len_is_clamped() {
+        assert_eq!(effective_chunk_len(0), DEFAULT_CHUNK_LEN);
+        assert_eq!(effective_chunk_len(1), BLOCK);
+        assert_eq!(effective_chunk_len(BLOCK + 1), 2 * BLOCK);
+        assert_eq!(effective_chunk_len(usize::MAX) % BLOCK, 0);
+    }
+}

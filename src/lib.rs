@@ -1,0 +1,80 @@
+//! # fusedopt
+//!
+//! Fused, multi-threaded, deterministic optimizer steps over flat `f32` tensors.
+//!
+//! A trainer hands fusedopt its weights and gradients as slices; one call updates the weights and
+//! the optimizer state in a single pass over memory, with SIMD kernels on every core of the
+//! current rayon pool. Six optimizers are provided: [`Sgd`], [`Momentum`], [`Nag`], [`AdaGrad`],
+//! [`RmsProp`] and [`Adam`], all behind the object-safe [`Optimizer`] trait.
+//!
+//! ```
+//! use fusedopt::{Adam, AdamConfig, Optimizer};
+//!
+//! // Minimise f(w) = ½‖w − 3‖², whose gradient is w − 3.
+//! let mut opt = Adam::new(AdamConfig { lr: 0.1, ..Default::default() });
+//! let mut w = vec![0.0f32; 1000];
+//! let mut g = vec![0.0f32; 1000];
+//! for _ in 0..500 {
+//!     for (g, w) in g.iter_mut().zip(&w) {
+//!         *g = w - 3.0;
+//!     }
+//!     opt.step(&mut w, &g)?;
+//! }
+//! assert!(w.iter().all(|w| (w - 3.0).abs() < 1e-2));
+//! # Ok::<(), fusedopt::StepError>(())
+//! ```
+//!
+//! ## Update rules
+//! Element-wise in f32; per-step scalars are computed in f64 and rounded once to f32.
+//!
+//! | optimizer | update | defaults |
+//! |---|---|---|
+//! | [`Sgd`] | `w ← w − lr·g` | lr 0.01 |
+//! | [`Momentum`] | `v ← μ·v − lr·g; w ← w + v` | lr 0.01, μ 0.9 |
+//! | [`Nag`] | `v ← μ·v − lr·g; w ← w + μ·v − lr·g` | lr 0.01, μ 0.9 |
+//! | [`AdaGrad`] | `h ← h + g²; w ← w − lr·g/(√h + ε)` | lr 0.01, ε 1e-7 |
+//! | [`RmsProp`] | `h ← ρ·h + (1−ρ)·g²; w ← w − lr·g/(√h + ε)` | lr 0.01, ρ 0.9, ε 1e-7 |
+//! | [`Adam`] | `m ← m + (1−β1)(g − m); v ← v + (1−β2)(g² − v); w ← w − lr_t·m/(√v + ε)`, `lr_t = lr·√(1−β2ᵗ)/(1−β1ᵗ)` | lr 0.001, β 0.9/0.999, ε 1e-7 |
+//!
+//! State (`v`, `h`, `m`) starts at zero and is allocated at the first step, in 64-byte aligned
+//! buffers sized to the tensors.
+//!
+//! ## Execution
+//! A step cuts its tensors into chunks of [`Optimizer::chunk_len`] elements
+//! ([`DEFAULT_CHUNK_LEN`] by default) and runs them on the current rayon pool: wrap a step in
+//! `pool.install(|| ..)` to choose the thread count. A step of a single chunk runs inline.
+//! [`Optimizer::step_many`] updates a whole model's list of tensors in one dispatch.
+//!
+//! The kernels are selected once per process: AVX2 on x86-64 CPUs that have it, otherwise the
+//! portable [`wide`] kernel, and the scalar reference kernel is always available
+//! ([`Backend`], [`SimdLevel`], [`simd_level`]).
+//!
+//! ## Determinism
+//! Every kernel performs the same correctly rounded IEEE-754 operations in the same order (no
+//! fused multiply-add, no approximate reciprocal or square root), so the scalar, portable and
+//! AVX2 kernels agree bitwise, and results are bitwise identical for any thread count and chunk
+//! length.
+//!
+//! ## Errors
+//! Bad input never panics and never half-applies: mismatched lengths, a changed layout or an
+//! out-of-range hyperparameter return a [`StepError`] that names the problem, and leave weights and
+//! state untouched.
+
+#![deny(missing_docs)]
+#![deny(unsafe_op_in_unsafe_fn)]
+#![warn(clippy::undocumented_unsafe_blocks)]
+
+mod engine;
+mod optim;
+mod optimizer;
+mod simd;
+
+pub use engine::DEFAULT_CHUNK_LEN;
+pub use optim::adagrad::{AdaGrad, AdaGradConfig};
+pub use optim::adam::{Adam, AdamConfig};
+pub use optim::momentum::{Momentum, MomentumConfig};
+pub use optim::nag::{Nag, NagConfig};
+pub use optim::rmsprop::{RmsProp, RmsPropConfig};
+pub use optim::sgd::{Sgd, SgdConfig};
+pub use optimizer::{Backend, Optimizer, StepError, StepReport};
+pub use simd::{SimdLevel, simd_level};

@@ -1,0 +1,150 @@
+//! AdaGrad: `h ← h + g²; w ← w − lr·g / (√h + ε)`.
+
+use crate::engine::{Core, Params};
+use crate::optimizer::{StepError, StepReport, check_eps, check_lr, sealed::Rule};
+use crate::simd::{Kernel, Lane};
+
+/// Hyperparameters of [`AdaGrad`].
+///
+/// ```
+/// let c = fusedopt::AdaGradConfig::default();
+/// assert_eq!((c.lr, c.eps), (0.01, 1e-7));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdaGradConfig {
+    /// Learning rate (default 0.01). Finite and `>= 0`.
+    pub lr: f32,
+    /// Added to `√h` in the denominator (default 1e-7). Finite and `>= 0`.
+    pub eps: f32,
+}
+
+impl Default for AdaGradConfig {
+    fn default() -> Self {
+        AdaGradConfig { lr: 0.01, eps: 1e-7 }
+    }
+}
+
+impl AdaGradConfig {
+    /// Checks every hyperparameter's range.
+    ///
+    /// ```
+    /// use fusedopt::AdaGradConfig;
+    /// assert!(AdaGradConfig::default().validate().is_ok());
+    /// assert!(AdaGradConfig { eps: -1.0, ..Default::default() }.validate().is_err());
+    /// ```
+    ///
+    /// # Errors
+    /// [`StepError::InvalidConfig`] naming the first field out of range.
+    pub fn validate(&self) -> Result<(), StepError> {
+        check_lr(AdaGrad::NAME, self.lr)?;
+        check_eps(AdaGrad::NAME, self.eps)
+    }
+}
+
+/// AdaGrad: `h ← h + g²; w ← w − lr·g / (√h + ε)`, with `h` starting at zero.
+///
+/// ```
+/// use fusedopt::{AdaGrad, AdaGradConfig, Optimizer};
+/// let mut opt = AdaGrad::new(AdaGradConfig { lr: 0.1, eps: 0.0 });
+/// let mut w = [1.0f32];
+/// opt.step(&mut w, &[4.0]).unwrap(); // h = 16: w = 1 − 0.1·4/4
+/// assert_eq!(w, [0.9]);
+/// ```
+#[derive(Debug)]
+pub struct AdaGrad {
+    config: AdaGradConfig,
+    core: Core,
+}
+
+impl AdaGrad {
+    /// Creates the optimizer. The configuration is checked at every step.
+    ///
+    /// ```
+    /// use fusedopt::{AdaGrad, AdaGradConfig, Optimizer};
+    /// assert_eq!(AdaGrad::new(AdaGradConfig::default()).name(), "adagrad");
+    /// ```
+    pub fn new(config: AdaGradConfig) -> Self {
+        AdaGrad {
+            config,
+            core: Core::default(),
+        }
+    }
+
+    /// The hyperparameters.
+    ///
+    /// ```
+    /// use fusedopt::{AdaGrad, AdaGradConfig};
+    /// assert_eq!(AdaGrad::new(AdaGradConfig::default()).config().eps, 1e-7);
+    /// ```
+    pub fn config(&self) -> &AdaGradConfig {
+        &self.config
+    }
+
+    /// The hyperparameters, to change between steps.
+    ///
+    /// ```
+    /// use fusedopt::{AdaGrad, AdaGradConfig};
+    /// let mut opt = AdaGrad::new(AdaGradConfig::default());
+    /// opt.config_mut().lr = 0.5;
+    /// assert_eq!(opt.config().lr, 0.5);
+    /// ```
+    pub fn config_mut(&mut self) -> &mut AdaGradConfig {
+        &mut self.config
+    }
+}
+
+/// Per-step scalars of AdaGrad.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AdaGradStep {
+    lr: f32,
+    eps: f32,
+}
+
+impl AdaGradStep {
+    pub(crate) fn new(c: &AdaGradConfig) -> Self {
+        AdaGradStep { lr: c.lr, eps: c.eps }
+    }
+}
+
+impl Kernel<1> for AdaGradStep {
+    #[inline(always)]
+    fn update<V: Lane>(&self, w: V, g: V, [h]: &mut [V; 1]) -> V {
+        *h = *h + g * g;
+        w - V::splat(self.lr) * g / (h.sqrt() + V::splat(self.eps))
+    }
+}
+
+impl Rule for AdaGrad {
+    const NAME: &'static str = "adagrad";
+    fn core(&self) -> &Core {
+        &self.core
+    }
+    fn core_mut(&mut self) -> &mut Core {
+        &mut self.core
+    }
+    fn apply(&mut self, params: &mut Params<'_, '_>) -> Result<StepReport, StepError> {
+        self.config.validate()?;
+        self.core.run(&AdaGradStep::new(&self.config), params)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_matches_formula() {
+        let k = AdaGradStep::new(&AdaGradConfig { lr: 1.0, eps: 0.0 });
+        let mut h = [9.0f32];
+        let w = k.update(10.0f32, 4.0, &mut h);
+        assert_eq!(h, [25.0]);
+        assert_eq!(w, 10.0 - 4.0 / 5.0);
+    }
+
+    #[test]
+    fn zero_gradient_on_zero_state_is_a_no_op() {
+        let k = AdaGradStep::new(&AdaGradConfig::default());
+        let mut h = [0.0f32];
+        assert_eq!(k.update(3.0f32, 0.0, &mut h), 3.0);
+    }
+}

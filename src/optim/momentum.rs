@@ -1,0 +1,155 @@
+//! Classical momentum: `v ← μ·v − lr·g; w ← w + v`.
+
+use crate::engine::{Core, Params};
+use crate::optimizer::{StepError, StepReport, check_lr, check_unit, sealed::Rule};
+use crate::simd::{Kernel, Lane};
+
+/// Hyperparameters of [`Momentum`].
+///
+/// ```
+/// let c = fusedopt::MomentumConfig::default();
+/// assert_eq!((c.lr, c.momentum), (0.01, 0.9));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MomentumConfig {
+    /// Learning rate (default 0.01). Finite and `>= 0`.
+    pub lr: f32,
+    /// Momentum coefficient μ (default 0.9), in `[0, 1]`.
+    pub momentum: f32,
+}
+
+impl Default for MomentumConfig {
+    fn default() -> Self {
+        MomentumConfig {
+            lr: 0.01,
+            momentum: 0.9,
+        }
+    }
+}
+
+impl MomentumConfig {
+    /// Checks every hyperparameter's range.
+    ///
+    /// ```
+    /// use fusedopt::MomentumConfig;
+    /// assert!(MomentumConfig::default().validate().is_ok());
+    /// let bad = MomentumConfig { momentum: 1.5, ..Default::default() };
+    /// assert!(bad.validate().unwrap_err().to_string().contains("momentum"));
+    /// ```
+    ///
+    /// # Errors
+    /// [`StepError::InvalidConfig`] naming the first field out of range.
+    pub fn validate(&self) -> Result<(), StepError> {
+        check_lr(Momentum::NAME, self.lr)?;
+        check_unit(Momentum::NAME, "momentum", self.momentum, true)
+    }
+}
+
+/// Gradient descent with classical momentum, in the velocity convention:
+/// `v ← μ·v − lr·g; w ← w + v`, with `v` starting at zero.
+///
+/// At constant `lr` this is PyTorch's `SGD(momentum=μ)` (dampening 0), whose buffer is
+/// `b = −v / lr`.
+///
+/// ```
+/// use fusedopt::{Momentum, MomentumConfig, Optimizer};
+/// let mut opt = Momentum::new(MomentumConfig { lr: 0.5, momentum: 0.5 });
+/// let mut w = [0.0f32];
+/// opt.step(&mut w, &[1.0]).unwrap(); // v = -0.5
+/// opt.step(&mut w, &[1.0]).unwrap(); // v = -0.25 - 0.5
+/// assert_eq!(w, [-1.25]);
+/// ```
+#[derive(Debug)]
+pub struct Momentum {
+    config: MomentumConfig,
+    core: Core,
+}
+
+impl Momentum {
+    /// Creates the optimizer. The configuration is checked at every step.
+    ///
+    /// ```
+    /// use fusedopt::{Momentum, MomentumConfig, Optimizer};
+    /// assert_eq!(Momentum::new(MomentumConfig::default()).layout(), None);
+    /// ```
+    pub fn new(config: MomentumConfig) -> Self {
+        Momentum {
+            config,
+            core: Core::default(),
+        }
+    }
+
+    /// The hyperparameters.
+    ///
+    /// ```
+    /// use fusedopt::{Momentum, MomentumConfig};
+    /// assert_eq!(Momentum::new(MomentumConfig::default()).config().momentum, 0.9);
+    /// ```
+    pub fn config(&self) -> &MomentumConfig {
+        &self.config
+    }
+
+    /// The hyperparameters, to change between steps.
+    ///
+    /// ```
+    /// use fusedopt::{Momentum, MomentumConfig};
+    /// let mut opt = Momentum::new(MomentumConfig::default());
+    /// opt.config_mut().lr = 0.1;
+    /// assert_eq!(opt.config().lr, 0.1);
+    /// ```
+    pub fn config_mut(&mut self) -> &mut MomentumConfig {
+        &mut self.config
+    }
+}
+
+/// Per-step scalars of momentum.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct MomentumStep {
+    lr: f32,
+    momentum: f32,
+}
+
+impl MomentumStep {
+    pub(crate) fn new(c: &MomentumConfig) -> Self {
+        MomentumStep {
+            lr: c.lr,
+            momentum: c.momentum,
+        }
+    }
+}
+
+impl Kernel<1> for MomentumStep {
+    #[inline(always)]
+    fn update<V: Lane>(&self, w: V, g: V, [v]: &mut [V; 1]) -> V {
+        *v = V::splat(self.momentum) * *v - V::splat(self.lr) * g;
+        w + *v
+    }
+}
+
+impl Rule for Momentum {
+    const NAME: &'static str = "momentum";
+    fn core(&self) -> &Core {
+        &self.core
+    }
+    fn core_mut(&mut self) -> &mut Core {
+        &mut self.core
+    }
+    fn apply(&mut self, params: &mut Params<'_, '_>) -> Result<StepReport, StepError> {
+        self.config.validate()?;
+        self.core.run(&MomentumStep::new(&self.config), params)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_matches_formula() {
+        let k = MomentumStep::new(&MomentumConfig { lr: 0.5, momentum: 0.5 });
+        let mut v = [2.0f32];
+        let w = k.update(1.0f32, 1.0, &mut v);
+        assert_eq!(v, [0.5]);
+        assert_eq!(w, 1.5);
+    }
+}

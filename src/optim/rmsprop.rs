@@ -1,0 +1,157 @@
+//! RMSProp: `h ← ρ·h + (1−ρ)·g²; w ← w − lr·g / (√h + ε)`.
+
+use crate::engine::{Core, Params};
+use crate::optimizer::{StepError, StepReport, check_eps, check_lr, check_unit, sealed::Rule};
+use crate::simd::{Kernel, Lane};
+
+/// Hyperparameters of [`RmsProp`].
+///
+/// ```
+/// let c = fusedopt::RmsPropConfig::default();
+/// assert_eq!((c.lr, c.decay_rate, c.eps), (0.01, 0.9, 1e-7));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RmsPropConfig {
+    /// Learning rate (default 0.01). Finite and `>= 0`.
+    pub lr: f32,
+    /// Decay ρ of the running mean of squared gradients (default 0.9), in `[0, 1]`.
+    pub decay_rate: f32,
+    /// Added to `√h` in the denominator (default 1e-7). Finite and `>= 0`.
+    pub eps: f32,
+}
+
+impl Default for RmsPropConfig {
+    fn default() -> Self {
+        RmsPropConfig {
+            lr: 0.01,
+            decay_rate: 0.9,
+            eps: 1e-7,
+        }
+    }
+}
+
+impl RmsPropConfig {
+    /// Checks every hyperparameter's range.
+    ///
+    /// ```
+    /// use fusedopt::RmsPropConfig;
+    /// assert!(RmsPropConfig::default().validate().is_ok());
+    /// assert!(RmsPropConfig { decay_rate: 2.0, ..Default::default() }.validate().is_err());
+    /// ```
+    ///
+    /// # Errors
+    /// [`StepError::InvalidConfig`] naming the first field out of range.
+    pub fn validate(&self) -> Result<(), StepError> {
+        check_lr(RmsProp::NAME, self.lr)?;
+        check_unit(RmsProp::NAME, "decay_rate", self.decay_rate, true)?;
+        check_eps(RmsProp::NAME, self.eps)
+    }
+}
+
+/// RMSProp: `h ← ρ·h + (1−ρ)·g²; w ← w − lr·g / (√h + ε)`, with `h` starting at zero.
+///
+/// ```
+/// use fusedopt::{Optimizer, RmsProp, RmsPropConfig};
+/// let mut opt = RmsProp::new(RmsPropConfig { lr: 0.1, decay_rate: 0.75, eps: 0.0 });
+/// let mut w = [1.0f32];
+/// opt.step(&mut w, &[2.0]).unwrap(); // h = 0.25·4 = 1: w = 1 − 0.1·2/1
+/// assert_eq!(w, [0.8]);
+/// ```
+#[derive(Debug)]
+pub struct RmsProp {
+    config: RmsPropConfig,
+    core: Core,
+}
+
+impl RmsProp {
+    /// Creates the optimizer. The configuration is checked at every step.
+    ///
+    /// ```
+    /// use fusedopt::{Optimizer, RmsProp, RmsPropConfig};
+    /// assert_eq!(RmsProp::new(RmsPropConfig::default()).name(), "rmsprop");
+    /// ```
+    pub fn new(config: RmsPropConfig) -> Self {
+        RmsProp {
+            config,
+            core: Core::default(),
+        }
+    }
+
+    /// The hyperparameters.
+    ///
+    /// ```
+    /// use fusedopt::{RmsProp, RmsPropConfig};
+    /// assert_eq!(RmsProp::new(RmsPropConfig::default()).config().decay_rate, 0.9);
+    /// ```
+    pub fn config(&self) -> &RmsPropConfig {
+        &self.config
+    }
+
+    /// The hyperparameters, to change between steps.
+    ///
+    /// ```
+    /// use fusedopt::{RmsProp, RmsPropConfig};
+    /// let mut opt = RmsProp::new(RmsPropConfig::default());
+    /// opt.config_mut().decay_rate = 0.99;
+    /// assert_eq!(opt.config().decay_rate, 0.99);
+    /// ```
+    pub fn config_mut(&mut self) -> &mut RmsPropConfig {
+        &mut self.config
+    }
+}
+
+/// Per-step scalars of RMSProp: `1 − ρ` is computed in f64 and rounded once.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RmsPropStep {
+    lr: f32,
+    decay: f32,
+    one_minus_decay: f32,
+    eps: f32,
+}
+
+impl RmsPropStep {
+    pub(crate) fn new(c: &RmsPropConfig) -> Self {
+        RmsPropStep {
+            lr: c.lr,
+            decay: c.decay_rate,
+            one_minus_decay: (1.0 - f64::from(c.decay_rate)) as f32,
+            eps: c.eps,
+        }
+    }
+}
+
+impl Kernel<1> for RmsPropStep {
+    #[inline(always)]
+    fn update<V: Lane>(&self, w: V, g: V, [h]: &mut [V; 1]) -> V {
+        *h = V::splat(self.decay) * *h + V::splat(self.one_minus_decay) * (g * g);
+        w - V::splat(self.lr) * g / (h.sqrt() + V::splat(self.eps))
+    }
+}
+
+impl Rule for RmsProp {
+    const NAME: &'static str = "rmsprop";
+    fn core(&self) -> &Core {
+        &self.core
+    }
+    fn core_mut(&mut self) -> &mut Core {
+        &mut self.core
+    }
+    fn apply(&mut self, params: &mut Params<'_, '_>) -> Result<StepReport, StepError> {
+        self.config.validate()?;
+        self.core.run(&RmsPropStep::new(&self.config), params)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_matches_formula() {
+        let k = RmsPropStep::new(&RmsPropConfig { lr: 1.0, decay_rate: 0.5, eps: 0.0 });
+        let mut h = [4.0f32];
+        let w = k.update(1.0f32, 2.0, &mut h);
+        assert_eq!(h, [4.0]); // 0.5·4 + 0.5·4
+        assert_eq!(w, 0.0); // 1 − 2/2
+    }
+}

@@ -1,0 +1,353 @@
+//! The [`Optimizer`] trait shared by all six optimizers, and its settings, report and errors.
+
+use crate::engine::{Core, Params};
+use crate::simd::SimdLevel;
+use core::fmt;
+
+/// Which kernels a step runs.
+///
+/// Every choice computes bitwise identical results; they differ only in speed. The default is
+/// [`Backend::Simd`].
+///
+/// ```
+/// use fusedopt::{Adam, AdamConfig, Backend, Optimizer};
+/// let mut opt = Adam::new(AdamConfig::default());
+/// assert_eq!(opt.backend(), Backend::Simd);
+/// opt.set_backend(Backend::Scalar);
+/// assert_eq!(opt.backend(), Backend::Scalar);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Backend {
+    /// The plain scalar reference kernel, one element at a time.
+    Scalar,
+    /// The fastest SIMD tier of the running CPU ([`SimdLevel::detect`]).
+    #[default]
+    Simd,
+    /// A specific tier, for testing and benchmarking. A tier the CPU lacks falls back to the best
+    /// available tier below it (see [`Backend::level`]).
+    Level(SimdLevel),
+}
+
+/// What a successful step did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StepReport {
+    /// The optimizer's step count after this step (1 after the first step).
+    pub step: u64,
+}
+
+/// Why a step was refused. A refused step modifies neither the weights nor the optimizer state.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum StepError {
+    /// A tensor's weights and gradients have different lengths.
+    LengthMismatch {
+        /// Position of the tensor in the call (0 for [`Optimizer::step`]).
+        tensor: usize,
+        /// Number of weights.
+        weights: usize,
+        /// Number of gradients.
+        grads: usize,
+    },
+    /// The call passed another number of tensors than the optimizer state was created for.
+    TensorCount {
+        /// Number of tensors in the optimizer's layout.
+        expected: usize,
+        /// Number of tensors in this call.
+        found: usize,
+    },
+    /// A tensor's length differs from the one the optimizer state was created for.
+    TensorLen {
+        /// Position of the tensor in the call (0 for [`Optimizer::step`]).
+        tensor: usize,
+        /// Length in the optimizer's layout.
+        expected: usize,
+        /// Length in this call.
+        found: usize,
+    },
+    /// A hyperparameter is out of its valid range.
+    InvalidConfig {
+        /// The optimizer, for example `"adam"`.
+        optimizer: &'static str,
+        /// The configuration field, for example `"beta1"`.
+        field: &'static str,
+        /// Its value.
+        value: f32,
+        /// The valid range, for example `"in [0, 1)"`.
+        expected: &'static str,
+    },
+    /// The optimizer state could not be allocated.
+    OutOfMemory {
+        /// Number of `f32` elements of the buffer that failed.
+        elements: usize,
+    },
+}
+
+impl fmt::Display for StepError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StepError::LengthMismatch { tensor, weights, grads } => write!(
+                f,
+                "tensor {tensor}: weights have {weights} elements but grads have {grads}"
+            ),
+            StepError::TensorCount { expected, found } => write!(
+                f,
+                "optimizer state holds {expected} tensors but this step passed {found}"
+            ),
+            StepError::TensorLen { tensor, expected, found } => write!(
+                f,
+                "tensor {tensor}: optimizer state holds {expected} elements but this step passed {found}"
+            ),
+            StepError::InvalidConfig { optimizer, field, value, expected } => {
+                write!(f, "{optimizer}: {field} = {value} is invalid, expected {expected}")
+            }
+            StepError::OutOfMemory { elements } => {
+                write!(f, "could not allocate optimizer state of {elements} f32 elements")
+            }
+        }
+    }
+}
+
+impl std::error::Error for StepError {}
+
+/// An optimizer: updates weights in place from their gradients, keeping its own state.
+///
+/// Implemented by [`Sgd`](crate::Sgd), [`Momentum`](crate::Momentum), [`Nag`](crate::Nag),
+/// [`AdaGrad`](crate::AdaGrad), [`RmsProp`](crate::RmsProp) and [`Adam`](crate::Adam). The trait is
+/// object safe:
+///
+/// ```
+/// use fusedopt::{Adam, AdamConfig, Optimizer, Sgd, SgdConfig};
+/// let mut opts: Vec<Box<dyn Optimizer>> = vec![
+///     Box::new(Sgd::new(SgdConfig::default())),
+///     Box::new(Adam::new(AdamConfig::default())),
+/// ];
+/// for opt in &mut opts {
+///     let mut w = vec![1.0f32; 4];
+///     opt.step(&mut w, &[1.0; 4]).unwrap();
+///     assert!(w.iter().all(|&x| x < 1.0), "{} did not descend", opt.name());
+/// }
+/// ```
+///
+/// # Threads and determinism
+/// A step cuts its tensors into chunks of [`chunk_len`](Optimizer::chunk_len) elements and runs
+/// them on the current rayon pool, so `pool.install(|| opt.step(..))` picks the thread count. The
+/// result is bitwise identical for any thread count, chunk length and [`Backend`].
+pub trait Optimizer: Send {
+    /// A short lower-case name, for example `"adam"`.
+    ///
+    /// ```
+    /// use fusedopt::{Nag, NagConfig, Optimizer};
+    /// assert_eq!(Nag::new(NagConfig::default()).name(), "nag");
+    /// ```
+    fn name(&self) -> &'static str;
+
+    /// Applies one update to `weights` from `grads`.
+    ///
+    /// The first step of a stateful optimizer allocates its state (zeros) sized to `weights`; later
+    /// steps must pass the same length. [`Sgd`](crate::Sgd) has no state and accepts any length.
+    /// Empty tensors are fine. NaN and infinite gradients follow IEEE arithmetic.
+    ///
+    /// ```
+    /// use fusedopt::{Optimizer, Sgd, SgdConfig};
+    /// let mut opt = Sgd::new(SgdConfig { lr: 0.5 });
+    /// let mut w = [1.0f32, 2.0];
+    /// let report = opt.step(&mut w, &[2.0, -2.0]).unwrap();
+    /// assert_eq!(w, [0.0, 3.0]);
+    /// assert_eq!(report.step, 1);
+    /// ```
+    ///
+    /// # Errors
+    /// [`StepError::LengthMismatch`] if `grads.len() != weights.len()`; [`StepError::TensorLen`]
+    /// or [`StepError::TensorCount`] if the optimizer state was created for another layout;
+    /// [`StepError::InvalidConfig`] for an out-of-range hyperparameter;
+    /// [`StepError::OutOfMemory`] if the first step cannot allocate the state. On error neither the
+    /// weights nor the optimizer state are modified.
+    fn step(&mut self, weights: &mut [f32], grads: &[f32]) -> Result<StepReport, StepError> {
+        self.step_many(&mut [(weights, grads)])
+    }
+
+    /// Applies one update to every `(weights, grads)` pair of a model, in one parallel dispatch.
+    ///
+    /// State is kept per position in the list; the first call fixes the layout (the number of
+    /// tensors and each one's length). The result is bitwise identical to calling
+    /// [`step`](Optimizer::step) on each tensor with its own optimizer of the same configuration.
+    ///
+    /// ```
+    /// use fusedopt::{Momentum, MomentumConfig, Optimizer};
+    /// let mut opt = Momentum::new(MomentumConfig::default());
+    /// let (mut w1, mut w2) = (vec![1.0f32; 3], vec![1.0f32; 5]);
+    /// let (g1, g2) = (vec![1.0f32; 3], vec![-1.0f32; 5]);
+    /// opt.step_many(&mut [(&mut w1, &g1), (&mut w2, &g2)]).unwrap();
+    /// assert_eq!(opt.layout(), Some(&[3, 5][..]));
+    /// assert!(w1[0] < 1.0 && w2[0] > 1.0);
+    /// // Another layout is refused and nothing changes.
+    /// assert!(opt.step_many(&mut [(&mut w1, &g1)]).is_err());
+    /// ```
+    ///
+    /// # Errors
+    /// As [`step`](Optimizer::step), checked for every pair before anything is written: on error no
+    /// tensor of the call and no optimizer state is modified.
+    fn step_many(&mut self, params: &mut [(&mut [f32], &[f32])]) -> Result<StepReport, StepError>;
+
+    /// Chooses the kernels of later steps. All backends give bitwise identical results.
+    ///
+    /// ```
+    /// use fusedopt::{Backend, Optimizer, RmsProp, RmsPropConfig, SimdLevel};
+    /// let mut opt = RmsProp::new(RmsPropConfig::default());
+    /// opt.set_backend(Backend::Level(SimdLevel::Portable));
+    /// assert_eq!(opt.backend().level(), SimdLevel::Portable);
+    /// ```
+    fn set_backend(&mut self, backend: Backend);
+
+    /// The backend set by [`set_backend`](Optimizer::set_backend) ([`Backend::Simd`] by default).
+    ///
+    /// ```
+    /// use fusedopt::{Backend, Optimizer, Sgd, SgdConfig};
+    /// assert_eq!(Sgd::new(SgdConfig::default()).backend(), Backend::Simd);
+    /// ```
+    fn backend(&self) -> Backend;
+
+    /// Sets how many elements one task of a step covers (the unit of work handed to a thread).
+    ///
+    /// `0` restores the default ([`DEFAULT_CHUNK_LEN`](crate::DEFAULT_CHUNK_LEN)); other values
+    /// are rounded up to a multiple of 16 elements. Results do not depend on it.
+    ///
+    /// ```
+    /// use fusedopt::{AdaGrad, AdaGradConfig, Optimizer, DEFAULT_CHUNK_LEN};
+    /// let mut opt = AdaGrad::new(AdaGradConfig::default());
+    /// opt.set_chunk_len(1000);
+    /// assert_eq!(opt.chunk_len(), 1008);
+    /// opt.set_chunk_len(0);
+    /// assert_eq!(opt.chunk_len(), DEFAULT_CHUNK_LEN);
+    /// ```
+    fn set_chunk_len(&mut self, len: usize);
+
+    /// The effective chunk length, in elements.
+    ///
+    /// ```
+    /// use fusedopt::{Optimizer, Sgd, SgdConfig, DEFAULT_CHUNK_LEN};
+    /// assert_eq!(Sgd::new(SgdConfig::default()).chunk_len(), DEFAULT_CHUNK_LEN);
+    /// ```
+    fn chunk_len(&self) -> usize;
+
+    /// How many steps have been applied (refused steps do not count).
+    ///
+    /// ```
+    /// use fusedopt::{Adam, AdamConfig, Optimizer};
+    /// let mut opt = Adam::new(AdamConfig::default());
+    /// let mut w = [0.0f32; 2];
+    /// opt.step(&mut w, &[1.0, 1.0]).unwrap();
+    /// assert!(opt.step(&mut w, &[1.0]).is_err());
+    /// assert_eq!(opt.steps(), 1);
+    /// ```
+    fn steps(&self) -> u64;
+
+    /// The tensor lengths the optimizer state was created for, or `None` before the first step.
+    ///
+    /// ```
+    /// use fusedopt::{Adam, AdamConfig, Optimizer};
+    /// let mut opt = Adam::new(AdamConfig::default());
+    /// assert_eq!(opt.layout(), None);
+    /// opt.step(&mut [0.0; 3], &[1.0; 3]).unwrap();
+    /// assert_eq!(opt.layout(), Some(&[3][..]));
+    /// ```
+    fn layout(&self) -> Option<&[usize]>;
+
+    /// Forgets all state and the step count, as if newly built; settings are kept.
+    ///
+    /// ```
+    /// use fusedopt::{Adam, AdamConfig, Optimizer};
+    /// let mut opt = Adam::new(AdamConfig::default());
+    /// opt.step(&mut [0.0; 3], &[1.0; 3]).unwrap();
+    /// opt.reset();
+    /// assert_eq!((opt.steps(), opt.layout()), (0, None));
+    /// opt.step(&mut [0.0; 5], &[1.0; 5]).unwrap(); // a new layout is fine now
+    /// ```
+    fn reset(&mut self);
+}
+
+pub(crate) mod sealed {
+    use super::*;
+
+    /// What an optimizer file provides; the engine and the blanket [`Optimizer`] impl do the rest.
+    pub trait Rule: Send {
+        /// See [`Optimizer::name`].
+        const NAME: &'static str;
+        fn core(&self) -> &Core;
+        fn core_mut(&mut self) -> &mut Core;
+        /// Checks the configuration, builds this step's kernel and runs it through the engine.
+        fn apply(&mut self, params: &mut Params<'_, '_>) -> Result<StepReport, StepError>;
+    }
+}
+
+impl<T: sealed::Rule> Optimizer for T {
+    fn name(&self) -> &'static str {
+        T::NAME
+    }
+    fn step_many(&mut self, params: &mut [(&mut [f32], &[f32])]) -> Result<StepReport, StepError> {
+        self.apply(params)
+    }
+    fn set_backend(&mut self, backend: Backend) {
+        self.core_mut().set_backend(backend)
+    }
+    fn backend(&self) -> Backend {
+        self.core().backend()
+    }
+    fn set_chunk_len(&mut self, len: usize) {
+        self.core_mut().set_chunk_len(len)
+    }
+    fn chunk_len(&self) -> usize {
+        self.core().chunk_len()
+    }
+    fn steps(&self) -> u64 {
+        self.core().steps()
+    }
+    fn layout(&self) -> Option<&[usize]> {
+        self.core().layout()
+    }
+    fn reset(&mut self) {
+        self.core_mut().reset()
+    }
+}
+
+/// Range checks shared by the configurations.
+pub(crate) fn check(
+    optimizer: &'static str,
+    field: &'static str,
+    value: f32,
+    ok: bool,
+    expected: &'static str,
+) -> Result<(), StepError> {
+    if ok {
+        Ok(())
+    } else {
+        Err(StepError::InvalidConfig {
+            optimizer,
+            field,
+            value,
+            expected,
+        })
+    }
+}
+
+/// `lr` must be finite and non-negative.
+pub(crate) fn check_lr(optimizer: &'static str, lr: f32) -> Result<(), StepError> {
+    check(optimizer, "lr", lr, lr.is_finite() && lr >= 0.0, "finite and >= 0")
+}
+
+/// `eps` must be finite and non-negative.
+pub(crate) fn check_eps(optimizer: &'static str, eps: f32) -> Result<(), StepError> {
+    check(optimizer, "eps", eps, eps.is_finite() && eps >= 0.0, "finite and >= 0")
+}
+
+/// A decay or momentum coefficient must lie in `[0, 1]`, or `[0, 1)` where `closed` is false.
+pub(crate) fn check_unit(
+    optimizer: &'static str,
+    field: &'static str,
+    value: f32,
+    closed: bool,
+) -> Result<(), StepError> {
+    let ok = value >= 0.0 && if closed { value <= 1.0 } else { value < 1.0 };
+    check(optimizer, field, value, ok, if closed { "in [0, 1]" } else { "in [0, 1)" })
+}

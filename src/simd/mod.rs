@@ -1,0 +1,253 @@
+//! SIMD tiers and the one generic chunk loop every optimizer runs through.
+//!
+//! An optimizer describes its update once, element-wise, as [`Kernel::update`] over a generic
+//! [`Lane`]: a plain `f32`, a portable 8-wide [`wide::f32x8`], or (on x86-64) an AVX2 `__m256`.
+//! [`run`] instantiates that one body for the requested tier. Every tier performs the same IEEE-754
+//! operations (add, sub, mul, div, sqrt; never a fused multiply-add or an approximate reciprocal) in
+//! the same order, so all tiers produce bitwise identical results, and so does the scalar loop that
+//! handles the tail of each chunk. That property is what makes results independent of chunking and
+//! thread count.
+//!
+//! The best tier is detected once per process and cached ([`SimdLevel::detect`]).
+
+use core::ops::{Add, Div, Mul, Neg, Sub};
+use std::sync::atomic::{AtomicU8, Ordering};
+
+mod portable;
+#[cfg(target_arch = "x86_64")]
+mod x86_avx2;
+
+/// An instruction-set tier that fusedopt's kernels can run on.
+///
+/// Tiers are ordered from slowest to fastest; every tier computes bitwise identical results.
+/// [`SimdLevel::detect`] reports the best tier of the running CPU.
+///
+/// ```
+/// use fusedopt::SimdLevel;
+/// let best = SimdLevel::detect();
+/// assert!(best >= SimdLevel::Portable);
+/// assert!(SimdLevel::Scalar.is_available() && best.is_available());
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum SimdLevel {
+    /// One element at a time: the plain reference kernel.
+    Scalar,
+    /// The portable 8-wide kernel built on the `wide` crate, using whatever instructions the
+    /// build targets (SSE2 on a default x86-64 build, NEON on aarch64, scalar elsewhere).
+    Portable,
+    /// The 8-wide AVX2 kernel, selected at run time on x86-64 CPUs that support AVX2 and FMA.
+    Avx2,
+}
+
+impl SimdLevel {
+    /// Every tier, slowest first.
+    pub const ALL: [SimdLevel; 3] = [SimdLevel::Scalar, SimdLevel::Portable, SimdLevel::Avx2];
+
+    /// The best tier the running CPU supports. Detected once per process, then cached.
+    ///
+    /// ```
+    /// let level = fusedopt::SimdLevel::detect();
+    /// assert_eq!(level, fusedopt::SimdLevel::detect());
+    /// println!("running the {} kernels", level.name());
+    /// ```
+    pub fn detect() -> SimdLevel {
+        static CACHED: AtomicU8 = AtomicU8::new(u8::MAX);
+        match CACHED.load(Ordering::Relaxed) {
+            0 => SimdLevel::Scalar,
+            1 => SimdLevel::Portable,
+            2 => SimdLevel::Avx2,
+            _ => {
+                let level = Self::probe();
+                CACHED.store(level as u8, Ordering::Relaxed);
+                level
+            }
+        }
+    }
+
+    fn probe() -> SimdLevel {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                return SimdLevel::Avx2;
+            }
+        }
+        SimdLevel::Portable
+    }
+
+    /// Whether this tier can run on the current CPU.
+    ///
+    /// ```
+    /// use fusedopt::SimdLevel;
+    /// assert!(SimdLevel::Portable.is_available());
+    /// assert_eq!(SimdLevel::Avx2.is_available(), SimdLevel::detect() == SimdLevel::Avx2);
+    /// ```
+    pub fn is_available(self) -> bool {
+        self <= Self::detect()
+    }
+
+    /// The tiers the current CPU can run, slowest first.
+    ///
+    /// ```
+    /// let tiers: Vec<_> = fusedopt::SimdLevel::available().collect();
+    /// assert_eq!(tiers.first(), Some(&fusedopt::SimdLevel::Scalar));
+    /// assert_eq!(tiers.last(), Some(&fusedopt::SimdLevel::detect()));
+    /// ```
+    pub fn available() -> impl Iterator<Item = SimdLevel> {
+        Self::ALL.into_iter().filter(|l| l.is_available())
+    }
+
+    /// A short lower-case name: `"scalar"`, `"portable"` or `"avx2"`.
+    ///
+    /// ```
+    /// assert_eq!(fusedopt::SimdLevel::Avx2.name(), "avx2");
+    /// ```
+    pub fn name(self) -> &'static str {
+        match self {
+            SimdLevel::Scalar => "scalar",
+            SimdLevel::Portable => "portable",
+            SimdLevel::Avx2 => "avx2",
+        }
+    }
+}
+
+impl core::fmt::Display for SimdLevel {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The best SIMD tier of the running CPU, by name (`"avx2"`, `"portable"`).
+///
+/// Shorthand for `SimdLevel::detect().name()`: the tier that [`Backend::Simd`](crate::Backend::Simd)
+/// runs on.
+///
+/// ```
+/// assert!(["portable", "avx2"].contains(&fusedopt::simd_level()));
+/// ```
+pub fn simd_level() -> &'static str {
+    SimdLevel::detect().name()
+}
+
+/// A vector of `f32` lanes: the arithmetic an optimizer kernel is written in.
+///
+/// Implemented by `f32` (one lane), [`wide::f32x8`] and, on x86-64, an AVX2 register. All
+/// implementations must round exactly as IEEE-754 single precision does, lane by lane.
+pub(crate) trait Lane:
+    Copy
+    + Add<Output = Self>
+    + Sub<Output = Self>
+    + Mul<Output = Self>
+    + Div<Output = Self>
+    + Neg<Output = Self>
+{
+    /// Number of `f32` elements in one vector.
+    const WIDTH: usize;
+    /// All lanes set to `x`.
+    fn splat(x: f32) -> Self;
+    /// Correctly rounded square root of every lane.
+    fn sqrt(self) -> Self;
+    /// Loads `WIDTH` elements from `p`, which needs no particular alignment.
+    ///
+    /// # Safety
+    /// `p` must be valid for reads of `WIDTH` `f32`s.
+    unsafe fn load(p: *const f32) -> Self;
+    /// Stores `WIDTH` elements to `p`, which needs no particular alignment.
+    ///
+    /// # Safety
+    /// `p` must be valid for writes of `WIDTH` `f32`s.
+    unsafe fn store(self, p: *mut f32);
+}
+
+impl Lane for f32 {
+    const WIDTH: usize = 1;
+    #[inline(always)]
+    fn splat(x: f32) -> Self {
+        x
+    }
+    #[inline(always)]
+    fn sqrt(self) -> Self {
+        f32::sqrt(self)
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Self {
+        // SAFETY: the caller guarantees `p` is valid for one read; f32 reads need 4-byte
+        // alignment, which every `*const f32` derived from a slice has.
+        unsafe { p.read() }
+    }
+    #[inline(always)]
+    unsafe fn store(self, p: *mut f32) {
+        // SAFETY: the caller guarantees `p` is valid for one write.
+        unsafe { p.write(self) }
+    }
+}
+
+/// An optimizer's element-wise update with `N` state buffers, written once for every [`Lane`].
+///
+/// The kernel value carries the per-step scalars (computed once per step, outside the loop).
+pub(crate) trait Kernel<const N: usize>: Sync {
+    /// Updates one vector of elements: given weights `w`, gradients `g` and the state vectors,
+    /// returns the new weights and updates `state` in place.
+    fn update<V: Lane>(&self, w: V, g: V, state: &mut [V; N]) -> V;
+}
+
+/// Pointers to one contiguous run of elements: weights, gradients and each state buffer.
+#[derive(Clone, Copy)]
+pub(crate) struct Run<const N: usize> {
+    pub w: *mut f32,
+    pub g: *const f32,
+    pub s: [*mut f32; N],
+    pub len: usize,
+}
+
+/// The one chunk loop: full vectors of `V`, then the tail one element at a time.
+///
+/// # Safety
+/// Every pointer of `run` must be valid for reads and writes (reads only for `g`) of `run.len`
+/// elements, the write ranges must not overlap each other or the gradient range, and `V` must be
+/// usable on the current CPU.
+#[inline(always)]
+unsafe fn chunk<K: Kernel<N>, V: Lane, const N: usize>(k: &K, run: Run<N>) {
+    let Run { w, g, s, len } = run;
+    let mut i = 0;
+    // SAFETY (whole body): `i + V::WIDTH <= len` in the vector loop and `i < len` in the tail,
+    // so every access stays inside the ranges the caller vouched for.
+    unsafe {
+        while i + V::WIDTH <= len {
+            let mut st: [V; N] = core::array::from_fn(|j| V::load(s[j].add(i)));
+            let nw = k.update(V::load(w.add(i)), V::load(g.add(i)), &mut st);
+            nw.store(w.add(i));
+            for j in 0..N {
+                st[j].store(s[j].add(i));
+            }
+            i += V::WIDTH;
+        }
+        while i < len {
+            let mut st: [f32; N] = core::array::from_fn(|j| *s[j].add(i));
+            *w.add(i) = k.update(*w.add(i), *g.add(i), &mut st);
+            for j in 0..N {
+                *s[j].add(i) = st[j];
+            }
+            i += 1;
+        }
+    }
+}
+
+/// Runs kernel `k` over `run` on the given tier.
+///
+/// # Safety
+/// The pointer contract of [`chunk`]; `level` must be available on this CPU
+/// ([`SimdLevel::is_available`]).
+#[inline]
+pub(crate) unsafe fn run<K: Kernel<N>, const N: usize>(level: SimdLevel, k: &K, run: Run<N>) {
+    // SAFETY: forwarded from the caller; each arm instantiates the same body for one tier.
+    unsafe {
+        match level {
+            SimdLevel::Scalar => chunk::<K, f32, N>(k, run),
+            SimdLevel::Portable => portable::run(k, run),
+            #[cfg(target_arch = "x86_64")]
+            SimdLevel::Avx2 => x86_avx2::run(k, run),
+            #[cfg(not(target_arch = "x86_64"))]
+            SimdLevel::Avx2 => portable::run(k, run),
+        }
+    }
+}

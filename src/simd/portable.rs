@@ -1,0 +1,33 @@
+//! The portable tier: `wide::f32x8`, compiled for whatever target features the build has.
+
+use super::{Kernel, Lane, Run, chunk};
+use wide::f32x8;
+
+impl Lane for f32x8 {
+    const WIDTH: usize = 8;
+    #[inline(always)]
+    fn splat(x: f32) -> Self {
+        f32x8::splat(x)
+    }
+    #[inline(always)]
+    fn sqrt(self) -> Self {
+        f32x8::sqrt(self)
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Self {
+        // SAFETY: the caller guarantees 8 readable elements; `read_unaligned` needs no alignment.
+        f32x8::new(unsafe { p.cast::<[f32; 8]>().read_unaligned() })
+    }
+    #[inline(always)]
+    unsafe fn store(self, p: *mut f32) {
+        // SAFETY: the caller guarantees 8 writable elements; `write_unaligned` needs no alignment.
+        unsafe { p.cast::<[f32; 8]>().write_unaligned(self.to_array()) }
+    }
+}
+
+/// # Safety
+/// The pointer contract of [`chunk`]. The portable tier runs on every CPU the build targets.
+pub(super) unsafe fn run<K: Kernel<N>, const N: usize>(k: &K, run: Run<N>) {
+    // SAFETY: forwarded from the caller.
+    unsafe { chunk::<K, f32x8, N>(k, run) }
+}
