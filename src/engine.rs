@@ -66,7 +66,12 @@ impl Layout {
     }
 
     fn matches(&self, params: &Params<'_, '_>) -> bool {
-        self.lens.len() == params.len() && self.lens.iter().zip(params).all(|(&l, (w, _))| l == w.len())
+        self.lens.len() == params.len()
+            && self
+                .lens
+                .iter()
+                .zip(params)
+                .all(|(&l, (w, _))| l == w.len())
     }
 }
 
@@ -116,7 +121,11 @@ impl Plan {
                     room = chunk_len;
                     continue;
                 }
-                segments.push(Segment { tensor, start, len: take });
+                segments.push(Segment {
+                    tensor,
+                    start,
+                    len: take,
+                });
                 room = room.saturating_sub(take + SEGMENT_COST);
                 start += take;
             }
@@ -267,7 +276,11 @@ impl Core {
             fresh.push(zeroed(total)?);
         }
         self.state.extend(fresh);
-        if self.plan.as_ref().is_none_or(|p| p.chunk_len != self.chunk_len) {
+        if self
+            .plan
+            .as_ref()
+            .is_none_or(|p| p.chunk_len != self.chunk_len)
+        {
             let lens = &self.layout.as_ref().expect("layout set above").lens;
             self.plan = Some(Plan::new(lens, self.chunk_len));
         }
@@ -396,9 +409,17 @@ mod tests {
     #[test]
     fn plan_packs_small_and_splits_large() {
         let plan = Plan::new(&[1024; 64], 1 << 15);
-        assert!(plan.tasks() < 4, "small tensors were not packed: {} tasks", plan.tasks());
+        assert!(
+            plan.tasks() < 4,
+            "small tensors were not packed: {} tasks",
+            plan.tasks()
+        );
         let plan = Plan::new(&[1 << 20], 1 << 15);
-        assert!(plan.tasks() >= 32, "a large tensor was not split: {} tasks", plan.tasks());
+        assert!(
+            plan.tasks() >= 32,
+            "a large tensor was not split: {} tasks",
+            plan.tasks()
+        );
         for s in &plan.segments {
             assert_eq!(s.start % BLOCK, 0);
         }

@@ -78,3 +78,8 @@ pub use optim::rmsprop::{RmsProp, RmsPropConfig};
 pub use optim::sgd::{Sgd, SgdConfig};
 pub use optimizer::{Backend, Optimizer, StepError, StepReport};
 pub use simd::{SimdLevel, simd_level};
+
+/// The README's code blocks, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -86,7 +86,11 @@ pub enum StepError {
 impl fmt::Display for StepError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            StepError::LengthMismatch { tensor, weights, grads } => write!(
+            StepError::LengthMismatch {
+                tensor,
+                weights,
+                grads,
+            } => write!(
                 f,
                 "tensor {tensor}: weights have {weights} elements but grads have {grads}"
             ),
@@ -94,15 +98,30 @@ impl fmt::Display for StepError {
                 f,
                 "optimizer state holds {expected} tensors but this step passed {found}"
             ),
-            StepError::TensorLen { tensor, expected, found } => write!(
+            StepError::TensorLen {
+                tensor,
+                expected,
+                found,
+            } => write!(
                 f,
                 "tensor {tensor}: optimizer state holds {expected} elements but this step passed {found}"
             ),
-            StepError::InvalidConfig { optimizer, field, value, expected } => {
-                write!(f, "{optimizer}: {field} = {value} is invalid, expected {expected}")
+            StepError::InvalidConfig {
+                optimizer,
+                field,
+                value,
+                expected,
+            } => {
+                write!(
+                    f,
+                    "{optimizer}: {field} = {value} is invalid, expected {expected}"
+                )
             }
             StepError::OutOfMemory { elements } => {
-                write!(f, "could not allocate optimizer state of {elements} f32 elements")
+                write!(
+                    f,
+                    "could not allocate optimizer state of {elements} f32 elements"
+                )
             }
         }
     }
@@ -333,12 +352,24 @@ pub(crate) fn check(
 
 /// `lr` must be finite and non-negative.
 pub(crate) fn check_lr(optimizer: &'static str, lr: f32) -> Result<(), StepError> {
-    check(optimizer, "lr", lr, lr.is_finite() && lr >= 0.0, "finite and >= 0")
+    check(
+        optimizer,
+        "lr",
+        lr,
+        lr.is_finite() && lr >= 0.0,
+        "finite and >= 0",
+    )
 }
 
 /// `eps` must be finite and non-negative.
 pub(crate) fn check_eps(optimizer: &'static str, eps: f32) -> Result<(), StepError> {
-    check(optimizer, "eps", eps, eps.is_finite() && eps >= 0.0, "finite and >= 0")
+    check(
+        optimizer,
+        "eps",
+        eps,
+        eps.is_finite() && eps >= 0.0,
+        "finite and >= 0",
+    )
 }
 
 /// A decay or momentum coefficient must lie in `[0, 1]`, or `[0, 1)` where `closed` is false.
@@ -349,5 +380,11 @@ pub(crate) fn check_unit(
     closed: bool,
 ) -> Result<(), StepError> {
     let ok = value >= 0.0 && if closed { value <= 1.0 } else { value < 1.0 };
-    check(optimizer, field, value, ok, if closed { "in [0, 1]" } else { "in [0, 1)" })
+    check(
+        optimizer,
+        field,
+        value,
+        ok,
+        if closed { "in [0, 1]" } else { "in [0, 1)" },
+    )
 }

@@ -20,7 +20,10 @@ pub struct AdaGradConfig {
 
 impl Default for AdaGradConfig {
     fn default() -> Self {
-        AdaGradConfig { lr: 0.01, eps: 1e-7 }
+        AdaGradConfig {
+            lr: 0.01,
+            eps: 1e-7,
+        }
     }
 }
 
@@ -102,7 +105,10 @@ pub(crate) struct AdaGradStep {
 
 impl AdaGradStep {
     pub(crate) fn new(c: &AdaGradConfig) -> Self {
-        AdaGradStep { lr: c.lr, eps: c.eps }
+        AdaGradStep {
+            lr: c.lr,
+            eps: c.eps,
+        }
     }
 }
 

@@ -145,7 +145,10 @@ mod tests {
 
     #[test]
     fn kernel_matches_formula() {
-        let k = NagStep::new(&NagConfig { lr: 0.5, momentum: 0.5 });
+        let k = NagStep::new(&NagConfig {
+            lr: 0.5,
+            momentum: 0.5,
+        });
         let mut v = [2.0f32];
         let w = k.update(1.0f32, 1.0, &mut v);
         assert_eq!(v, [0.5]); // 0.5·2 − 0.5

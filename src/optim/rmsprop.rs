@@ -148,7 +148,11 @@ mod tests {
 
     #[test]
     fn kernel_matches_formula() {
-        let k = RmsPropStep::new(&RmsPropConfig { lr: 1.0, decay_rate: 0.5, eps: 0.0 });
+        let k = RmsPropStep::new(&RmsPropConfig {
+            lr: 1.0,
+            decay_rate: 0.5,
+            eps: 0.0,
+        });
         let mut h = [4.0f32];
         let w = k.update(1.0f32, 2.0, &mut h);
         assert_eq!(h, [4.0]); // 0.5·4 + 0.5·4

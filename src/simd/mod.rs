@@ -209,7 +209,7 @@ pub(crate) struct Run<const N: usize> {
 unsafe fn chunk<K: Kernel<N>, V: Lane, const N: usize>(k: &K, run: Run<N>) {
     let Run { w, g, s, len } = run;
     let mut i = 0;
-    // SAFETY (whole body): `i + V::WIDTH <= len` in the vector loop and `i < len` in the tail,
+    // SAFETY: `i + V::WIDTH <= len` in the vector loop and `i < len` in the tail,
     // so every access stays inside the ranges the caller vouched for.
     unsafe {
         while i + V::WIDTH <= len {

@@ -1,0 +1,111 @@
+//! Convergence on small problems: an ill-conditioned quadratic bowl and the Rosenbrock function.
+
+mod common;
+use common::*;
+
+/// f(w) = ½ Σ aᵢ (wᵢ − cᵢ)², aᵢ from 1 to 10: returns the loss after `steps` steps.
+fn bowl(kind: Kind, hp: Hp, steps: usize) -> (f64, f64) {
+    let n = 256;
+    let a: Vec<f32> = (0..n)
+        .map(|i| 1.0 + 9.0 * i as f32 / (n - 1) as f32)
+        .collect();
+    let c = Rng(3).vec(n, 2.0);
+    let loss = |w: &[f32]| -> f64 {
+        w.iter()
+            .zip(&a)
+            .zip(&c)
+            .map(|((&w, &a), &c)| 0.5 * a as f64 * ((w - c) as f64).powi(2))
+            .sum()
+    };
+    let mut w = vec![0.0f32; n];
+    let start = loss(&w);
+    let mut opt = make(kind, hp);
+    let mut g = vec![0.0f32; n];
+    for _ in 0..steps {
+        for i in 0..n {
+            g[i] = a[i] * (w[i] - c[i]);
+        }
+        opt.step(&mut w, &g).unwrap();
+    }
+    (start, loss(&w))
+}
+
+#[test]
+fn every_optimizer_descends_a_quadratic_bowl() {
+    for kind in KINDS {
+        let mut hp = Hp::defaults(kind);
+        hp.lr = match kind {
+            Kind::Sgd | Kind::Momentum | Kind::Nag => 0.05,
+            Kind::AdaGrad => 0.5,
+            Kind::RmsProp | Kind::Adam => 0.02,
+        };
+        let (start, end) = bowl(kind, hp, 500);
+        println!("{kind:?}: bowl loss {start:.3} -> {end:.3e}");
+        assert!(end < start * 1e-4, "{kind:?}: loss {start} -> {end}");
+    }
+}
+
+#[test]
+fn momentum_beats_plain_sgd_on_the_bowl() {
+    let mut hp = Hp::defaults(Kind::Sgd);
+    hp.lr = 0.005;
+    let (_, sgd) = bowl(Kind::Sgd, hp, 200);
+    let (_, mom) = bowl(Kind::Momentum, hp, 200);
+    let (_, nag) = bowl(Kind::Nag, hp, 200);
+    assert!(
+        mom < sgd * 0.1 && nag < sgd * 0.1,
+        "sgd {sgd} momentum {mom} nag {nag}"
+    );
+}
+
+/// Rosenbrock f(x, y) = (1 − x)² + 100 (y − x²)², minimum at (1, 1), from (−1.5, 2).
+/// Many independent copies run as one tensor, started at slightly different points.
+fn rosenbrock(kind: Kind, hp: Hp, steps: usize) -> (f64, f64, f32) {
+    let copies = 37;
+    let f = |x: f64, y: f64| (1.0 - x).powi(2) + 100.0 * (y - x * x).powi(2);
+    let mut w: Vec<f32> = (0..copies)
+        .flat_map(|i| [-1.5 + 0.01 * i as f32, 2.0])
+        .collect();
+    let start = f(-1.5, 2.0);
+    let mut opt = make(kind, hp);
+    let mut g = vec![0.0f32; w.len()];
+    for _ in 0..steps {
+        for p in 0..copies {
+            let (x, y) = (w[2 * p], w[2 * p + 1]);
+            g[2 * p] = -2.0 * (1.0 - x) - 400.0 * x * (y - x * x);
+            g[2 * p + 1] = 200.0 * (y - x * x);
+        }
+        opt.step(&mut w, &g).unwrap();
+    }
+    let worst = (0..copies)
+        .map(|p| f(w[2 * p] as f64, w[2 * p + 1] as f64))
+        .fold(0.0, f64::max);
+    let dist = (0..copies)
+        .map(|p| ((w[2 * p] - 1.0).powi(2) + (w[2 * p + 1] - 1.0).powi(2)).sqrt())
+        .fold(0.0, f32::max);
+    (start, worst, dist)
+}
+
+#[test]
+fn every_optimizer_makes_progress_on_rosenbrock() {
+    for kind in KINDS {
+        let mut hp = Hp::defaults(kind);
+        let (lr, steps, max_dist) = match kind {
+            Kind::Sgd => (1e-3, 20_000, 0.05),
+            Kind::Momentum | Kind::Nag => (2e-4, 10_000, 0.05),
+            Kind::AdaGrad => (1.0, 20_000, 0.05),
+            Kind::RmsProp => (1e-3, 10_000, 0.05),
+            Kind::Adam => (0.005, 10_000, 0.05),
+        };
+        hp.lr = lr;
+        let (start, end, dist) = rosenbrock(kind, hp, steps);
+        println!(
+            "{kind:?}: rosenbrock {start:.2} -> {end:.2e}, farthest copy {dist:.3} from (1, 1)"
+        );
+        assert!(end < start * 1e-3, "{kind:?}: f {start} -> {end}");
+        assert!(
+            dist < max_dist,
+            "{kind:?}: a copy ended {dist} from the minimum"
+        );
+    }
+}
