@@ -23,6 +23,7 @@
 
 use crate::optimizer::{Backend, StepError, StepReport};
 use crate::simd::{self, Kernel, Run, SimdLevel};
+use crate::tuning;
 use aligned_vec::{AVec, ConstAlign};
 use rayon::prelude::*;
 
@@ -31,10 +32,11 @@ pub(crate) const BLOCK: usize = 16;
 
 /// Default number of elements per task.
 ///
-/// 32,768 elements (128 KiB of each stream) measured best or within noise of best for every
-/// optimizer on a 2-core Zen 3 at 256K to 64M parameters; see the README's Performance section
-/// and `examples/tune.rs` to measure your machine.
-pub const DEFAULT_CHUNK_LEN: usize = 1 << 15;
+/// 65,536 elements (256 KiB of each stream): measured best or within noise of best for every
+/// optimizer on a 2-core Zen 3 from 64K to 64M parameters (see the README's Performance
+/// section). `examples/tune.rs` measures another machine and writes a [`Tuning`](crate::Tuning)
+/// file that replaces this default.
+pub const DEFAULT_CHUNK_LEN: usize = 1 << 16;
 
 /// The per-step input of every optimizer: one `(weights, grads)` pair per tensor.
 pub(crate) type Params<'a, 'b> = [(&'a mut [f32], &'b [f32])];
@@ -98,6 +100,7 @@ const SEGMENT_COST: usize = 64;
 
 impl Plan {
     fn new(lens: &[usize], chunk_len: usize) -> Plan {
+        debug_assert!(chunk_len > 0 && chunk_len.is_multiple_of(BLOCK));
         let mut segments = Vec::new();
         let mut bounds = vec![0];
         let mut room = chunk_len;
@@ -162,7 +165,10 @@ unsafe impl<T> Sync for SharedPtr<T> {}
 /// Everything an optimizer needs besides its formula: settings, layout, state, plan, counter.
 #[derive(Debug)]
 pub struct Core {
+    /// The optimizer's name, for its tuned chunk length.
+    name: &'static str,
     backend: Backend,
+    /// Requested chunk length; 0 means the (tuned) default.
     chunk_len: usize,
     steps: u64,
     layout: Option<Layout>,
@@ -172,11 +178,12 @@ pub struct Core {
     ptrs: Vec<(SharedPtr<f32>, SharedPtr<f32>)>,
 }
 
-impl Default for Core {
-    fn default() -> Self {
+impl Core {
+    pub(crate) fn new(name: &'static str) -> Self {
         Core {
+            name,
             backend: Backend::default(),
-            chunk_len: DEFAULT_CHUNK_LEN,
+            chunk_len: 0,
             steps: 0,
             layout: None,
             state: Vec::new(),
@@ -186,14 +193,9 @@ impl Default for Core {
     }
 }
 
-/// The effective chunk length for a requested one: `0` means the default; anything else is rounded
-/// up to a multiple of [`BLOCK`].
+/// A requested chunk length rounded up to a multiple of [`BLOCK`] (`0` becomes [`BLOCK`]).
 pub(crate) fn effective_chunk_len(len: usize) -> usize {
-    if len == 0 {
-        DEFAULT_CHUNK_LEN
-    } else {
-        len.div_ceil(BLOCK).min(usize::MAX / BLOCK) * BLOCK
-    }
+    len.div_ceil(BLOCK).clamp(1, usize::MAX / BLOCK) * BLOCK
 }
 
 impl Core {
@@ -205,12 +207,17 @@ impl Core {
         self.backend = backend;
     }
 
+    /// The chunk length steps use: the one set, or the (tuned) default.
     pub(crate) fn chunk_len(&self) -> usize {
-        self.chunk_len
+        match self.chunk_len {
+            0 => tuning::default_chunk_len(self.name),
+            n => n,
+        }
     }
 
+    /// `0` selects the (tuned) default; other values are rounded up to a multiple of [`BLOCK`].
     pub(crate) fn set_chunk_len(&mut self, len: usize) {
-        self.chunk_len = effective_chunk_len(len);
+        self.chunk_len = if len == 0 { 0 } else { effective_chunk_len(len) };
     }
 
     pub(crate) fn steps(&self) -> u64 {
@@ -276,13 +283,10 @@ impl Core {
             fresh.push(zeroed(total)?);
         }
         self.state.extend(fresh);
-        if self
-            .plan
-            .as_ref()
-            .is_none_or(|p| p.chunk_len != self.chunk_len)
-        {
+        let chunk_len = self.chunk_len();
+        if self.plan.as_ref().is_none_or(|p| p.chunk_len != chunk_len) {
             let lens = &self.layout.as_ref().expect("layout set above").lens;
-            self.plan = Some(Plan::new(lens, self.chunk_len));
+            self.plan = Some(Plan::new(lens, chunk_len));
         }
         Ok(())
     }
@@ -434,7 +438,7 @@ mod tests {
 
     #[test]
     fn chunk_len_is_clamped() {
-        assert_eq!(effective_chunk_len(0), DEFAULT_CHUNK_LEN);
+        assert_eq!(effective_chunk_len(0), BLOCK);
         assert_eq!(effective_chunk_len(1), BLOCK);
         assert_eq!(effective_chunk_len(BLOCK + 1), 2 * BLOCK);
         assert_eq!(effective_chunk_len(usize::MAX) % BLOCK, 0);

@@ -67,7 +67,9 @@
 mod engine;
 mod optim;
 mod optimizer;
+pub mod roofline;
 mod simd;
+mod tuning;
 
 pub use engine::DEFAULT_CHUNK_LEN;
 pub use optim::adagrad::{AdaGrad, AdaGradConfig};
@@ -78,6 +80,7 @@ pub use optim::rmsprop::{RmsProp, RmsPropConfig};
 pub use optim::sgd::{Sgd, SgdConfig};
 pub use optimizer::{Backend, Optimizer, StepError, StepReport};
 pub use simd::{SimdLevel, simd_level};
+pub use tuning::{TUNING_ENV, Tuning, TuningError};
 
 /// The README's code blocks, compiled and run as doctests.
 #[cfg(doctest)]

@@ -229,24 +229,26 @@ pub trait Optimizer: Send {
 
     /// Sets how many elements one task of a step covers (the unit of work handed to a thread).
     ///
-    /// `0` restores the default ([`DEFAULT_CHUNK_LEN`](crate::DEFAULT_CHUNK_LEN)); other values
-    /// are rounded up to a multiple of 16 elements. Results do not depend on it.
+    /// `0` restores the default: the installed [`Tuning`](crate::Tuning)'s value for this
+    /// optimizer if there is one, else [`DEFAULT_CHUNK_LEN`](crate::DEFAULT_CHUNK_LEN). Other
+    /// values are rounded up to a multiple of 16 elements. Results do not depend on it.
     ///
     /// ```
-    /// use fusedopt::{AdaGrad, AdaGradConfig, Optimizer, DEFAULT_CHUNK_LEN};
+    /// use fusedopt::{AdaGrad, AdaGradConfig, Optimizer};
     /// let mut opt = AdaGrad::new(AdaGradConfig::default());
     /// opt.set_chunk_len(1000);
     /// assert_eq!(opt.chunk_len(), 1008);
-    /// opt.set_chunk_len(0);
-    /// assert_eq!(opt.chunk_len(), DEFAULT_CHUNK_LEN);
+    /// opt.set_chunk_len(0); // the default again (DEFAULT_CHUNK_LEN unless a Tuning says otherwise)
+    /// assert_eq!(opt.chunk_len() % 16, 0);
     /// ```
     fn set_chunk_len(&mut self, len: usize);
 
     /// The effective chunk length, in elements.
     ///
     /// ```
-    /// use fusedopt::{Optimizer, Sgd, SgdConfig, DEFAULT_CHUNK_LEN};
-    /// assert_eq!(Sgd::new(SgdConfig::default()).chunk_len(), DEFAULT_CHUNK_LEN);
+    /// use fusedopt::{Optimizer, Sgd, SgdConfig, Tuning};
+    /// let default = Tuning::installed().chunk_len_for("sgd").unwrap_or(fusedopt::DEFAULT_CHUNK_LEN);
+    /// assert_eq!(Sgd::new(SgdConfig::default()).chunk_len(), default);
     /// ```
     fn chunk_len(&self) -> usize;
 
@@ -273,6 +275,18 @@ pub trait Optimizer: Send {
     /// ```
     fn layout(&self) -> Option<&[usize]>;
 
+    /// How many state buffers the optimizer keeps per parameter: 0 for SGD, 1 for Momentum, NAG,
+    /// AdaGrad and RMSProp, 2 for Adam. A step moves
+    /// [`roofline::bytes_per_param`](crate::roofline::bytes_per_param) of that many bytes per
+    /// parameter.
+    ///
+    /// ```
+    /// use fusedopt::{Adam, AdamConfig, Optimizer, Sgd, SgdConfig};
+    /// assert_eq!(Sgd::new(SgdConfig::default()).state_buffers(), 0);
+    /// assert_eq!(Adam::new(AdamConfig::default()).state_buffers(), 2);
+    /// ```
+    fn state_buffers(&self) -> usize;
+
     /// Forgets all state and the step count, as if newly built; settings are kept.
     ///
     /// ```
@@ -293,6 +307,8 @@ pub(crate) mod sealed {
     pub trait Rule: Send {
         /// See [`Optimizer::name`].
         const NAME: &'static str;
+        /// See [`Optimizer::state_buffers`].
+        const STATE_BUFFERS: usize;
         fn core(&self) -> &Core;
         fn core_mut(&mut self) -> &mut Core;
         /// Checks the configuration, builds this step's kernel and runs it through the engine.
@@ -324,6 +340,9 @@ impl<T: sealed::Rule> Optimizer for T {
     }
     fn layout(&self) -> Option<&[usize]> {
         self.core().layout()
+    }
+    fn state_buffers(&self) -> usize {
+        T::STATE_BUFFERS
     }
     fn reset(&mut self) {
         self.core_mut().reset()

@@ -69,7 +69,7 @@ impl AdaGrad {
     pub fn new(config: AdaGradConfig) -> Self {
         AdaGrad {
             config,
-            core: Core::default(),
+            core: Core::new(Self::NAME),
         }
     }
 
@@ -122,6 +122,7 @@ impl Kernel<1> for AdaGradStep {
 
 impl Rule for AdaGrad {
     const NAME: &'static str = "adagrad";
+    const STATE_BUFFERS: usize = 1;
     fn core(&self) -> &Core {
         &self.core
     }

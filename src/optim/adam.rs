@@ -85,7 +85,7 @@ impl Adam {
     pub fn new(config: AdamConfig) -> Self {
         Adam {
             config,
-            core: Core::default(),
+            core: Core::new(Self::NAME),
         }
     }
 
@@ -146,6 +146,7 @@ impl Kernel<2> for AdamStep {
 
 impl Rule for Adam {
     const NAME: &'static str = "adam";
+    const STATE_BUFFERS: usize = 2;
     fn core(&self) -> &Core {
         &self.core
     }

@@ -75,7 +75,7 @@ impl Momentum {
     pub fn new(config: MomentumConfig) -> Self {
         Momentum {
             config,
-            core: Core::default(),
+            core: Core::new(Self::NAME),
         }
     }
 
@@ -128,6 +128,7 @@ impl Kernel<1> for MomentumStep {
 
 impl Rule for Momentum {
     const NAME: &'static str = "momentum";
+    const STATE_BUFFERS: usize = 1;
     fn core(&self) -> &Core {
         &self.core
     }

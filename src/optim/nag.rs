@@ -73,7 +73,7 @@ impl Nag {
     pub fn new(config: NagConfig) -> Self {
         Nag {
             config,
-            core: Core::default(),
+            core: Core::new(Self::NAME),
         }
     }
 
@@ -127,6 +127,7 @@ impl Kernel<1> for NagStep {
 
 impl Rule for Nag {
     const NAME: &'static str = "nag";
+    const STATE_BUFFERS: usize = 1;
     fn core(&self) -> &Core {
         &self.core
     }

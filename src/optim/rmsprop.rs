@@ -73,7 +73,7 @@ impl RmsProp {
     pub fn new(config: RmsPropConfig) -> Self {
         RmsProp {
             config,
-            core: Core::default(),
+            core: Core::new(Self::NAME),
         }
     }
 
@@ -130,6 +130,7 @@ impl Kernel<1> for RmsPropStep {
 
 impl Rule for RmsProp {
     const NAME: &'static str = "rmsprop";
+    const STATE_BUFFERS: usize = 1;
     fn core(&self) -> &Core {
         &self.core
     }

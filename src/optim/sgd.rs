@@ -65,7 +65,7 @@ impl Sgd {
     pub fn new(config: SgdConfig) -> Self {
         Sgd {
             config,
-            core: Core::default(),
+            core: Core::new(Self::NAME),
         }
     }
 
@@ -115,6 +115,7 @@ impl Kernel<0> for SgdStep {
 
 impl Rule for Sgd {
     const NAME: &'static str = "sgd";
+    const STATE_BUFFERS: usize = 0;
     fn core(&self) -> &Core {
         &self.core
     }

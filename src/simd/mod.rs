@@ -199,6 +199,29 @@ pub(crate) struct Run<const N: usize> {
     pub len: usize,
 }
 
+/// Updates the `V::WIDTH` elements at `i`.
+///
+/// A function rather than a closure: closures do not inherit `#[target_feature]`, so a closure's
+/// SIMD operations would not be inlined into the AVX2 instantiation.
+///
+/// # Safety
+/// The pointer contract of [`chunk`], with `i + V::WIDTH <= run.len`.
+#[inline(always)]
+unsafe fn block<K: Kernel<N>, V: Lane, const N: usize>(k: &K, run: &Run<N>, i: usize) {
+    // SAFETY: elements `i..i + V::WIDTH` lie inside every range (caller's contract).
+    unsafe {
+        let mut st = [V::splat(0.0); N];
+        for j in 0..N {
+            st[j] = V::load(run.s[j].add(i));
+        }
+        let nw = k.update(V::load(run.w.add(i)), V::load(run.g.add(i)), &mut st);
+        nw.store(run.w.add(i));
+        for j in 0..N {
+            st[j].store(run.s[j].add(i));
+        }
+    }
+}
+
 /// The one chunk loop: full vectors of `V`, then the tail one element at a time.
 ///
 /// # Safety
@@ -212,17 +235,21 @@ unsafe fn chunk<K: Kernel<N>, V: Lane, const N: usize>(k: &K, run: Run<N>) {
     // SAFETY: `i + V::WIDTH <= len` in the vector loop and `i < len` in the tail,
     // so every access stays inside the ranges the caller vouched for.
     unsafe {
-        while i + V::WIDTH <= len {
-            let mut st: [V; N] = core::array::from_fn(|j| V::load(s[j].add(i)));
-            let nw = k.update(V::load(w.add(i)), V::load(g.add(i)), &mut st);
-            nw.store(w.add(i));
-            for j in 0..N {
-                st[j].store(s[j].add(i));
-            }
+        // Two vectors per iteration: independent work for the out-of-order core to overlap.
+        while i + 2 * V::WIDTH <= len {
+            block::<K, V, N>(k, &run, i);
+            block::<K, V, N>(k, &run, i + V::WIDTH);
+            i += 2 * V::WIDTH;
+        }
+        if i + V::WIDTH <= len {
+            block::<K, V, N>(k, &run, i);
             i += V::WIDTH;
         }
         while i < len {
-            let mut st: [f32; N] = core::array::from_fn(|j| *s[j].add(i));
+            let mut st = [0.0f32; N];
+            for j in 0..N {
+                st[j] = *s[j].add(i);
+            }
             *w.add(i) = k.update(*w.add(i), *g.add(i), &mut st);
             for j in 0..N {
                 *s[j].add(i) = st[j];

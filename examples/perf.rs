@@ -1,0 +1,235 @@
+//! Measures every optimizer against the same-stream reference, in one run, and checks the targets.
+//!
+//! ```text
+//! cargo run --release --example perf                      # table + target check
+//! cargo run --release --example perf -- --write docs      # also writes docs/perf.csv and docs/perf.svg
+//! cargo run --release --example perf -- --optimizers adam --sizes 256K,64M --threads 2
+//! ```
+//!
+//! For every optimizer and size the engine step and the reference pass are timed alternately,
+//! `--reps` times each; the table shows the medians as GB/s (bytes per parameter × parameters /
+//! time) and their ratio.
+
+use clap::Parser;
+use fusedopt::roofline::SameStream;
+use fusedopt::*;
+use std::fmt::Write as _;
+use std::time::Instant;
+
+/// Measure GB/s of every optimizer next to the same-stream reference.
+#[derive(Debug, Parser)]
+struct Args {
+    /// Optimizers, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "sgd,momentum,nag,adagrad,rmsprop,adam")]
+    optimizers: Vec<String>,
+    /// Sizes in parameters (K = 1024, M = 1024²), comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "4K,64K,256K,1M,16M,64M")]
+    sizes: Vec<String>,
+    /// Threads [default: all cores].
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Timed repetitions of each measurement (the median is reported).
+    #[arg(long, default_value_t = 0)]
+    reps: usize,
+    /// Chunk length for the engine (0 = default).
+    #[arg(long, default_value_t = 0)]
+    chunk: usize,
+    /// Write perf.csv and perf.svg into this folder.
+    #[arg(long)]
+    write: Option<std::path::PathBuf>,
+}
+
+fn parse_size(s: &str) -> usize {
+    let s = s.trim();
+    let (num, mul) = match s.chars().last() {
+        Some('K' | 'k') => (&s[..s.len() - 1], 1 << 10),
+        Some('M' | 'm') => (&s[..s.len() - 1], 1 << 20),
+        _ => (s, 1),
+    };
+    num.parse::<usize>().unwrap_or_else(|_| panic!("bad size {s}")) * mul
+}
+
+fn label(n: usize) -> String {
+    if n >= 1 << 20 && n % (1 << 20) == 0 {
+        format!("{}M", n >> 20)
+    } else if n >= 1 << 10 && n % (1 << 10) == 0 {
+        format!("{}K", n >> 10)
+    } else {
+        n.to_string()
+    }
+}
+
+fn make(name: &str) -> Box<dyn Optimizer> {
+    match name {
+        "sgd" => Box::new(Sgd::new(SgdConfig::default())),
+        "momentum" => Box::new(Momentum::new(MomentumConfig::default())),
+        "nag" => Box::new(Nag::new(NagConfig::default())),
+        "adagrad" => Box::new(AdaGrad::new(AdaGradConfig::default())),
+        "rmsprop" => Box::new(RmsProp::new(RmsPropConfig::default())),
+        "adam" => Box::new(Adam::new(AdamConfig::default())),
+        other => panic!("unknown optimizer {other}"),
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+struct Row {
+    optimizer: String,
+    size: usize,
+    engine: f64,
+    reference: f64,
+}
+
+fn main() {
+    let args = Args::parse();
+    let mut pool = rayon::ThreadPoolBuilder::new();
+    if let Some(t) = args.threads {
+        pool = pool.num_threads(t);
+    }
+    let pool = pool.build().unwrap();
+    pool.install(|| run(&args));
+}
+
+fn run(args: &Args) {
+    let sizes: Vec<usize> = args.sizes.iter().map(|s| parse_size(s)).collect();
+    println!(
+        "fusedopt perf: {} threads, {} kernels, chunk {}; GB/s = 1e9 bytes/s, median of alternating runs",
+        rayon::current_num_threads(),
+        simd_level(),
+        if args.chunk == 0 { DEFAULT_CHUNK_LEN } else { args.chunk }
+    );
+    println!("{:<9} {:>6} {:>11} {:>11} {:>7}", "optimizer", "size", "engine", "reference", "ratio");
+    let mut rows = Vec::new();
+    for name in &args.optimizers {
+        for &n in &sizes {
+            let mut opt = make(name);
+            opt.set_chunk_len(args.chunk);
+            let bytes = (roofline::bytes_per_param(opt.state_buffers()) * n) as f64;
+            let mut reference = SameStream::new(opt.state_buffers(), n);
+            let mut w: Vec<f32> = (0..n).map(|i| (i % 1000) as f32 * 1e-3 - 0.5).collect();
+            let g: Vec<f32> = (0..n).map(|i| (i % 997) as f32 * 1e-3 - 0.4).collect();
+            let mut w2 = w.clone();
+            // Repetitions: about 0.4 s of traffic per side, at least 15.
+            let reps = if args.reps > 0 { args.reps } else { (4e9 / bytes).clamp(15.0, 2000.0) as usize };
+            for _ in 0..3 {
+                opt.step(&mut w, &g).unwrap();
+                reference.run(&mut w2, &g).unwrap();
+            }
+            let (mut te, mut tr) = (Vec::with_capacity(reps), Vec::with_capacity(reps));
+            for _ in 0..reps {
+                let t = Instant::now();
+                opt.step(&mut w, &g).unwrap();
+                te.push(t.elapsed().as_secs_f64());
+                let t = Instant::now();
+                reference.run(&mut w2, &g).unwrap();
+                tr.push(t.elapsed().as_secs_f64());
+            }
+            let row = Row {
+                optimizer: name.clone(),
+                size: n,
+                engine: bytes / median(te) / 1e9,
+                reference: bytes / median(tr) / 1e9,
+            };
+            println!(
+                "{:<9} {:>6} {:>7.1} GB/s {:>6.1} GB/s {:>7.3}",
+                row.optimizer,
+                label(n),
+                row.engine,
+                row.reference,
+                row.engine / row.reference
+            );
+            rows.push(row);
+        }
+    }
+    small_adam_vs_single_thread();
+    if let Some(dir) = &args.write {
+        std::fs::create_dir_all(dir).unwrap();
+        let mut csv = String::from("optimizer,size,engine_gbps,reference_gbps,ratio\n");
+        for r in &rows {
+            writeln!(csv, "{},{},{:.2},{:.2},{:.3}", r.optimizer, r.size, r.engine, r.reference, r.engine / r.reference).unwrap();
+        }
+        std::fs::write(dir.join("perf.csv"), csv).unwrap();
+        std::fs::write(dir.join("perf.svg"), svg(&rows)).unwrap();
+        println!("wrote {}/perf.csv and perf.svg", dir.display());
+    }
+}
+
+/// A 4096-parameter Adam step against a single-thread same-stream loop over the same buffers.
+fn small_adam_vs_single_thread() {
+    let n = 4096;
+    let mut opt = Adam::new(AdamConfig::default());
+    let mut reference = SameStream::new(2, n);
+    let mut w = vec![0.1f32; n];
+    let g = vec![0.01f32; n];
+    let inner = 200;
+    let (mut te, mut tr) = (Vec::new(), Vec::new());
+    for rep in 0..203 {
+        let t = Instant::now();
+        for _ in 0..inner {
+            opt.step(&mut w, &g).unwrap();
+        }
+        let e = t.elapsed().as_secs_f64() / inner as f64;
+        let t = Instant::now();
+        for _ in 0..inner {
+            reference.run_single(&mut w, &g).unwrap();
+        }
+        let r = t.elapsed().as_secs_f64() / inner as f64;
+        if rep >= 3 {
+            te.push(e);
+            tr.push(r);
+        }
+    }
+    let (e, r) = (median(te), median(tr));
+    println!(
+        "adam 4096: step {:.2} µs, single-thread same-stream loop {:.2} µs, ratio {:.2}× (target ≤ 2.5×)",
+        e * 1e6,
+        r * 1e6,
+        e / r
+    );
+}
+
+/// GB/s against size, one panel per optimizer, engine and reference lines.
+fn svg(rows: &[Row]) -> String {
+    let names: Vec<&str> = {
+        let mut v: Vec<&str> = rows.iter().map(|r| r.optimizer.as_str()).collect();
+        v.dedup();
+        v
+    };
+    let (pw, ph, cols) = (300.0, 220.0, 3usize);
+    let panels = names.len().max(1);
+    let (width, height) = (pw * cols as f64, ph * panels.div_ceil(cols) as f64 + 30.0);
+    let ymax = rows.iter().map(|r| r.engine.max(r.reference)).fold(1.0, f64::max) * 1.1;
+    let (smin, smax) = rows.iter().fold((f64::MAX, 0f64), |(a, b), r| (a.min(r.size as f64), b.max(r.size as f64)));
+    let mut s = String::new();
+    writeln!(s, r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="11">"#).unwrap();
+    writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#).unwrap();
+    writeln!(s, r##"<text x="10" y="18" font-size="13">GB/s against parameters ({} threads, {} kernels): <tspan fill="#1f77b4">fusedopt</tspan>, <tspan fill="#888">same-stream reference</tspan></text>"##, rayon::current_num_threads(), simd_level()).unwrap();
+    for (p, name) in names.iter().enumerate() {
+        let (ox, oy) = ((p % cols) as f64 * pw, (p / cols) as f64 * ph + 30.0);
+        let (l, r, t, b) = (ox + 45.0, ox + pw - 15.0, oy + 20.0, oy + ph - 35.0);
+        let x = |n: f64| l + (n.ln() - smin.ln()) / (smax.ln() - smin.ln()).max(1e-9) * (r - l);
+        let y = |v: f64| b - v / ymax * (b - t);
+        writeln!(s, r#"<text x="{}" y="{}" font-weight="bold">{name}</text>"#, l, oy + 14.0).unwrap();
+        writeln!(s, r#"<line x1="{l}" y1="{b}" x2="{r}" y2="{b}" stroke="black"/><line x1="{l}" y1="{t}" x2="{l}" y2="{b}" stroke="black"/>"#).unwrap();
+        for k in 0..=4 {
+            let v = ymax * k as f64 / 4.0;
+            writeln!(s, r##"<text x="{}" y="{}" text-anchor="end">{v:.0}</text><line x1="{l}" y1="{}" x2="{r}" y2="{}" stroke="#eee"/>"##, l - 4.0, y(v) + 4.0, y(v), y(v)).unwrap();
+        }
+        let pts: Vec<&Row> = rows.iter().filter(|r| r.optimizer == *name).collect();
+        for rr in &pts {
+            writeln!(s, r#"<text x="{}" y="{}" text-anchor="middle">{}</text>"#, x(rr.size as f64), b + 14.0, label(rr.size)).unwrap();
+        }
+        for (field, color) in [(0, "#888"), (1, "#1f77b4")] {
+            let poly: Vec<String> = pts
+                .iter()
+                .map(|rr| format!("{:.1},{:.1}", x(rr.size as f64), y(if field == 0 { rr.reference } else { rr.engine })))
+                .collect();
+            writeln!(s, r#"<polyline points="{}" fill="none" stroke="{color}" stroke-width="2"/>"#, poly.join(" ")).unwrap();
+        }
+    }
+    s.push_str("</svg>\n");
+    s
+}
