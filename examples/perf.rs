@@ -20,7 +20,11 @@ use std::time::Instant;
 #[derive(Debug, Parser)]
 struct Args {
     /// Optimizers, comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "sgd,momentum,nag,adagrad,rmsprop,adam")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "sgd,momentum,nag,adagrad,rmsprop,adam"
+    )]
     optimizers: Vec<String>,
     /// Sizes in parameters (K = 1024, M = 1024²), comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "4K,64K,256K,1M,16M,64M")]
@@ -46,13 +50,15 @@ fn parse_size(s: &str) -> usize {
         Some('M' | 'm') => (&s[..s.len() - 1], 1 << 20),
         _ => (s, 1),
     };
-    num.parse::<usize>().unwrap_or_else(|_| panic!("bad size {s}")) * mul
+    num.parse::<usize>()
+        .unwrap_or_else(|_| panic!("bad size {s}"))
+        * mul
 }
 
 fn label(n: usize) -> String {
-    if n >= 1 << 20 && n % (1 << 20) == 0 {
+    if n >= 1 << 20 && n.is_multiple_of(1 << 20) {
         format!("{}M", n >> 20)
-    } else if n >= 1 << 10 && n % (1 << 10) == 0 {
+    } else if n >= 1 << 10 && n.is_multiple_of(1 << 10) {
         format!("{}K", n >> 10)
     } else {
         n.to_string()
@@ -99,9 +105,16 @@ fn run(args: &Args) {
         "fusedopt perf: {} threads, {} kernels, chunk {}; GB/s = 1e9 bytes/s, median of alternating runs",
         rayon::current_num_threads(),
         simd_level(),
-        if args.chunk == 0 { DEFAULT_CHUNK_LEN } else { args.chunk }
+        if args.chunk == 0 {
+            DEFAULT_CHUNK_LEN
+        } else {
+            args.chunk
+        }
     );
-    println!("{:<9} {:>6} {:>11} {:>11} {:>7}", "optimizer", "size", "engine", "reference", "ratio");
+    println!(
+        "{:<9} {:>6} {:>11} {:>11} {:>7}",
+        "optimizer", "size", "engine", "reference", "ratio"
+    );
     let mut rows = Vec::new();
     for name in &args.optimizers {
         for &n in &sizes {
@@ -112,20 +125,36 @@ fn run(args: &Args) {
             let mut w: Vec<f32> = (0..n).map(|i| (i % 1000) as f32 * 1e-3 - 0.5).collect();
             let g: Vec<f32> = (0..n).map(|i| (i % 997) as f32 * 1e-3 - 0.4).collect();
             let mut w2 = w.clone();
-            // Repetitions: about 0.4 s of traffic per side, at least 15.
-            let reps = if args.reps > 0 { args.reps } else { (4e9 / bytes).clamp(15.0, 2000.0) as usize };
+            // Repetitions: about 0.4 s of traffic per side, at least 41.
+            let reps = if args.reps > 0 {
+                args.reps
+            } else {
+                (4e9 / bytes).clamp(41.0, 2000.0) as usize
+            };
             for _ in 0..3 {
                 opt.step(&mut w, &g).unwrap();
                 reference.run(&mut w2, &g).unwrap();
             }
             let (mut te, mut tr) = (Vec::with_capacity(reps), Vec::with_capacity(reps));
-            for _ in 0..reps {
-                let t = Instant::now();
-                opt.step(&mut w, &g).unwrap();
-                te.push(t.elapsed().as_secs_f64());
-                let t = Instant::now();
-                reference.run(&mut w2, &g).unwrap();
-                tr.push(t.elapsed().as_secs_f64());
+            for rep in 0..reps {
+                // Alternate which side goes first, so drift and cache state hit both equally.
+                let mut time_engine = || {
+                    let t = Instant::now();
+                    opt.step(&mut w, &g).unwrap();
+                    te.push(t.elapsed().as_secs_f64());
+                };
+                let mut time_reference = || {
+                    let t = Instant::now();
+                    reference.run(&mut w2, &g).unwrap();
+                    tr.push(t.elapsed().as_secs_f64());
+                };
+                if rep % 2 == 0 {
+                    time_engine();
+                    time_reference();
+                } else {
+                    time_reference();
+                    time_engine();
+                }
             }
             let row = Row {
                 optimizer: name.clone(),
@@ -149,7 +178,16 @@ fn run(args: &Args) {
         std::fs::create_dir_all(dir).unwrap();
         let mut csv = String::from("optimizer,size,engine_gbps,reference_gbps,ratio\n");
         for r in &rows {
-            writeln!(csv, "{},{},{:.2},{:.2},{:.3}", r.optimizer, r.size, r.engine, r.reference, r.engine / r.reference).unwrap();
+            writeln!(
+                csv,
+                "{},{},{:.2},{:.2},{:.3}",
+                r.optimizer,
+                r.size,
+                r.engine,
+                r.reference,
+                r.engine / r.reference
+            )
+            .unwrap();
         }
         std::fs::write(dir.join("perf.csv"), csv).unwrap();
         std::fs::write(dir.join("perf.svg"), svg(&rows)).unwrap();
@@ -201,8 +239,14 @@ fn svg(rows: &[Row]) -> String {
     let (pw, ph, cols) = (300.0, 220.0, 3usize);
     let panels = names.len().max(1);
     let (width, height) = (pw * cols as f64, ph * panels.div_ceil(cols) as f64 + 30.0);
-    let ymax = rows.iter().map(|r| r.engine.max(r.reference)).fold(1.0, f64::max) * 1.1;
-    let (smin, smax) = rows.iter().fold((f64::MAX, 0f64), |(a, b), r| (a.min(r.size as f64), b.max(r.size as f64)));
+    let ymax = rows
+        .iter()
+        .map(|r| r.engine.max(r.reference))
+        .fold(1.0, f64::max)
+        * 1.1;
+    let (smin, smax) = rows.iter().fold((f64::MAX, 0f64), |(a, b), r| {
+        (a.min(r.size as f64), b.max(r.size as f64))
+    });
     let mut s = String::new();
     writeln!(s, r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="11">"#).unwrap();
     writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#).unwrap();
@@ -212,7 +256,13 @@ fn svg(rows: &[Row]) -> String {
         let (l, r, t, b) = (ox + 45.0, ox + pw - 15.0, oy + 20.0, oy + ph - 35.0);
         let x = |n: f64| l + (n.ln() - smin.ln()) / (smax.ln() - smin.ln()).max(1e-9) * (r - l);
         let y = |v: f64| b - v / ymax * (b - t);
-        writeln!(s, r#"<text x="{}" y="{}" font-weight="bold">{name}</text>"#, l, oy + 14.0).unwrap();
+        writeln!(
+            s,
+            r#"<text x="{}" y="{}" font-weight="bold">{name}</text>"#,
+            l,
+            oy + 14.0
+        )
+        .unwrap();
         writeln!(s, r#"<line x1="{l}" y1="{b}" x2="{r}" y2="{b}" stroke="black"/><line x1="{l}" y1="{t}" x2="{l}" y2="{b}" stroke="black"/>"#).unwrap();
         for k in 0..=4 {
             let v = ymax * k as f64 / 4.0;
@@ -220,14 +270,32 @@ fn svg(rows: &[Row]) -> String {
         }
         let pts: Vec<&Row> = rows.iter().filter(|r| r.optimizer == *name).collect();
         for rr in &pts {
-            writeln!(s, r#"<text x="{}" y="{}" text-anchor="middle">{}</text>"#, x(rr.size as f64), b + 14.0, label(rr.size)).unwrap();
+            writeln!(
+                s,
+                r#"<text x="{}" y="{}" text-anchor="middle">{}</text>"#,
+                x(rr.size as f64),
+                b + 14.0,
+                label(rr.size)
+            )
+            .unwrap();
         }
         for (field, color) in [(0, "#888"), (1, "#1f77b4")] {
             let poly: Vec<String> = pts
                 .iter()
-                .map(|rr| format!("{:.1},{:.1}", x(rr.size as f64), y(if field == 0 { rr.reference } else { rr.engine })))
+                .map(|rr| {
+                    format!(
+                        "{:.1},{:.1}",
+                        x(rr.size as f64),
+                        y(if field == 0 { rr.reference } else { rr.engine })
+                    )
+                })
                 .collect();
-            writeln!(s, r#"<polyline points="{}" fill="none" stroke="{color}" stroke-width="2"/>"#, poly.join(" ")).unwrap();
+            writeln!(
+                s,
+                r#"<polyline points="{}" fill="none" stroke="{color}" stroke-width="2"/>"#,
+                poly.join(" ")
+            )
+            .unwrap();
         }
     }
     s.push_str("</svg>\n");

@@ -217,7 +217,11 @@ impl Core {
 
     /// `0` selects the (tuned) default; other values are rounded up to a multiple of [`BLOCK`].
     pub(crate) fn set_chunk_len(&mut self, len: usize) {
-        self.chunk_len = if len == 0 { 0 } else { effective_chunk_len(len) };
+        self.chunk_len = if len == 0 {
+            0
+        } else {
+            effective_chunk_len(len)
+        };
     }
 
     pub(crate) fn steps(&self) -> u64 {

@@ -72,7 +72,11 @@ impl SameStream {
         let states = (0..states.min(MAX_STATES))
             .map(|_| AVec::from_iter(64, core::iter::repeat_n(0.0, len)))
             .collect();
-        SameStream { states, len, chunk: 1 << 16 }
+        SameStream {
+            states,
+            len,
+            chunk: 1 << 16,
+        }
     }
 
     /// Bytes per parameter this reference moves ([`bytes_per_param`]).
@@ -99,10 +103,18 @@ impl SameStream {
 
     fn check(&self, w: &[f32], g: &[f32]) -> Result<(), StepError> {
         if w.len() != g.len() {
-            return Err(StepError::LengthMismatch { tensor: 0, weights: w.len(), grads: g.len() });
+            return Err(StepError::LengthMismatch {
+                tensor: 0,
+                weights: w.len(),
+                grads: g.len(),
+            });
         }
         if w.len() != self.len {
-            return Err(StepError::TensorLen { tensor: 0, expected: self.len, found: w.len() });
+            return Err(StepError::TensorLen {
+                tensor: 0,
+                expected: self.len,
+                found: w.len(),
+            });
         }
         Ok(())
     }
@@ -123,7 +135,11 @@ impl SameStream {
     pub fn run(&mut self, w: &mut [f32], g: &[f32]) -> Result<(), StepError> {
         self.check(w, g)?;
         let (wp, gp) = (Ptr(w.as_mut_ptr()), Ptr(g.as_ptr().cast_mut()));
-        let sp: Vec<Ptr> = self.states.iter_mut().map(|s| Ptr(s.as_mut_ptr())).collect();
+        let sp: Vec<Ptr> = self
+            .states
+            .iter_mut()
+            .map(|s| Ptr(s.as_mut_ptr()))
+            .collect();
         let (len, chunk) = (self.len, self.chunk);
         (0..len.div_ceil(chunk)).into_par_iter().for_each(|c| {
             let start = c * chunk;
@@ -148,7 +164,11 @@ impl SameStream {
     /// As [`run`](SameStream::run).
     pub fn run_single(&mut self, w: &mut [f32], g: &[f32]) -> Result<(), StepError> {
         self.check(w, g)?;
-        let sp: Vec<Ptr> = self.states.iter_mut().map(|s| Ptr(s.as_mut_ptr())).collect();
+        let sp: Vec<Ptr> = self
+            .states
+            .iter_mut()
+            .map(|s| Ptr(s.as_mut_ptr()))
+            .collect();
         // SAFETY: all buffers hold `len` elements (checked above).
         unsafe { pass(w.as_mut_ptr(), g.as_ptr(), &sp, 0, self.len) }
         Ok(())

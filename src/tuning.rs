@@ -88,7 +88,11 @@ impl Tuning {
     pub fn parse(text: &str) -> Result<Tuning, TuningError> {
         let mut t = Tuning::default();
         for (i, raw) in text.lines().enumerate() {
-            let err = |message: String| TuningError { path: None, line: Some(i + 1), message };
+            let err = |message: String| TuningError {
+                path: None,
+                line: Some(i + 1),
+                message,
+            };
             let line = raw.split('#').next().unwrap_or("").trim();
             if line.is_empty() {
                 continue;
@@ -97,17 +101,21 @@ impl Tuning {
                 .split_once('=')
                 .ok_or_else(|| err(format!("expected `key = value`, found `{line}`")))?;
             let (key, value) = (key.trim(), value.trim());
-            let n: usize = value
-                .parse()
-                .ok()
-                .filter(|&n| n > 0)
-                .ok_or_else(|| err(format!("`{key}` needs a positive whole number, found `{value}`")))?;
+            let n: usize = value.parse().ok().filter(|&n| n > 0).ok_or_else(|| {
+                err(format!(
+                    "`{key}` needs a positive whole number, found `{value}`"
+                ))
+            })?;
             match key.strip_prefix("chunk_len") {
                 Some("") => t.chunk_len = Some(n),
                 Some(rest) if rest.starts_with('.') && rest.len() > 1 => {
                     t.per_optimizer.insert(rest[1..].to_string(), n);
                 }
-                _ => return Err(err(format!("unknown key `{key}` (expected chunk_len or chunk_len.<optimizer>)"))),
+                _ => {
+                    return Err(err(format!(
+                        "unknown key `{key}` (expected chunk_len or chunk_len.<optimizer>)"
+                    )));
+                }
             }
         }
         Ok(t)
@@ -128,7 +136,10 @@ impl Tuning {
             line: None,
             message: e.to_string(),
         })?;
-        Tuning::parse(&text).map_err(|e| TuningError { path: Some(path.to_owned()), ..e })
+        Tuning::parse(&text).map_err(|e| TuningError {
+            path: Some(path.to_owned()),
+            ..e
+        })
     }
 
     /// The file's text, with an optional comment line on top.
@@ -203,13 +214,19 @@ impl Tuning {
     /// ```
     pub fn installed() -> Tuning {
         load_env_once();
-        INSTALLED.read().unwrap_or_else(|e| e.into_inner()).clone().unwrap_or_default()
+        INSTALLED
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .unwrap_or_default()
     }
 }
 
 fn load_env_once() {
     FROM_ENV.call_once(|| {
-        let Some(path) = std::env::var_os(TUNING_ENV) else { return };
+        let Some(path) = std::env::var_os(TUNING_ENV) else {
+            return;
+        };
         match Tuning::load(Path::new(&path)) {
             Ok(t) => *INSTALLED.write().unwrap_or_else(|e| e.into_inner()) = Some(t),
             Err(e) => eprintln!("fusedopt: ignoring {TUNING_ENV}: {e}"),

@@ -23,6 +23,14 @@ impl Lane for f32x8 {
         // SAFETY: the caller guarantees 8 writable elements; `write_unaligned` needs no alignment.
         unsafe { p.cast::<[f32; 8]>().write_unaligned(self.to_array()) }
     }
+    #[inline(always)]
+    fn prefetch(_p: *const f32) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: SSE is part of x86-64; a prefetch is only a hint and never faults.
+        unsafe {
+            core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(_p.cast())
+        }
+    }
 }
 
 /// # Safety

@@ -66,6 +66,11 @@ impl Lane for Avx2 {
         // SAFETY: the caller guarantees 8 writable elements; `storeu` needs no alignment.
         unsafe { _mm256_storeu_ps(p, self.0) }
     }
+    #[inline(always)]
+    fn prefetch(p: *const f32) {
+        // SAFETY: a prefetch is only a hint: it never faults, whatever the address.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.cast()) }
+    }
 }
 
 /// # Safety

@@ -1,0 +1,109 @@
+//! GB/s per optimizer, tier and size, next to the same-stream reference; thread scaling.
+//!
+//! ```text
+//! cargo bench                    # everything (about 5 minutes on 2 cores)
+//! cargo bench -- adam/           # one optimizer
+//! cargo bench -- 'adam/avx2'     # one tier
+//! cargo bench -- threads/        # thread scaling
+//! ```
+//!
+//! Throughput is `Throughput::BytesDecimal` with the byte model of `roofline::bytes_per_param`
+//! (SGD 12, Momentum/NAG/AdaGrad/RMSProp 20, Adam 28 bytes per parameter), so criterion reports
+//! GB/s. Each group holds `reference/<size>`: the same streams with trivial arithmetic, the speed
+//! the memory system allows.
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use fusedopt::roofline::{SameStream, bytes_per_param};
+use fusedopt::*;
+use std::time::Duration;
+
+const SIZES: [(usize, &str); 5] = [
+    (1 << 12, "4K"),
+    (1 << 16, "64K"),
+    (1 << 20, "1M"),
+    (1 << 24, "16M"),
+    (1 << 26, "64M"),
+];
+/// Lower tiers only where they can differ from the memory bound (in cache).
+const TIER_SIZES: usize = 3;
+
+fn make(name: &str) -> Box<dyn Optimizer> {
+    match name {
+        "sgd" => Box::new(Sgd::new(SgdConfig::default())),
+        "momentum" => Box::new(Momentum::new(MomentumConfig::default())),
+        "nag" => Box::new(Nag::new(NagConfig::default())),
+        "adagrad" => Box::new(AdaGrad::new(AdaGradConfig::default())),
+        "rmsprop" => Box::new(RmsProp::new(RmsPropConfig::default())),
+        "adam" => Box::new(Adam::new(AdamConfig::default())),
+        _ => unreachable!(),
+    }
+}
+
+fn data(n: usize) -> (Vec<f32>, Vec<f32>) {
+    let w = (0..n).map(|i| (i % 1000) as f32 * 1e-3 - 0.5).collect();
+    let g = (0..n).map(|i| (i % 997) as f32 * 1e-3 - 0.4).collect();
+    (w, g)
+}
+
+fn optimizers(c: &mut Criterion) {
+    for name in ["sgd", "momentum", "nag", "adagrad", "rmsprop", "adam"] {
+        let mut group = c.benchmark_group(name);
+        group
+            .sample_size(10)
+            .warm_up_time(Duration::from_millis(300))
+            .measurement_time(Duration::from_millis(1200));
+        for (si, &(n, label)) in SIZES.iter().enumerate() {
+            let states = make(name).state_buffers();
+            group.throughput(Throughput::BytesDecimal(
+                (bytes_per_param(states) * n) as u64,
+            ));
+            let (mut w, g) = data(n);
+            let mut tiers: Vec<SimdLevel> = SimdLevel::available().collect();
+            if si >= TIER_SIZES {
+                tiers = vec![SimdLevel::detect()];
+            }
+            for level in tiers {
+                let mut opt = make(name);
+                opt.set_backend(Backend::Level(level));
+                group.bench_function(BenchmarkId::new(level.name(), label), |b| {
+                    b.iter(|| opt.step(&mut w, &g).unwrap())
+                });
+            }
+            let mut reference = SameStream::new(states, n);
+            group.bench_function(BenchmarkId::new("reference", label), |b| {
+                b.iter(|| reference.run(&mut w, &g).unwrap())
+            });
+        }
+        group.finish();
+    }
+}
+
+fn threads(c: &mut Criterion) {
+    let n = 1 << 24;
+    let mut group = c.benchmark_group("threads");
+    group
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_millis(1200));
+    group.throughput(Throughput::BytesDecimal((bytes_per_param(2) * n) as u64));
+    let (mut w, g) = data(n);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    for t in 1..=cores {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(t)
+            .build()
+            .unwrap();
+        let mut opt = Adam::new(AdamConfig::default());
+        group.bench_function(BenchmarkId::new("adam-16M", t), |b| {
+            b.iter(|| pool.install(|| opt.step(&mut w, &g).unwrap()))
+        });
+        let mut reference = SameStream::new(2, n);
+        group.bench_function(BenchmarkId::new("reference-16M", t), |b| {
+            b.iter(|| pool.install(|| reference.run(&mut w, &g).unwrap()))
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, optimizers, threads);
+criterion_main!(benches);
