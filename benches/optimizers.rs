@@ -5,6 +5,7 @@
 //! cargo bench -- adam/           # one optimizer
 //! cargo bench -- 'adam/avx2'     # one tier
 //! cargo bench -- threads/        # thread scaling
+//! cargo bench -- models/         # whole-model steps: GPT-2 small and 10,000 x 1024 vs one flat tensor
 //! ```
 //!
 //! Throughput is `Throughput::BytesDecimal` with the byte model of `roofline::bytes_per_param`
@@ -105,5 +106,68 @@ fn threads(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, optimizers, threads);
+/// GPT-2 small: 148 tensors, 124,439,808 parameters.
+fn gpt2_small() -> Vec<usize> {
+    let mut v = vec![50257 * 768, 1024 * 768];
+    for _ in 0..12 {
+        v.extend([
+            768,
+            768,
+            768 * 2304,
+            2304,
+            768 * 768,
+            768,
+            768,
+            768,
+            768 * 3072,
+            3072,
+            3072 * 768,
+            768,
+        ]);
+    }
+    v.extend([768, 768]);
+    v
+}
+
+/// Whole-model Adam steps (`step_many` over separately allocated tensors) next to one flat
+/// tensor of the same total size.
+fn models(c: &mut Criterion) {
+    let mut group = c.benchmark_group("models");
+    group
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_millis(1500));
+    for (name, layout) in [
+        ("gpt2-small", gpt2_small()),
+        ("10000x1024", vec![1024; 10_000]),
+    ] {
+        let total: usize = layout.iter().sum();
+        group.throughput(Throughput::BytesDecimal(
+            (bytes_per_param(2) * total) as u64,
+        ));
+        {
+            let mut ws: Vec<Vec<f32>> = layout.iter().map(|&n| data(n).0).collect();
+            let gs: Vec<Vec<f32>> = layout.iter().map(|&n| data(n).1).collect();
+            let mut opt = Adam::new(AdamConfig::default());
+            group.bench_function(BenchmarkId::new("step_many", name), |b| {
+                b.iter(|| {
+                    let mut params: Vec<(&mut [f32], &[f32])> = ws
+                        .iter_mut()
+                        .zip(&gs)
+                        .map(|(w, g)| (w.as_mut_slice(), g.as_slice()))
+                        .collect();
+                    opt.step_many(&mut params).unwrap()
+                })
+            });
+        }
+        let (mut w, g) = data(total);
+        let mut opt = Adam::new(AdamConfig::default());
+        group.bench_function(BenchmarkId::new("flat", name), |b| {
+            b.iter(|| opt.step(&mut w, &g).unwrap())
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, optimizers, threads, models);
 criterion_main!(benches);

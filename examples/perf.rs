@@ -41,6 +41,10 @@ struct Args {
     /// Write perf.csv and perf.svg into this folder.
     #[arg(long)]
     write: Option<std::path::PathBuf>,
+    /// Instead: whole-model Adam steps (GPT-2-small layout, 10,000 × 1024) against one flat
+    /// tensor of the same total size.
+    #[arg(long)]
+    models: bool,
 }
 
 fn parse_size(s: &str) -> usize {
@@ -96,7 +100,98 @@ fn main() {
         pool = pool.num_threads(t);
     }
     let pool = pool.build().unwrap();
-    pool.install(|| run(&args));
+    if args.models {
+        pool.install(models);
+    } else {
+        pool.install(|| run(&args));
+    }
+}
+
+/// GPT-2 small: 148 tensors, 124,439,808 parameters.
+fn gpt2_small() -> Vec<usize> {
+    let mut v = vec![50257 * 768, 1024 * 768];
+    for _ in 0..12 {
+        v.extend([
+            768,
+            768,
+            768 * 2304,
+            2304,
+            768 * 768,
+            768,
+            768,
+            768,
+            768 * 3072,
+            3072,
+            3072 * 768,
+            768,
+        ]);
+    }
+    v.extend([768, 768]);
+    v
+}
+
+/// `step_many` over a layout of separately allocated tensors against `step` on one flat tensor
+/// of the same total size: Adam, alternating, medians.
+fn models() {
+    println!(
+        "whole-model Adam steps: {} threads, {} kernels; GB/s at 28 bytes per parameter, median of alternating runs",
+        rayon::current_num_threads(),
+        simd_level()
+    );
+    for (name, layout) in [
+        ("gpt2-small", gpt2_small()),
+        ("10000x1024", vec![1024; 10_000]),
+    ] {
+        let total: usize = layout.iter().sum();
+        let mut ws: Vec<Vec<f32>> = layout.iter().map(|&n| vec![0.1f32; n]).collect();
+        let gs: Vec<Vec<f32>> = layout.iter().map(|&n| vec![0.01f32; n]).collect();
+        let mut flat_w = vec![0.1f32; total];
+        let flat_g = vec![0.01f32; total];
+        let mut many = Adam::new(AdamConfig::default());
+        let mut flat = Adam::new(AdamConfig::default());
+        let reps = if total > 50_000_000 { 21 } else { 101 };
+        let (mut tm, mut tf) = (Vec::new(), Vec::new());
+        for rep in 0..reps + 2 {
+            let mut time_many = || {
+                let mut params: Vec<(&mut [f32], &[f32])> = ws
+                    .iter_mut()
+                    .zip(&gs)
+                    .map(|(w, g)| (w.as_mut_slice(), g.as_slice()))
+                    .collect();
+                let t = Instant::now();
+                many.step_many(&mut params).unwrap();
+                t.elapsed().as_secs_f64()
+            };
+            let mut time_flat = || {
+                let t = Instant::now();
+                flat.step(&mut flat_w, &flat_g).unwrap();
+                t.elapsed().as_secs_f64()
+            };
+            let (m, f) = if rep % 2 == 0 {
+                let m = time_many();
+                (m, time_flat())
+            } else {
+                let f = time_flat();
+                (time_many(), f)
+            };
+            if rep >= 2 {
+                tm.push(m);
+                tf.push(f);
+            }
+        }
+        let bytes = 28.0 * total as f64;
+        let (m, f) = (median(tm), median(tf));
+        println!(
+            "{name:<11} {:>5} tensors {:>11} params: step_many {:>6.1} GB/s ({:.2} ms), flat step {:>6.1} GB/s ({:.2} ms), ratio {:.3}",
+            layout.len(),
+            total,
+            bytes / m / 1e9,
+            m * 1e3,
+            bytes / f / 1e9,
+            f * 1e3,
+            f / m
+        );
+    }
 }
 
 fn run(args: &Args) {
