@@ -13,6 +13,10 @@
 //! GB/s. Each group holds `reference/<size>`: the same streams with trivial arithmetic, the speed
 //! the memory system allows.
 
+#[path = "../examples/common/mod.rs"]
+mod common;
+
+use common::{data, gpt2_small};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use fusedopt::roofline::{SameStream, bytes_per_param};
 use fusedopt::*;
@@ -28,33 +32,15 @@ const SIZES: [(usize, &str); 5] = [
 /// Lower tiers only where they can differ from the memory bound (in cache).
 const TIER_SIZES: usize = 3;
 
-fn make(name: &str) -> Box<dyn Optimizer> {
-    match name {
-        "sgd" => Box::new(Sgd::new(SgdConfig::default())),
-        "momentum" => Box::new(Momentum::new(MomentumConfig::default())),
-        "nag" => Box::new(Nag::new(NagConfig::default())),
-        "adagrad" => Box::new(AdaGrad::new(AdaGradConfig::default())),
-        "rmsprop" => Box::new(RmsProp::new(RmsPropConfig::default())),
-        "adam" => Box::new(Adam::new(AdamConfig::default())),
-        _ => unreachable!(),
-    }
-}
-
-fn data(n: usize) -> (Vec<f32>, Vec<f32>) {
-    let w = (0..n).map(|i| (i % 1000) as f32 * 1e-3 - 0.5).collect();
-    let g = (0..n).map(|i| (i % 997) as f32 * 1e-3 - 0.4).collect();
-    (w, g)
-}
-
 fn optimizers(c: &mut Criterion) {
-    for name in ["sgd", "momentum", "nag", "adagrad", "rmsprop", "adam"] {
+    for name in OPTIMIZER_NAMES {
         let mut group = c.benchmark_group(name);
         group
             .sample_size(10)
             .warm_up_time(Duration::from_millis(300))
             .measurement_time(Duration::from_millis(1200));
         for (si, &(n, label)) in SIZES.iter().enumerate() {
-            let states = make(name).state_buffers();
+            let states = optimizer_by_name(name).expect("known name").state_buffers();
             group.throughput(Throughput::BytesDecimal(
                 (bytes_per_param(states) * n) as u64,
             ));
@@ -64,7 +50,7 @@ fn optimizers(c: &mut Criterion) {
                 tiers = vec![SimdLevel::detect()];
             }
             for level in tiers {
-                let mut opt = make(name);
+                let mut opt = optimizer_by_name(name).expect("known name");
                 opt.set_backend(Backend::Level(level));
                 group.bench_function(BenchmarkId::new(level.name(), label), |b| {
                     b.iter(|| opt.step(&mut w, &g).unwrap())
@@ -104,29 +90,6 @@ fn threads(c: &mut Criterion) {
         });
     }
     group.finish();
-}
-
-/// GPT-2 small: 148 tensors, 124,439,808 parameters.
-fn gpt2_small() -> Vec<usize> {
-    let mut v = vec![50257 * 768, 1024 * 768];
-    for _ in 0..12 {
-        v.extend([
-            768,
-            768,
-            768 * 2304,
-            2304,
-            768 * 768,
-            768,
-            768,
-            768,
-            768 * 3072,
-            3072,
-            3072 * 768,
-            768,
-        ]);
-    }
-    v.extend([768, 768]);
-    v
 }
 
 /// Whole-model Adam steps (`step_many` over separately allocated tensors) next to one flat

@@ -10,7 +10,10 @@
 //! `--reps` times each; the table shows the medians as GB/s (bytes per parameter × parameters /
 //! time) and their ratio.
 
+mod common;
+
 use clap::Parser;
+use common::{data, gpt2_small, label, median, parse_size};
 use fusedopt::roofline::SameStream;
 use fusedopt::*;
 use std::fmt::Write as _;
@@ -47,45 +50,6 @@ struct Args {
     models: bool,
 }
 
-fn parse_size(s: &str) -> usize {
-    let s = s.trim();
-    let (num, mul) = match s.chars().last() {
-        Some('K' | 'k') => (&s[..s.len() - 1], 1 << 10),
-        Some('M' | 'm') => (&s[..s.len() - 1], 1 << 20),
-        _ => (s, 1),
-    };
-    num.parse::<usize>()
-        .unwrap_or_else(|_| panic!("bad size {s}"))
-        * mul
-}
-
-fn label(n: usize) -> String {
-    if n >= 1 << 20 && n.is_multiple_of(1 << 20) {
-        format!("{}M", n >> 20)
-    } else if n >= 1 << 10 && n.is_multiple_of(1 << 10) {
-        format!("{}K", n >> 10)
-    } else {
-        n.to_string()
-    }
-}
-
-fn make(name: &str) -> Box<dyn Optimizer> {
-    match name {
-        "sgd" => Box::new(Sgd::new(SgdConfig::default())),
-        "momentum" => Box::new(Momentum::new(MomentumConfig::default())),
-        "nag" => Box::new(Nag::new(NagConfig::default())),
-        "adagrad" => Box::new(AdaGrad::new(AdaGradConfig::default())),
-        "rmsprop" => Box::new(RmsProp::new(RmsPropConfig::default())),
-        "adam" => Box::new(Adam::new(AdamConfig::default())),
-        other => panic!("unknown optimizer {other}"),
-    }
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 struct Row {
     optimizer: String,
     size: usize,
@@ -105,29 +69,6 @@ fn main() {
     } else {
         pool.install(|| run(&args));
     }
-}
-
-/// GPT-2 small: 148 tensors, 124,439,808 parameters.
-fn gpt2_small() -> Vec<usize> {
-    let mut v = vec![50257 * 768, 1024 * 768];
-    for _ in 0..12 {
-        v.extend([
-            768,
-            768,
-            768 * 2304,
-            2304,
-            768 * 768,
-            768,
-            768,
-            768,
-            768 * 3072,
-            3072,
-            3072 * 768,
-            768,
-        ]);
-    }
-    v.extend([768, 768]);
-    v
 }
 
 /// `step_many` over a layout of separately allocated tensors against `step` on one flat tensor
@@ -195,7 +136,11 @@ fn models() {
 }
 
 fn run(args: &Args) {
-    let sizes: Vec<usize> = args.sizes.iter().map(|s| parse_size(s)).collect();
+    let sizes: Vec<usize> = args
+        .sizes
+        .iter()
+        .map(|s| parse_size(s).unwrap_or_else(|e| panic!("{e}")))
+        .collect();
     println!(
         "fusedopt perf: {} threads, {} kernels, chunk {}; GB/s = 1e9 bytes/s, median of alternating runs",
         rayon::current_num_threads(),
@@ -213,12 +158,12 @@ fn run(args: &Args) {
     let mut rows = Vec::new();
     for name in &args.optimizers {
         for &n in &sizes {
-            let mut opt = make(name);
+            let mut opt =
+                optimizer_by_name(name).unwrap_or_else(|| panic!("unknown optimizer {name}"));
             opt.set_chunk_len(args.chunk);
             let bytes = (roofline::bytes_per_param(opt.state_buffers()) * n) as f64;
             let mut reference = SameStream::new(opt.state_buffers(), n);
-            let mut w: Vec<f32> = (0..n).map(|i| (i % 1000) as f32 * 1e-3 - 0.5).collect();
-            let g: Vec<f32> = (0..n).map(|i| (i % 997) as f32 * 1e-3 - 0.4).collect();
+            let (mut w, g) = data(n);
             let mut w2 = w.clone();
             // Repetitions: about 0.4 s of traffic per side, at least 41.
             let reps = if args.reps > 0 {

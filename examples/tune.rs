@@ -11,7 +11,10 @@
 //! tuning file (`--out`, default `fusedopt.tune`) as `chunk_len.<optimizer> = N`; the engine reads
 //! it when `FUSEDOPT_TUNING` names the file, or after `fusedopt::Tuning::load(path)?.install()`.
 
+mod common;
+
 use clap::Parser;
+use common::{data, median, parse_size};
 use fusedopt::roofline::{SameStream, bytes_per_param};
 use fusedopt::*;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -44,35 +47,6 @@ struct Args {
     dry_run: bool,
 }
 
-fn parse_size(s: &str) -> Result<usize, String> {
-    let s = s.trim();
-    let (num, mul) = match s.chars().last() {
-        Some('K' | 'k') => (&s[..s.len() - 1], 1 << 10),
-        Some('M' | 'm') => (&s[..s.len() - 1], 1 << 20),
-        _ => (s, 1),
-    };
-    num.parse::<usize>()
-        .map(|n| n * mul)
-        .map_err(|_| format!("bad size `{s}`"))
-}
-
-fn make(name: &str) -> Result<Box<dyn Optimizer>, String> {
-    Ok(match name {
-        "sgd" => Box::new(Sgd::new(SgdConfig::default())),
-        "momentum" => Box::new(Momentum::new(MomentumConfig::default())),
-        "nag" => Box::new(Nag::new(NagConfig::default())),
-        "adagrad" => Box::new(AdaGrad::new(AdaGradConfig::default())),
-        "rmsprop" => Box::new(RmsProp::new(RmsPropConfig::default())),
-        "adam" => Box::new(Adam::new(AdamConfig::default())),
-        other => return Err(format!("unknown optimizer `{other}`")),
-    })
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
     let n = parse_size(&args.size)?;
@@ -95,7 +69,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             v
         }
     };
-    let states = make(&args.optimizer)?.state_buffers();
+    let make = || {
+        optimizer_by_name(&args.optimizer)
+            .ok_or_else(|| format!("unknown optimizer `{}`", args.optimizer))
+    };
+    let states = make()?.state_buffers();
     let bytes = (bytes_per_param(states) * n) as f64;
     println!(
         "tuning {} at {} parameters ({:.0} MB per step), {} kernels, threads {:?}",
@@ -105,8 +83,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         simd_level(),
         threads
     );
-    let w0: Vec<f32> = (0..n).map(|i| (i % 1000) as f32 * 1e-3 - 0.5).collect();
-    let g: Vec<f32> = (0..n).map(|i| (i % 997) as f32 * 1e-3 - 0.4).collect();
+    let (w0, g) = data(n);
     let bar = ProgressBar::new((threads.len() * (chunks.len() + 1)) as u64);
     bar.set_style(ProgressStyle::with_template(
         "{bar:40} {pos}/{len} {msg} [{elapsed}<{eta}]",
@@ -118,7 +95,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         pool.install(|| -> Result<(), StepError> {
             for (ci, &chunk) in chunks.iter().enumerate() {
                 bar.set_message(format!("{t} threads, chunk {chunk}"));
-                let mut opt = make(&args.optimizer).expect("checked above");
+                let mut opt = make().expect("checked above");
                 opt.set_chunk_len(chunk);
                 let mut w = w0.clone();
                 opt.step(&mut w, &g)?;
