@@ -68,6 +68,7 @@ mod engine;
 mod optim;
 mod optimizer;
 pub mod roofline;
+pub mod schedule;
 mod simd;
 mod tuning;
 

@@ -287,6 +287,28 @@ pub trait Optimizer: Send {
     /// ```
     fn state_buffers(&self) -> usize;
 
+    /// The learning rate of the next step (the configuration's `lr`).
+    ///
+    /// ```
+    /// use fusedopt::{Adam, AdamConfig, Optimizer};
+    /// assert_eq!(Adam::new(AdamConfig::default()).lr(), 0.001);
+    /// ```
+    fn lr(&self) -> f32;
+
+    /// Sets the learning rate, effective from the next step; state and step count are kept (for
+    /// schedules, see [`schedule`](crate::schedule)). An invalid value (negative, NaN, infinite)
+    /// is refused by the next step with [`StepError::InvalidConfig`].
+    ///
+    /// ```
+    /// use fusedopt::{Optimizer, Sgd, SgdConfig};
+    /// let mut opt = Sgd::new(SgdConfig::default());
+    /// opt.set_lr(0.5);
+    /// let mut w = [1.0f32];
+    /// opt.step(&mut w, &[1.0]).unwrap();
+    /// assert_eq!((opt.lr(), w[0]), (0.5, 0.5));
+    /// ```
+    fn set_lr(&mut self, lr: f32);
+
     /// Forgets all state and the step count, as if newly built; settings are kept.
     ///
     /// ```
@@ -311,6 +333,10 @@ pub(crate) mod sealed {
         const STATE_BUFFERS: usize;
         fn core(&self) -> &Core;
         fn core_mut(&mut self) -> &mut Core;
+        /// The configuration's learning rate.
+        fn config_lr(&self) -> f32;
+        /// The configuration's learning rate, to set.
+        fn config_lr_mut(&mut self) -> &mut f32;
         /// Checks the configuration, builds this step's kernel and runs it through the engine.
         fn apply(&mut self, params: &mut Params<'_, '_>) -> Result<StepReport, StepError>;
     }
@@ -343,6 +369,12 @@ impl<T: sealed::Rule> Optimizer for T {
     }
     fn state_buffers(&self) -> usize {
         T::STATE_BUFFERS
+    }
+    fn lr(&self) -> f32 {
+        self.config_lr()
+    }
+    fn set_lr(&mut self, lr: f32) {
+        *self.config_lr_mut() = lr;
     }
     fn reset(&mut self) {
         self.core_mut().reset()

@@ -153,6 +153,12 @@ impl Rule for Adam {
     fn core_mut(&mut self) -> &mut Core {
         &mut self.core
     }
+    fn config_lr(&self) -> f32 {
+        self.config.lr
+    }
+    fn config_lr_mut(&mut self) -> &mut f32 {
+        &mut self.config.lr
+    }
     fn apply(&mut self, params: &mut Params<'_, '_>) -> Result<StepReport, StepError> {
         self.config.validate()?;
         let kernel = AdamStep::new(&self.config, self.core.steps() + 1);

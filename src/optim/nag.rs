@@ -134,6 +134,12 @@ impl Rule for Nag {
     fn core_mut(&mut self) -> &mut Core {
         &mut self.core
     }
+    fn config_lr(&self) -> f32 {
+        self.config.lr
+    }
+    fn config_lr_mut(&mut self) -> &mut f32 {
+        &mut self.config.lr
+    }
     fn apply(&mut self, params: &mut Params<'_, '_>) -> Result<StepReport, StepError> {
         self.config.validate()?;
         self.core.run(&NagStep::new(&self.config), params)
