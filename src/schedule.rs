@@ -251,11 +251,8 @@ mod tests {
         assert!(close(s.lr_at(0), 0.04));
         assert!(close(s.lr_at(29), 1.0));
         assert!(close(s.lr_at(99), 0.04 / 1e4));
-        let mid_up = (0.3f32 as f64 * 100.0 - 1.0) / 2.0; // 14.5 → step 14 is just below halfway
-        assert!(
-            f64::from(s.lr_at(14)) < 0.52 && f64::from(s.lr_at(15)) > 0.52,
-            "{mid_up}"
-        );
+        // The rise is a half cosine over 29 steps: halfway (0.52) between steps 14 and 15.
+        assert!(f64::from(s.lr_at(14)) < 0.52 && f64::from(s.lr_at(15)) > 0.52);
         assert!((0..29).all(|t| s.lr_at(t) < s.lr_at(t + 1)));
         assert!((29..99).all(|t| s.lr_at(t) > s.lr_at(t + 1)));
     }
