@@ -3,15 +3,32 @@
 //! ```text
 //! cargo run --release --example train -- --optimizer adam
 //! cargo run --release --example train -- --optimizer momentum --lr 0.05 --momentum 0.9 --epochs 30
+//! cargo run --release --example train -- --optimizer adam --lr 0.01 --weight-decay 0.01 --adamw \
+//!     --schedule warmup-cosine
 //! ```
 //!
 //! The model's four tensors (W1, b1, W2, b2) are updated with one `step_many` call per batch.
-//! Every epoch prints the training loss, accuracy on a held-out set, and the time spent inside
-//! the optimizer step.
+//! Weight decay applies to W1 and W2 only: the biases get `ParamGroup::NO_WEIGHT_DECAY`. A
+//! `--schedule` sets the learning rate before every step with `Optimizer::set_lr`. Every epoch
+//! prints the training loss, accuracy on a held-out set, the learning rate, and the time spent
+//! inside the optimizer step.
 
 use clap::{Parser, ValueEnum};
 use fusedopt::*;
 use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone, Copy, PartialEq, ValueEnum)]
+enum Lr {
+    /// The optimizer's `lr` throughout.
+    Constant,
+    /// Cosine annealing to lr/100 over the run.
+    Cosine,
+    /// Linear warm-up over the first epoch, then cosine annealing to lr/100.
+    WarmupCosine,
+    /// One-cycle: up to 10·lr over the first 30% of the run, then down to lr/1000 (PyTorch's
+    /// defaults, with max_lr = 10·lr).
+    OneCycle,
+}
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum Which {
@@ -47,6 +64,21 @@ struct Args {
     /// ε (adagrad, rmsprop, adam).
     #[arg(long, default_value_t = 1e-7)]
     eps: f32,
+    /// Weight decay of the weight matrices (the biases are never decayed).
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f32,
+    /// Adam: decoupled weight decay (AdamW).
+    #[arg(long)]
+    adamw: bool,
+    /// Adam: AMSGrad.
+    #[arg(long)]
+    amsgrad: bool,
+    /// Adam: ε added to the bias-corrected √v̂, as torch.optim.Adam.
+    #[arg(long)]
+    torch_eps: bool,
+    /// Learning-rate schedule over the whole run.
+    #[arg(long, value_enum, default_value = "constant")]
+    schedule: Lr,
     /// Training epochs.
     #[arg(long, default_value_t = 20)]
     epochs: usize,
@@ -209,31 +241,79 @@ fn optimizer(a: &Args) -> Box<dyn Optimizer> {
             a.lr.unwrap_or(<$cfg>::default().lr)
         };
     }
+    let (weight_decay, maximize) = (a.weight_decay, false);
     match a.optimizer {
-        Which::Sgd => Box::new(Sgd::new(SgdConfig { lr: lr!(SgdConfig) })),
+        Which::Sgd => Box::new(Sgd::new(SgdConfig {
+            lr: lr!(SgdConfig),
+            weight_decay,
+            maximize,
+        })),
         Which::Momentum => Box::new(Momentum::new(MomentumConfig {
             lr: lr!(MomentumConfig),
             momentum: a.momentum,
+            weight_decay,
+            maximize,
         })),
         Which::Nag => Box::new(Nag::new(NagConfig {
             lr: lr!(NagConfig),
             momentum: a.momentum,
+            weight_decay,
+            maximize,
         })),
         Which::Adagrad => Box::new(AdaGrad::new(AdaGradConfig {
             lr: lr!(AdaGradConfig),
             eps: a.eps,
+            weight_decay,
+            maximize,
         })),
         Which::Rmsprop => Box::new(RmsProp::new(RmsPropConfig {
             lr: lr!(RmsPropConfig),
             decay_rate: a.decay_rate,
             eps: a.eps,
+            weight_decay,
+            maximize,
         })),
         Which::Adam => Box::new(Adam::new(AdamConfig {
             lr: lr!(AdamConfig),
             beta1: a.beta1,
             beta2: a.beta2,
             eps: a.eps,
+            weight_decay,
+            maximize,
+            decoupled_weight_decay: a.adamw,
+            amsgrad: a.amsgrad,
+            eps_mode: if a.torch_eps {
+                EpsMode::PyTorch
+            } else {
+                EpsMode::Seed
+            },
         })),
+    }
+}
+
+/// The learning-rate schedule of the run, around the optimizer's configured `lr`.
+fn schedule(kind: Lr, lr: f32, total: u64, warmup: u64) -> schedule::Schedule {
+    use schedule::Schedule;
+    match kind {
+        Lr::Constant => Schedule::Constant { lr },
+        Lr::Cosine => Schedule::Cosine {
+            base: lr,
+            min: lr / 100.0,
+            total,
+        },
+        Lr::WarmupCosine => Schedule::WarmupCosine {
+            base: lr,
+            min: lr / 100.0,
+            warmup,
+            total,
+        },
+        Lr::OneCycle => Schedule::OneCycle {
+            max_lr: 10.0 * lr,
+            total,
+            pct_start: 0.3,
+            div_factor: 25.0,
+            final_div_factor: 1e4,
+        },
     }
 }
 
@@ -254,6 +334,22 @@ fn train(args: &Args, threads: usize) -> Result<(), Box<dyn std::error::Error + 
     let (test_x, test_y) = spiral(args.samples / 4, &mut rng);
     let mut model = Mlp::new(args.hidden, &mut rng);
     let mut opt = optimizer(args);
+    // W1, b1, W2, b2: no weight decay on the biases.
+    let decay = ParamGroup::DEFAULT;
+    opt.set_param_groups(&[
+        decay,
+        ParamGroup::NO_WEIGHT_DECAY,
+        decay,
+        ParamGroup::NO_WEIGHT_DECAY,
+    ])?;
+    let batches_per_epoch = args.samples.div_ceil(args.batch.max(1)) as u64;
+    let lr = schedule(
+        args.schedule,
+        opt.lr(),
+        batches_per_epoch * args.epochs as u64,
+        batches_per_epoch,
+    );
+    let mut step = 0u64;
     let n_params: usize = model.params.iter().map(Vec::len).sum();
     println!(
         "{} on a {}-arm spiral: {} train / {} test points, MLP 2-{}-{} ({} parameters), {} threads, {} kernels",
@@ -268,8 +364,8 @@ fn train(args: &Args, threads: usize) -> Result<(), Box<dyn std::error::Error + 
         opt.backend().level(),
     );
     println!(
-        "{:>5} {:>10} {:>9} {:>14}",
-        "epoch", "loss", "test acc", "optimizer ms"
+        "{:>5} {:>10} {:>9} {:>10} {:>14}",
+        "epoch", "loss", "test acc", "lr", "optimizer ms"
     );
     let mut order: Vec<usize> = (0..xs.len()).collect();
     for epoch in 1..=args.epochs {
@@ -283,14 +379,17 @@ fn train(args: &Args, threads: usize) -> Result<(), Box<dyn std::error::Error + 
             let Mlp { params, grads, .. } = &mut model;
             let [p0, p1, p2, p3] = params;
             let [g0, g1, g2, g3] = &*grads;
+            opt.set_lr(lr.lr_at(step));
+            step += 1;
             let start = Instant::now();
             opt.step_many(&mut [(p0, g0), (p1, g1), (p2, g2), (p3, g3)])?;
             in_step += start.elapsed();
         }
         println!(
-            "{epoch:>5} {:>10.4} {:>8.1}% {:>14.3}",
+            "{epoch:>5} {:>10.4} {:>8.1}% {:>10.2e} {:>14.3}",
             loss / batches as f32,
             100.0 * model.accuracy(&test_x, &test_y),
+            opt.lr(),
             in_step.as_secs_f64() * 1e3
         );
     }

@@ -21,11 +21,12 @@
 //! element depends only on that element, so results do not depend on how the work is cut or on
 //! the number of threads.
 
-use crate::optimizer::{Backend, StepError, StepReport};
-use crate::simd::{self, Kernel, Run, SimdLevel};
+use crate::optimizer::{Backend, ParamGroup, StepError, StepReport};
+use crate::simd::{self, GradPrep, Kernel, Run, SimdLevel};
 use crate::tuning;
 use aligned_vec::{AVec, ConstAlign};
 use rayon::prelude::*;
+use std::collections::HashMap;
 
 /// Alignment unit of state slices and of cuts inside a tensor, in elements (64 bytes of f32).
 pub(crate) const BLOCK: usize = 16;
@@ -162,6 +163,75 @@ unsafe impl<T> Send for SharedPtr<T> {}
 // SAFETY: as above.
 unsafe impl<T> Sync for SharedPtr<T> {}
 
+/// What every optimizer's configuration says about the parts of a step the engine fuses in.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Base {
+    /// The configuration's learning rate.
+    pub lr: f32,
+    /// The configuration's weight decay.
+    pub weight_decay: f32,
+    /// Negate the gradients (ascend).
+    pub maximize: bool,
+    /// Apply weight decay as an L2 term on the gradient (`g ← g + wd·w`). `false` where the kernel
+    /// applies it itself (AdamW's decoupled decay).
+    pub l2: bool,
+}
+
+impl Base {
+    /// The usual case: weight decay as an L2 term on the gradient.
+    pub(crate) fn l2(lr: f32, weight_decay: f32, maximize: bool) -> Base {
+        Base {
+            lr,
+            weight_decay,
+            maximize,
+            l2: true,
+        }
+    }
+}
+
+/// The hyperparameters of one parameter group, resolved from the [`Base`] and the group's
+/// overrides: what an optimizer builds a kernel from.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Hyper {
+    /// Learning rate of the group.
+    pub lr: f32,
+    /// Weight decay of the group.
+    pub weight_decay: f32,
+}
+
+/// Per-tensor [`ParamGroup`]s, stored once per distinct group.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct Groups {
+    /// As set, one per tensor; empty when none are set.
+    per_tensor: Vec<ParamGroup>,
+    /// The distinct groups of `per_tensor`.
+    distinct: Vec<ParamGroup>,
+    /// For each tensor, its group's index in `distinct`.
+    index: Vec<usize>,
+}
+
+impl Groups {
+    fn new(per_tensor: &[ParamGroup]) -> Groups {
+        let key = |g: &ParamGroup| (g.lr_scale.to_bits(), g.weight_decay.map(f32::to_bits));
+        let mut seen = HashMap::new();
+        let mut distinct = Vec::new();
+        let index = per_tensor
+            .iter()
+            .map(|g| {
+                *seen.entry(key(g)).or_insert_with(|| {
+                    distinct.push(*g);
+                    distinct.len() - 1
+                })
+            })
+            .collect();
+        Groups {
+            per_tensor: per_tensor.to_vec(),
+            distinct,
+            index,
+        }
+    }
+}
+
 /// Everything an optimizer needs besides its formula: settings, layout, state, plan, counter.
 #[derive(Debug)]
 pub struct Core {
@@ -174,6 +244,7 @@ pub struct Core {
     layout: Option<Layout>,
     state: Vec<StateBuf>,
     plan: Option<Plan>,
+    groups: Groups,
     /// Reused per step: each tensor's (weights, grads) base pointers.
     ptrs: Vec<(SharedPtr<f32>, SharedPtr<f32>)>,
 }
@@ -188,6 +259,7 @@ impl Core {
             layout: None,
             state: Vec::new(),
             plan: None,
+            groups: Groups::default(),
             ptrs: Vec::new(),
         }
     }
@@ -230,6 +302,77 @@ impl Core {
 
     pub(crate) fn layout(&self) -> Option<&[usize]> {
         self.layout.as_ref().map(|l| l.lens.as_slice())
+    }
+
+    /// Sets per-tensor overrides (empty: none). Checked in full before anything changes.
+    pub(crate) fn set_param_groups(&mut self, groups: &[ParamGroup]) -> Result<(), StepError> {
+        for (tensor, g) in groups.iter().enumerate() {
+            let bad = |field, value, expected| StepError::InvalidGroup {
+                tensor,
+                field,
+                value,
+                expected,
+            };
+            if !(g.lr_scale.is_finite() && g.lr_scale >= 0.0) {
+                return Err(bad("lr_scale", g.lr_scale, "finite and >= 0"));
+            }
+            if let Some(wd) = g.weight_decay
+                && !(wd.is_finite() && wd >= 0.0)
+            {
+                return Err(bad("weight_decay", wd, "finite and >= 0"));
+            }
+        }
+        if let (false, Some(layout)) = (groups.is_empty() || self.state.is_empty(), &self.layout)
+            && layout.lens.len() != groups.len()
+        {
+            return Err(StepError::GroupCount {
+                groups: groups.len(),
+                tensors: layout.lens.len(),
+            });
+        }
+        self.groups = Groups::new(groups);
+        Ok(())
+    }
+
+    pub(crate) fn param_groups(&self) -> &[ParamGroup] {
+        &self.groups.per_tensor
+    }
+
+    /// Resolves the hyperparameters of every distinct group (one group when none are set).
+    fn hypers(&self, base: &Base, tensors: usize) -> Result<Vec<Hyper>, StepError> {
+        let groups = &self.groups;
+        if groups.per_tensor.is_empty() {
+            return Ok(vec![Hyper {
+                lr: base.lr,
+                weight_decay: base.weight_decay,
+            }]);
+        }
+        if groups.per_tensor.len() != tensors {
+            return Err(StepError::GroupCount {
+                groups: groups.per_tensor.len(),
+                tensors,
+            });
+        }
+        groups
+            .distinct
+            .iter()
+            .map(|g| {
+                let lr = base.lr * g.lr_scale;
+                if !lr.is_finite() {
+                    let tensor = groups.per_tensor.iter().position(|p| p == g).unwrap_or(0);
+                    return Err(StepError::InvalidGroup {
+                        tensor,
+                        field: "lr_scale",
+                        value: g.lr_scale,
+                        expected: "such that lr·lr_scale is finite",
+                    });
+                }
+                Ok(Hyper {
+                    lr,
+                    weight_decay: g.weight_decay.unwrap_or(base.weight_decay),
+                })
+            })
+            .collect()
     }
 
     /// Drops all state and the step counter; settings are kept.
@@ -295,14 +438,29 @@ impl Core {
         Ok(())
     }
 
-    /// Validates `params`, then applies `kernel` to every element of every tensor and counts the
-    /// step. On error nothing is modified.
+    /// Validates `params`, resolves each parameter group's hyperparameters and builds its kernel
+    /// with `make`, then applies the kernels to every element of every tensor and counts the step.
+    /// On error nothing is modified.
     pub(crate) fn run<K: Kernel<N>, const N: usize>(
         &mut self,
-        kernel: &K,
         params: &mut Params<'_, '_>,
+        base: Base,
+        make: impl Fn(Hyper) -> K,
     ) -> Result<StepReport, StepError> {
+        let hypers = self.hypers(&base, params.len())?;
+        let sign = if base.maximize { -1.0 } else { 1.0 };
+        let kernels: Vec<(K, GradPrep)> = hypers
+            .into_iter()
+            .map(|h| {
+                let prep = GradPrep {
+                    factor: sign,
+                    wd: if base.l2 { h.weight_decay } else { 0.0 },
+                };
+                (make(h), prep)
+            })
+            .collect();
         self.prepare::<N>(params)?;
+        let group_of = &self.groups.index;
         let level = self.backend.level();
         let layout = self.layout.as_ref().expect("prepared");
         let plan = self.plan.as_ref().expect("prepared");
@@ -321,6 +479,7 @@ impl Core {
         let run_task = |t: usize| {
             for seg in plan.task(t) {
                 let (w, g) = ptrs[seg.tensor];
+                let (kernel, prep) = &kernels[group_of.get(seg.tensor).map_or(0, |&i| i)];
                 let at = offsets[seg.tensor] + seg.start;
                 // SAFETY: `seg` lies inside tensor `seg.tensor` (the plan was built from the lengths
                 // that `prepare` checked against `params`), and inside that tensor's slice of every
@@ -335,7 +494,7 @@ impl Core {
                         s: core::array::from_fn(|j| state[j].0.add(at)),
                         len: seg.len,
                     };
-                    simd::run(level, kernel, run);
+                    simd::run(level, kernel, *prep, run);
                 }
             }
         };

@@ -74,13 +74,13 @@ mod tuning;
 
 pub use engine::DEFAULT_CHUNK_LEN;
 pub use optim::adagrad::{AdaGrad, AdaGradConfig};
-pub use optim::adam::{Adam, AdamConfig};
+pub use optim::adam::{Adam, AdamConfig, EpsMode};
 pub use optim::momentum::{Momentum, MomentumConfig};
 pub use optim::nag::{Nag, NagConfig};
 pub use optim::rmsprop::{RmsProp, RmsPropConfig};
 pub use optim::sgd::{Sgd, SgdConfig};
 pub use optim::{OPTIMIZER_NAMES, optimizer_by_name};
-pub use optimizer::{Backend, Optimizer, StepError, StepReport};
+pub use optimizer::{Backend, Optimizer, ParamGroup, StepError, StepReport};
 pub use simd::{SimdLevel, simd_level};
 pub use tuning::{TUNING_ENV, Tuning, TuningError};
 

@@ -36,6 +36,45 @@ pub struct StepReport {
     pub step: u64,
 }
 
+/// Per-tensor overrides of an optimizer's hyperparameters, for
+/// [`Optimizer::set_param_groups`]: PyTorch's parameter groups, one entry per tensor.
+///
+/// ```
+/// use fusedopt::ParamGroup;
+/// assert_eq!(ParamGroup::default(), ParamGroup { lr_scale: 1.0, weight_decay: None });
+/// assert_eq!(ParamGroup::NO_WEIGHT_DECAY.weight_decay, Some(0.0));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ParamGroup {
+    /// Multiplies the configuration's `lr` for this tensor (default 1). Finite and `>= 0`. Follows
+    /// [`Optimizer::set_lr`], so a schedule drives every group.
+    pub lr_scale: f32,
+    /// Replaces the configuration's `weight_decay` for this tensor; `None` (the default) keeps it.
+    /// Finite and `>= 0`.
+    pub weight_decay: Option<f32>,
+}
+
+impl ParamGroup {
+    /// No override: the configuration's values.
+    pub const DEFAULT: ParamGroup = ParamGroup {
+        lr_scale: 1.0,
+        weight_decay: None,
+    };
+
+    /// The configuration's learning rate, without weight decay: the usual choice for biases and
+    /// normalisation weights.
+    pub const NO_WEIGHT_DECAY: ParamGroup = ParamGroup {
+        lr_scale: 1.0,
+        weight_decay: Some(0.0),
+    };
+}
+
+impl Default for ParamGroup {
+    fn default() -> Self {
+        ParamGroup::DEFAULT
+    }
+}
+
 /// Why a step was refused. A refused step modifies neither the weights nor the optimizer state.
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
@@ -75,6 +114,25 @@ pub enum StepError {
         value: f32,
         /// The valid range, for example `"in [0, 1)"`.
         expected: &'static str,
+    },
+    /// A per-tensor override of [`Optimizer::set_param_groups`] is out of range.
+    InvalidGroup {
+        /// Position of the tensor whose override is invalid.
+        tensor: usize,
+        /// The field, `"lr_scale"` or `"weight_decay"`.
+        field: &'static str,
+        /// Its value.
+        value: f32,
+        /// The valid range.
+        expected: &'static str,
+    },
+    /// The parameter groups set by [`Optimizer::set_param_groups`] cover another number of tensors
+    /// than the step (or the optimizer's layout) has.
+    GroupCount {
+        /// Number of per-tensor groups set.
+        groups: usize,
+        /// Number of tensors.
+        tensors: usize,
     },
     /// The optimizer state could not be allocated.
     OutOfMemory {
@@ -117,6 +175,19 @@ impl fmt::Display for StepError {
                     "{optimizer}: {field} = {value} is invalid, expected {expected}"
                 )
             }
+            StepError::InvalidGroup {
+                tensor,
+                field,
+                value,
+                expected,
+            } => write!(
+                f,
+                "parameter group of tensor {tensor}: {field} = {value} is invalid, expected {expected}"
+            ),
+            StepError::GroupCount { groups, tensors } => write!(
+                f,
+                "parameter groups were set for {groups} tensors but there are {tensors}"
+            ),
             StepError::OutOfMemory { elements } => {
                 write!(
                     f,
@@ -169,7 +240,7 @@ pub trait Optimizer: Send {
     ///
     /// ```
     /// use fusedopt::{Optimizer, Sgd, SgdConfig};
-    /// let mut opt = Sgd::new(SgdConfig { lr: 0.5 });
+    /// let mut opt = Sgd::new(SgdConfig { lr: 0.5, ..Default::default() });
     /// let mut w = [1.0f32, 2.0];
     /// let report = opt.step(&mut w, &[2.0, -2.0]).unwrap();
     /// assert_eq!(w, [0.0, 3.0]);
@@ -276,7 +347,7 @@ pub trait Optimizer: Send {
     fn layout(&self) -> Option<&[usize]>;
 
     /// How many state buffers the optimizer keeps per parameter: 0 for SGD, 1 for Momentum, NAG,
-    /// AdaGrad and RMSProp, 2 for Adam. A step moves
+    /// AdaGrad and RMSProp, 2 for Adam (3 with `amsgrad`). A step moves
     /// [`roofline::bytes_per_param`](crate::roofline::bytes_per_param) of that many bytes per
     /// parameter.
     ///
@@ -309,6 +380,47 @@ pub trait Optimizer: Send {
     /// ```
     fn set_lr(&mut self, lr: f32);
 
+    /// Sets per-tensor hyperparameter overrides for [`step_many`](Optimizer::step_many): entry
+    /// `i` applies to the call's tensor `i`. An empty slice removes them. Overrides are settings:
+    /// [`reset`](Optimizer::reset) keeps them.
+    ///
+    /// The usual AdamW recipe, no weight decay on biases and normalisation weights:
+    ///
+    /// ```
+    /// use fusedopt::{Adam, AdamConfig, Optimizer, ParamGroup};
+    /// let mut opt = Adam::new(AdamConfig {
+    ///     lr: 0.1,
+    ///     weight_decay: 0.5,
+    ///     decoupled_weight_decay: true,
+    ///     ..Default::default()
+    /// });
+    /// opt.set_param_groups(&[ParamGroup::DEFAULT, ParamGroup::NO_WEIGHT_DECAY])?;
+    /// let (mut weight, mut bias) = ([1.0f32], [1.0f32]);
+    /// opt.step_many(&mut [(&mut weight, &[0.0]), (&mut bias, &[0.0])])?;
+    /// assert_eq!(weight, [0.95]); // decayed: w·(1 − lr·wd)
+    /// assert_eq!(bias, [1.0]); // not decayed
+    /// # Ok::<(), fusedopt::StepError>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`StepError::InvalidGroup`] for an out-of-range value; [`StepError::GroupCount`] if the
+    /// optimizer already holds state for another number of tensors. Steps whose tensor count
+    /// differs from the number of groups are refused with [`StepError::GroupCount`]. On error
+    /// the previous groups stay in place.
+    fn set_param_groups(&mut self, groups: &[ParamGroup]) -> Result<(), StepError>;
+
+    /// The per-tensor overrides set by [`set_param_groups`](Optimizer::set_param_groups); empty
+    /// when none are set.
+    ///
+    /// ```
+    /// use fusedopt::{Optimizer, ParamGroup, Sgd, SgdConfig};
+    /// let mut opt = Sgd::new(SgdConfig::default());
+    /// assert!(opt.param_groups().is_empty());
+    /// opt.set_param_groups(&[ParamGroup { lr_scale: 0.1, ..Default::default() }]).unwrap();
+    /// assert_eq!(opt.param_groups()[0].lr_scale, 0.1);
+    /// ```
+    fn param_groups(&self) -> &[ParamGroup];
+
     /// Forgets all state and the step count, as if newly built; settings are kept.
     ///
     /// ```
@@ -330,7 +442,7 @@ pub(crate) mod sealed {
         /// See [`Optimizer::name`].
         const NAME: &'static str;
         /// See [`Optimizer::state_buffers`].
-        const STATE_BUFFERS: usize;
+        fn state_buffers(&self) -> usize;
         fn core(&self) -> &Core;
         fn core_mut(&mut self) -> &mut Core;
         /// The configuration's learning rate.
@@ -368,13 +480,19 @@ impl<T: sealed::Rule> Optimizer for T {
         self.core().layout()
     }
     fn state_buffers(&self) -> usize {
-        T::STATE_BUFFERS
+        sealed::Rule::state_buffers(self)
     }
     fn lr(&self) -> f32 {
         self.config_lr()
     }
     fn set_lr(&mut self, lr: f32) {
         *self.config_lr_mut() = lr;
+    }
+    fn set_param_groups(&mut self, groups: &[ParamGroup]) -> Result<(), StepError> {
+        self.core_mut().set_param_groups(groups)
+    }
+    fn param_groups(&self) -> &[ParamGroup] {
+        self.core().param_groups()
     }
     fn reset(&mut self) {
         self.core_mut().reset()
@@ -408,6 +526,17 @@ pub(crate) fn check_lr(optimizer: &'static str, lr: f32) -> Result<(), StepError
         "lr",
         lr,
         lr.is_finite() && lr >= 0.0,
+        "finite and >= 0",
+    )
+}
+
+/// `weight_decay` must be finite and non-negative.
+pub(crate) fn check_weight_decay(optimizer: &'static str, wd: f32) -> Result<(), StepError> {
+    check(
+        optimizer,
+        "weight_decay",
+        wd,
+        wd.is_finite() && wd >= 0.0,
         "finite and >= 0",
     )
 }

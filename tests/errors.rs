@@ -179,7 +179,35 @@ fn chunk_len_zero_and_huge_never_panic() {
 #[test]
 fn invalid_hyperparameters_are_refused_and_nothing_changes() {
     let cases: Vec<(Box<dyn Optimizer>, &str)> = vec![
-        (Box::new(Sgd::new(SgdConfig { lr: -0.1 })), "lr"),
+        (
+            Box::new(Sgd::new(SgdConfig {
+                lr: -0.1,
+                ..Default::default()
+            })),
+            "lr",
+        ),
+        (
+            Box::new(Sgd::new(SgdConfig {
+                weight_decay: -1e-4,
+                ..Default::default()
+            })),
+            "weight_decay",
+        ),
+        (
+            Box::new(Momentum::new(MomentumConfig {
+                weight_decay: f32::INFINITY,
+                ..Default::default()
+            })),
+            "weight_decay",
+        ),
+        (
+            Box::new(Adam::new(AdamConfig {
+                weight_decay: f32::NAN,
+                decoupled_weight_decay: true,
+                ..Default::default()
+            })),
+            "weight_decay",
+        ),
         (
             Box::new(Momentum::new(MomentumConfig {
                 momentum: f32::NAN,

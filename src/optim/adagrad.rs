@@ -1,7 +1,9 @@
 //! AdaGrad: `h ← h + g²; w ← w − lr·g / (√h + ε)`.
 
-use crate::engine::{Core, Params};
-use crate::optimizer::{StepError, StepReport, check_eps, check_lr, sealed::Rule};
+use crate::engine::{Base, Core, Params};
+use crate::optimizer::{
+    StepError, StepReport, check_eps, check_lr, check_weight_decay, sealed::Rule,
+};
 use crate::simd::{Kernel, Lane};
 
 /// Hyperparameters of [`AdaGrad`].
@@ -16,6 +18,10 @@ pub struct AdaGradConfig {
     pub lr: f32,
     /// Added to `√h` in the denominator (default 1e-7). Finite and `>= 0`.
     pub eps: f32,
+    /// L2 weight decay (default 0): `g ← g + weight_decay·w`, after `maximize`. Finite and `>= 0`.
+    pub weight_decay: f32,
+    /// Ascend instead of descend (default false): `g ← −g` before anything else.
+    pub maximize: bool,
 }
 
 impl Default for AdaGradConfig {
@@ -23,6 +29,8 @@ impl Default for AdaGradConfig {
         AdaGradConfig {
             lr: 0.01,
             eps: 1e-7,
+            weight_decay: 0.0,
+            maximize: false,
         }
     }
 }
@@ -40,7 +48,8 @@ impl AdaGradConfig {
     /// [`StepError::InvalidConfig`] naming the first field out of range.
     pub fn validate(&self) -> Result<(), StepError> {
         check_lr(AdaGrad::NAME, self.lr)?;
-        check_eps(AdaGrad::NAME, self.eps)
+        check_eps(AdaGrad::NAME, self.eps)?;
+        check_weight_decay(AdaGrad::NAME, self.weight_decay)
     }
 }
 
@@ -48,7 +57,7 @@ impl AdaGradConfig {
 ///
 /// ```
 /// use fusedopt::{AdaGrad, AdaGradConfig, Optimizer};
-/// let mut opt = AdaGrad::new(AdaGradConfig { lr: 0.1, eps: 0.0 });
+/// let mut opt = AdaGrad::new(AdaGradConfig { lr: 0.1, eps: 0.0, ..Default::default() });
 /// let mut w = [1.0f32];
 /// opt.step(&mut w, &[4.0]).unwrap(); // h = 16: w = 1 − 0.1·4/4
 /// assert_eq!(w, [0.9]);
@@ -104,11 +113,8 @@ pub(crate) struct AdaGradStep {
 }
 
 impl AdaGradStep {
-    pub(crate) fn new(c: &AdaGradConfig) -> Self {
-        AdaGradStep {
-            lr: c.lr,
-            eps: c.eps,
-        }
+    pub(crate) fn new(c: &AdaGradConfig, lr: f32) -> Self {
+        AdaGradStep { lr, eps: c.eps }
     }
 }
 
@@ -122,7 +128,9 @@ impl Kernel<1> for AdaGradStep {
 
 impl Rule for AdaGrad {
     const NAME: &'static str = "adagrad";
-    const STATE_BUFFERS: usize = 1;
+    fn state_buffers(&self) -> usize {
+        1
+    }
     fn core(&self) -> &Core {
         &self.core
     }
@@ -137,7 +145,9 @@ impl Rule for AdaGrad {
     }
     fn apply(&mut self, params: &mut Params<'_, '_>) -> Result<StepReport, StepError> {
         self.config.validate()?;
-        self.core.run(&AdaGradStep::new(&self.config), params)
+        let c = &self.config;
+        let base = Base::l2(c.lr, c.weight_decay, c.maximize);
+        self.core.run(params, base, |h| AdaGradStep::new(c, h.lr))
     }
 }
 
@@ -147,7 +157,13 @@ mod tests {
 
     #[test]
     fn kernel_matches_formula() {
-        let k = AdaGradStep::new(&AdaGradConfig { lr: 1.0, eps: 0.0 });
+        let k = AdaGradStep::new(
+            &AdaGradConfig {
+                eps: 0.0,
+                ..Default::default()
+            },
+            1.0,
+        );
         let mut h = [9.0f32];
         let w = k.update(10.0f32, 4.0, &mut h);
         assert_eq!(h, [25.0]);
@@ -156,7 +172,8 @@ mod tests {
 
     #[test]
     fn zero_gradient_on_zero_state_is_a_no_op() {
-        let k = AdaGradStep::new(&AdaGradConfig::default());
+        let c = AdaGradConfig::default();
+        let k = AdaGradStep::new(&c, c.lr);
         let mut h = [0.0f32];
         assert_eq!(k.update(3.0f32, 0.0, &mut h), 3.0);
     }

@@ -1,7 +1,9 @@
 //! Classical momentum: `v ← μ·v − lr·g; w ← w + v`.
 
-use crate::engine::{Core, Params};
-use crate::optimizer::{StepError, StepReport, check_lr, check_unit, sealed::Rule};
+use crate::engine::{Base, Core, Params};
+use crate::optimizer::{
+    StepError, StepReport, check_lr, check_unit, check_weight_decay, sealed::Rule,
+};
 use crate::simd::{Kernel, Lane};
 
 /// Hyperparameters of [`Momentum`].
@@ -16,6 +18,10 @@ pub struct MomentumConfig {
     pub lr: f32,
     /// Momentum coefficient μ (default 0.9), in `[0, 1]`.
     pub momentum: f32,
+    /// L2 weight decay (default 0): `g ← g + weight_decay·w`, after `maximize`. Finite and `>= 0`.
+    pub weight_decay: f32,
+    /// Ascend instead of descend (default false): `g ← −g` before anything else.
+    pub maximize: bool,
 }
 
 impl Default for MomentumConfig {
@@ -23,6 +29,8 @@ impl Default for MomentumConfig {
         MomentumConfig {
             lr: 0.01,
             momentum: 0.9,
+            weight_decay: 0.0,
+            maximize: false,
         }
     }
 }
@@ -41,7 +49,8 @@ impl MomentumConfig {
     /// [`StepError::InvalidConfig`] naming the first field out of range.
     pub fn validate(&self) -> Result<(), StepError> {
         check_lr(Momentum::NAME, self.lr)?;
-        check_unit(Momentum::NAME, "momentum", self.momentum, true)
+        check_unit(Momentum::NAME, "momentum", self.momentum, true)?;
+        check_weight_decay(Momentum::NAME, self.weight_decay)
     }
 }
 
@@ -53,7 +62,7 @@ impl MomentumConfig {
 ///
 /// ```
 /// use fusedopt::{Momentum, MomentumConfig, Optimizer};
-/// let mut opt = Momentum::new(MomentumConfig { lr: 0.5, momentum: 0.5 });
+/// let mut opt = Momentum::new(MomentumConfig { lr: 0.5, momentum: 0.5, ..Default::default() });
 /// let mut w = [0.0f32];
 /// opt.step(&mut w, &[1.0]).unwrap(); // v = -0.5
 /// opt.step(&mut w, &[1.0]).unwrap(); // v = -0.25 - 0.5
@@ -110,9 +119,9 @@ pub(crate) struct MomentumStep {
 }
 
 impl MomentumStep {
-    pub(crate) fn new(c: &MomentumConfig) -> Self {
+    pub(crate) fn new(c: &MomentumConfig, lr: f32) -> Self {
         MomentumStep {
-            lr: c.lr,
+            lr,
             momentum: c.momentum,
         }
     }
@@ -128,7 +137,9 @@ impl Kernel<1> for MomentumStep {
 
 impl Rule for Momentum {
     const NAME: &'static str = "momentum";
-    const STATE_BUFFERS: usize = 1;
+    fn state_buffers(&self) -> usize {
+        1
+    }
     fn core(&self) -> &Core {
         &self.core
     }
@@ -143,7 +154,9 @@ impl Rule for Momentum {
     }
     fn apply(&mut self, params: &mut Params<'_, '_>) -> Result<StepReport, StepError> {
         self.config.validate()?;
-        self.core.run(&MomentumStep::new(&self.config), params)
+        let c = &self.config;
+        let base = Base::l2(c.lr, c.weight_decay, c.maximize);
+        self.core.run(params, base, |h| MomentumStep::new(c, h.lr))
     }
 }
 
@@ -153,10 +166,11 @@ mod tests {
 
     #[test]
     fn kernel_matches_formula() {
-        let k = MomentumStep::new(&MomentumConfig {
-            lr: 0.5,
+        let c = MomentumConfig {
             momentum: 0.5,
-        });
+            ..Default::default()
+        };
+        let k = MomentumStep::new(&c, 0.5);
         let mut v = [2.0f32];
         let w = k.update(1.0f32, 1.0, &mut v);
         assert_eq!(v, [0.5]);

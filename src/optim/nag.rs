@@ -1,7 +1,9 @@
 //! Nesterov accelerated gradient: `v ← μ·v − lr·g; w ← w + μ·v − lr·g`.
 
-use crate::engine::{Core, Params};
-use crate::optimizer::{StepError, StepReport, check_lr, check_unit, sealed::Rule};
+use crate::engine::{Base, Core, Params};
+use crate::optimizer::{
+    StepError, StepReport, check_lr, check_unit, check_weight_decay, sealed::Rule,
+};
 use crate::simd::{Kernel, Lane};
 
 /// Hyperparameters of [`Nag`].
@@ -16,6 +18,10 @@ pub struct NagConfig {
     pub lr: f32,
     /// Momentum coefficient μ (default 0.9), in `[0, 1]`.
     pub momentum: f32,
+    /// L2 weight decay (default 0): `g ← g + weight_decay·w`, after `maximize`. Finite and `>= 0`.
+    pub weight_decay: f32,
+    /// Ascend instead of descend (default false): `g ← −g` before anything else.
+    pub maximize: bool,
 }
 
 impl Default for NagConfig {
@@ -23,6 +29,8 @@ impl Default for NagConfig {
         NagConfig {
             lr: 0.01,
             momentum: 0.9,
+            weight_decay: 0.0,
+            maximize: false,
         }
     }
 }
@@ -40,7 +48,8 @@ impl NagConfig {
     /// [`StepError::InvalidConfig`] naming the first field out of range.
     pub fn validate(&self) -> Result<(), StepError> {
         check_lr(Nag::NAME, self.lr)?;
-        check_unit(Nag::NAME, "momentum", self.momentum, true)
+        check_unit(Nag::NAME, "momentum", self.momentum, true)?;
+        check_weight_decay(Nag::NAME, self.weight_decay)
     }
 }
 
@@ -52,7 +61,7 @@ impl NagConfig {
 ///
 /// ```
 /// use fusedopt::{Nag, NagConfig, Optimizer};
-/// let mut opt = Nag::new(NagConfig { lr: 0.5, momentum: 0.5 });
+/// let mut opt = Nag::new(NagConfig { lr: 0.5, momentum: 0.5, ..Default::default() });
 /// let mut w = [0.0f32];
 /// opt.step(&mut w, &[1.0]).unwrap(); // v = -0.5; w = 0 + 0.5·(-0.5) - 0.5
 /// assert_eq!(w, [-0.75]);
@@ -108,9 +117,9 @@ pub(crate) struct NagStep {
 }
 
 impl NagStep {
-    pub(crate) fn new(c: &NagConfig) -> Self {
+    pub(crate) fn new(c: &NagConfig, lr: f32) -> Self {
         NagStep {
-            lr: c.lr,
+            lr,
             momentum: c.momentum,
         }
     }
@@ -127,7 +136,9 @@ impl Kernel<1> for NagStep {
 
 impl Rule for Nag {
     const NAME: &'static str = "nag";
-    const STATE_BUFFERS: usize = 1;
+    fn state_buffers(&self) -> usize {
+        1
+    }
     fn core(&self) -> &Core {
         &self.core
     }
@@ -142,7 +153,9 @@ impl Rule for Nag {
     }
     fn apply(&mut self, params: &mut Params<'_, '_>) -> Result<StepReport, StepError> {
         self.config.validate()?;
-        self.core.run(&NagStep::new(&self.config), params)
+        let c = &self.config;
+        let base = Base::l2(c.lr, c.weight_decay, c.maximize);
+        self.core.run(params, base, |h| NagStep::new(c, h.lr))
     }
 }
 
@@ -152,10 +165,11 @@ mod tests {
 
     #[test]
     fn kernel_matches_formula() {
-        let k = NagStep::new(&NagConfig {
-            lr: 0.5,
+        let c = NagConfig {
             momentum: 0.5,
-        });
+            ..Default::default()
+        };
+        let k = NagStep::new(&c, 0.5);
         let mut v = [2.0f32];
         let w = k.update(1.0f32, 1.0, &mut v);
         assert_eq!(v, [0.5]); // 0.5·2 − 0.5

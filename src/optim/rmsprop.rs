@@ -1,7 +1,9 @@
 //! RMSProp: `h ← ρ·h + (1−ρ)·g²; w ← w − lr·g / (√h + ε)`.
 
-use crate::engine::{Core, Params};
-use crate::optimizer::{StepError, StepReport, check_eps, check_lr, check_unit, sealed::Rule};
+use crate::engine::{Base, Core, Params};
+use crate::optimizer::{
+    StepError, StepReport, check_eps, check_lr, check_unit, check_weight_decay, sealed::Rule,
+};
 use crate::simd::{Kernel, Lane};
 
 /// Hyperparameters of [`RmsProp`].
@@ -18,6 +20,10 @@ pub struct RmsPropConfig {
     pub decay_rate: f32,
     /// Added to `√h` in the denominator (default 1e-7). Finite and `>= 0`.
     pub eps: f32,
+    /// L2 weight decay (default 0): `g ← g + weight_decay·w`, after `maximize`. Finite and `>= 0`.
+    pub weight_decay: f32,
+    /// Ascend instead of descend (default false): `g ← −g` before anything else.
+    pub maximize: bool,
 }
 
 impl Default for RmsPropConfig {
@@ -26,6 +32,8 @@ impl Default for RmsPropConfig {
             lr: 0.01,
             decay_rate: 0.9,
             eps: 1e-7,
+            weight_decay: 0.0,
+            maximize: false,
         }
     }
 }
@@ -44,7 +52,8 @@ impl RmsPropConfig {
     pub fn validate(&self) -> Result<(), StepError> {
         check_lr(RmsProp::NAME, self.lr)?;
         check_unit(RmsProp::NAME, "decay_rate", self.decay_rate, true)?;
-        check_eps(RmsProp::NAME, self.eps)
+        check_eps(RmsProp::NAME, self.eps)?;
+        check_weight_decay(RmsProp::NAME, self.weight_decay)
     }
 }
 
@@ -52,7 +61,12 @@ impl RmsPropConfig {
 ///
 /// ```
 /// use fusedopt::{Optimizer, RmsProp, RmsPropConfig};
-/// let mut opt = RmsProp::new(RmsPropConfig { lr: 0.1, decay_rate: 0.75, eps: 0.0 });
+/// let mut opt = RmsProp::new(RmsPropConfig {
+///     lr: 0.1,
+///     decay_rate: 0.75,
+///     eps: 0.0,
+///     ..Default::default()
+/// });
 /// let mut w = [1.0f32];
 /// opt.step(&mut w, &[2.0]).unwrap(); // h = 0.25·4 = 1: w = 1 − 0.1·2/1
 /// assert_eq!(w, [0.8]);
@@ -110,9 +124,9 @@ pub(crate) struct RmsPropStep {
 }
 
 impl RmsPropStep {
-    pub(crate) fn new(c: &RmsPropConfig) -> Self {
+    pub(crate) fn new(c: &RmsPropConfig, lr: f32) -> Self {
         RmsPropStep {
-            lr: c.lr,
+            lr,
             decay: c.decay_rate,
             one_minus_decay: (1.0 - f64::from(c.decay_rate)) as f32,
             eps: c.eps,
@@ -130,7 +144,9 @@ impl Kernel<1> for RmsPropStep {
 
 impl Rule for RmsProp {
     const NAME: &'static str = "rmsprop";
-    const STATE_BUFFERS: usize = 1;
+    fn state_buffers(&self) -> usize {
+        1
+    }
     fn core(&self) -> &Core {
         &self.core
     }
@@ -145,7 +161,9 @@ impl Rule for RmsProp {
     }
     fn apply(&mut self, params: &mut Params<'_, '_>) -> Result<StepReport, StepError> {
         self.config.validate()?;
-        self.core.run(&RmsPropStep::new(&self.config), params)
+        let c = &self.config;
+        let base = Base::l2(c.lr, c.weight_decay, c.maximize);
+        self.core.run(params, base, |h| RmsPropStep::new(c, h.lr))
     }
 }
 
@@ -155,11 +173,12 @@ mod tests {
 
     #[test]
     fn kernel_matches_formula() {
-        let k = RmsPropStep::new(&RmsPropConfig {
-            lr: 1.0,
+        let c = RmsPropConfig {
             decay_rate: 0.5,
             eps: 0.0,
-        });
+            ..Default::default()
+        };
+        let k = RmsPropStep::new(&c, 1.0);
         let mut h = [4.0f32];
         let w = k.update(1.0f32, 2.0, &mut h);
         assert_eq!(h, [4.0]); // 0.5·4 + 0.5·4

@@ -1,7 +1,7 @@
 //! Plain stochastic gradient descent: `w ← w − lr·g`.
 
-use crate::engine::{Core, Params};
-use crate::optimizer::{StepError, StepReport, check_lr, sealed::Rule};
+use crate::engine::{Base, Core, Params};
+use crate::optimizer::{StepError, StepReport, check_lr, check_weight_decay, sealed::Rule};
 use crate::simd::{Kernel, Lane};
 
 /// Hyperparameters of [`Sgd`].
@@ -15,11 +15,19 @@ use crate::simd::{Kernel, Lane};
 pub struct SgdConfig {
     /// Learning rate (default 0.01). Finite and `>= 0`.
     pub lr: f32,
+    /// L2 weight decay (default 0): `g ← g + weight_decay·w`, after `maximize`. Finite and `>= 0`.
+    pub weight_decay: f32,
+    /// Ascend instead of descend (default false): `g ← −g` before anything else.
+    pub maximize: bool,
 }
 
 impl Default for SgdConfig {
     fn default() -> Self {
-        SgdConfig { lr: 0.01 }
+        SgdConfig {
+            lr: 0.01,
+            weight_decay: 0.0,
+            maximize: false,
+        }
     }
 }
 
@@ -29,13 +37,14 @@ impl SgdConfig {
     /// ```
     /// use fusedopt::SgdConfig;
     /// assert!(SgdConfig::default().validate().is_ok());
-    /// assert!(SgdConfig { lr: f32::NAN }.validate().is_err());
+    /// assert!(SgdConfig { lr: f32::NAN, ..Default::default() }.validate().is_err());
     /// ```
     ///
     /// # Errors
     /// [`StepError::InvalidConfig`] naming the first field out of range.
     pub fn validate(&self) -> Result<(), StepError> {
-        check_lr(Sgd::NAME, self.lr)
+        check_lr(Sgd::NAME, self.lr)?;
+        check_weight_decay(Sgd::NAME, self.weight_decay)
     }
 }
 
@@ -44,7 +53,7 @@ impl SgdConfig {
 ///
 /// ```
 /// use fusedopt::{Optimizer, Sgd, SgdConfig};
-/// let mut opt = Sgd::new(SgdConfig { lr: 0.1 });
+/// let mut opt = Sgd::new(SgdConfig { lr: 0.1, ..Default::default() });
 /// let mut w = [1.0f32, -1.0];
 /// opt.step(&mut w, &[1.0, -1.0]).unwrap();
 /// assert_eq!(w, [0.9, -0.9]);
@@ -101,8 +110,8 @@ pub(crate) struct SgdStep {
 }
 
 impl SgdStep {
-    pub(crate) fn new(c: &SgdConfig) -> Self {
-        SgdStep { lr: c.lr }
+    pub(crate) fn new(lr: f32) -> Self {
+        SgdStep { lr }
     }
 }
 
@@ -115,7 +124,9 @@ impl Kernel<0> for SgdStep {
 
 impl Rule for Sgd {
     const NAME: &'static str = "sgd";
-    const STATE_BUFFERS: usize = 0;
+    fn state_buffers(&self) -> usize {
+        0
+    }
     fn core(&self) -> &Core {
         &self.core
     }
@@ -130,7 +141,9 @@ impl Rule for Sgd {
     }
     fn apply(&mut self, params: &mut Params<'_, '_>) -> Result<StepReport, StepError> {
         self.config.validate()?;
-        self.core.run(&SgdStep::new(&self.config), params)
+        let c = &self.config;
+        let base = Base::l2(c.lr, c.weight_decay, c.maximize);
+        self.core.run(params, base, |h| SgdStep::new(h.lr))
     }
 }
 
@@ -141,7 +154,7 @@ mod tests {
 
     #[test]
     fn kernel_matches_formula() {
-        let k = SgdStep::new(&SgdConfig { lr: 0.25 });
+        let k = SgdStep::new(0.25);
         assert_eq!(k.update(1.0f32, 2.0, &mut []), 0.5);
     }
 

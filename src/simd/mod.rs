@@ -146,6 +146,9 @@ pub(crate) trait Lane:
     fn splat(x: f32) -> Self;
     /// Correctly rounded square root of every lane.
     fn sqrt(self) -> Self;
+    /// Lane-wise `if self > other { self } else { other }`: a NaN in `other` is returned, a NaN
+    /// in `self` is not (the semantics of x86's `maxps` with the operands in this order).
+    fn max(self, other: Self) -> Self;
     /// Loads `WIDTH` elements from `p`, which needs no particular alignment.
     ///
     /// # Safety
@@ -178,6 +181,10 @@ impl Lane for f32 {
     #[inline(always)]
     fn sqrt(self) -> Self {
         f32::sqrt(self)
+    }
+    #[inline(always)]
+    fn max(self, other: Self) -> Self {
+        if self > other { self } else { other }
     }
     #[inline(always)]
     unsafe fn load(p: *const f32) -> Self {
@@ -277,13 +284,93 @@ unsafe fn chunk<K: Kernel<N>, V: Lane, const N: usize>(k: &K, run: Run<N>) {
     }
 }
 
-/// Runs kernel `k` over `run` on the given tier.
+/// How a kernel reads its gradients, shared by every optimizer: `g ← g·factor` (maximize, loss
+/// scale, clipping), then `g ← g + wd·w` (L2 weight decay).
+///
+/// Each transform is compiled in only where it is active (`factor != 1`, `wd != 0`), so the
+/// default path runs exactly the optimizer's own formula, and `0·w` never turns an infinite
+/// weight into NaN.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct GradPrep {
+    /// Multiplies every gradient; `1` leaves them as they are.
+    pub factor: f32,
+    /// L2 weight decay added to the (scaled) gradient; `0` adds nothing.
+    pub wd: f32,
+}
+
+/// A kernel behind its gradient transform; `SCALE` and `L2` say which parts of the
+/// [`GradPrep`] are active.
+struct Prepped<'a, K, const SCALE: bool, const L2: bool> {
+    kernel: &'a K,
+    factor: f32,
+    wd: f32,
+}
+
+impl<K: Kernel<N>, const N: usize, const SCALE: bool, const L2: bool> Kernel<N>
+    for Prepped<'_, K, SCALE, L2>
+{
+    #[inline(always)]
+    fn update<V: Lane>(&self, w: V, g: V, state: &mut [V; N]) -> V {
+        let g = if SCALE { g * V::splat(self.factor) } else { g };
+        let g = if L2 { g + V::splat(self.wd) * w } else { g };
+        self.kernel.update(w, g, state)
+    }
+}
+
+/// Runs kernel `k` over `run` on the given tier, with gradients read through `prep`.
 ///
 /// # Safety
 /// The pointer contract of [`chunk`]; `level` must be available on this CPU
 /// ([`SimdLevel::is_available`]).
 #[inline]
-pub(crate) unsafe fn run<K: Kernel<N>, const N: usize>(level: SimdLevel, k: &K, run: Run<N>) {
+pub(crate) unsafe fn run<K: Kernel<N>, const N: usize>(
+    level: SimdLevel,
+    k: &K,
+    prep: GradPrep,
+    run: Run<N>,
+) {
+    let (factor, wd) = (prep.factor, prep.wd);
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        match (factor != 1.0, wd != 0.0) {
+            (false, false) => run_tier(level, k, run),
+            (true, false) => run_tier(
+                level,
+                &Prepped::<K, true, false> {
+                    kernel: k,
+                    factor,
+                    wd,
+                },
+                run,
+            ),
+            (false, true) => run_tier(
+                level,
+                &Prepped::<K, false, true> {
+                    kernel: k,
+                    factor,
+                    wd,
+                },
+                run,
+            ),
+            (true, true) => run_tier(
+                level,
+                &Prepped::<K, true, true> {
+                    kernel: k,
+                    factor,
+                    wd,
+                },
+                run,
+            ),
+        }
+    }
+}
+
+/// Runs kernel `k` over `run` on the given tier.
+///
+/// # Safety
+/// As [`run`].
+#[inline]
+unsafe fn run_tier<K: Kernel<N>, const N: usize>(level: SimdLevel, k: &K, run: Run<N>) {
     // SAFETY: forwarded from the caller; each arm instantiates the same body for one tier.
     unsafe {
         match level {

@@ -1,7 +1,7 @@
 //! The portable tier: `wide::f32x8`, compiled for whatever target features the build has.
 
 use super::{Kernel, Lane, Run, chunk};
-use wide::f32x8;
+use wide::{Select, f32x8};
 
 impl Lane for f32x8 {
     const WIDTH: usize = 8;
@@ -12,6 +12,11 @@ impl Lane for f32x8 {
     #[inline(always)]
     fn sqrt(self) -> Self {
         f32x8::sqrt(self)
+    }
+    #[inline(always)]
+    fn max(self, other: Self) -> Self {
+        // Not `f32x8::max`, whose NaN rule differs from the other tiers'.
+        Select::select(self.simd_gt(other), self, other)
     }
     #[inline(always)]
     unsafe fn load(p: *const f32) -> Self {

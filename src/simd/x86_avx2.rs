@@ -57,6 +57,11 @@ impl Lane for Avx2 {
         Avx2(unsafe { _mm256_sqrt_ps(self.0) })
     }
     #[inline(always)]
+    fn max(self, other: Self) -> Self {
+        // SAFETY: type invariant. `vmaxps a, b` is `a > b ? a : b` lane-wise, as `Lane::max`.
+        Avx2(unsafe { _mm256_max_ps(self.0, other.0) })
+    }
+    #[inline(always)]
     unsafe fn load(p: *const f32) -> Self {
         // SAFETY: the caller guarantees 8 readable elements; `loadu` needs no alignment.
         Avx2(unsafe { _mm256_loadu_ps(p) })

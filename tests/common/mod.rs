@@ -34,6 +34,14 @@ pub struct Hp {
     pub beta1: f32,
     pub beta2: f32,
     pub eps: f32,
+    pub weight_decay: f32,
+    pub maximize: bool,
+    /// Adam only: AdamW's decoupled weight decay.
+    pub decoupled: bool,
+    /// Adam only.
+    pub amsgrad: bool,
+    /// Adam only: `EpsMode::PyTorch`.
+    pub torch_eps: bool,
 }
 
 impl Hp {
@@ -46,6 +54,11 @@ impl Hp {
             beta1: 0.9,
             beta2: 0.999,
             eps: 1e-7,
+            weight_decay: 0.0,
+            maximize: false,
+            decoupled: false,
+            amsgrad: false,
+            torch_eps: false,
         }
     }
 
@@ -58,35 +71,62 @@ impl Hp {
             beta1: 0.8,
             beta2: 0.95,
             eps: 1e-3,
+            weight_decay: 0.0,
+            maximize: false,
+            decoupled: false,
+            amsgrad: false,
+            torch_eps: false,
         }
     }
 }
 
 pub fn make(kind: Kind, hp: Hp) -> Box<dyn Optimizer> {
+    let (lr, weight_decay, maximize) = (hp.lr, hp.weight_decay, hp.maximize);
     match kind {
-        Kind::Sgd => Box::new(Sgd::new(SgdConfig { lr: hp.lr })),
+        Kind::Sgd => Box::new(Sgd::new(SgdConfig {
+            lr,
+            weight_decay,
+            maximize,
+        })),
         Kind::Momentum => Box::new(Momentum::new(MomentumConfig {
-            lr: hp.lr,
+            lr,
             momentum: hp.momentum,
+            weight_decay,
+            maximize,
         })),
         Kind::Nag => Box::new(Nag::new(NagConfig {
-            lr: hp.lr,
+            lr,
             momentum: hp.momentum,
+            weight_decay,
+            maximize,
         })),
         Kind::AdaGrad => Box::new(AdaGrad::new(AdaGradConfig {
-            lr: hp.lr,
+            lr,
             eps: hp.eps,
+            weight_decay,
+            maximize,
         })),
         Kind::RmsProp => Box::new(RmsProp::new(RmsPropConfig {
-            lr: hp.lr,
+            lr,
             decay_rate: hp.decay,
             eps: hp.eps,
+            weight_decay,
+            maximize,
         })),
         Kind::Adam => Box::new(Adam::new(AdamConfig {
-            lr: hp.lr,
+            lr,
             beta1: hp.beta1,
             beta2: hp.beta2,
             eps: hp.eps,
+            weight_decay,
+            maximize,
+            decoupled_weight_decay: hp.decoupled,
+            amsgrad: hp.amsgrad,
+            eps_mode: if hp.torch_eps {
+                EpsMode::PyTorch
+            } else {
+                EpsMode::Seed
+            },
         })),
     }
 }
@@ -149,6 +189,8 @@ pub struct Reference<F> {
     pub t: u64,
     pub s1: Vec<F>,
     pub s2: Vec<F>,
+    /// AMSGrad's running maximum of `s2`.
+    pub s3: Vec<F>,
 }
 
 pub trait Float:
@@ -161,6 +203,13 @@ pub trait Float:
     fn from64(x: f64) -> Self;
     fn to64(self) -> f64;
     fn sqrt(self) -> Self;
+    /// `−x`, zeros included.
+    fn neg(self) -> Self {
+        Self::from64(-1.0) * self
+    }
+    fn gt(self, other: Self) -> bool {
+        self.to64() > other.to64()
+    }
 }
 
 impl Float for f32 {
@@ -196,6 +245,7 @@ impl<F: Float> Reference<F> {
             t: 0,
             s1: vec![zero; n],
             s2: vec![zero; n],
+            s3: vec![zero; n],
         }
     }
 
@@ -211,8 +261,23 @@ impl<F: Float> Reference<F> {
         let one_minus_b2 = F::from64(1.0 - b2);
         let rho = c(hp.decay);
         let one_minus_rho = F::from64(1.0 - hp.decay as f64);
+        let wd = c(hp.weight_decay);
+        let adamw = self.kind == Kind::Adam && hp.decoupled;
+        let w_decay = F::from64(1.0 - hp.lr as f64 * hp.weight_decay as f64);
+        let bc1 = 1.0 - b1.powf(t);
+        let bc2_sqrt = (1.0 - b2.powf(t)).sqrt();
         for i in 0..w.len() {
-            let gi = g[i];
+            // Gradient transforms: negate, then the L2 term (skipped at 0, as documented).
+            let mut gi = g[i];
+            if hp.maximize {
+                gi = gi.neg();
+            }
+            if hp.weight_decay != 0.0 && !adamw {
+                gi = gi + wd * w[i];
+            }
+            if adamw && hp.weight_decay != 0.0 {
+                w[i] = w[i] * w_decay;
+            }
             match self.kind {
                 Kind::Sgd => w[i] = w[i] - lr * gi,
                 Kind::Momentum => {
@@ -240,7 +305,20 @@ impl<F: Float> Reference<F> {
                     let v = self.s2[i] + one_minus_b2 * (gi * gi - self.s2[i]);
                     self.s1[i] = m;
                     self.s2[i] = v;
-                    w[i] = w[i] - lr_t * m / (v.sqrt() + eps);
+                    let mut v_used = v;
+                    if hp.amsgrad {
+                        // max(v_max, v), a NaN in v winning.
+                        if !self.s3[i].gt(v) {
+                            self.s3[i] = v;
+                        }
+                        v_used = self.s3[i];
+                    }
+                    if hp.torch_eps {
+                        let denom = v_used.sqrt() / F::from64(bc2_sqrt) + eps;
+                        w[i] = w[i] - F::from64(hp.lr as f64 / bc1) * (m / denom);
+                    } else {
+                        w[i] = w[i] - lr_t * m / (v_used.sqrt() + eps);
+                    }
                 }
             }
         }
