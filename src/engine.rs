@@ -232,6 +232,22 @@ impl Groups {
     }
 }
 
+/// The kernels of one step, with their gradient transforms, one per distinct parameter group.
+/// Without groups there is one, and no allocation.
+enum Kernels<K> {
+    One([(K, GradPrep); 1]),
+    Many(Vec<(K, GradPrep)>),
+}
+
+impl<K> Kernels<K> {
+    fn as_slice(&self) -> &[(K, GradPrep)] {
+        match self {
+            Kernels::One(k) => k,
+            Kernels::Many(k) => k,
+        }
+    }
+}
+
 /// Everything an optimizer needs besides its formula: settings, layout, state, plan, counter.
 #[derive(Debug)]
 pub struct Core {
@@ -338,14 +354,28 @@ impl Core {
         &self.groups.per_tensor
     }
 
-    /// Resolves the hyperparameters of every distinct group (one group when none are set).
-    fn hypers(&self, base: &Base, tensors: usize) -> Result<Vec<Hyper>, StepError> {
+    /// Builds the kernel of every distinct parameter group (one when none are set) from its
+    /// resolved hyperparameters, with the gradient transform the [`Base`] asks for.
+    fn kernels<K>(
+        &self,
+        base: &Base,
+        tensors: usize,
+        make: impl Fn(Hyper) -> K,
+    ) -> Result<Kernels<K>, StepError> {
+        let sign = if base.maximize { -1.0 } else { 1.0 };
+        let build = |h: Hyper| {
+            let prep = GradPrep {
+                factor: sign,
+                wd: if base.l2 { h.weight_decay } else { 0.0 },
+            };
+            (make(h), prep)
+        };
         let groups = &self.groups;
         if groups.per_tensor.is_empty() {
-            return Ok(vec![Hyper {
+            return Ok(Kernels::One([build(Hyper {
                 lr: base.lr,
                 weight_decay: base.weight_decay,
-            }]);
+            })]));
         }
         if groups.per_tensor.len() != tensors {
             return Err(StepError::GroupCount {
@@ -367,12 +397,13 @@ impl Core {
                         expected: "such that lr·lr_scale is finite",
                     });
                 }
-                Ok(Hyper {
+                Ok(build(Hyper {
                     lr,
                     weight_decay: g.weight_decay.unwrap_or(base.weight_decay),
-                })
+                }))
             })
-            .collect()
+            .collect::<Result<_, _>>()
+            .map(Kernels::Many)
     }
 
     /// Drops all state and the step counter; settings are kept.
@@ -447,18 +478,8 @@ impl Core {
         base: Base,
         make: impl Fn(Hyper) -> K,
     ) -> Result<StepReport, StepError> {
-        let hypers = self.hypers(&base, params.len())?;
-        let sign = if base.maximize { -1.0 } else { 1.0 };
-        let kernels: Vec<(K, GradPrep)> = hypers
-            .into_iter()
-            .map(|h| {
-                let prep = GradPrep {
-                    factor: sign,
-                    wd: if base.l2 { h.weight_decay } else { 0.0 },
-                };
-                (make(h), prep)
-            })
-            .collect();
+        let kernels = self.kernels(&base, params.len(), make)?;
+        let kernels = kernels.as_slice();
         self.prepare::<N>(params)?;
         let group_of = &self.groups.index;
         let level = self.backend.level();

@@ -58,7 +58,8 @@ impl MomentumConfig {
 /// `v ← μ·v − lr·g; w ← w + v`, with `v` starting at zero.
 ///
 /// At constant `lr` this is PyTorch's `SGD(momentum=μ)` (dampening 0), whose buffer is
-/// `b = −v / lr`.
+/// `b = −v / lr`. Under a changing `lr` the two differ slightly: torch rescales the whole buffer
+/// by the new `lr`, while `v` keeps each step's own.
 ///
 /// ```
 /// use fusedopt::{Momentum, MomentumConfig, Optimizer};

@@ -57,7 +57,9 @@ impl NagConfig {
 /// `v ← μ·v − lr·g; w ← w + μ·v − lr·g` (using the updated `v`), with `v` starting at zero.
 ///
 /// This is Nesterov's look-ahead step written with the same velocity as [`Momentum`](crate::Momentum);
-/// at constant `lr` it equals PyTorch's `SGD(momentum=μ, nesterov=True)`.
+/// at constant `lr` it equals PyTorch's `SGD(momentum=μ, nesterov=True)`, whose buffer is
+/// `b = −v / lr`. Under a changing `lr` the two differ slightly: torch rescales the whole buffer
+/// by the new `lr`, while `v` keeps each step's own.
 ///
 /// ```
 /// use fusedopt::{Nag, NagConfig, Optimizer};

@@ -1,0 +1,420 @@
+//! The trainer options (weight decay, maximize, AdamW, AMSGrad, ε placement, parameter groups),
+//! alone and combined, against the plain references of `common`, on every tier; determinism with
+//! every option on; parameter-group errors.
+
+mod common;
+use common::*;
+use fusedopt::*;
+
+const STEPS: u64 = 60;
+const N: usize = 1031;
+/// Tolerance against the f64 reference, as in tests/reference.rs.
+const TOL: f64 = 5e-6;
+
+/// Gradients of mixed magnitudes that shrink and grow from step to step (so AMSGrad's maximum
+/// differs from v), some exactly zero.
+fn grads(rng: &mut Rng, n: usize, step: u64) -> Vec<f32> {
+    let shrink = [1.0, 0.3, 0.05][(step % 3) as usize];
+    (0..n)
+        .map(|i| {
+            let scale = [1e-4, 1e-2, 1.0, 10.0][i % 4] * shrink;
+            if i % 17 == 0 {
+                0.0
+            } else {
+                rng.uniform() * scale
+            }
+        })
+        .collect()
+}
+
+/// The option sets each optimizer is checked with: every option alone, then combined.
+fn option_sets(kind: Kind) -> Vec<(&'static str, Hp)> {
+    let base = Hp::unusual();
+    let mut sets = vec![
+        (
+            "weight_decay",
+            Hp {
+                weight_decay: 0.1,
+                ..base
+            },
+        ),
+        (
+            "maximize",
+            Hp {
+                maximize: true,
+                ..base
+            },
+        ),
+        (
+            "weight_decay+maximize",
+            Hp {
+                weight_decay: 0.1,
+                maximize: true,
+                ..base
+            },
+        ),
+    ];
+    if kind == Kind::Adam {
+        let lr = 0.01;
+        sets.extend([
+            (
+                "adamw",
+                Hp {
+                    lr,
+                    weight_decay: 0.3,
+                    decoupled: true,
+                    ..base
+                },
+            ),
+            (
+                "amsgrad",
+                Hp {
+                    amsgrad: true,
+                    ..base
+                },
+            ),
+            (
+                "eps_mode pytorch",
+                Hp {
+                    torch_eps: true,
+                    ..base
+                },
+            ),
+            (
+                "amsgrad+l2+maximize+pytorch",
+                Hp {
+                    weight_decay: 0.1,
+                    maximize: true,
+                    amsgrad: true,
+                    torch_eps: true,
+                    ..base
+                },
+            ),
+            (
+                "adamw+amsgrad+maximize+pytorch",
+                Hp {
+                    lr,
+                    weight_decay: 0.3,
+                    decoupled: true,
+                    maximize: true,
+                    amsgrad: true,
+                    torch_eps: true,
+                    ..base
+                },
+            ),
+        ]);
+    }
+    sets
+}
+
+/// Runs `kind` with `hp` on `backend` against the f32 reference (bitwise) and the f64 reference
+/// (within TOL); returns the worst error against f64.
+fn check(kind: Kind, hp: Hp, backend: Backend, what: &str) -> f64 {
+    let mut rng = Rng(11);
+    let w0 = rng.vec(N, 2.0);
+    let mut opt = make(kind, hp);
+    opt.set_backend(backend);
+    opt.set_chunk_len(128);
+    let (mut w, mut w32) = (w0.clone(), w0.clone());
+    let mut w64: Vec<f64> = w0.iter().map(|&x| x as f64).collect();
+    let mut r32 = Reference::<f32>::new(kind, hp, N);
+    let mut r64 = Reference::<f64>::new(kind, hp, N);
+    for step in 0..STEPS {
+        let g = grads(&mut rng, N, step);
+        opt.step(&mut w, &g).unwrap();
+        r32.step(&mut w32, &g);
+        let g64: Vec<f64> = g.iter().map(|&x| x as f64).collect();
+        r64.step(&mut w64, &g64);
+        assert_same(
+            &w,
+            &w32,
+            &format!("{kind:?} {what} {backend:?} step {step}"),
+        );
+    }
+    let worst = w
+        .iter()
+        .zip(&w64)
+        .map(|(&a, &b)| (a as f64 - b).abs() / (1.0 + b.abs()))
+        .fold(0.0, f64::max);
+    assert!(worst <= TOL, "{kind:?} {what}: error {worst:e} against f64");
+    worst
+}
+
+#[test]
+fn each_option_alone_and_combined_matches_the_references_on_every_tier() {
+    for kind in KINDS {
+        for (what, hp) in option_sets(kind) {
+            let mut worst = 0f64;
+            for backend in [Backend::Scalar]
+                .into_iter()
+                .chain(SimdLevel::available().map(Backend::Level))
+            {
+                worst = worst.max(check(kind, hp, backend, what));
+            }
+            println!("{kind:?} {what}: max error vs f64 after {STEPS} steps = {worst:.2e}");
+        }
+    }
+}
+
+#[test]
+fn options_keep_results_independent_of_threads_and_chunks() {
+    let n = 100_003;
+    for kind in KINDS {
+        let hp = option_sets(kind).last().unwrap().1;
+        let w0 = Rng(5).vec(n, 1.0);
+        let run = |threads: usize, chunk: usize, backend: Backend| {
+            let mut opt = make(kind, hp);
+            opt.set_backend(backend);
+            opt.set_chunk_len(chunk);
+            let mut w = w0.clone();
+            let mut rng = Rng(6);
+            pool(threads).install(|| {
+                for step in 0..4 {
+                    opt.step(&mut w, &grads(&mut rng, n, step)).unwrap();
+                }
+            });
+            w
+        };
+        let expected = run(1, usize::MAX, Backend::Scalar);
+        for threads in 1..=3 {
+            for chunk in [16, 1000, 65_536] {
+                let w = run(threads, chunk, Backend::Simd);
+                assert_same(
+                    &w,
+                    &expected,
+                    &format!("{kind:?} {threads} threads, chunk {chunk}"),
+                );
+            }
+        }
+    }
+}
+
+/// The groups used below: the configuration's values, no decay, half the lr, and twice the lr
+/// with a decay of its own.
+const GROUPS: [ParamGroup; 4] = [
+    ParamGroup::DEFAULT,
+    ParamGroup::NO_WEIGHT_DECAY,
+    ParamGroup {
+        lr_scale: 0.5,
+        weight_decay: None,
+    },
+    ParamGroup {
+        lr_scale: 2.0,
+        weight_decay: Some(0.3),
+    },
+];
+
+#[test]
+fn param_groups_match_one_optimizer_per_tensor() {
+    let lens = [300, 17, 4097, 64];
+    for kind in KINDS {
+        for decoupled in [false, true] {
+            if decoupled && kind != Kind::Adam {
+                continue;
+            }
+            let hp = Hp {
+                weight_decay: 0.1,
+                decoupled,
+                ..Hp::defaults(kind)
+            };
+            let mut rng = Rng(3);
+            let mut ws: Vec<Vec<f32>> = lens.iter().map(|&n| rng.vec(n, 1.0)).collect();
+            let mut singles: Vec<(Box<dyn Optimizer>, Vec<f32>)> = ws
+                .iter()
+                .zip(GROUPS)
+                .map(|(w, g)| {
+                    let hp = Hp {
+                        lr: hp.lr * g.lr_scale,
+                        weight_decay: g.weight_decay.unwrap_or(hp.weight_decay),
+                        ..hp
+                    };
+                    (make(kind, hp), w.clone())
+                })
+                .collect();
+            let mut opt = make(kind, hp);
+            opt.set_param_groups(&GROUPS).unwrap();
+            opt.set_chunk_len(256);
+            for step in 0..6 {
+                if step == 3 {
+                    // A schedule moves every group's lr with the base lr.
+                    opt.set_lr(hp.lr * 0.25);
+                    for ((single, _), g) in singles.iter_mut().zip(GROUPS) {
+                        single.set_lr(hp.lr * 0.25 * g.lr_scale);
+                    }
+                }
+                let gs: Vec<Vec<f32>> = lens.iter().map(|&n| rng.vec(n, 2.0)).collect();
+                let mut params: Vec<(&mut [f32], &[f32])> = ws
+                    .iter_mut()
+                    .zip(&gs)
+                    .map(|(w, g)| (w.as_mut_slice(), g.as_slice()))
+                    .collect();
+                pool(2).install(|| opt.step_many(&mut params)).unwrap();
+                for ((single, w), g) in singles.iter_mut().zip(&gs) {
+                    single.step(w, g).unwrap();
+                }
+            }
+            for (t, (w, (_, single))) in ws.iter().zip(&singles).enumerate() {
+                assert_same(
+                    w,
+                    single,
+                    &format!("{kind:?} decoupled={decoupled} tensor {t}"),
+                );
+            }
+            assert_eq!(opt.param_groups(), &GROUPS);
+        }
+    }
+}
+
+#[test]
+fn bad_param_groups_are_refused_and_change_nothing() {
+    let mut opt = Adam::new(AdamConfig::default());
+    let bad = [
+        (
+            ParamGroup {
+                lr_scale: -1.0,
+                ..Default::default()
+            },
+            "lr_scale",
+        ),
+        (
+            ParamGroup {
+                lr_scale: f32::NAN,
+                ..Default::default()
+            },
+            "lr_scale",
+        ),
+        (
+            ParamGroup {
+                weight_decay: Some(-0.1),
+                ..Default::default()
+            },
+            "weight_decay",
+        ),
+        (
+            ParamGroup {
+                weight_decay: Some(f32::INFINITY),
+                ..Default::default()
+            },
+            "weight_decay",
+        ),
+    ];
+    for (group, field) in bad {
+        let err = opt
+            .set_param_groups(&[ParamGroup::DEFAULT, group])
+            .unwrap_err();
+        assert!(
+            matches!(err, StepError::InvalidGroup { tensor: 1, field: f, .. } if f == field),
+            "{err}"
+        );
+        assert!(err.to_string().contains("tensor 1") && err.to_string().contains(field));
+        assert!(opt.param_groups().is_empty());
+    }
+
+    // A step whose tensor count differs from the groups: refused, nothing written.
+    opt.set_param_groups(&[ParamGroup::DEFAULT; 2]).unwrap();
+    let mut w = [1.0f32; 3];
+    let err = opt.step(&mut w, &[1.0; 3]).unwrap_err();
+    assert_eq!(
+        err,
+        StepError::GroupCount {
+            groups: 2,
+            tensors: 1
+        }
+    );
+    assert_eq!((w, opt.steps(), opt.layout()), ([1.0; 3], 0, None));
+
+    // Once the layout is fixed, groups for another tensor count are refused at once.
+    opt.set_param_groups(&[]).unwrap();
+    opt.step(&mut w, &[1.0; 3]).unwrap();
+    let err = opt.set_param_groups(&[ParamGroup::DEFAULT; 2]).unwrap_err();
+    assert_eq!(
+        err,
+        StepError::GroupCount {
+            groups: 2,
+            tensors: 1
+        }
+    );
+    assert!(opt.param_groups().is_empty());
+
+    // lr·lr_scale overflowing to infinity is refused by the step, which changes nothing.
+    opt.set_param_groups(&[ParamGroup {
+        lr_scale: f32::MAX,
+        ..Default::default()
+    }])
+    .unwrap();
+    opt.set_lr(10.0);
+    let before = w;
+    let err = opt.step(&mut w, &[1.0; 3]).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StepError::InvalidGroup {
+                field: "lr_scale",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!((w, opt.steps()), (before, 1));
+
+    // reset keeps the groups: they are settings, not state.
+    opt.reset();
+    assert_eq!(opt.param_groups().len(), 1);
+}
+
+#[test]
+fn zero_weight_decay_adds_nothing_not_even_to_infinite_weights() {
+    for kind in KINDS {
+        let mut opt = make(
+            kind,
+            Hp {
+                weight_decay: 0.0,
+                ..Hp::defaults(kind)
+            },
+        );
+        let mut w = [f32::INFINITY, f32::NEG_INFINITY, 1.0];
+        opt.step(&mut w, &[0.0, 0.0, 0.0]).unwrap();
+        assert_eq!(w, [f32::INFINITY, f32::NEG_INFINITY, 1.0], "{kind:?}");
+    }
+}
+
+#[test]
+fn maximize_ascends() {
+    for kind in KINDS {
+        // Maximise −½‖w‖²: its gradient is −w, and maximize must move w towards 0.
+        let mut opt = make(
+            kind,
+            Hp {
+                maximize: true,
+                ..Hp::defaults(kind)
+            },
+        );
+        let mut w = vec![1.0f32; 8];
+        for _ in 0..50 {
+            let g: Vec<f32> = w.iter().map(|&x| -x).collect();
+            opt.step(&mut w, &g).unwrap();
+        }
+        assert!(w.iter().all(|&x| x.abs() < 1.0), "{kind:?}: {w:?}");
+    }
+}
+
+#[test]
+fn amsgrad_switched_on_later_starts_its_maximum_from_zero() {
+    let hp = Hp::defaults(Kind::Adam);
+    let mut opt = Adam::new(AdamConfig::default());
+    let mut r = Reference::<f32>::new(Kind::Adam, hp, N);
+    let mut rng = Rng(9);
+    let w0 = rng.vec(N, 1.0);
+    let (mut w, mut wr) = (w0.clone(), w0);
+    for step in 0..10 {
+        if step == 4 {
+            opt.config_mut().amsgrad = true;
+            r.hp.amsgrad = true;
+        }
+        let g = grads(&mut rng, N, step);
+        opt.step(&mut w, &g).unwrap();
+        r.step(&mut wr, &g);
+    }
+    assert_eq!(opt.state_buffers(), 3);
+    assert_same(&w, &wr, "amsgrad from step 5");
+}
