@@ -21,7 +21,7 @@
 //! element depends only on that element, so results do not depend on how the work is cut or on
 //! the number of threads.
 
-use crate::optimizer::{Backend, ParamGroup, StepError, StepReport};
+use crate::optimizer::{Backend, NonFinite, ParamGroup, StepError, StepReport};
 use crate::simd::{self, GradPrep, Kernel, Run, SimdLevel};
 use crate::tuning;
 use aligned_vec::{AVec, ConstAlign};
@@ -232,15 +232,80 @@ impl Groups {
     }
 }
 
-/// The kernels of one step, with their gradient transforms, one per distinct parameter group.
-/// Without groups there is one, and no allocation.
+/// Gradient hygiene settings: loss scale, clipping, non-finite policy.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Hygiene {
+    grad_scale: f32,
+    max_grad_norm: Option<f32>,
+    non_finite: NonFinite,
+}
+
+impl Default for Hygiene {
+    fn default() -> Self {
+        Hygiene {
+            grad_scale: 1.0,
+            max_grad_norm: None,
+            non_finite: NonFinite::Propagate,
+        }
+    }
+}
+
+/// Elements per block of the gradient-norm pass. Blocks are cut per tensor at multiples of this
+/// length, whatever the chunk length and thread count, and their sums are added in order: that
+/// fixes the order of every addition, so the norm has the same bits in every configuration.
+const NORM_BLOCK: usize = 8192;
+
+/// The blocks of the gradient-norm pass for one list of tensor lengths, and their sums.
+#[derive(Debug, Default)]
+struct NormScratch {
+    lens: Vec<usize>,
+    /// (tensor, start, len) of every block, in order.
+    blocks: Vec<(usize, usize, usize)>,
+    sums: Vec<f64>,
+}
+
+impl NormScratch {
+    /// Makes `blocks` match the lengths of `params`.
+    fn fit(&mut self, params: &Params<'_, '_>) {
+        if self.lens.len() == params.len()
+            && self
+                .lens
+                .iter()
+                .zip(params)
+                .all(|(&l, (w, _))| l == w.len())
+        {
+            return;
+        }
+        self.lens = params.iter().map(|(w, _)| w.len()).collect();
+        self.blocks.clear();
+        for (t, &len) in self.lens.iter().enumerate() {
+            self.blocks.extend(
+                (0..len)
+                    .step_by(NORM_BLOCK)
+                    .map(|s| (t, s, NORM_BLOCK.min(len - s))),
+            );
+        }
+        self.sums = vec![0.0; self.blocks.len()];
+    }
+}
+
+/// The result of the gradient check of one step.
+enum Check {
+    /// Apply the step reading `(g / div)·factor`; the norm if it was computed.
+    Apply(f32, f32, Option<f32>),
+    /// Skip the step (a non-finite gradient under [`NonFinite::Skip`]); the norm.
+    Skip(f32),
+}
+
+/// The kernels of one step with their L2 weight decay, one per distinct parameter group. Without
+/// groups there is one, and no allocation.
 enum Kernels<K> {
-    One([(K, GradPrep); 1]),
-    Many(Vec<(K, GradPrep)>),
+    One([(K, f32); 1]),
+    Many(Vec<(K, f32)>),
 }
 
 impl<K> Kernels<K> {
-    fn as_slice(&self) -> &[(K, GradPrep)] {
+    fn as_slice(&self) -> &[(K, f32)] {
         match self {
             Kernels::One(k) => k,
             Kernels::Many(k) => k,
@@ -261,8 +326,11 @@ pub struct Core {
     state: Vec<StateBuf>,
     plan: Option<Plan>,
     groups: Groups,
+    hygiene: Hygiene,
     /// Reused per step: each tensor's (weights, grads) base pointers.
     ptrs: Vec<(SharedPtr<f32>, SharedPtr<f32>)>,
+    /// Reused by the gradient-norm pass.
+    norm: NormScratch,
 }
 
 impl Core {
@@ -276,7 +344,9 @@ impl Core {
             state: Vec::new(),
             plan: None,
             groups: Groups::default(),
+            hygiene: Hygiene::default(),
             ptrs: Vec::new(),
+            norm: NormScratch::default(),
         }
     }
 }
@@ -355,21 +425,14 @@ impl Core {
     }
 
     /// Builds the kernel of every distinct parameter group (one when none are set) from its
-    /// resolved hyperparameters, with the gradient transform the [`Base`] asks for.
+    /// resolved hyperparameters, with the L2 term the [`Base`] asks for.
     fn kernels<K>(
         &self,
         base: &Base,
         tensors: usize,
         make: impl Fn(Hyper) -> K,
     ) -> Result<Kernels<K>, StepError> {
-        let sign = if base.maximize { -1.0 } else { 1.0 };
-        let build = |h: Hyper| {
-            let prep = GradPrep {
-                factor: sign,
-                wd: if base.l2 { h.weight_decay } else { 0.0 },
-            };
-            (make(h), prep)
-        };
+        let build = |h: Hyper| (make(h), if base.l2 { h.weight_decay } else { 0.0 });
         let groups = &self.groups;
         if groups.per_tensor.is_empty() {
             return Ok(Kernels::One([build(Hyper {
@@ -404,6 +467,126 @@ impl Core {
             })
             .collect::<Result<_, _>>()
             .map(Kernels::Many)
+    }
+
+    pub(crate) fn set_grad_scale(&mut self, scale: f32) {
+        self.hygiene.grad_scale = scale;
+    }
+
+    pub(crate) fn grad_scale(&self) -> f32 {
+        self.hygiene.grad_scale
+    }
+
+    pub(crate) fn set_max_grad_norm(&mut self, max: Option<f32>) {
+        self.hygiene.max_grad_norm = max;
+    }
+
+    pub(crate) fn max_grad_norm(&self) -> Option<f32> {
+        self.hygiene.max_grad_norm
+    }
+
+    pub(crate) fn set_non_finite(&mut self, policy: NonFinite) {
+        self.hygiene.non_finite = policy;
+    }
+
+    pub(crate) fn non_finite(&self) -> NonFinite {
+        self.hygiene.non_finite
+    }
+
+    /// Checks the hygiene settings, runs the gradient-norm pass where clipping or checking needs
+    /// it, and works out the gradient transform of the step: `(div, factor)` such that the kernel
+    /// reads `(g / div)·factor`, which is `±(g / scale)·clip`, and bitwise `±g / scale` without
+    /// clipping.
+    fn check_grads(&mut self, params: &Params<'_, '_>, maximize: bool) -> Result<Check, StepError> {
+        let Hygiene {
+            grad_scale: scale,
+            max_grad_norm,
+            non_finite,
+        } = self.hygiene;
+        let invalid = |field, value, expected| StepError::InvalidConfig {
+            optimizer: self.name,
+            field,
+            value,
+            expected,
+        };
+        if !(scale.is_finite() && scale > 0.0) {
+            return Err(invalid("grad_scale", scale, "finite and > 0"));
+        }
+        if let Some(max) = max_grad_norm
+            && !(max.is_finite() && max >= 0.0)
+        {
+            return Err(invalid("max_grad_norm", max, "finite and >= 0"));
+        }
+        let mut clip = 1.0f32;
+        let mut grad_norm = None;
+        if max_grad_norm.is_some() || non_finite != NonFinite::Propagate {
+            let (sum, bad_tensor) = self.sum_squares(params);
+            // The norm of the unscaled gradients: ‖g‖ / scale.
+            let norm = (sum.sqrt() / f64::from(scale)) as f32;
+            grad_norm = Some(norm);
+            if let Some(tensor) = bad_tensor {
+                match non_finite {
+                    NonFinite::Propagate => {}
+                    NonFinite::Skip => return Ok(Check::Skip(norm)),
+                    NonFinite::Error => return Err(StepError::NonFiniteGrad { tensor }),
+                }
+            }
+            if let Some(max) = max_grad_norm {
+                // torch.nn.utils.clip_grad_norm_: min(1, max / (norm + 1e-6)); NaN stays NaN.
+                let coef = f64::from(max) / (f64::from(norm) + 1e-6);
+                clip = if coef.is_nan() {
+                    f32::NAN
+                } else {
+                    coef.min(1.0) as f32
+                };
+            }
+        }
+        let sign = if maximize { -1.0f32 } else { 1.0 };
+        // A power-of-two scale divides exactly as a multiplication by its (exact) reciprocal does,
+        // and folds into `factor`; any other scale is a true division.
+        let pow2 = scale.is_normal() && scale.to_bits() & 0x007f_ffff == 0;
+        Ok(if pow2 {
+            Check::Apply(1.0, sign * clip * (1.0 / scale), grad_norm)
+        } else {
+            Check::Apply(scale, sign * clip, grad_norm)
+        })
+    }
+
+    /// The sum of squares of every gradient of the call in f64, in a fixed order
+    /// ([`NORM_BLOCK`]), and the first tensor holding a NaN or an infinity.
+    fn sum_squares(&mut self, params: &Params<'_, '_>) -> (f64, Option<usize>) {
+        let level = self.backend.level();
+        let chunk_len = self.chunk_len();
+        let scratch = &mut self.norm;
+        scratch.fit(params);
+        let grads: Vec<&[f32]> = params.iter().map(|(_, g)| &**g).collect();
+        let sum_block = |(sum, &(t, start, len)): (&mut f64, &(usize, usize, usize))| {
+            *sum = simd::sum_squares(level, &grads[t][start..start + len]);
+        };
+        let total_len: usize = scratch.lens.iter().sum();
+        if total_len <= chunk_len || rayon::current_num_threads() == 1 {
+            scratch
+                .sums
+                .iter_mut()
+                .zip(&scratch.blocks)
+                .for_each(sum_block);
+        } else {
+            let per_task = (chunk_len / NORM_BLOCK).max(1);
+            scratch
+                .sums
+                .par_iter_mut()
+                .zip(scratch.blocks.par_iter())
+                .with_min_len(per_task)
+                .for_each(sum_block);
+        }
+        let total = scratch.sums.iter().fold(0.0, |acc, &s| acc + s);
+        let bad = if total.is_finite() {
+            None
+        } else {
+            let first = scratch.sums.iter().position(|s| !s.is_finite());
+            first.map(|b| scratch.blocks[b].0)
+        };
+        (total, bad)
     }
 
     /// Drops all state and the step counter; settings are kept.
@@ -480,6 +663,17 @@ impl Core {
     ) -> Result<StepReport, StepError> {
         let kernels = self.kernels(&base, params.len(), make)?;
         let kernels = kernels.as_slice();
+        self.validate(params, N > 0 || !self.state.is_empty())?;
+        let (div, factor, grad_norm) = match self.check_grads(params, base.maximize)? {
+            Check::Apply(div, factor, norm) => (div, factor, norm),
+            Check::Skip(norm) => {
+                return Ok(StepReport {
+                    step: self.steps,
+                    skipped: true,
+                    grad_norm: Some(norm),
+                });
+            }
+        };
         self.prepare::<N>(params)?;
         let group_of = &self.groups.index;
         let level = self.backend.level();
@@ -500,7 +694,12 @@ impl Core {
         let run_task = |t: usize| {
             for seg in plan.task(t) {
                 let (w, g) = ptrs[seg.tensor];
-                let (kernel, prep) = &kernels[group_of.get(seg.tensor).map_or(0, |&i| i)];
+                let (kernel, wd) = &kernels[group_of.get(seg.tensor).map_or(0, |&i| i)];
+                let prep = GradPrep {
+                    div,
+                    factor,
+                    wd: *wd,
+                };
                 let at = offsets[seg.tensor] + seg.start;
                 // SAFETY: `seg` lies inside tensor `seg.tensor` (the plan was built from the lengths
                 // that `prepare` checked against `params`), and inside that tensor's slice of every
@@ -515,7 +714,7 @@ impl Core {
                         s: core::array::from_fn(|j| state[j].0.add(at)),
                         len: seg.len,
                     };
-                    simd::run(level, kernel, *prep, run);
+                    simd::run(level, kernel, prep, run);
                 }
             }
         };
@@ -526,7 +725,11 @@ impl Core {
             (0..tasks).into_par_iter().for_each(run_task);
         }
         self.steps += 1;
-        Ok(StepReport { step: self.steps })
+        Ok(StepReport {
+            step: self.steps,
+            skipped: false,
+            grad_norm,
+        })
     }
 }
 

@@ -89,7 +89,7 @@ pub use optim::nag::{Nag, NagConfig};
 pub use optim::rmsprop::{RmsProp, RmsPropConfig};
 pub use optim::sgd::{Sgd, SgdConfig};
 pub use optim::{OPTIMIZER_NAMES, optimizer_by_name};
-pub use optimizer::{Backend, Optimizer, ParamGroup, StepError, StepReport};
+pub use optimizer::{Backend, NonFinite, Optimizer, ParamGroup, StepError, StepReport};
 pub use simd::{SimdLevel, simd_level};
 pub use tuning::{TUNING_ENV, Tuning, TuningError};
 

@@ -29,11 +29,36 @@ pub enum Backend {
 }
 
 /// What a successful step did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 #[non_exhaustive]
 pub struct StepReport {
-    /// The optimizer's step count after this step (1 after the first step).
+    /// The optimizer's step count after this step (1 after the first step; unchanged by a skipped
+    /// step).
     pub step: u64,
+    /// The step found a NaN or an infinity in a gradient under [`NonFinite::Skip`] and modified
+    /// nothing.
+    pub skipped: bool,
+    /// The global L2 norm of the unscaled gradients of the call, before clipping: present whenever
+    /// clipping ([`Optimizer::set_max_grad_norm`]) or checking ([`Optimizer::set_non_finite`]) ran.
+    pub grad_norm: Option<f32>,
+}
+
+/// What a step does with a NaN or an infinity in a gradient ([`Optimizer::set_non_finite`]).
+///
+/// ```
+/// assert_eq!(fusedopt::NonFinite::default(), fusedopt::NonFinite::Propagate);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum NonFinite {
+    /// No check: IEEE arithmetic carries NaN and infinities into weights and state (the default,
+    /// and the fastest).
+    #[default]
+    Propagate,
+    /// Modify nothing and do not count the step; the report says `skipped` (for dynamic loss
+    /// scaling, where an overflowed step is dropped).
+    Skip,
+    /// Refuse the step with [`StepError::NonFiniteGrad`]; nothing is modified.
+    Error,
 }
 
 /// Per-tensor overrides of an optimizer's hyperparameters, for
@@ -134,6 +159,11 @@ pub enum StepError {
         /// Number of tensors.
         tensors: usize,
     },
+    /// A gradient holds a NaN or an infinity, under [`NonFinite::Error`].
+    NonFiniteGrad {
+        /// Position of the first tensor with a non-finite gradient.
+        tensor: usize,
+    },
     /// The optimizer state could not be allocated.
     OutOfMemory {
         /// Number of `f32` elements of the buffer that failed.
@@ -187,6 +217,10 @@ impl fmt::Display for StepError {
             StepError::GroupCount { groups, tensors } => write!(
                 f,
                 "parameter groups were set for {groups} tensors but there are {tensors}"
+            ),
+            StepError::NonFiniteGrad { tensor } => write!(
+                f,
+                "tensor {tensor}: the gradients hold a NaN or an infinity; nothing was modified"
             ),
             StepError::OutOfMemory { elements } => {
                 write!(
@@ -421,6 +455,84 @@ pub trait Optimizer: Send {
     /// ```
     fn param_groups(&self) -> &[ParamGroup];
 
+    /// Sets the loss scale of later steps (default 1): the kernels divide every gradient by it as
+    /// they read it, so a mixed-precision trainer passes its scaled gradients unchanged. A
+    /// power-of-two scale (what dynamic loss scalers use) is applied as an exact multiplication by
+    /// its reciprocal, which gives the same bits as the division. Must be finite and `> 0`; the
+    /// next step refuses another value with [`StepError::InvalidConfig`].
+    ///
+    /// ```
+    /// use fusedopt::{Optimizer, Sgd, SgdConfig};
+    /// let mut opt = Sgd::new(SgdConfig { lr: 1.0, ..Default::default() });
+    /// opt.set_grad_scale(1024.0);
+    /// let mut w = [1.0f32];
+    /// opt.step(&mut w, &[512.0])?; // the true gradient is 0.5
+    /// assert_eq!(w, [0.5]);
+    /// # Ok::<(), fusedopt::StepError>(())
+    /// ```
+    fn set_grad_scale(&mut self, scale: f32);
+
+    /// The loss scale set by [`set_grad_scale`](Optimizer::set_grad_scale) (1 by default).
+    ///
+    /// ```
+    /// use fusedopt::{Adam, AdamConfig, Optimizer};
+    /// assert_eq!(Adam::new(AdamConfig::default()).grad_scale(), 1.0);
+    /// ```
+    fn grad_scale(&self) -> f32;
+
+    /// Clips later steps by global norm (`None`, the default, does not clip): the L2 norm of all
+    /// gradients of the call (`step` or `step_many`), taken on unscaled gradients, gives the
+    /// coefficient `min(1, max / (norm + 1e-6))` of `torch.nn.utils.clip_grad_norm_`, applied
+    /// inside the update kernel. The norm costs one extra read of the gradients; its sum runs in
+    /// a fixed order, so its bits do not depend on threads or chunk length. `max` must be finite
+    /// and `>= 0`; the next step refuses another value with [`StepError::InvalidConfig`].
+    ///
+    /// ```
+    /// use fusedopt::{Optimizer, Sgd, SgdConfig};
+    /// let mut opt = Sgd::new(SgdConfig { lr: 1.0, ..Default::default() });
+    /// opt.set_max_grad_norm(Some(1.0));
+    /// let mut w = [0.0f32; 2];
+    /// let report = opt.step(&mut w, &[3.0, 4.0])?; // norm 5: scaled to norm 1
+    /// assert_eq!(report.grad_norm, Some(5.0));
+    /// assert!((w[0] + 0.6).abs() < 1e-6 && (w[1] + 0.8).abs() < 1e-6);
+    /// # Ok::<(), fusedopt::StepError>(())
+    /// ```
+    fn set_max_grad_norm(&mut self, max: Option<f32>);
+
+    /// The clipping norm set by [`set_max_grad_norm`](Optimizer::set_max_grad_norm).
+    ///
+    /// ```
+    /// use fusedopt::{Adam, AdamConfig, Optimizer};
+    /// assert_eq!(Adam::new(AdamConfig::default()).max_grad_norm(), None);
+    /// ```
+    fn max_grad_norm(&self) -> Option<f32>;
+
+    /// Chooses what later steps do with a NaN or an infinity in a gradient ([`NonFinite`]). The
+    /// check shares the norm pass of clipping.
+    ///
+    /// ```
+    /// use fusedopt::{Adam, AdamConfig, NonFinite, Optimizer, StepError};
+    /// let mut opt = Adam::new(AdamConfig::default());
+    /// let mut w = [1.0f32, 2.0];
+    /// opt.set_non_finite(NonFinite::Skip);
+    /// let report = opt.step(&mut w, &[f32::NAN, 1.0])?;
+    /// assert!(report.skipped && report.step == 0 && w == [1.0, 2.0]);
+    /// opt.set_non_finite(NonFinite::Error);
+    /// let err = opt.step(&mut w, &[1.0, f32::INFINITY]).unwrap_err();
+    /// assert_eq!(err, StepError::NonFiniteGrad { tensor: 0 });
+    /// assert_eq!((opt.steps(), w), (0, [1.0, 2.0]));
+    /// # Ok::<(), fusedopt::StepError>(())
+    /// ```
+    fn set_non_finite(&mut self, policy: NonFinite);
+
+    /// The policy set by [`set_non_finite`](Optimizer::set_non_finite).
+    ///
+    /// ```
+    /// use fusedopt::{NonFinite, Optimizer, Sgd, SgdConfig};
+    /// assert_eq!(Sgd::new(SgdConfig::default()).non_finite(), NonFinite::Propagate);
+    /// ```
+    fn non_finite(&self) -> NonFinite;
+
     /// Forgets all state and the step count, as if newly built; settings are kept.
     ///
     /// ```
@@ -493,6 +605,24 @@ impl<T: sealed::Rule> Optimizer for T {
     }
     fn param_groups(&self) -> &[ParamGroup] {
         self.core().param_groups()
+    }
+    fn set_grad_scale(&mut self, scale: f32) {
+        self.core_mut().set_grad_scale(scale)
+    }
+    fn grad_scale(&self) -> f32 {
+        self.core().grad_scale()
+    }
+    fn set_max_grad_norm(&mut self, max: Option<f32>) {
+        self.core_mut().set_max_grad_norm(max)
+    }
+    fn max_grad_norm(&self) -> Option<f32> {
+        self.core().max_grad_norm()
+    }
+    fn set_non_finite(&mut self, policy: NonFinite) {
+        self.core_mut().set_non_finite(policy)
+    }
+    fn non_finite(&self) -> NonFinite {
+        self.core().non_finite()
     }
     fn reset(&mut self) {
         self.core_mut().reset()

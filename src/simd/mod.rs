@@ -284,35 +284,46 @@ unsafe fn chunk<K: Kernel<N>, V: Lane, const N: usize>(k: &K, run: Run<N>) {
     }
 }
 
-/// How a kernel reads its gradients, shared by every optimizer: `g ← g·factor` (maximize, loss
-/// scale, clipping), then `g ← g + wd·w` (L2 weight decay).
+/// How a kernel reads its gradients, shared by every optimizer: `g ← g / div` (a loss scale that
+/// is not a power of two), `g ← g·factor` (maximize, a power-of-two loss scale, clipping), then
+/// `g ← g + wd·w` (L2 weight decay).
 ///
-/// Each transform is compiled in only where it is active (`factor != 1`, `wd != 0`), so the
-/// default path runs exactly the optimizer's own formula, and `0·w` never turns an infinite
-/// weight into NaN.
+/// Each transform is compiled in only where it is active (`div != 1`, `factor != 1`, `wd != 0`),
+/// so the default path runs exactly the optimizer's own formula, and `0·w` never turns an
+/// infinite weight into NaN.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) struct GradPrep {
+    /// Divides every gradient; `1` divides nothing.
+    pub div: f32,
     /// Multiplies every gradient; `1` leaves them as they are.
     pub factor: f32,
-    /// L2 weight decay added to the (scaled) gradient; `0` adds nothing.
+    /// L2 weight decay added to the transformed gradient; `0` adds nothing.
     pub wd: f32,
 }
 
-/// A kernel behind its gradient transform; `SCALE` and `L2` say which parts of the
+/// A kernel behind its gradient transform; `DIV`, `SCALE` and `L2` say which parts of the
 /// [`GradPrep`] are active.
-struct Prepped<'a, K, const SCALE: bool, const L2: bool> {
+struct Prepped<'a, K, const DIV: bool, const SCALE: bool, const L2: bool> {
     kernel: &'a K,
-    factor: f32,
-    wd: f32,
+    prep: GradPrep,
 }
 
-impl<K: Kernel<N>, const N: usize, const SCALE: bool, const L2: bool> Kernel<N>
-    for Prepped<'_, K, SCALE, L2>
+impl<K: Kernel<N>, const N: usize, const DIV: bool, const SCALE: bool, const L2: bool> Kernel<N>
+    for Prepped<'_, K, DIV, SCALE, L2>
 {
     #[inline(always)]
     fn update<V: Lane>(&self, w: V, g: V, state: &mut [V; N]) -> V {
-        let g = if SCALE { g * V::splat(self.factor) } else { g };
-        let g = if L2 { g + V::splat(self.wd) * w } else { g };
+        let g = if DIV { g / V::splat(self.prep.div) } else { g };
+        let g = if SCALE {
+            g * V::splat(self.prep.factor)
+        } else {
+            g
+        };
+        let g = if L2 {
+            g + V::splat(self.prep.wd) * w
+        } else {
+            g
+        };
         self.kernel.update(w, g, state)
     }
 }
@@ -329,40 +340,63 @@ pub(crate) unsafe fn run<K: Kernel<N>, const N: usize>(
     prep: GradPrep,
     run: Run<N>,
 ) {
-    let (factor, wd) = (prep.factor, prep.wd);
+    macro_rules! go {
+        ($div:literal, $scale:literal, $l2:literal) => {
+            run_tier(
+                level,
+                &Prepped::<K, $div, $scale, $l2> { kernel: k, prep },
+                run,
+            )
+        };
+    }
     // SAFETY: forwarded from the caller.
     unsafe {
-        match (factor != 1.0, wd != 0.0) {
-            (false, false) => run_tier(level, k, run),
-            (true, false) => run_tier(
-                level,
-                &Prepped::<K, true, false> {
-                    kernel: k,
-                    factor,
-                    wd,
-                },
-                run,
-            ),
-            (false, true) => run_tier(
-                level,
-                &Prepped::<K, false, true> {
-                    kernel: k,
-                    factor,
-                    wd,
-                },
-                run,
-            ),
-            (true, true) => run_tier(
-                level,
-                &Prepped::<K, true, true> {
-                    kernel: k,
-                    factor,
-                    wd,
-                },
-                run,
-            ),
+        match (prep.div != 1.0, prep.factor != 1.0, prep.wd != 0.0) {
+            (false, false, false) => run_tier(level, k, run),
+            (false, true, false) => go!(false, true, false),
+            (false, false, true) => go!(false, false, true),
+            (false, true, true) => go!(false, true, true),
+            (true, false, false) => go!(true, false, false),
+            (true, true, false) => go!(true, true, false),
+            (true, false, true) => go!(true, false, true),
+            (true, true, true) => go!(true, true, true),
         }
     }
+}
+
+/// The sum of the squares of `g`, in f64, in one fixed order whatever the tier: element `i` is
+/// added to accumulator `i % 8`, and the accumulators are combined pairwise at the end.
+///
+/// An f32's square is exact in f64, and no sum of f32 squares overflows f64 short of 10^230
+/// elements, so the result is finite exactly when every element is; and every tier computes the
+/// same bits (the additions happen in the same order; the compiler never reorders them).
+pub(crate) fn sum_squares(level: SimdLevel, g: &[f32]) -> f64 {
+    #[cfg(target_arch = "x86_64")]
+    if level == SimdLevel::Avx2 {
+        // SAFETY: `level` is available (the caller's `Backend::level` only returns available
+        // tiers), so the CPU has AVX2 and FMA.
+        return unsafe { x86_avx2::sum_squares(g) };
+    }
+    let _ = level;
+    sum_squares_body(g)
+}
+
+/// The one body of [`sum_squares`], inlined into each tier.
+#[inline(always)]
+fn sum_squares_body(g: &[f32]) -> f64 {
+    let mut acc = [0f64; 8];
+    let mut blocks = g.chunks_exact(8);
+    for block in &mut blocks {
+        for (a, &x) in acc.iter_mut().zip(block) {
+            let x = f64::from(x);
+            *a += x * x;
+        }
+    }
+    for (a, &x) in acc.iter_mut().zip(blocks.remainder()) {
+        let x = f64::from(x);
+        *a += x * x;
+    }
+    ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))
 }
 
 /// Runs kernel `k` over `run` on the given tier.

@@ -5,7 +5,7 @@
 //! and add, and LLVM does not contract them on its own, so results stay bitwise identical to the
 //! scalar and portable tiers.
 
-use super::{Kernel, Lane, Run, chunk};
+use super::{Kernel, Lane, Run, chunk, sum_squares_body};
 use core::arch::x86_64::*;
 use core::ops::{Add, Div, Mul, Neg, Sub};
 
@@ -84,4 +84,13 @@ impl Lane for Avx2 {
 pub(super) unsafe fn run<K: Kernel<N>, const N: usize>(k: &K, run: Run<N>) {
     // SAFETY: forwarded from the caller; AVX2 is enabled for this function's body.
     unsafe { chunk::<K, Avx2, N>(k, run) }
+}
+
+/// [`sum_squares_body`](super::sum_squares_body) compiled for AVX2.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn sum_squares(g: &[f32]) -> f64 {
+    sum_squares_body(g)
 }
