@@ -248,7 +248,8 @@ fn propagate_is_plain_ieee_and_runs_no_check() {
 
 #[test]
 fn out_of_range_settings_are_refused_and_change_nothing() {
-    let settings: [(&str, fn(&mut dyn Optimizer)); 6] = [
+    type Setting = (&'static str, fn(&mut dyn Optimizer));
+    let settings: [Setting; 6] = [
         ("grad_scale", |o| o.set_grad_scale(0.0)),
         ("grad_scale", |o| o.set_grad_scale(-2.0)),
         ("grad_scale", |o| o.set_grad_scale(f32::NAN)),
