@@ -6,6 +6,7 @@
 //! cargo bench -- 'adam/avx2'     # one tier
 //! cargo bench -- threads/        # thread scaling
 //! cargo bench -- models/         # whole-model steps: GPT-2 small and 10,000 x 1024 vs one flat tensor
+//! cargo bench -- hygiene/        # Adam plain vs clipping + non-finite check vs AdamW + AMSGrad
 //! ```
 //!
 //! Throughput is `Throughput::BytesDecimal` with the byte model of `roofline::bytes_per_param`
@@ -132,5 +133,40 @@ fn models(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, optimizers, threads, models);
+/// The cost of gradient hygiene and of Adam's options: plain Adam, Adam with a loss scale,
+/// global-norm clipping and the non-finite check (one extra read of the gradients), and AdamW
+/// with AMSGrad (a third state buffer). Throughput counts plain Adam's 28 bytes per parameter for
+/// all three, so the GB/s ratio is the time ratio.
+fn hygiene(c: &mut Criterion) {
+    let mut group = c.benchmark_group("hygiene");
+    group
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_millis(1500));
+    for (n, label) in [(1 << 20, "1M"), (1 << 24, "16M"), (1 << 26, "64M")] {
+        group.throughput(Throughput::BytesDecimal((bytes_per_param(2) * n) as u64));
+        let (mut w, g) = data(n);
+        let mut plain = Adam::new(AdamConfig::default());
+        group.bench_function(BenchmarkId::new("adam", label), |b| {
+            b.iter(|| plain.step(&mut w, &g).unwrap())
+        });
+        let mut clipped = Adam::new(AdamConfig::default());
+        clipped.set_grad_scale(1024.0);
+        clipped.set_max_grad_norm(Some(1.0));
+        clipped.set_non_finite(NonFinite::Skip);
+        group.bench_function(BenchmarkId::new("adam+scale+clip+check", label), |b| {
+            b.iter(|| clipped.step(&mut w, &g).unwrap())
+        });
+        let mut adamw = Adam::new(AdamConfig {
+            amsgrad: true,
+            ..AdamConfig::adamw()
+        });
+        group.bench_function(BenchmarkId::new("adamw+amsgrad", label), |b| {
+            b.iter(|| adamw.step(&mut w, &g).unwrap())
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, optimizers, threads, models, hygiene);
 criterion_main!(benches);

@@ -48,6 +48,11 @@ struct Args {
     /// tensor of the same total size.
     #[arg(long)]
     models: bool,
+    /// Instead: the cost of gradient hygiene and trainer options on Adam at each `--sizes` (64M
+    /// by default): plain steps against steps with a loss scale, clipping and the non-finite
+    /// check, and against AdamW + AMSGrad.
+    #[arg(long)]
+    hygiene: bool,
 }
 
 struct Row {
@@ -66,6 +71,13 @@ fn main() {
     let pool = pool.build().unwrap();
     if args.models {
         pool.install(models);
+    } else if args.hygiene {
+        let sizes = if args.sizes == Args::parse_from(["perf"]).sizes {
+            vec![64 << 20]
+        } else {
+            args.sizes.iter().map(|s| parse_size(s).unwrap()).collect()
+        };
+        pool.install(|| hygiene(&sizes));
     } else {
         pool.install(|| run(&args));
     }
@@ -132,6 +144,98 @@ fn models() {
             f * 1e3,
             f / m
         );
+    }
+}
+
+/// Times `a` and `b` alternately (`reps` pairs after 2 warm-up pairs) and returns their medians.
+fn alternate(reps: usize, mut a: impl FnMut(), mut b: impl FnMut()) -> (f64, f64) {
+    let (mut ta, mut tb) = (Vec::new(), Vec::new());
+    let time = |f: &mut dyn FnMut()| {
+        let t = Instant::now();
+        f();
+        t.elapsed().as_secs_f64()
+    };
+    for rep in 0..reps + 2 {
+        let (x, y) = if rep % 2 == 0 {
+            let x = time(&mut a);
+            (x, time(&mut b))
+        } else {
+            let y = time(&mut b);
+            (time(&mut a), y)
+        };
+        if rep >= 2 {
+            ta.push(x);
+            tb.push(y);
+        }
+    }
+    (median(ta), median(tb))
+}
+
+/// Adam with gradient hygiene or options on, against plain Adam on its own buffers.
+fn hygiene(sizes: &[usize]) {
+    println!(
+        "Adam with hygiene/options vs plain Adam: {} threads, {} kernels; median of alternating runs",
+        rayon::current_num_threads(),
+        simd_level()
+    );
+    for &n in sizes {
+        let reps = if n >= 16 << 20 { 41 } else { 201 };
+        let (w0, g) = data(n);
+        let mut plain = Adam::new(AdamConfig::default());
+        let mut wp = w0.clone();
+        type Build = Box<dyn Fn() -> Adam>;
+        let variants: [(&str, Build); 3] = [
+            (
+                "clip + check (Skip)",
+                Box::new(|| {
+                    let mut o = Adam::new(AdamConfig::default());
+                    o.set_max_grad_norm(Some(1.0));
+                    o.set_non_finite(NonFinite::Skip);
+                    o
+                }),
+            ),
+            (
+                "scale 1024 + clip + check",
+                Box::new(|| {
+                    let mut o = Adam::new(AdamConfig::default());
+                    o.set_grad_scale(1024.0);
+                    o.set_max_grad_norm(Some(1.0));
+                    o.set_non_finite(NonFinite::Skip);
+                    o
+                }),
+            ),
+            (
+                "adamw + amsgrad + wd",
+                Box::new(|| {
+                    Adam::new(AdamConfig {
+                        weight_decay: 0.01,
+                        decoupled_weight_decay: true,
+                        amsgrad: true,
+                        ..AdamConfig::adamw()
+                    })
+                }),
+            ),
+        ];
+        for (name, build) in variants {
+            let mut opt = build();
+            let mut w = w0.clone();
+            let (tp, to) = alternate(
+                reps,
+                || {
+                    plain.step(&mut wp, &g).unwrap();
+                },
+                || {
+                    opt.step(&mut w, &g).unwrap();
+                },
+            );
+            println!(
+                "{:>5} {name:<26} plain {:>7.3} ms, with {:>7.3} ms: ratio {:.3}",
+                label(n),
+                tp * 1e3,
+                to * 1e3,
+                to / tp
+            );
+        }
     }
 }
 

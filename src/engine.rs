@@ -571,7 +571,10 @@ impl Core {
                 .zip(&scratch.blocks)
                 .for_each(sum_block);
         } else {
-            let per_task = (chunk_len / NORM_BLOCK).max(1);
+            // One contiguous run of blocks per thread: a read stream that jumps between distant
+            // blocks restarts its prefetch lead each time.
+            let threads = rayon::current_num_threads();
+            let per_task = scratch.blocks.len().div_ceil(threads).max(1);
             scratch
                 .sums
                 .par_iter_mut()
