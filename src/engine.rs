@@ -42,7 +42,8 @@ pub const DEFAULT_CHUNK_LEN: usize = 1 << 16;
 /// The per-step input of every optimizer: one `(weights, grads)` pair per tensor.
 pub(crate) type Params<'a, 'b> = [(&'a mut [f32], &'b [f32])];
 
-type StateBuf = AVec<f32, ConstAlign<64>>;
+/// One state buffer: every tensor's slice, each starting on a 64-byte boundary.
+pub(crate) type StateBuf = AVec<f32, ConstAlign<64>>;
 
 /// Tensor lengths and where each tensor's slice starts in the state buffers.
 #[derive(Debug, Clone, PartialEq)]
@@ -313,6 +314,56 @@ impl<K> Kernels<K> {
     }
 }
 
+/// Checks the values of per-tensor overrides.
+pub(crate) fn check_groups(groups: &[ParamGroup]) -> Result<(), StepError> {
+    for (tensor, g) in groups.iter().enumerate() {
+        let bad = |field, value, expected| StepError::InvalidGroup {
+            tensor,
+            field,
+            value,
+            expected,
+        };
+        if !(g.lr_scale.is_finite() && g.lr_scale >= 0.0) {
+            return Err(bad("lr_scale", g.lr_scale, "finite and >= 0"));
+        }
+        if let Some(wd) = g.weight_decay
+            && !(wd.is_finite() && wd >= 0.0)
+        {
+            return Err(bad("weight_decay", wd, "finite and >= 0"));
+        }
+    }
+    Ok(())
+}
+
+/// What a state file records of a [`Core`].
+pub(crate) struct SavedState<'a> {
+    pub steps: u64,
+    pub layout: Option<&'a [usize]>,
+    /// Where each tensor's slice starts in every buffer.
+    pub offsets: &'a [usize],
+    pub buffers: Vec<&'a [f32]>,
+    pub groups: &'a [ParamGroup],
+}
+
+/// Allocates `buffers` state buffers for tensors of lengths `lens`, the padding zeroed, and
+/// lets `fill(buffer, tensor, slice)` write each tensor's slice.
+pub(crate) fn build_state(
+    lens: &[usize],
+    buffers: usize,
+    fill: impl Fn(usize, usize, &mut [f32]),
+) -> Result<Vec<StateBuf>, StepError> {
+    let layout = Layout::new(lens.to_vec());
+    (0..buffers)
+        .map(|b| {
+            let mut buf = zeroed(layout.total)?;
+            for (t, (&len, &at)) in layout.lens.iter().zip(&layout.offsets).enumerate() {
+                fill(b, t, &mut buf[at..at + len]);
+            }
+            Ok(buf)
+        })
+        .collect()
+}
+
 /// Everything an optimizer needs besides its formula: settings, layout, state, plan, counter.
 #[derive(Debug)]
 pub struct Core {
@@ -392,22 +443,7 @@ impl Core {
 
     /// Sets per-tensor overrides (empty: none). Checked in full before anything changes.
     pub(crate) fn set_param_groups(&mut self, groups: &[ParamGroup]) -> Result<(), StepError> {
-        for (tensor, g) in groups.iter().enumerate() {
-            let bad = |field, value, expected| StepError::InvalidGroup {
-                tensor,
-                field,
-                value,
-                expected,
-            };
-            if !(g.lr_scale.is_finite() && g.lr_scale >= 0.0) {
-                return Err(bad("lr_scale", g.lr_scale, "finite and >= 0"));
-            }
-            if let Some(wd) = g.weight_decay
-                && !(wd.is_finite() && wd >= 0.0)
-            {
-                return Err(bad("weight_decay", wd, "finite and >= 0"));
-            }
-        }
+        check_groups(groups)?;
         if let (false, Some(layout)) = (groups.is_empty() || self.state.is_empty(), &self.layout)
             && layout.lens.len() != groups.len()
         {
@@ -418,6 +454,33 @@ impl Core {
         }
         self.groups = Groups::new(groups);
         Ok(())
+    }
+
+    /// What a state file records of this core.
+    pub(crate) fn saved_state(&self) -> SavedState<'_> {
+        SavedState {
+            steps: self.steps,
+            layout: self.layout(),
+            offsets: self.layout.as_ref().map_or(&[], |l| &l.offsets),
+            buffers: self.state.iter().map(|b| &b[..]).collect(),
+            groups: &self.groups.per_tensor,
+        }
+    }
+
+    /// Replaces layout, state, step count and groups with those of a loaded state file (checked
+    /// by the caller).
+    pub(crate) fn restore(
+        &mut self,
+        layout: Option<Vec<usize>>,
+        state: Vec<StateBuf>,
+        steps: u64,
+        groups: &[ParamGroup],
+    ) {
+        self.layout = layout.map(Layout::new);
+        self.state = state;
+        self.steps = steps;
+        self.plan = None;
+        self.groups = Groups::new(groups);
     }
 
     pub(crate) fn param_groups(&self) -> &[ParamGroup] {

@@ -73,6 +73,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(clippy::undocumented_unsafe_blocks)]
 
+mod checkpoint;
 mod engine;
 mod optim;
 mod optimizer;
@@ -81,6 +82,7 @@ pub mod schedule;
 mod simd;
 mod tuning;
 
+pub use checkpoint::StateError;
 pub use engine::DEFAULT_CHUNK_LEN;
 pub use optim::adagrad::{AdaGrad, AdaGradConfig};
 pub use optim::adam::{Adam, AdamConfig, EpsMode};

@@ -1,8 +1,10 @@
 //! The [`Optimizer`] trait shared by all six optimizers, and its settings, report and errors.
 
+use crate::checkpoint::{self, ConfigFields, StateError};
 use crate::engine::{Core, Params};
 use crate::simd::SimdLevel;
 use core::fmt;
+use std::path::Path;
 
 /// Which kernels a step runs.
 ///
@@ -533,6 +535,59 @@ pub trait Optimizer: Send {
     /// ```
     fn non_finite(&self) -> NonFinite;
 
+    /// Saves the optimizer state to `path`: the state buffers, step count, layout, parameter
+    /// groups and hyperparameters, as a safetensors file with a checksum (the format is described
+    /// in [`StateError`]'s module, and in the README). The write is atomic: a temporary file in
+    /// the same directory is written, synced and renamed over `path`.
+    ///
+    /// ```
+    /// use fusedopt::{Adam, AdamConfig, Optimizer};
+    /// let path = std::env::temp_dir().join(format!("fusedopt-doc-save-{}.safetensors", std::process::id()));
+    /// let mut opt = Adam::new(AdamConfig::default());
+    /// let mut w = [1.0f32; 3];
+    /// opt.step(&mut w, &[0.5; 3])?;
+    /// opt.save_state(&path)?;
+    ///
+    /// let mut resumed = Adam::new(AdamConfig::default());
+    /// resumed.load_state(&path)?;
+    /// assert_eq!((resumed.steps(), resumed.layout()), (1, Some(&[3][..])));
+    /// # std::fs::remove_file(&path).unwrap();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`StateError::Io`] if the file cannot be written, synced or renamed; any previous file at
+    /// `path` is then left intact.
+    fn save_state(&self, path: &Path) -> Result<(), StateError>;
+
+    /// Replaces the optimizer state with the one saved at `path` by
+    /// [`save_state`](Optimizer::save_state): state buffers, step count, layout, parameter
+    /// groups and hyperparameters (as `torch.optim`'s `load_state_dict` does). Settings that are
+    /// not state (backend, chunk length, loss scale, clipping, non-finite policy) are kept.
+    /// Continuing after a load gives bitwise the results of the uninterrupted run.
+    ///
+    /// ```
+    /// use fusedopt::{Optimizer, Sgd, SgdConfig, StateError};
+    /// let path = std::env::temp_dir().join(format!("fusedopt-doc-load-{}.safetensors", std::process::id()));
+    /// Sgd::new(SgdConfig::default()).save_state(&path)?;
+    /// let mut adam = fusedopt::Adam::new(Default::default());
+    /// let err = adam.load_state(&path).unwrap_err();
+    /// assert!(matches!(err, StateError::Optimizer { .. }), "{err}");
+    /// assert!(err.to_string().contains("sgd"));
+    /// # std::fs::remove_file(&path).unwrap();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    /// Everything is checked before anything changes; on error the optimizer is untouched.
+    /// [`StateError::Io`] if the file cannot be read; [`StateError::Format`] for a file that is
+    /// not a fusedopt state file; [`StateError::Checksum`] for a truncated or altered one;
+    /// [`StateError::Version`], [`StateError::Optimizer`] for another format version or
+    /// optimizer kind; [`StateError::Layout`] if the optimizer already holds state for another
+    /// layout; [`StateError::Config`] for out-of-range hyperparameters;
+    /// [`StateError::OutOfMemory`].
+    fn load_state(&mut self, path: &Path) -> Result<(), StateError>;
+
     /// Forgets all state and the step count, as if newly built; settings are kept.
     ///
     /// ```
@@ -551,8 +606,16 @@ pub(crate) mod sealed {
 
     /// What an optimizer file provides; the engine and the blanket [`Optimizer`] impl do the rest.
     pub trait Rule: Send {
+        /// The configuration type.
+        type Config: crate::checkpoint::ConfigFields;
+        /// The names of the state buffers in a state file, in the engine's order.
+        const BUFFER_NAMES: &'static [&'static str];
         /// See [`Optimizer::name`].
         const NAME: &'static str;
+        /// The configuration.
+        fn rule_config(&self) -> &Self::Config;
+        /// The configuration, to replace.
+        fn rule_config_mut(&mut self) -> &mut Self::Config;
         /// See [`Optimizer::state_buffers`].
         fn state_buffers(&self) -> usize;
         fn core(&self) -> &Core;
@@ -623,6 +686,26 @@ impl<T: sealed::Rule> Optimizer for T {
     }
     fn non_finite(&self) -> NonFinite {
         self.core().non_finite()
+    }
+    fn save_state(&self, path: &Path) -> Result<(), StateError> {
+        let fields = self.rule_config().fields();
+        checkpoint::save(path, T::NAME, T::BUFFER_NAMES, &fields, self.core())
+    }
+    fn load_state(&mut self, path: &Path) -> Result<(), StateError> {
+        let current = self.core().layout();
+        let loaded = checkpoint::load(path, T::NAME, T::BUFFER_NAMES, current)?;
+        let config = checkpoint::check_config::<T::Config>(path, &loaded)?;
+        // Everything is checked: apply.
+        *self.rule_config_mut() = config;
+        let checkpoint::Loaded {
+            steps,
+            layout,
+            groups,
+            state,
+            ..
+        } = loaded;
+        self.core_mut().restore(layout, state, steps, &groups);
+        Ok(())
     }
     fn reset(&mut self) {
         self.core_mut().reset()

@@ -53,6 +53,13 @@ impl AdaGradConfig {
     }
 }
 
+crate::checkpoint::config_fields!(AdaGradConfig {
+    lr,
+    eps,
+    weight_decay,
+    maximize
+});
+
 /// AdaGrad: `h ← h + g²; w ← w − lr·g / (√h + ε)`, with `h` starting at zero.
 ///
 /// ```
@@ -127,6 +134,8 @@ impl Kernel<1> for AdaGradStep {
 }
 
 impl Rule for AdaGrad {
+    type Config = AdaGradConfig;
+    const BUFFER_NAMES: &'static [&'static str] = &["h"];
     const NAME: &'static str = "adagrad";
     fn state_buffers(&self) -> usize {
         1
@@ -136,6 +145,12 @@ impl Rule for AdaGrad {
     }
     fn core_mut(&mut self) -> &mut Core {
         &mut self.core
+    }
+    fn rule_config(&self) -> &Self::Config {
+        &self.config
+    }
+    fn rule_config_mut(&mut self) -> &mut Self::Config {
+        &mut self.config
     }
     fn config_lr(&self) -> f32 {
         self.config.lr

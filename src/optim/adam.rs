@@ -23,6 +23,23 @@ pub enum EpsMode {
     PyTorch,
 }
 
+impl crate::checkpoint::FieldValue for EpsMode {
+    fn encode(&self) -> String {
+        match self {
+            EpsMode::Seed => "seed",
+            EpsMode::PyTorch => "pytorch",
+        }
+        .to_string()
+    }
+    fn decode(s: &str) -> Option<Self> {
+        match s {
+            "seed" => Some(EpsMode::Seed),
+            "pytorch" => Some(EpsMode::PyTorch),
+            _ => None,
+        }
+    }
+}
+
 /// Hyperparameters of [`Adam`].
 ///
 /// ```
@@ -109,6 +126,18 @@ impl AdamConfig {
         check_weight_decay(Adam::NAME, self.weight_decay)
     }
 }
+
+crate::checkpoint::config_fields!(AdamConfig {
+    lr,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    maximize,
+    decoupled_weight_decay,
+    amsgrad,
+    eps_mode
+});
 
 /// Adam, with the bias correction folded into the step size:
 ///
@@ -251,6 +280,8 @@ impl<const TORCH: bool> Kernel<3> for AmsGrad<TORCH> {
 }
 
 impl Rule for Adam {
+    type Config = AdamConfig;
+    const BUFFER_NAMES: &'static [&'static str] = &["m", "v", "v_max"];
     const NAME: &'static str = "adam";
     fn state_buffers(&self) -> usize {
         if self.config.amsgrad { 3 } else { 2 }
@@ -260,6 +291,12 @@ impl Rule for Adam {
     }
     fn core_mut(&mut self) -> &mut Core {
         &mut self.core
+    }
+    fn rule_config(&self) -> &Self::Config {
+        &self.config
+    }
+    fn rule_config_mut(&mut self) -> &mut Self::Config {
+        &mut self.config
     }
     fn config_lr(&self) -> f32 {
         self.config.lr

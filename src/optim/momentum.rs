@@ -54,6 +54,13 @@ impl MomentumConfig {
     }
 }
 
+crate::checkpoint::config_fields!(MomentumConfig {
+    lr,
+    momentum,
+    weight_decay,
+    maximize
+});
+
 /// Gradient descent with classical momentum, in the velocity convention:
 /// `v ← μ·v − lr·g; w ← w + v`, with `v` starting at zero.
 ///
@@ -137,6 +144,8 @@ impl Kernel<1> for MomentumStep {
 }
 
 impl Rule for Momentum {
+    type Config = MomentumConfig;
+    const BUFFER_NAMES: &'static [&'static str] = &["v"];
     const NAME: &'static str = "momentum";
     fn state_buffers(&self) -> usize {
         1
@@ -146,6 +155,12 @@ impl Rule for Momentum {
     }
     fn core_mut(&mut self) -> &mut Core {
         &mut self.core
+    }
+    fn rule_config(&self) -> &Self::Config {
+        &self.config
+    }
+    fn rule_config_mut(&mut self) -> &mut Self::Config {
+        &mut self.config
     }
     fn config_lr(&self) -> f32 {
         self.config.lr

@@ -53,6 +53,13 @@ impl NagConfig {
     }
 }
 
+crate::checkpoint::config_fields!(NagConfig {
+    lr,
+    momentum,
+    weight_decay,
+    maximize
+});
+
 /// Nesterov's accelerated gradient in the velocity convention:
 /// `v ← μ·v − lr·g; w ← w + μ·v − lr·g` (using the updated `v`), with `v` starting at zero.
 ///
@@ -137,6 +144,8 @@ impl Kernel<1> for NagStep {
 }
 
 impl Rule for Nag {
+    type Config = NagConfig;
+    const BUFFER_NAMES: &'static [&'static str] = &["v"];
     const NAME: &'static str = "nag";
     fn state_buffers(&self) -> usize {
         1
@@ -146,6 +155,12 @@ impl Rule for Nag {
     }
     fn core_mut(&mut self) -> &mut Core {
         &mut self.core
+    }
+    fn rule_config(&self) -> &Self::Config {
+        &self.config
+    }
+    fn rule_config_mut(&mut self) -> &mut Self::Config {
+        &mut self.config
     }
     fn config_lr(&self) -> f32 {
         self.config.lr

@@ -57,6 +57,14 @@ impl RmsPropConfig {
     }
 }
 
+crate::checkpoint::config_fields!(RmsPropConfig {
+    lr,
+    decay_rate,
+    eps,
+    weight_decay,
+    maximize
+});
+
 /// RMSProp: `h ← ρ·h + (1−ρ)·g²; w ← w − lr·g / (√h + ε)`, with `h` starting at zero.
 ///
 /// ```
@@ -143,6 +151,8 @@ impl Kernel<1> for RmsPropStep {
 }
 
 impl Rule for RmsProp {
+    type Config = RmsPropConfig;
+    const BUFFER_NAMES: &'static [&'static str] = &["h"];
     const NAME: &'static str = "rmsprop";
     fn state_buffers(&self) -> usize {
         1
@@ -152,6 +162,12 @@ impl Rule for RmsProp {
     }
     fn core_mut(&mut self) -> &mut Core {
         &mut self.core
+    }
+    fn rule_config(&self) -> &Self::Config {
+        &self.config
+    }
+    fn rule_config_mut(&mut self) -> &mut Self::Config {
+        &mut self.config
     }
     fn config_lr(&self) -> f32 {
         self.config.lr

@@ -48,6 +48,12 @@ impl SgdConfig {
     }
 }
 
+crate::checkpoint::config_fields!(SgdConfig {
+    lr,
+    weight_decay,
+    maximize
+});
+
 /// Stochastic gradient descent: `w ← w − lr·g`. No state, so any tensor length is accepted at any
 /// step.
 ///
@@ -123,6 +129,8 @@ impl Kernel<0> for SgdStep {
 }
 
 impl Rule for Sgd {
+    type Config = SgdConfig;
+    const BUFFER_NAMES: &'static [&'static str] = &[];
     const NAME: &'static str = "sgd";
     fn state_buffers(&self) -> usize {
         0
@@ -132,6 +140,12 @@ impl Rule for Sgd {
     }
     fn core_mut(&mut self) -> &mut Core {
         &mut self.core
+    }
+    fn rule_config(&self) -> &Self::Config {
+        &self.config
+    }
+    fn rule_config_mut(&mut self) -> &mut Self::Config {
+        &mut self.config
     }
     fn config_lr(&self) -> f32 {
         self.config.lr

@@ -1,0 +1,417 @@
+//! State files: save, load into a fresh optimizer, continue bitwise; every refusal leaves the
+//! optimizer untouched; atomic saves; mutated files never panic the loader.
+
+mod common;
+use common::*;
+use fusedopt::*;
+use std::path::{Path, PathBuf};
+
+const LENS: [usize; 4] = [300, 0, 17, 4097];
+
+/// A fresh directory for one test.
+fn dir(test: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("fusedopt-state-{test}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn step(opt: &mut dyn Optimizer, ws: &mut [Vec<f32>], rng: &mut Rng) {
+    let gs: Vec<Vec<f32>> = ws.iter().map(|w| rng.vec(w.len(), 2.0)).collect();
+    let mut params: Vec<(&mut [f32], &[f32])> = ws
+        .iter_mut()
+        .zip(&gs)
+        .map(|(w, g)| (w.as_mut_slice(), g.as_slice()))
+        .collect();
+    opt.step_many(&mut params).unwrap();
+}
+
+/// Builds an optimizer.
+type Build = Box<dyn Fn() -> Box<dyn Optimizer>>;
+
+/// Every optimizer, some with options, groups and AMSGrad, as (label, builder).
+fn variants() -> Vec<(String, Build)> {
+    let mut v: Vec<(String, Build)> = KINDS
+        .iter()
+        .map(|&k| {
+            let label = format!("{k:?}");
+            let build: Box<dyn Fn() -> Box<dyn Optimizer>> = Box::new(move || {
+                make(
+                    k,
+                    Hp {
+                        weight_decay: 0.01,
+                        ..Hp::unusual()
+                    },
+                )
+            });
+            (label, build)
+        })
+        .collect();
+    v.push((
+        "AdamW+AMSGrad+groups".into(),
+        Box::new(|| {
+            let mut o = Adam::new(AdamConfig {
+                amsgrad: true,
+                ..AdamConfig::adamw()
+            });
+            o.set_param_groups(&[
+                ParamGroup::DEFAULT,
+                ParamGroup::NO_WEIGHT_DECAY,
+                ParamGroup {
+                    lr_scale: 0.5,
+                    weight_decay: None,
+                },
+                ParamGroup {
+                    lr_scale: 2.0,
+                    weight_decay: Some(0.2),
+                },
+            ])
+            .unwrap();
+            Box::new(o)
+        }),
+    ));
+    v
+}
+
+#[test]
+fn save_load_continue_is_bitwise_identical_to_the_uninterrupted_run() {
+    let d = dir("roundtrip");
+    for (label, build) in variants() {
+        for lens in [&LENS[..], &[1031][..]] {
+            if label.contains("groups") && lens.len() != LENS.len() {
+                continue; // its groups are for LENS
+            }
+            let mut rng = Rng(1);
+            let w0: Vec<Vec<f32>> = lens.iter().map(|&n| rng.vec(n, 1.0)).collect();
+            // The uninterrupted run.
+            let mut straight = build();
+            let mut ws = w0.clone();
+            let mut r = Rng(2);
+            for _ in 0..7 {
+                step(straight.as_mut(), &mut ws, &mut r);
+            }
+            // Three steps, save, load into a fresh optimizer of the default configuration (the
+            // file carries the hyperparameters and groups), four more steps.
+            let mut first = build();
+            let mut wr = w0.clone();
+            let mut r = Rng(2);
+            for _ in 0..3 {
+                step(first.as_mut(), &mut wr, &mut r);
+            }
+            let path = d.join(format!("{label}-{}.safetensors", lens.len()));
+            first.save_state(&path).unwrap();
+            let mut resumed = optimizer_by_name(first.name()).unwrap();
+            resumed.load_state(&path).unwrap();
+            assert_eq!(resumed.steps(), 3, "{label}");
+            assert_eq!(resumed.layout(), Some(lens), "{label}");
+            assert_eq!(resumed.param_groups(), first.param_groups(), "{label}");
+            assert_eq!(resumed.lr(), first.lr(), "{label}");
+            for _ in 0..4 {
+                step(resumed.as_mut(), &mut wr, &mut r);
+            }
+            assert_eq!(resumed.steps(), straight.steps());
+            for (t, (a, b)) in wr.iter().zip(&ws).enumerate() {
+                assert_same(
+                    a,
+                    b,
+                    &format!("{label}, {} tensors, tensor {t}", lens.len()),
+                );
+            }
+        }
+    }
+    std::fs::remove_dir_all(d).unwrap();
+}
+
+#[test]
+fn a_state_saved_before_any_step_loads_into_a_fresh_optimizer() {
+    let d = dir("fresh");
+    let path = d.join("fresh.safetensors");
+    let opt = Momentum::new(MomentumConfig {
+        lr: 0.5,
+        ..Default::default()
+    });
+    opt.save_state(&path).unwrap();
+    let mut resumed = Momentum::new(MomentumConfig::default());
+    resumed.load_state(&path).unwrap();
+    assert_eq!(
+        (resumed.steps(), resumed.layout(), resumed.lr()),
+        (0, None, 0.5)
+    );
+    resumed.step(&mut [1.0; 5], &[1.0; 5]).unwrap();
+    std::fs::remove_dir_all(d).unwrap();
+}
+
+/// An Adam that has taken two steps on LENS, and a copy of what it would do next.
+fn stepped() -> (Box<dyn Optimizer>, Vec<Vec<f32>>) {
+    let mut opt = make(Kind::Adam, Hp::defaults(Kind::Adam));
+    let mut rng = Rng(3);
+    let mut ws: Vec<Vec<f32>> = LENS.iter().map(|&n| rng.vec(n, 1.0)).collect();
+    step(opt.as_mut(), &mut ws, &mut rng);
+    step(opt.as_mut(), &mut ws, &mut rng);
+    (opt, ws)
+}
+
+/// Checks that `opt` still behaves exactly as a `stepped()` optimizer does.
+fn assert_untouched(opt: &mut dyn Optimizer, ws: &[Vec<f32>], what: &str) {
+    let (mut control, _) = stepped();
+    assert_eq!(opt.steps(), 2, "{what}");
+    assert_eq!(opt.layout(), Some(&LENS[..]), "{what}");
+    let (mut a, mut b) = (ws.to_vec(), ws.to_vec());
+    step(opt, &mut a, &mut Rng(4));
+    step(control.as_mut(), &mut b, &mut Rng(4));
+    for (x, y) in a.iter().zip(&b) {
+        assert_same(x, y, what);
+    }
+}
+
+#[test]
+fn refused_files_leave_the_optimizer_untouched() {
+    let d = dir("refused");
+    let (source, _) = stepped();
+    let good = d.join("good.safetensors");
+    source.save_state(&good).unwrap();
+    let bytes = std::fs::read(&good).unwrap();
+    let write = |name: &str, data: &[u8]| {
+        let p = d.join(name);
+        std::fs::write(&p, data).unwrap();
+        p
+    };
+
+    let mut other_kind = d.join("momentum.safetensors");
+    let mut m = make_default(Kind::Momentum);
+    step(
+        m.as_mut(),
+        &mut LENS.iter().map(|&n| vec![0.0; n]).collect::<Vec<_>>(),
+        &mut Rng(5),
+    );
+    m.save_state(&other_kind).unwrap();
+    let mut other_layout = d.join("layout.safetensors");
+    let mut a = make_default(Kind::Adam);
+    a.step(&mut [0.0; 9], &[1.0; 9]).unwrap();
+    a.save_state(&other_layout).unwrap();
+
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut flipped_data = bytes.clone();
+    *flipped_data.last_mut().unwrap() ^= 0x01;
+    let mut flipped_meta = bytes.clone();
+    let text = String::from_utf8_lossy(&bytes[8..8 + header_len]).into_owned();
+    let at = 8 + text.find("\"steps\":\"2\"").expect("steps entry") + "\"steps\":\"".len();
+    flipped_meta[at] = b'7';
+    let mut version = bytes.clone();
+    let at = 8 + text.find("\"format_version\":\"1\"").unwrap() + "\"format_version\":\"".len();
+    version[at] = b'9';
+
+    type Case<'a> = (&'a str, PathBuf, fn(&StateError) -> bool);
+    let cases: Vec<Case> = vec![
+        (
+            "another optimizer",
+            std::mem::take(&mut other_kind),
+            |e| matches!(e, StateError::Optimizer { found, .. } if found == "momentum"),
+        ),
+        (
+            "another layout",
+            std::mem::take(&mut other_layout),
+            |e| matches!(e, StateError::Layout { found: Some(f), .. } if f == &[9]),
+        ),
+        (
+            "truncated",
+            write("truncated", &bytes[..bytes.len() - 4]),
+            |e| matches!(e, StateError::Format { .. }),
+        ),
+        ("a data byte altered", write("data", &flipped_data), |e| {
+            matches!(e, StateError::Checksum { .. })
+        }),
+        (
+            "the step count altered",
+            write("meta", &flipped_meta),
+            |e| matches!(e, StateError::Checksum { .. }),
+        ),
+        (
+            "another version",
+            write("version", &version),
+            |e| matches!(e, StateError::Version { found, .. } if found == "9"),
+        ),
+        (
+            "garbage",
+            write("garbage", b"definitely not a state file"),
+            |e| matches!(e, StateError::Format { .. }),
+        ),
+        ("empty", write("empty", b""), |e| {
+            matches!(e, StateError::Format { .. })
+        }),
+        ("missing", d.join("does-not-exist"), |e| {
+            matches!(e, StateError::Io { op: "read", .. })
+        }),
+    ];
+    for (what, path, expected) in cases {
+        let (mut opt, ws) = stepped();
+        let err = opt.load_state(&path).unwrap_err();
+        assert!(expected(&err), "{what}: {err:?}");
+        let msg = err.to_string();
+        assert!(msg.contains(&path.display().to_string()), "{what}: {msg}");
+        assert_untouched(opt.as_mut(), &ws, what);
+    }
+    std::fs::remove_dir_all(d).unwrap();
+}
+
+#[test]
+fn out_of_range_hyperparameters_in_a_file_are_refused() {
+    let d = dir("config");
+    let path = d.join("bad-lr.safetensors");
+    let mut opt = Sgd::new(SgdConfig {
+        lr: -1.0,
+        ..Default::default()
+    });
+    opt.save_state(&path).unwrap(); // saving is fine; stepping would refuse it
+    opt.config_mut().lr = 0.1;
+    let err = opt.load_state(&path).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StateError::Config {
+                error: StepError::InvalidConfig { field: "lr", .. },
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(opt.config().lr, 0.1);
+    std::fs::remove_dir_all(d).unwrap();
+}
+
+fn leftovers(d: &Path) -> Vec<String> {
+    std::fs::read_dir(d)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".tmp"))
+        .collect()
+}
+
+#[test]
+fn saves_are_atomic_and_a_failed_save_keeps_the_previous_file() {
+    let d = dir("atomic");
+    let path = d.join("state.safetensors");
+    let (opt, _) = stepped();
+    opt.save_state(&path).unwrap();
+    let before = std::fs::read(&path).unwrap();
+
+    // Overwriting: the new contents replace the old ones whole.
+    let mut more = make(Kind::Adam, Hp::defaults(Kind::Adam));
+    more.load_state(&path).unwrap();
+    let mut ws: Vec<Vec<f32>> = LENS.iter().map(|&n| vec![0.5; n]).collect();
+    step(more.as_mut(), &mut ws, &mut Rng(6));
+    more.save_state(&path).unwrap();
+    let mut check = make_default(Kind::Adam);
+    check.load_state(&path).unwrap();
+    assert_eq!(check.steps(), 3);
+    assert!(leftovers(&d).is_empty(), "{:?}", leftovers(&d));
+
+    // A save whose rename fails (the destination is a directory): an error naming the path,
+    // the destination untouched, no temporary file left behind.
+    let blocked = d.join("blocked");
+    std::fs::create_dir(&blocked).unwrap();
+    std::fs::write(blocked.join("keep"), b"x").unwrap();
+    let err = opt.save_state(&blocked).unwrap_err();
+    assert!(matches!(err, StateError::Io { op: "rename", .. }), "{err}");
+    assert_eq!(std::fs::read(blocked.join("keep")).unwrap(), b"x");
+    assert!(leftovers(&d).is_empty());
+
+    // A save into a directory that does not exist fails cleanly too.
+    let err = opt
+        .save_state(&d.join("missing").join("x.safetensors"))
+        .unwrap_err();
+    assert!(matches!(err, StateError::Io { op: "write", .. }), "{err}");
+
+    // The earlier good file still loads.
+    std::fs::write(&path, &before).unwrap();
+    make_default(Kind::Adam).load_state(&path).unwrap();
+    std::fs::remove_dir_all(d).unwrap();
+}
+
+/// Property test: thousands of mutated state files (bit flips, truncations, insertions,
+/// deletions, header scribbles). The loader must never panic; it must refuse every file that
+/// differs in meaning from the original and leave the optimizer untouched, and a file it
+/// accepts must give exactly the original state.
+#[test]
+fn mutated_files_never_panic_and_never_half_load() {
+    let d = dir("fuzz");
+    let (source, _) = {
+        // Small tensors keep the file short, so mutations often hit the header.
+        let mut opt = make(Kind::Adam, Hp::defaults(Kind::Adam));
+        let mut ws = vec![vec![0.25f32; 5], vec![1.0f32; 3]];
+        step(opt.as_mut(), &mut ws, &mut Rng(7));
+        (opt, ws)
+    };
+    let good = d.join("good.safetensors");
+    source.save_state(&good).unwrap();
+    let bytes = std::fs::read(&good).unwrap();
+    let path = d.join("mutant.safetensors");
+    let mut rng = Rng(8);
+    let (mut accepted, mut refused) = (0, 0);
+    for i in 0..3000 {
+        let mut m = bytes.clone();
+        let pick = |rng: &mut Rng, n: usize| (rng.next_u64() % n.max(1) as u64) as usize;
+        match i % 6 {
+            0 => {
+                for _ in 0..1 + pick(&mut rng, 4) {
+                    let at = pick(&mut rng, m.len());
+                    m[at] ^= 1 << pick(&mut rng, 8);
+                }
+            }
+            1 => m.truncate(pick(&mut rng, m.len())),
+            2 => {
+                let at = pick(&mut rng, m.len());
+                m.insert(at, rng.next_u64() as u8);
+            }
+            3 => {
+                let at = pick(&mut rng, m.len());
+                m.remove(at);
+            }
+            4 => {
+                // Scribble printable characters into the JSON header.
+                let header = u64::from_le_bytes(m[..8].try_into().unwrap()) as usize;
+                let at = 8 + pick(&mut rng, header);
+                m[at] = b" ,:{}\"[]0123456789abcdefz-."[pick(&mut rng, 27)];
+            }
+            _ => {
+                // Random bytes, sometimes behind a plausible length prefix.
+                let n = pick(&mut rng, 300);
+                m = (0..n).map(|_| rng.next_u64() as u8).collect();
+                if n >= 8 && rng.next_u64().is_multiple_of(2) {
+                    m[..8].copy_from_slice(&((n - 8) as u64).to_le_bytes());
+                }
+            }
+        }
+        if m == bytes {
+            continue;
+        }
+        std::fs::write(&path, &m).unwrap();
+        let mut fresh = make_default(Kind::Adam);
+        match fresh.load_state(&path) {
+            Ok(()) => {
+                // Only a change without meaning (JSON whitespace, say) may load, and then it
+                // must load exactly the original state.
+                accepted += 1;
+                let mut original = make_default(Kind::Adam);
+                original.load_state(&good).unwrap();
+                let mut a = vec![vec![0.5f32; 5], vec![0.5f32; 3]];
+                let mut b = a.clone();
+                step(fresh.as_mut(), &mut a, &mut Rng(9));
+                step(original.as_mut(), &mut b, &mut Rng(9));
+                assert_eq!(a, b, "mutation {i} loaded a different state");
+            }
+            Err(e) => {
+                refused += 1;
+                assert!(!e.to_string().is_empty());
+                assert_eq!(
+                    (fresh.steps(), fresh.layout()),
+                    (0, None),
+                    "mutation {i}: {e}"
+                );
+            }
+        }
+    }
+    println!("mutated files: {refused} refused, {accepted} accepted unchanged in meaning");
+    assert!(refused > 2500);
+    std::fs::remove_dir_all(d).unwrap();
+}
