@@ -48,6 +48,14 @@
 //! settings the optimizers reproduce `torch.optim`'s SGD (momentum, nesterov), Adagrad, RMSprop,
 //! Adam and AdamW; the README's parity section gives the mapping and the measured agreement.
 //!
+//! ## Gradient hygiene and checkpoints
+//! [`Optimizer::set_grad_scale`] divides gradients by a loss scale as the kernels read them,
+//! [`Optimizer::set_max_grad_norm`] clips by the global norm (one extra, deterministic read of the
+//! gradients) and [`Optimizer::set_non_finite`] chooses what a NaN or infinite gradient does
+//! ([`NonFinite`]); [`StepReport`] says whether a step was skipped and the gradient norm.
+//! [`Optimizer::save_state`] and [`Optimizer::load_state`] write and read the state as an atomic,
+//! checksummed safetensors file ([`StateError`]); resuming is bitwise exact.
+//!
 //! ## Execution
 //! A step cuts its tensors into chunks of [`Optimizer::chunk_len`] elements
 //! ([`DEFAULT_CHUNK_LEN`] by default) and runs them on the current rayon pool: wrap a step in
