@@ -171,6 +171,24 @@ fn alternate(reps: usize, mut a: impl FnMut(), mut b: impl FnMut()) -> (f64, f64
     (median(ta), median(tb))
 }
 
+/// A plain read-only pass over `g` on the current pool, one contiguous part per thread.
+fn plain_floor_pass(g: &[f32], sink: &mut f32) {
+    use rayon::prelude::*;
+    let part = g.len().div_ceil(rayon::current_num_threads()).max(1);
+    *sink += g
+        .par_chunks(part)
+        .map(|c| {
+            let mut acc = [0f32; 16];
+            for line in c.chunks_exact(16) {
+                for (a, &x) in acc.iter_mut().zip(line) {
+                    *a += x * x;
+                }
+            }
+            acc.iter().sum::<f32>()
+        })
+        .sum::<f32>();
+}
+
 /// Adam with gradient hygiene or options on, against plain Adam on its own buffers.
 fn hygiene(sizes: &[usize]) {
     println!(
@@ -216,6 +234,33 @@ fn hygiene(sizes: &[usize]) {
                 }),
             ),
         ];
+        // The same-stream reference for the norm pass: plain steps followed by a plain read-only
+        // pass over the gradients (sixteen f32 accumulators per thread, so it is not
+        // latency-bound).
+        {
+            let mut w = w0.clone();
+            let mut second = Adam::new(AdamConfig::default());
+            let mut sink = 0.0f32;
+            let (tp, tr) = alternate(
+                reps,
+                || {
+                    plain.step(&mut wp, &g).unwrap();
+                },
+                || {
+                    plain_floor_pass(&g, &mut sink);
+                    second.step(&mut w, &g).unwrap();
+                },
+            );
+            std::hint::black_box(sink);
+            println!(
+                "{:>5} {:<26} plain {:>7.3} ms, with {:>7.3} ms: ratio {:.3}",
+                label(n),
+                "reference: + plain read",
+                tp * 1e3,
+                tr * 1e3,
+                tr / tp
+            );
+        }
         for (name, build) in variants {
             let mut opt = build();
             let mut w = w0.clone();
