@@ -76,6 +76,9 @@ struct Args {
     /// Adam: ε added to the bias-corrected √v̂, as torch.optim.Adam.
     #[arg(long)]
     torch_eps: bool,
+    /// Clip every step by the global gradient norm (torch.nn.utils.clip_grad_norm_'s rule).
+    #[arg(long)]
+    max_grad_norm: Option<f32>,
     /// Learning-rate schedule over the whole run.
     #[arg(long, value_enum, default_value = "constant")]
     schedule: Lr,
@@ -334,6 +337,7 @@ fn train(args: &Args, threads: usize) -> Result<(), Box<dyn std::error::Error + 
     let (test_x, test_y) = spiral(args.samples / 4, &mut rng);
     let mut model = Mlp::new(args.hidden, &mut rng);
     let mut opt = optimizer(args);
+    opt.set_max_grad_norm(args.max_grad_norm);
     // W1, b1, W2, b2: no weight decay on the biases.
     let decay = ParamGroup::DEFAULT;
     opt.set_param_groups(&[
@@ -364,8 +368,8 @@ fn train(args: &Args, threads: usize) -> Result<(), Box<dyn std::error::Error + 
         opt.backend().level(),
     );
     println!(
-        "{:>5} {:>10} {:>9} {:>10} {:>14}",
-        "epoch", "loss", "test acc", "lr", "optimizer ms"
+        "{:>5} {:>10} {:>9} {:>10} {:>14} {:>10}",
+        "epoch", "loss", "test acc", "lr", "optimizer ms", "max |g|"
     );
     let mut order: Vec<usize> = (0..xs.len()).collect();
     for epoch in 1..=args.epochs {
@@ -373,6 +377,7 @@ fn train(args: &Args, threads: usize) -> Result<(), Box<dyn std::error::Error + 
             order.swap(i, (rng.next() % (i as u64 + 1)) as usize);
         }
         let (mut loss, mut batches, mut in_step) = (0.0, 0, Duration::ZERO);
+        let mut max_norm = None::<f32>;
         for batch in order.chunks(args.batch.max(1)) {
             loss += model.backward(batch, &xs, &ys);
             batches += 1;
@@ -382,15 +387,19 @@ fn train(args: &Args, threads: usize) -> Result<(), Box<dyn std::error::Error + 
             opt.set_lr(lr.lr_at(step));
             step += 1;
             let start = Instant::now();
-            opt.step_many(&mut [(p0, g0), (p1, g1), (p2, g2), (p3, g3)])?;
+            let report = opt.step_many(&mut [(p0, g0), (p1, g1), (p2, g2), (p3, g3)])?;
+            if let Some(n) = report.grad_norm {
+                max_norm = Some(max_norm.map_or(n, |m| m.max(n)));
+            }
             in_step += start.elapsed();
         }
         println!(
-            "{epoch:>5} {:>10.4} {:>8.1}% {:>10.2e} {:>14.3}",
+            "{epoch:>5} {:>10.4} {:>8.1}% {:>10.2e} {:>14.3} {:>10}",
             loss / batches as f32,
             100.0 * model.accuracy(&test_x, &test_y),
             opt.lr(),
-            in_step.as_secs_f64() * 1e3
+            in_step.as_secs_f64() * 1e3,
+            max_norm.map_or("-".to_string(), |n| format!("{n:.3}"))
         );
     }
     Ok(())

@@ -286,9 +286,12 @@ pub trait Optimizer: Send {
     /// # Errors
     /// [`StepError::LengthMismatch`] if `grads.len() != weights.len()`; [`StepError::TensorLen`]
     /// or [`StepError::TensorCount`] if the optimizer state was created for another layout;
-    /// [`StepError::InvalidConfig`] for an out-of-range hyperparameter;
-    /// [`StepError::OutOfMemory`] if the first step cannot allocate the state. On error neither the
-    /// weights nor the optimizer state are modified.
+    /// [`StepError::InvalidConfig`] for an out-of-range hyperparameter, loss scale or clipping
+    /// norm; [`StepError::InvalidGroup`] or [`StepError::GroupCount`] for parameter groups that do
+    /// not fit; [`StepError::NonFiniteGrad`] for a NaN or infinite gradient under
+    /// [`NonFinite::Error`]; [`StepError::OutOfMemory`] if the first step cannot allocate the
+    /// state. On error neither the weights nor the optimizer state are modified. A step skipped
+    /// under [`NonFinite::Skip`] is `Ok` with [`StepReport::skipped`] set.
     fn step(&mut self, weights: &mut [f32], grads: &[f32]) -> Result<StepReport, StepError> {
         self.step_many(&mut [(weights, grads)])
     }
