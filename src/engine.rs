@@ -16,6 +16,13 @@
 //! reused by every step. Tasks run on the caller's rayon pool; a step with a single task, or on a
 //! pool with one thread, runs inline without any thread dispatch.
 //!
+//! # Gradient transforms and hygiene
+//! Negation (`maximize`), the loss scale, the clipping coefficient and the L2 weight-decay term
+//! are applied by the kernels as they read each gradient ([`simd::GradPrep`]), per parameter
+//! group. Clipping and the non-finite check need the global gradient norm first: one read-only
+//! pass over the gradients in fixed blocks ([`NORM_BLOCK`]) whose sums are added in order, so the
+//! norm, like everything else, does not depend on threads or chunk length.
+//!
 //! # Determinism
 //! Every tier computes bitwise identical results (see [`crate::simd`]), and the update of an
 //! element depends only on that element, so results do not depend on how the work is cut or on

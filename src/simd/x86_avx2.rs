@@ -86,7 +86,7 @@ pub(super) unsafe fn run<K: Kernel<N>, const N: usize>(k: &K, run: Run<N>) {
     unsafe { chunk::<K, Avx2, N>(k, run) }
 }
 
-/// [`sum_squares_body`](super::sum_squares_body) compiled for AVX2.
+/// [`sum_squares_body`] compiled for AVX2.
 ///
 /// # Safety
 /// The CPU must support AVX2 and FMA.
