@@ -550,6 +550,23 @@ pub(crate) fn load(
             "state buffers {buffers:?} do not belong to {name} (expected a prefix of {buffer_names:?})"
         )));
     }
+    // Buffers and layout go together: none before the first step, all of the kind's required
+    // buffers after it (Adam's third, AMSGrad's maximum, is optional).
+    let required = buffer_names.len().min(2);
+    if layout.is_none() && !buffers.is_empty() || layout.is_some() && buffers.len() < required {
+        return Err(bad(format!(
+            "{} state buffers for layout {:?}",
+            buffers.len(),
+            metadata["layout"]
+        )));
+    }
+    // Lengths no slice can have (only possible without buffers backing them).
+    let total = lens.iter().try_fold(0usize, |acc, &len| {
+        acc.checked_add(len.checked_next_multiple_of(16)?)
+    });
+    if total.is_none_or(|t| t > isize::MAX as usize / 4) {
+        return Err(bad(format!("impossible layout {:?}", metadata["layout"])));
+    }
     if let Some(current) = current
         && layout.as_deref() != Some(current)
     {
@@ -559,9 +576,11 @@ pub(crate) fn load(
             found: layout,
         });
     }
-    let steps = entry("steps")?
+    let steps: u64 = entry("steps")?
         .parse()
-        .map_err(|_| bad(format!("unreadable steps {:?}", metadata["steps"])))?;
+        .ok()
+        .filter(|&s| s < u64::MAX)
+        .ok_or_else(|| bad(format!("unreadable steps {:?}", metadata["steps"])))?;
     let groups = decode_groups(entry("groups")?)
         .ok_or_else(|| bad(format!("unreadable groups {:?}", metadata["groups"])))?;
     let config_error = |error| StateError::Config {

@@ -415,3 +415,106 @@ fn mutated_files_never_panic_and_never_half_load() {
     assert!(refused > 2500);
     std::fs::remove_dir_all(d).unwrap();
 }
+
+/// Rewrites the metadata of the state file at `from` with `edit` and a checksum computed as the
+/// format documents it, so that only the checks behind the checksum can refuse it.
+fn crafted(from: &Path, to: &Path, edit: impl Fn(&mut std::collections::HashMap<String, String>)) {
+    let bytes = std::fs::read(from).unwrap();
+    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let mut meta = header.metadata().clone().unwrap();
+    // Tensors in buffer then tensor order: `<buffer>.<tensor>` (as saved; an edit of `buffers`
+    // does not rename them).
+    let buffers: Vec<String> = meta["buffers"]
+        .split(',')
+        .filter(|b| !b.is_empty())
+        .map(str::to_string)
+        .collect();
+    let tensors = file.len() / buffers.len().max(1);
+    let names: Vec<String> = buffers
+        .iter()
+        .flat_map(|b| (0..tensors).map(move |t| format!("{b}.{t}")))
+        .collect();
+    edit(&mut meta);
+    let mut hasher = crc32fast::Hasher::new();
+    let mut keys: Vec<&String> = meta.keys().filter(|k| *k != "checksum").collect();
+    keys.sort();
+    for k in keys {
+        hasher.update(format!("{k}={}\n", meta[k]).as_bytes());
+    }
+    let views: Vec<_> = names.iter().map(|n| file.tensor(n).unwrap()).collect();
+    for (n, v) in names.iter().zip(&views) {
+        hasher.update(n.as_bytes());
+        hasher.update(b"\n");
+        hasher.update(v.data());
+    }
+    meta.insert("checksum".into(), format!("{:08x}", hasher.finalize()));
+    let data: Vec<(String, safetensors::tensor::TensorView)> =
+        names.into_iter().zip(views).collect();
+    safetensors::serialize_to_file(data, Some(meta), to).unwrap();
+}
+
+#[test]
+fn files_with_a_valid_checksum_are_still_checked_for_sense() {
+    let d = dir("crafted");
+    let (source, _) = stepped();
+    let good = d.join("good.safetensors");
+    source.save_state(&good).unwrap();
+
+    // The documented checksum recipe is the real one: an edited lr loads.
+    let edited = d.join("edited.safetensors");
+    crafted(&good, &edited, |m| {
+        m.insert("config.lr".into(), "0.25".into());
+    });
+    let mut opt = make_default(Kind::Adam);
+    opt.load_state(&edited).unwrap();
+    assert_eq!((opt.lr(), opt.steps()), (0.25, 2));
+
+    type Edit = fn(&mut std::collections::HashMap<String, String>);
+    let cases: [(&str, Edit); 6] = [
+        ("no buffers after a step", |m| {
+            m.insert("buffers".into(), String::new());
+        }),
+        ("a step count at the limit", |m| {
+            m.insert("steps".into(), u64::MAX.to_string());
+        }),
+        ("an unreadable hyperparameter", |m| {
+            m.insert("config.beta1".into(), "lots".into());
+        }),
+        ("an out-of-range hyperparameter", |m| {
+            m.insert("config.beta1".into(), "1.5".into());
+        }),
+        ("groups for another tensor count", |m| {
+            m.insert("groups".into(), "1/-".into());
+        }),
+        ("another optimizer's buffers", |m| {
+            m.insert("buffers".into(), "h,v".into());
+        }),
+    ];
+    for (what, edit) in cases {
+        let path = d.join("bad.safetensors");
+        crafted(&good, &path, edit);
+        let (mut opt, ws) = stepped();
+        let err = opt.load_state(&path).unwrap_err();
+        assert!(
+            matches!(err, StateError::Format { .. } | StateError::Config { .. }),
+            "{what}: {err:?}"
+        );
+        assert_untouched(opt.as_mut(), &ws, what);
+    }
+
+    // SGD has no buffers to bound its layout: impossible lengths are refused, not wrapped.
+    let sgd = d.join("sgd.safetensors");
+    let mut s = make_default(Kind::Sgd);
+    s.step(&mut [0.0; 4], &[1.0; 4]).unwrap();
+    s.save_state(&sgd).unwrap();
+    let huge = d.join("huge.safetensors");
+    crafted(&sgd, &huge, |m| {
+        m.insert("layout".into(), format!("{},{}", usize::MAX, 16));
+    });
+    let mut fresh = make_default(Kind::Sgd);
+    let err = fresh.load_state(&huge).unwrap_err();
+    assert!(matches!(err, StateError::Format { .. }), "{err:?}");
+    assert_eq!(fresh.layout(), None);
+    std::fs::remove_dir_all(d).unwrap();
+}
