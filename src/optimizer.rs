@@ -539,9 +539,19 @@ pub trait Optimizer: Send {
     fn non_finite(&self) -> NonFinite;
 
     /// Saves the optimizer state to `path`: the state buffers, step count, layout, parameter
-    /// groups and hyperparameters, as a safetensors file with a checksum (the format is described
-    /// in [`StateError`]'s module, and in the README). The write is atomic: a temporary file in
-    /// the same directory is written, synced and renamed over `path`.
+    /// groups and hyperparameters, as a safetensors file with a checksum. The write is atomic: a
+    /// temporary file in the same directory is written, synced and renamed over `path`, and the
+    /// directory is synced.
+    ///
+    /// # Format
+    /// One `F32` tensor per state buffer and model tensor, named `<buffer>.<tensor>` (`v` for
+    /// Momentum and NAG, `h` for AdaGrad and RMSProp, `m`, `v` and `v_max` for Adam; SGD has
+    /// none), and string metadata: `format` (`fusedopt-state`), `format_version` (`1`),
+    /// `optimizer`, `steps`, `layout` (tensor lengths, comma-separated; `-` before the first
+    /// step), `buffers`, `groups` (per tensor `lr_scale/weight_decay`, `-` for no override,
+    /// comma-separated), `config.<field>` for every hyperparameter, and `checksum`: the CRC-32,
+    /// as 8 hex digits, of every other metadata entry as `key=value\n` in key order, then of each
+    /// tensor's name, a newline and its little-endian bytes, in buffer then tensor order.
     ///
     /// ```
     /// use fusedopt::{Adam, AdamConfig, Optimizer};
