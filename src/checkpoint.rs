@@ -216,7 +216,8 @@ impl Fields<'_> {
     }
 }
 
-/// A configuration that can be written to and read from a state file.
+/// What the engine and state files need of a configuration: its fields as text, its checks,
+/// its learning rate.
 pub trait ConfigFields: Sized {
     /// Every field with its text form.
     fn fields(&self) -> Vec<(&'static str, String)>;
@@ -224,6 +225,10 @@ pub trait ConfigFields: Sized {
     fn from_fields(fields: &Fields<'_>) -> Result<Self, String>;
     /// The configuration's range checks.
     fn check(&self) -> Result<(), StepError>;
+    /// The learning rate, which every configuration has.
+    fn lr(&self) -> f32;
+    /// The learning rate, to set.
+    fn lr_mut(&mut self) -> &mut f32;
 }
 
 /// Implements [`ConfigFields`] for a configuration struct whose fields all implement
@@ -240,6 +245,12 @@ macro_rules! config_fields {
             }
             fn check(&self) -> Result<(), $crate::optimizer::StepError> {
                 self.validate()
+            }
+            fn lr(&self) -> f32 {
+                self.lr
+            }
+            fn lr_mut(&mut self) -> &mut f32 {
+                &mut self.lr
             }
         }
     };

@@ -633,10 +633,6 @@ pub(crate) mod sealed {
         fn state_buffers(&self) -> usize;
         fn core(&self) -> &Core;
         fn core_mut(&mut self) -> &mut Core;
-        /// The configuration's learning rate.
-        fn config_lr(&self) -> f32;
-        /// The configuration's learning rate, to set.
-        fn config_lr_mut(&mut self) -> &mut f32;
         /// Checks the configuration, builds this step's kernel and runs it through the engine.
         fn apply(&mut self, params: &mut Params<'_, '_>) -> Result<StepReport, StepError>;
     }
@@ -671,10 +667,10 @@ impl<T: sealed::Rule> Optimizer for T {
         sealed::Rule::state_buffers(self)
     }
     fn lr(&self) -> f32 {
-        self.config_lr()
+        self.rule_config().lr()
     }
     fn set_lr(&mut self, lr: f32) {
-        *self.config_lr_mut() = lr;
+        *self.rule_config_mut().lr_mut() = lr;
     }
     fn set_param_groups(&mut self, groups: &[ParamGroup]) -> Result<(), StepError> {
         self.core_mut().set_param_groups(groups)

@@ -298,12 +298,6 @@ impl Rule for Adam {
     fn rule_config_mut(&mut self) -> &mut Self::Config {
         &mut self.config
     }
-    fn config_lr(&self) -> f32 {
-        self.config.lr
-    }
-    fn config_lr_mut(&mut self) -> &mut f32 {
-        &mut self.config.lr
-    }
     fn apply(&mut self, params: &mut Params<'_, '_>) -> Result<StepReport, StepError> {
         let c = &self.config;
         c.validate()?;

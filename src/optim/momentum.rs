@@ -162,12 +162,6 @@ impl Rule for Momentum {
     fn rule_config_mut(&mut self) -> &mut Self::Config {
         &mut self.config
     }
-    fn config_lr(&self) -> f32 {
-        self.config.lr
-    }
-    fn config_lr_mut(&mut self) -> &mut f32 {
-        &mut self.config.lr
-    }
     fn apply(&mut self, params: &mut Params<'_, '_>) -> Result<StepReport, StepError> {
         self.config.validate()?;
         let c = &self.config;
