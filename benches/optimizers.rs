@@ -9,7 +9,7 @@
 //! cargo bench -- hygiene/        # Adam plain vs clipping + non-finite check vs AdamW + AMSGrad
 //! ```
 //!
-//! Throughput is `Throughput::BytesDecimal` with the byte model of `roofline::bytes_per_param`
+//! Throughput is `Throughput::BytesDecimal` with the byte model of `common::roofline::bytes_per_param`
 //! (SGD 12, Momentum/NAG/AdaGrad/RMSProp 20, Adam 28 bytes per parameter), so criterion reports
 //! GB/s. Each group holds `reference/<size>`: the same streams with trivial arithmetic, the speed
 //! the memory system allows.
@@ -17,9 +17,9 @@
 #[path = "../examples/common/mod.rs"]
 mod common;
 
+use common::roofline::{SameStream, bytes_per_param};
 use common::{data, gpt2_small};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use fusedopt::roofline::{SameStream, bytes_per_param};
 use fusedopt::*;
 use std::time::Duration;
 
@@ -59,7 +59,7 @@ fn optimizers(c: &mut Criterion) {
             }
             let mut reference = SameStream::new(states, n);
             group.bench_function(BenchmarkId::new("reference", label), |b| {
-                b.iter(|| reference.run(&mut w, &g).unwrap())
+                b.iter(|| reference.pass(&mut w, &g).unwrap())
             });
         }
         group.finish();
@@ -87,13 +87,13 @@ fn threads(c: &mut Criterion) {
         });
         let mut reference = SameStream::new(2, n);
         group.bench_function(BenchmarkId::new("reference-16M", t), |b| {
-            b.iter(|| pool.install(|| reference.run(&mut w, &g).unwrap()))
+            b.iter(|| pool.install(|| reference.pass(&mut w, &g).unwrap()))
         });
     }
     group.finish();
 }
 
-/// Whole-model Adam steps (`step_many` over separately allocated tensors) next to one flat
+/// Whole-model Adam steps (`step_all` over separately allocated tensors) next to one flat
 /// tensor of the same total size.
 fn models(c: &mut Criterion) {
     let mut group = c.benchmark_group("models");
@@ -114,14 +114,7 @@ fn models(c: &mut Criterion) {
             let gs: Vec<Vec<f32>> = layout.iter().map(|&n| data(n).1).collect();
             let mut opt = Adam::new(AdamConfig::default());
             group.bench_function(BenchmarkId::new("step_many", name), |b| {
-                b.iter(|| {
-                    let mut params: Vec<(&mut [f32], &[f32])> = ws
-                        .iter_mut()
-                        .zip(&gs)
-                        .map(|(w, g)| (w.as_mut_slice(), g.as_slice()))
-                        .collect();
-                    opt.step_many(&mut params).unwrap()
-                })
+                b.iter(|| opt.step_all(&mut ws, &gs).unwrap())
             });
         }
         let (mut w, g) = data(total);

@@ -13,8 +13,8 @@
 mod common;
 
 use clap::Parser;
+use common::roofline::{SameStream, bytes_per_param};
 use common::{data, gpt2_small, label, median, parse_size};
-use fusedopt::roofline::SameStream;
 use fusedopt::*;
 use std::fmt::Write as _;
 use std::time::Instant;
@@ -83,8 +83,8 @@ fn main() {
     }
 }
 
-/// `step_many` over a layout of separately allocated tensors against `step` on one flat tensor
-/// of the same total size: Adam, alternating, medians.
+/// `step_all` (`step_many`'s engine path) over a layout of separately allocated tensors against
+/// `step` on one flat tensor of the same total size: Adam, alternating, medians.
 fn models() {
     println!(
         "whole-model Adam steps: {} threads, {} kernels; GB/s at 28 bytes per parameter, median of alternating runs",
@@ -106,13 +106,8 @@ fn models() {
         let (mut tm, mut tf) = (Vec::new(), Vec::new());
         for rep in 0..reps + 2 {
             let mut time_many = || {
-                let mut params: Vec<(&mut [f32], &[f32])> = ws
-                    .iter_mut()
-                    .zip(&gs)
-                    .map(|(w, g)| (w.as_mut_slice(), g.as_slice()))
-                    .collect();
                 let t = Instant::now();
-                many.step_many(&mut params).unwrap();
+                many.step_all(&mut ws, &gs).unwrap();
                 t.elapsed().as_secs_f64()
             };
             let mut time_flat = || {
@@ -310,7 +305,7 @@ fn run(args: &Args) {
             let mut opt =
                 optimizer_by_name(name).unwrap_or_else(|| panic!("unknown optimizer {name}"));
             opt.set_chunk_len(args.chunk);
-            let bytes = (roofline::bytes_per_param(opt.state_buffers()) * n) as f64;
+            let bytes = (bytes_per_param(opt.state_buffers()) * n) as f64;
             let mut reference = SameStream::new(opt.state_buffers(), n);
             let (mut w, g) = data(n);
             let mut w2 = w.clone();
@@ -322,7 +317,7 @@ fn run(args: &Args) {
             };
             for _ in 0..3 {
                 opt.step(&mut w, &g).unwrap();
-                reference.run(&mut w2, &g).unwrap();
+                reference.pass(&mut w2, &g).unwrap();
             }
             let (mut te, mut tr) = (Vec::with_capacity(reps), Vec::with_capacity(reps));
             for rep in 0..reps {
@@ -334,7 +329,7 @@ fn run(args: &Args) {
                 };
                 let mut time_reference = || {
                     let t = Instant::now();
-                    reference.run(&mut w2, &g).unwrap();
+                    reference.pass(&mut w2, &g).unwrap();
                     tr.push(t.elapsed().as_secs_f64());
                 };
                 if rep % 2 == 0 {
@@ -401,7 +396,7 @@ fn small_adam_vs_single_thread() {
         let e = t.elapsed().as_secs_f64() / inner as f64;
         let t = Instant::now();
         for _ in 0..inner {
-            reference.run_single(&mut w, &g).unwrap();
+            reference.pass_single(&mut w, &g).unwrap();
         }
         let r = t.elapsed().as_secs_f64() / inner as f64;
         if rep >= 3 {

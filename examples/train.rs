@@ -2,12 +2,14 @@
 //!
 //! ```text
 //! cargo run --release --example train -- --optimizer adam
-//! cargo run --release --example train -- --optimizer momentum --lr 0.05 --momentum 0.9 --epochs 30
-//! cargo run --release --example train -- --optimizer adam --lr 0.01 --weight-decay 0.01 --adamw \
+//! cargo run --release --example train -- --optimizer momentum:lr=0.05,momentum=0.9 --epochs 30
+//! cargo run --release --example train -- --optimizer adamw:lr=0.01,weight_decay=0.01 \
 //!     --schedule warmup-cosine
 //! ```
 //!
-//! The model's four tensors (W1, b1, W2, b2) are updated with one `step_many` call per batch.
+//! `--optimizer` takes a configuration string, `name[:field=value,...]` (see
+//! `fusedopt::OptimizerConfig`): every hyperparameter of every optimizer is reachable from it.
+//! The model's four tensors (W1, b1, W2, b2) are updated with one `step_all` call per batch.
 //! Weight decay applies to W1 and W2 only: the biases get `ParamGroup::NO_WEIGHT_DECAY`. A
 //! `--schedule` sets the learning rate before every step with `Optimizer::set_lr`. Every epoch
 //! prints the training loss, accuracy on a held-out set, the learning rate, and the time spent
@@ -30,52 +32,14 @@ enum Lr {
     OneCycle,
 }
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum Which {
-    Sgd,
-    Momentum,
-    Nag,
-    Adagrad,
-    Rmsprop,
-    Adam,
-}
-
 /// Train a small MLP on a synthetic spiral with a fusedopt optimizer.
 #[derive(Debug, Parser)]
 struct Args {
-    /// The optimizer.
-    #[arg(long, value_enum, default_value = "adam")]
-    optimizer: Which,
-    /// Learning rate [default: the optimizer's own default].
-    #[arg(long)]
-    lr: Option<f32>,
-    /// Momentum μ (momentum, nag).
-    #[arg(long, default_value_t = 0.9)]
-    momentum: f32,
-    /// Decay ρ (rmsprop).
-    #[arg(long, default_value_t = 0.9)]
-    decay_rate: f32,
-    /// β1 (adam).
-    #[arg(long, default_value_t = 0.9)]
-    beta1: f32,
-    /// β2 (adam).
-    #[arg(long, default_value_t = 0.999)]
-    beta2: f32,
-    /// ε (adagrad, rmsprop, adam).
-    #[arg(long, default_value_t = 1e-7)]
-    eps: f32,
-    /// Weight decay of the weight matrices (the biases are never decayed).
-    #[arg(long, default_value_t = 0.0)]
-    weight_decay: f32,
-    /// Adam: decoupled weight decay (AdamW).
-    #[arg(long)]
-    adamw: bool,
-    /// Adam: AMSGrad.
-    #[arg(long)]
-    amsgrad: bool,
-    /// Adam: ε added to the bias-corrected √v̂, as torch.optim.Adam.
-    #[arg(long)]
-    torch_eps: bool,
+    /// The optimizer and its hyperparameters: a name (sgd, momentum, nag, adagrad, rmsprop, adam,
+    /// adamw) with optional overrides, for example `adam:lr=0.01,beta2=0.99` or
+    /// `adamw:weight_decay=0.05,amsgrad=true`. Weight decay never applies to the biases.
+    #[arg(long, default_value = "adam")]
+    optimizer: OptimizerConfig,
     /// Clip every step by the global gradient norm (torch.nn.utils.clip_grad_norm_'s rule).
     #[arg(long)]
     max_grad_norm: Option<f32>,
@@ -238,62 +202,6 @@ impl Mlp {
     }
 }
 
-fn optimizer(a: &Args) -> Box<dyn Optimizer> {
-    macro_rules! lr {
-        ($cfg:ty) => {
-            a.lr.unwrap_or(<$cfg>::default().lr)
-        };
-    }
-    let (weight_decay, maximize) = (a.weight_decay, false);
-    match a.optimizer {
-        Which::Sgd => Box::new(Sgd::new(SgdConfig {
-            lr: lr!(SgdConfig),
-            weight_decay,
-            maximize,
-        })),
-        Which::Momentum => Box::new(Momentum::new(MomentumConfig {
-            lr: lr!(MomentumConfig),
-            momentum: a.momentum,
-            weight_decay,
-            maximize,
-        })),
-        Which::Nag => Box::new(Nag::new(NagConfig {
-            lr: lr!(NagConfig),
-            momentum: a.momentum,
-            weight_decay,
-            maximize,
-        })),
-        Which::Adagrad => Box::new(AdaGrad::new(AdaGradConfig {
-            lr: lr!(AdaGradConfig),
-            eps: a.eps,
-            weight_decay,
-            maximize,
-        })),
-        Which::Rmsprop => Box::new(RmsProp::new(RmsPropConfig {
-            lr: lr!(RmsPropConfig),
-            decay_rate: a.decay_rate,
-            eps: a.eps,
-            weight_decay,
-            maximize,
-        })),
-        Which::Adam => Box::new(Adam::new(AdamConfig {
-            lr: lr!(AdamConfig),
-            beta1: a.beta1,
-            beta2: a.beta2,
-            eps: a.eps,
-            weight_decay,
-            maximize,
-            decoupled_weight_decay: a.adamw,
-            amsgrad: a.amsgrad,
-            eps_mode: if a.torch_eps {
-                EpsMode::PyTorch
-            } else {
-                EpsMode::Seed
-            },
-        })),
-    }
-}
-
 /// The learning-rate schedule of the run, around the optimizer's configured `lr`.
 fn schedule(kind: Lr, lr: f32, total: u64, warmup: u64) -> schedule::Schedule {
     use schedule::Schedule;
@@ -336,7 +244,7 @@ fn train(args: &Args, threads: usize) -> Result<(), Box<dyn std::error::Error + 
     let (xs, ys) = spiral(args.samples, &mut rng);
     let (test_x, test_y) = spiral(args.samples / 4, &mut rng);
     let mut model = Mlp::new(args.hidden, &mut rng);
-    let mut opt = optimizer(args);
+    let mut opt = args.optimizer.build();
     opt.set_max_grad_norm(args.max_grad_norm);
     // W1, b1, W2, b2: no weight decay on the biases.
     let decay = ParamGroup::DEFAULT;
@@ -381,13 +289,10 @@ fn train(args: &Args, threads: usize) -> Result<(), Box<dyn std::error::Error + 
         for batch in order.chunks(args.batch.max(1)) {
             loss += model.backward(batch, &xs, &ys);
             batches += 1;
-            let Mlp { params, grads, .. } = &mut model;
-            let [p0, p1, p2, p3] = params;
-            let [g0, g1, g2, g3] = &*grads;
             opt.set_lr(lr.lr_at(step));
             step += 1;
             let start = Instant::now();
-            let report = opt.step_many(&mut [(p0, g0), (p1, g1), (p2, g2), (p3, g3)])?;
+            let report = opt.step_all(&mut model.params, &model.grads)?;
             if let Some(n) = report.grad_norm {
                 max_norm = Some(max_norm.map_or(n, |m| m.max(n)));
             }

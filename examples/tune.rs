@@ -14,8 +14,8 @@
 mod common;
 
 use clap::Parser;
+use common::roofline::{SameStream, bytes_per_param};
 use common::{data, median, parse_size};
-use fusedopt::roofline::{SameStream, bytes_per_param};
 use fusedopt::*;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
@@ -24,9 +24,10 @@ use std::time::Instant;
 /// Sweep chunk lengths and thread counts for one optimizer and size; write the best to a file.
 #[derive(Debug, Parser)]
 struct Args {
-    /// Optimizer to tune: sgd, momentum, nag, adagrad, rmsprop or adam.
+    /// Optimizer to tune: sgd, momentum, nag, adagrad, rmsprop, adam or adamw, with optional
+    /// overrides (`adam:amsgrad=true`); the tuning file keys the result by the optimizer's name.
     #[arg(long, default_value = "adam")]
-    optimizer: String,
+    optimizer: OptimizerConfig,
     /// Parameters per step (K = 1024, M = 1024²).
     #[arg(long, default_value = "16M")]
     size: String,
@@ -69,11 +70,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             v
         }
     };
-    let make = || {
-        optimizer_by_name(&args.optimizer)
-            .ok_or_else(|| format!("unknown optimizer `{}`", args.optimizer))
-    };
-    let states = make()?.state_buffers();
+    let name = args.optimizer.name();
+    let make = || args.optimizer.build();
+    let states = make().state_buffers();
     let bytes = (bytes_per_param(states) * n) as f64;
     println!(
         "tuning {} at {} parameters ({:.0} MB per step), {} kernels, threads {:?}",
@@ -95,7 +94,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         pool.install(|| -> Result<(), StepError> {
             for (ci, &chunk) in chunks.iter().enumerate() {
                 bar.set_message(format!("{t} threads, chunk {chunk}"));
-                let mut opt = make().expect("checked above");
+                let mut opt = make();
                 opt.set_chunk_len(chunk);
                 let mut w = w0.clone();
                 opt.step(&mut w, &g)?;
@@ -111,12 +110,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             bar.set_message(format!("{t} threads, same-stream reference"));
             let mut reference = SameStream::new(states, n);
             let mut w = w0.clone();
-            reference.run(&mut w, &g)?;
+            reference.pass(&mut w, &g)?;
             let times: Vec<f64> = (0..args.reps)
                 .map(|_| {
                     let start = Instant::now();
                     reference
-                        .run(&mut w, &g)
+                        .pass(&mut w, &g)
                         .map(|_| start.elapsed().as_secs_f64())
                 })
                 .collect::<Result<_, _>>()?;
@@ -156,8 +155,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let (tl, chosen) = (threads.len() - 1, chunks[best[threads.len() - 1]]);
     println!(
-        "best for {} at {} threads: chunk_len {} ({:.1} GB/s, {:.2} of the reference)",
-        args.optimizer,
+        "best for {name} at {} threads: chunk_len {} ({:.1} GB/s, {:.2} of the reference)",
         threads[tl],
         chosen,
         gbps[tl][best[tl]],
@@ -171,7 +169,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     } else {
         Tuning::default()
     };
-    tuning.per_optimizer.insert(args.optimizer.clone(), chosen);
+    tuning.per_optimizer.insert(name.to_string(), chosen);
     let comment = format!(
         "fusedopt tuning, written by examples/tune.rs\nlast run: {} at {} parameters, {} threads, {} kernels",
         args.optimizer,

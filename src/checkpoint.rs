@@ -1,5 +1,7 @@
 //! Optimizer state files: [`Optimizer::save_state`](crate::Optimizer::save_state) and
-//! [`Optimizer::load_state`](crate::Optimizer::load_state).
+//! [`Optimizer::load_state`](crate::Optimizer::load_state). Imports [`crate::optim`] (what a
+//! rule's buffers and fields are), the engine's plain [`State`], [`crate::plan`] and
+//! [`crate::types`].
 //!
 //! # Format
 //! A [safetensors](https://github.com/huggingface/safetensors) file, readable by Python's
@@ -21,11 +23,16 @@
 //! # Guarantees
 //! Saving writes a temporary file in the destination's directory, syncs it to disk and renames it
 //! over the destination, then syncs the directory: a reader sees the old file or the new one,
-//! never a mix, and a failed save leaves any previous file intact. Loading parses and checks the
-//! whole file (kind, version, layout, hyperparameters, checksum) before it touches the optimizer.
+//! never a mix, and a failed save leaves any previous file intact. Loading happens in three stages,
+//! all before the optimizer is touched: [`parse`] (a safetensors file of this format, intact by
+//! its checksum), [`verify`] (the state of this rule, fitting the optimizer: kind, buffers,
+//! layout, steps, groups, hyperparameters) and [`fit`] (the buffers in the engine's layout).
 
-use crate::engine::Core;
-use crate::optimizer::{ParamGroup, StepError};
+use crate::engine::{State, check_groups};
+use crate::optim::{FieldValue, Rule, field_texts};
+use crate::plan::Layout;
+use crate::types::{ParamGroup, StepError};
+use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors, View};
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -180,83 +187,6 @@ impl std::error::Error for StateError {
     }
 }
 
-/// A hyperparameter's text form in a state file.
-pub trait FieldValue: Sized {
-    fn encode(&self) -> String;
-    fn decode(s: &str) -> Option<Self>;
-}
-
-impl FieldValue for f32 {
-    fn encode(&self) -> String {
-        // Rust prints the shortest string that parses back to the same f32.
-        self.to_string()
-    }
-    fn decode(s: &str) -> Option<Self> {
-        s.parse().ok()
-    }
-}
-
-impl FieldValue for bool {
-    fn encode(&self) -> String {
-        self.to_string()
-    }
-    fn decode(s: &str) -> Option<Self> {
-        s.parse().ok()
-    }
-}
-
-/// The `config.<field>` entries of a state file being loaded.
-pub struct Fields<'a>(&'a HashMap<String, String>);
-
-impl Fields<'_> {
-    pub(crate) fn get<T: FieldValue>(&self, field: &str) -> Result<T, String> {
-        let key = format!("config.{field}");
-        let text = self.0.get(&key).ok_or_else(|| format!("missing {key}"))?;
-        T::decode(text).ok_or_else(|| format!("{key} = {text:?} is not readable"))
-    }
-}
-
-/// What the engine and state files need of a configuration: its fields as text, its checks,
-/// its learning rate.
-pub trait ConfigFields: Sized {
-    /// Every field with its text form.
-    fn fields(&self) -> Vec<(&'static str, String)>;
-    /// Reads every field.
-    fn from_fields(fields: &Fields<'_>) -> Result<Self, String>;
-    /// The configuration's range checks.
-    fn check(&self) -> Result<(), StepError>;
-    /// The learning rate, which every configuration has.
-    fn lr(&self) -> f32;
-    /// The learning rate, to set.
-    fn lr_mut(&mut self) -> &mut f32;
-}
-
-/// Implements [`ConfigFields`] for a configuration struct whose fields all implement
-/// [`FieldValue`].
-macro_rules! config_fields {
-    ($ty:ident { $($field:ident),* $(,)? }) => {
-        impl $crate::checkpoint::ConfigFields for $ty {
-            fn fields(&self) -> Vec<(&'static str, String)> {
-                use $crate::checkpoint::FieldValue;
-                vec![$((stringify!($field), self.$field.encode())),*]
-            }
-            fn from_fields(f: &$crate::checkpoint::Fields<'_>) -> Result<Self, String> {
-                Ok($ty { $($field: f.get(stringify!($field))?),* })
-            }
-            fn check(&self) -> Result<(), $crate::optimizer::StepError> {
-                self.validate()
-            }
-            fn lr(&self) -> f32 {
-                self.lr
-            }
-            fn lr_mut(&mut self) -> &mut f32 {
-                &mut self.lr
-            }
-        }
-    };
-}
-pub(crate) use config_fields;
-
 /// A state slice as a safetensors view, without copying.
 struct F32View<'a> {
     data: &'a [f32],
@@ -317,11 +247,11 @@ fn decode_groups(s: &str) -> Option<Vec<ParamGroup>> {
         .map(|g| {
             let (scale, wd) = g.split_once('/')?;
             Some(ParamGroup {
-                lr_scale: f32::decode(scale)?,
+                lr_scale: decode_f32(scale)?,
                 weight_decay: if wd == "-" {
                     None
                 } else {
-                    Some(f32::decode(wd)?)
+                    Some(decode_f32(wd)?)
                 },
             })
         })
@@ -357,35 +287,48 @@ fn io_err(path: &Path, op: &'static str) -> impl FnOnce(io::Error) -> StateError
     move |source| StateError::Io { path, op, source }
 }
 
-/// Writes the state of `core` and the configuration `fields` of optimizer `name` to `path`,
-/// atomically.
-pub(crate) fn save(
+/// An `f32` in its text form ([`FieldValue::parse`]).
+fn decode_f32(text: &str) -> Option<f32> {
+    let mut x = 0.0f32;
+    x.parse(text).ok().map(|()| x)
+}
+
+/// Writes `config`, `state` and `groups` to `path`, atomically.
+pub(crate) fn save<R: Rule>(
     path: &Path,
-    name: &str,
-    buffer_names: &[&str],
-    fields: &[(&'static str, String)],
-    core: &Core,
+    config: &R,
+    state: &State,
+    groups: &[ParamGroup],
 ) -> Result<(), StateError> {
-    let saved = core.saved_state();
-    let buffers = &buffer_names[..saved.buffers.len().min(buffer_names.len())];
+    let layout = state.layout.as_ref();
+    let held = state.buffers.len().min(R::BUFFERS.len());
+    let names: Vec<&str> = R::BUFFERS[..held].iter().map(|b| b.name).collect();
     let mut metadata = HashMap::new();
     metadata.insert("format".to_string(), FORMAT.to_string());
     metadata.insert("format_version".to_string(), VERSION.to_string());
-    metadata.insert("optimizer".to_string(), name.to_string());
-    metadata.insert("steps".to_string(), saved.steps.to_string());
-    metadata.insert("layout".to_string(), encode_layout(saved.layout));
-    metadata.insert("buffers".to_string(), buffers.join(","));
-    metadata.insert("groups".to_string(), encode_groups(saved.groups));
-    for (field, value) in fields {
-        metadata.insert(format!("config.{field}"), value.clone());
+    metadata.insert("optimizer".to_string(), R::NAME.to_string());
+    metadata.insert("steps".to_string(), state.steps.to_string());
+    metadata.insert(
+        "layout".to_string(),
+        encode_layout(layout.map(Layout::lens)),
+    );
+    metadata.insert("buffers".to_string(), names.join(","));
+    metadata.insert("groups".to_string(), encode_groups(groups));
+    for (field, value) in field_texts(config) {
+        metadata.insert(format!("config.{field}"), value);
     }
-    let lens = saved.layout.unwrap_or(&[]);
+    let tensors_per_buffer = layout.map_or(0, |l| l.lens().len());
     let mut tensors = Vec::new();
-    for (b, buffer) in buffers.iter().enumerate() {
-        for (t, &len) in lens.iter().enumerate() {
-            let start = saved.offsets[t];
-            let data = &saved.buffers[b][start..start + len];
-            tensors.push((format!("{buffer}.{t}"), F32View { data, shape: [len] }));
+    for (b, buffer) in names.iter().enumerate() {
+        for t in 0..tensors_per_buffer {
+            let data = state.tensor(b, t);
+            tensors.push((
+                format!("{buffer}.{t}"),
+                F32View {
+                    data,
+                    shape: [data.len()],
+                },
+            ));
         }
     }
     let sum = checksum(
@@ -437,108 +380,141 @@ pub(crate) fn save(
     Ok(())
 }
 
-/// A state file read and checked in full, ready to replace an optimizer's state.
-pub(crate) struct Loaded {
-    pub metadata: HashMap<String, String>,
-    pub steps: u64,
-    pub layout: Option<Vec<usize>>,
+/// A state file read and checked in full, ready to replace an optimizer's configuration, state
+/// and groups.
+pub(crate) struct Loaded<R> {
+    pub config: R,
+    pub state: State,
     pub groups: Vec<ParamGroup>,
-    /// The state buffers, laid out as the engine keeps them.
-    pub state: Vec<crate::engine::StateBuf>,
 }
 
-impl Loaded {
-    pub(crate) fn fields(&self) -> Fields<'_> {
-        Fields(&self.metadata)
+/// Reads the state file at `path` for an optimizer of rule `R` that holds a state of layout
+/// `current` (`None`: no state yet), checking everything before returning it.
+pub(crate) fn load<R: Rule>(
+    path: &Path,
+    current: Option<&[usize]>,
+) -> Result<Loaded<R>, StateError> {
+    let bytes = fs::read(path).map_err(io_err(path, "read"))?;
+    let file = parse(path, &bytes)?;
+    let verified = verify::<R>(&file, current)?;
+    let state = fit(&file, verified.layout, verified.steps)?;
+    Ok(Loaded {
+        config: verified.config,
+        state,
+        groups: verified.groups,
+    })
+}
+
+/// A safetensors file of this format, intact: the metadata and every tensor the metadata
+/// announces, in buffer then tensor order, matching the checksum.
+struct StateFile<'a> {
+    path: &'a Path,
+    metadata: HashMap<String, String>,
+    buffers: Vec<String>,
+    /// The tensor lengths; `None` before the first step.
+    lens: Option<Vec<usize>>,
+    /// `tensors[b * lens.len() + t]` is buffer `b` of tensor `t`.
+    tensors: Vec<TensorView<'a>>,
+}
+
+impl StateFile<'_> {
+    /// A [`StateError::Format`] for this file.
+    fn bad(&self, reason: String) -> StateError {
+        StateError::Format {
+            path: self.path.to_path_buf(),
+            reason,
+        }
+    }
+
+    /// The metadata entry `key`.
+    fn entry(&self, key: &str) -> Result<&str, StateError> {
+        entry(self.path, &self.metadata, key)
     }
 }
 
-/// Reads `path` and checks everything that does not depend on the optimizer's configuration
-/// type: format, version, kind, checksum, layout (against `current`), tensors, groups.
-pub(crate) fn load(
+/// The metadata entry `key` of the file at `path`.
+fn entry<'m>(
     path: &Path,
-    name: &'static str,
-    buffer_names: &[&str],
-    current: Option<&[usize]>,
-) -> Result<Loaded, StateError> {
+    metadata: &'m HashMap<String, String>,
+    key: &str,
+) -> Result<&'m str, StateError> {
+    metadata
+        .get(key)
+        .map(String::as_str)
+        .ok_or_else(|| StateError::Format {
+            path: path.to_path_buf(),
+            reason: format!("missing metadata entry {key:?}"),
+        })
+}
+
+/// Stage 1: `bytes` as a state file of this format and version, its tensors as the metadata
+/// announces them, intact by the checksum. Nothing here depends on the optimizer.
+fn parse<'a>(path: &'a Path, bytes: &'a [u8]) -> Result<StateFile<'a>, StateError> {
     let bad = |reason: String| StateError::Format {
         path: path.to_path_buf(),
         reason,
     };
-    let bytes = fs::read(path).map_err(|source| StateError::Io {
-        path: path.to_path_buf(),
-        op: "read",
-        source,
-    })?;
-    let file = SafeTensors::deserialize(&bytes).map_err(|e| bad(format!("safetensors: {e}")))?;
+    let safetensors =
+        SafeTensors::deserialize(bytes).map_err(|e| bad(format!("safetensors: {e}")))?;
     let (_, header) =
-        SafeTensors::read_metadata(&bytes).map_err(|e| bad(format!("safetensors: {e}")))?;
+        SafeTensors::read_metadata(bytes).map_err(|e| bad(format!("safetensors: {e}")))?;
     let metadata = header
         .metadata()
         .clone()
         .ok_or_else(|| bad("no metadata".to_string()))?;
-    let entry = |key: &str| {
-        metadata
-            .get(key)
-            .map(String::as_str)
-            .ok_or_else(|| bad(format!("missing metadata entry {key:?}")))
-    };
-    if entry("format")? != FORMAT {
-        return Err(bad(format!(
-            "format is {:?}, not {FORMAT:?}",
-            entry("format")?
-        )));
+    let format = entry(path, &metadata, "format")?;
+    if format != FORMAT {
+        return Err(bad(format!("format is {format:?}, not {FORMAT:?}")));
     }
-    let version = entry("format_version")?;
+    let version = entry(path, &metadata, "format_version")?;
     if version != VERSION {
         return Err(StateError::Version {
             path: path.to_path_buf(),
             found: version.to_string(),
         });
     }
-    let stored = entry("checksum")?.to_string();
-    let buffers: Vec<&str> = match entry("buffers")? {
+    let stored = entry(path, &metadata, "checksum")?.to_string();
+    let buffers: Vec<String> = match entry(path, &metadata, "buffers")? {
         "" => Vec::new(),
-        list => list.split(',').collect(),
+        list => list.split(',').map(str::to_string).collect(),
     };
-    let layout = decode_layout(entry("layout")?)
-        .ok_or_else(|| bad(format!("unreadable layout {:?}", metadata["layout"])))?;
-    let lens = layout.clone().unwrap_or_default();
-    // The tensors the metadata announces, each checked for name, type and shape.
-    let mut expected_names = Vec::new();
+    let layout_text = entry(path, &metadata, "layout")?;
+    let lens = decode_layout(layout_text)
+        .ok_or_else(|| bad(format!("unreadable layout {layout_text:?}")))?;
+    let count = lens.as_ref().map_or(0, Vec::len);
+    let mut names = Vec::with_capacity(buffers.len() * count);
+    let mut tensors = Vec::with_capacity(buffers.len() * count);
     for buffer in &buffers {
-        for t in 0..lens.len() {
-            expected_names.push(format!("{buffer}.{t}"));
+        for t in 0..count {
+            let name = format!("{buffer}.{t}");
+            let view = safetensors
+                .tensor(&name)
+                .map_err(|_| bad(format!("missing tensor {name:?}")))?;
+            let len = lens.as_ref().map_or(0, |l| l[t]);
+            if view.dtype() != Dtype::F32 || view.shape() != [len] {
+                return Err(bad(format!(
+                    "tensor {name:?} is {:?} {:?}, expected F32 [{len}]",
+                    view.dtype(),
+                    view.shape()
+                )));
+            }
+            names.push(name);
+            tensors.push(view);
         }
     }
-    let mut views = Vec::with_capacity(expected_names.len());
-    for (i, tensor) in expected_names.iter().enumerate() {
-        let view = file
-            .tensor(tensor)
-            .map_err(|_| bad(format!("missing tensor {tensor:?}")))?;
-        let len = lens[i % lens.len().max(1)];
-        if view.dtype() != Dtype::F32 || view.shape() != [len] {
-            return Err(bad(format!(
-                "tensor {tensor:?} is {:?} {:?}, expected F32 [{len}]",
-                view.dtype(),
-                view.shape()
-            )));
-        }
-        views.push(view);
-    }
-    if file.len() != expected_names.len() {
+    if safetensors.len() != tensors.len() {
         return Err(bad(format!(
             "{} tensors, expected {}",
-            file.len(),
-            expected_names.len()
+            safetensors.len(),
+            tensors.len()
         )));
     }
     let computed = checksum(
         &metadata,
-        expected_names
-            .iter()
-            .zip(&views)
-            .map(|(n, v)| (n.clone(), Cow::Borrowed(v.data()))),
+        names
+            .into_iter()
+            .zip(&tensors)
+            .map(|(n, v)| (n, Cow::Borrowed(v.data()))),
     );
     if computed != stored {
         return Err(StateError::Checksum {
@@ -547,94 +523,140 @@ pub(crate) fn load(
             computed,
         });
     }
-    // The contents are what was saved; now whether they fit this optimizer.
-    let found = entry("optimizer")?;
-    if found != name {
+    Ok(StateFile {
+        path,
+        metadata,
+        buffers,
+        lens,
+        tensors,
+    })
+}
+
+/// What [`verify`] found: everything but the buffers' contents.
+struct Verified<R> {
+    config: R,
+    steps: u64,
+    layout: Option<Layout>,
+    groups: Vec<ParamGroup>,
+}
+
+/// Stage 2: whether the file holds a state of rule `R` that fits an optimizer holding layout
+/// `current`: the kind, the buffers (a prefix of the rule's, with every required one once there
+/// is a layout), a layout that can exist and equals `current`, the step count, the groups and
+/// the hyperparameters.
+fn verify<R: Rule>(
+    file: &StateFile<'_>,
+    current: Option<&[usize]>,
+) -> Result<Verified<R>, StateError> {
+    let path = file.path;
+    let found = file.entry("optimizer")?;
+    if found != R::NAME {
         return Err(StateError::Optimizer {
             path: path.to_path_buf(),
-            expected: name,
+            expected: R::NAME,
             found: found.to_string(),
         });
     }
-    if buffers.len() > buffer_names.len() || buffers.iter().zip(buffer_names).any(|(a, b)| a != b) {
-        return Err(bad(format!(
-            "state buffers {buffers:?} do not belong to {name} (expected a prefix of {buffer_names:?})"
+    let rule_buffers: Vec<&str> = R::BUFFERS.iter().map(|b| b.name).collect();
+    if file.buffers.len() > rule_buffers.len()
+        || file.buffers.iter().zip(&rule_buffers).any(|(a, b)| a != b)
+    {
+        return Err(file.bad(format!(
+            "state buffers {:?} do not belong to {} (expected a prefix of {rule_buffers:?})",
+            file.buffers,
+            R::NAME
         )));
     }
-    // Buffers and layout go together: none before the first step, all of the kind's required
-    // buffers after it (Adam's third, AMSGrad's maximum, is optional).
-    let required = buffer_names.len().min(2);
-    if layout.is_none() && !buffers.is_empty() || layout.is_some() && buffers.len() < required {
-        return Err(bad(format!(
-            "{} state buffers for layout {:?}",
-            buffers.len(),
-            metadata["layout"]
+    // Buffers and layout go together: none before the first step, every required one after it
+    // (an optional buffer, such as AMSGrad's maximum, may be missing).
+    let required = R::BUFFERS.iter().filter(|b| !b.optional).count();
+    let layout_text = file.entry("layout")?;
+    if file.lens.is_none() && !file.buffers.is_empty()
+        || file.lens.is_some() && file.buffers.len() < required
+    {
+        return Err(file.bad(format!(
+            "{} state buffers for layout {layout_text:?}",
+            file.buffers.len()
         )));
     }
-    // Lengths no slice can have (only possible without buffers backing them).
-    let total = lens.iter().try_fold(0usize, |acc, &len| {
-        acc.checked_add(len.checked_next_multiple_of(16)?)
-    });
-    if total.is_none_or(|t| t > isize::MAX as usize / 4) {
-        return Err(bad(format!("impossible layout {:?}", metadata["layout"])));
-    }
+    // Lengths no buffer can have (only possible without buffers backing them, as for SGD).
+    let layout = match &file.lens {
+        None => None,
+        Some(lens) => Some(
+            Layout::new(lens.clone())
+                .ok_or_else(|| file.bad(format!("impossible layout {layout_text:?}")))?,
+        ),
+    };
     if let Some(current) = current
-        && layout.as_deref() != Some(current)
+        && file.lens.as_deref() != Some(current)
     {
         return Err(StateError::Layout {
             path: path.to_path_buf(),
             expected: current.to_vec(),
-            found: layout,
+            found: file.lens.clone(),
         });
     }
-    let steps: u64 = entry("steps")?
+    let steps_text = file.entry("steps")?;
+    let steps: u64 = steps_text
         .parse()
         .ok()
         .filter(|&s| s < u64::MAX)
-        .ok_or_else(|| bad(format!("unreadable steps {:?}", metadata["steps"])))?;
-    let groups = decode_groups(entry("groups")?)
-        .ok_or_else(|| bad(format!("unreadable groups {:?}", metadata["groups"])))?;
+        .ok_or_else(|| file.bad(format!("unreadable steps {steps_text:?}")))?;
+    let groups_text = file.entry("groups")?;
+    let groups = decode_groups(groups_text)
+        .ok_or_else(|| file.bad(format!("unreadable groups {groups_text:?}")))?;
     let config_error = |error| StateError::Config {
         path: path.to_path_buf(),
         error,
     };
-    crate::engine::check_groups(&groups).map_err(config_error)?;
-    if !groups.is_empty() && groups.len() != lens.len() {
+    check_groups(&groups).map_err(config_error)?;
+    let tensors = file.lens.as_ref().map_or(0, Vec::len);
+    if !groups.is_empty() && groups.len() != tensors {
         return Err(config_error(StepError::GroupCount {
             groups: groups.len(),
-            tensors: lens.len(),
+            tensors,
         }));
     }
-    let state = crate::engine::build_state(&lens, buffers.len(), |b, t, out| {
-        let bytes = views[b * lens.len() + t].data();
-        for (x, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
-            *x = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-        }
-    })
-    .map_err(|e| match e {
-        StepError::OutOfMemory { elements } => StateError::OutOfMemory { elements },
-        other => config_error(other),
-    })?;
-    Ok(Loaded {
-        metadata,
+    let mut config = R::default();
+    for (field, value) in config.fields() {
+        let key = format!("config.{field}");
+        let text = file.entry(&key)?;
+        value
+            .parse(text)
+            .map_err(|_| file.bad(format!("{key} = {text:?} is not readable")))?;
+    }
+    config.check().map_err(config_error)?;
+    Ok(Verified {
+        config,
         steps,
         layout,
         groups,
-        state,
     })
 }
 
-/// Checks a configuration read from `path`.
-pub(crate) fn check_config<C: ConfigFields>(path: &Path, loaded: &Loaded) -> Result<C, StateError> {
-    let config = C::from_fields(&loaded.fields()).map_err(|reason| StateError::Format {
-        path: path.to_path_buf(),
-        reason,
+/// Stage 3: the file's buffers copied into a [`State`] laid out as the engine keeps it.
+fn fit(file: &StateFile<'_>, layout: Option<Layout>, steps: u64) -> Result<State, StateError> {
+    let Some(layout) = layout else {
+        return Ok(State {
+            steps,
+            ..State::default()
+        });
+    };
+    let count = layout.lens().len();
+    let mut state = State::zeroed(layout, file.buffers.len(), steps).map_err(|e| match e {
+        StepError::OutOfMemory { elements } => StateError::OutOfMemory { elements },
+        error => StateError::Config {
+            path: file.path.to_path_buf(),
+            error,
+        },
     })?;
-    config.check().map_err(|error| StateError::Config {
-        path: path.to_path_buf(),
-        error,
-    })?;
-    Ok(config)
+    for (i, view) in file.tensors.iter().enumerate() {
+        let out = state.tensor_mut(i / count, i % count);
+        for (x, b) in out.iter_mut().zip(view.data().chunks_exact(4)) {
+            *x = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        }
+    }
+    Ok(state)
 }
 
 #[cfg(test)]
@@ -666,7 +688,7 @@ mod tests {
     #[test]
     fn f32_fields_round_trip_exactly() {
         for x in [0.001f32, 1e-7, 0.999, 1.0 / 3.0, f32::MIN_POSITIVE, 1e-45] {
-            assert_eq!(f32::decode(&x.encode()), Some(x));
+            assert_eq!(decode_f32(&x.encode()), Some(x));
         }
     }
 }

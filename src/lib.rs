@@ -81,27 +81,31 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(clippy::undocumented_unsafe_blocks)]
 
+// The modules, bottom-up: each imports only from modules above it in this list.
 mod checkpoint;
+mod config;
 mod engine;
 mod optim;
 mod optimizer;
-pub mod roofline;
+mod plan;
 pub mod schedule;
 mod simd;
 mod tuning;
+mod types;
 
 pub use checkpoint::StateError;
-pub use engine::DEFAULT_CHUNK_LEN;
+pub use config::{OPTIMIZER_NAMES, OptimizerConfig, ParseConfigError, optimizer_by_name};
 pub use optim::adagrad::{AdaGrad, AdaGradConfig};
 pub use optim::adam::{Adam, AdamConfig, EpsMode};
-pub use optim::momentum::{Momentum, MomentumConfig};
-pub use optim::nag::{Nag, NagConfig};
+pub use optim::momentum::{Momentum, MomentumConfig, Nag, NagConfig, VelocityConfig};
 pub use optim::rmsprop::{RmsProp, RmsPropConfig};
 pub use optim::sgd::{Sgd, SgdConfig};
-pub use optim::{OPTIMIZER_NAMES, optimizer_by_name};
-pub use optimizer::{Backend, NonFinite, Optimizer, ParamGroup, StepError, StepReport};
+pub use optim::{Fused, Rule};
+pub use optimizer::Optimizer;
+pub use plan::DEFAULT_CHUNK_LEN;
 pub use simd::{SimdLevel, simd_level};
 pub use tuning::{TUNING_ENV, Tuning, TuningError};
+pub use types::{Backend, NonFinite, ParamGroup, StepError, StepReport};
 
 /// The README's code blocks, compiled and run as doctests.
 #[cfg(doctest)]

@@ -1,246 +1,19 @@
-//! The [`Optimizer`] trait shared by all six optimizers, and its settings, report and errors.
+//! The public [`Optimizer`] trait: sealed, object safe, implemented once for [`Fused`]; and
+//! `step_all` on `dyn Optimizer`. Imports [`crate::optim`], [`crate::checkpoint`],
+//! [`crate::engine`] and [`crate::types`].
 
-use crate::checkpoint::{self, ConfigFields, StateError};
-use crate::engine::{Core, Params};
-use crate::simd::SimdLevel;
-use core::fmt;
+use crate::checkpoint::{self, StateError};
+use crate::engine::{Lists, Pairs, TensorSource};
+use crate::optim::{Fused, Rule};
+use crate::types::{Backend, NonFinite, ParamGroup, StepError, StepReport};
 use std::path::Path;
-
-/// Which kernels a step runs.
-///
-/// Every choice computes bitwise identical results; they differ only in speed. The default is
-/// [`Backend::Simd`].
-///
-/// ```
-/// use fusedopt::{Adam, AdamConfig, Backend, Optimizer};
-/// let mut opt = Adam::new(AdamConfig::default());
-/// assert_eq!(opt.backend(), Backend::Simd);
-/// opt.set_backend(Backend::Scalar);
-/// assert_eq!(opt.backend(), Backend::Scalar);
-/// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub enum Backend {
-    /// The plain scalar reference kernel, one element at a time.
-    Scalar,
-    /// The fastest SIMD tier of the running CPU ([`SimdLevel::detect`]).
-    #[default]
-    Simd,
-    /// A specific tier, for testing and benchmarking. A tier the CPU lacks falls back to the best
-    /// available tier below it (see [`Backend::level`]).
-    Level(SimdLevel),
-}
-
-/// What a successful step did.
-#[derive(Debug, Clone, Copy, PartialEq)]
-#[non_exhaustive]
-pub struct StepReport {
-    /// The optimizer's step count after this step (1 after the first step; unchanged by a skipped
-    /// step).
-    pub step: u64,
-    /// The step found a NaN or an infinity in a gradient under [`NonFinite::Skip`] and modified
-    /// nothing.
-    pub skipped: bool,
-    /// The global L2 norm of the unscaled gradients of the call, before clipping: present whenever
-    /// clipping ([`Optimizer::set_max_grad_norm`]) or checking ([`Optimizer::set_non_finite`]) ran.
-    pub grad_norm: Option<f32>,
-}
-
-/// What a step does with a NaN or an infinity in a gradient ([`Optimizer::set_non_finite`]).
-///
-/// ```
-/// assert_eq!(fusedopt::NonFinite::default(), fusedopt::NonFinite::Propagate);
-/// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub enum NonFinite {
-    /// No check: IEEE arithmetic carries NaN and infinities into weights and state (the default,
-    /// and the fastest).
-    #[default]
-    Propagate,
-    /// Modify nothing and do not count the step; the report says `skipped` (for dynamic loss
-    /// scaling, where an overflowed step is dropped).
-    Skip,
-    /// Refuse the step with [`StepError::NonFiniteGrad`]; nothing is modified.
-    Error,
-}
-
-/// Per-tensor overrides of an optimizer's hyperparameters, for
-/// [`Optimizer::set_param_groups`]: PyTorch's parameter groups, one entry per tensor.
-///
-/// ```
-/// use fusedopt::ParamGroup;
-/// assert_eq!(ParamGroup::default(), ParamGroup { lr_scale: 1.0, weight_decay: None });
-/// assert_eq!(ParamGroup::NO_WEIGHT_DECAY.weight_decay, Some(0.0));
-/// ```
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct ParamGroup {
-    /// Multiplies the configuration's `lr` for this tensor (default 1). Finite and `>= 0`. Follows
-    /// [`Optimizer::set_lr`], so a schedule drives every group.
-    pub lr_scale: f32,
-    /// Replaces the configuration's `weight_decay` for this tensor; `None` (the default) keeps it.
-    /// Finite and `>= 0`.
-    pub weight_decay: Option<f32>,
-}
-
-impl ParamGroup {
-    /// No override: the configuration's values.
-    pub const DEFAULT: ParamGroup = ParamGroup {
-        lr_scale: 1.0,
-        weight_decay: None,
-    };
-
-    /// The configuration's learning rate, without weight decay: the usual choice for biases and
-    /// normalisation weights.
-    pub const NO_WEIGHT_DECAY: ParamGroup = ParamGroup {
-        lr_scale: 1.0,
-        weight_decay: Some(0.0),
-    };
-}
-
-impl Default for ParamGroup {
-    fn default() -> Self {
-        ParamGroup::DEFAULT
-    }
-}
-
-/// Why a step was refused. A refused step modifies neither the weights nor the optimizer state.
-#[derive(Debug, Clone, PartialEq)]
-#[non_exhaustive]
-pub enum StepError {
-    /// A tensor's weights and gradients have different lengths.
-    LengthMismatch {
-        /// Position of the tensor in the call (0 for [`Optimizer::step`]).
-        tensor: usize,
-        /// Number of weights.
-        weights: usize,
-        /// Number of gradients.
-        grads: usize,
-    },
-    /// The call passed another number of tensors than the optimizer state was created for.
-    TensorCount {
-        /// Number of tensors in the optimizer's layout.
-        expected: usize,
-        /// Number of tensors in this call.
-        found: usize,
-    },
-    /// A tensor's length differs from the one the optimizer state was created for.
-    TensorLen {
-        /// Position of the tensor in the call (0 for [`Optimizer::step`]).
-        tensor: usize,
-        /// Length in the optimizer's layout.
-        expected: usize,
-        /// Length in this call.
-        found: usize,
-    },
-    /// A hyperparameter is out of its valid range.
-    InvalidConfig {
-        /// The optimizer, for example `"adam"`.
-        optimizer: &'static str,
-        /// The configuration field, for example `"beta1"`.
-        field: &'static str,
-        /// Its value.
-        value: f32,
-        /// The valid range, for example `"in [0, 1)"`.
-        expected: &'static str,
-    },
-    /// A per-tensor override of [`Optimizer::set_param_groups`] is out of range.
-    InvalidGroup {
-        /// Position of the tensor whose override is invalid.
-        tensor: usize,
-        /// The field, `"lr_scale"` or `"weight_decay"`.
-        field: &'static str,
-        /// Its value.
-        value: f32,
-        /// The valid range.
-        expected: &'static str,
-    },
-    /// The parameter groups set by [`Optimizer::set_param_groups`] cover another number of tensors
-    /// than the step (or the optimizer's layout) has.
-    GroupCount {
-        /// Number of per-tensor groups set.
-        groups: usize,
-        /// Number of tensors.
-        tensors: usize,
-    },
-    /// A gradient holds a NaN or an infinity, under [`NonFinite::Error`].
-    NonFiniteGrad {
-        /// Position of the first tensor with a non-finite gradient.
-        tensor: usize,
-    },
-    /// The optimizer state could not be allocated.
-    OutOfMemory {
-        /// Number of `f32` elements of the buffer that failed.
-        elements: usize,
-    },
-}
-
-impl fmt::Display for StepError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            StepError::LengthMismatch {
-                tensor,
-                weights,
-                grads,
-            } => write!(
-                f,
-                "tensor {tensor}: weights have {weights} elements but grads have {grads}"
-            ),
-            StepError::TensorCount { expected, found } => write!(
-                f,
-                "optimizer state holds {expected} tensors but this step passed {found}"
-            ),
-            StepError::TensorLen {
-                tensor,
-                expected,
-                found,
-            } => write!(
-                f,
-                "tensor {tensor}: optimizer state holds {expected} elements but this step passed {found}"
-            ),
-            StepError::InvalidConfig {
-                optimizer,
-                field,
-                value,
-                expected,
-            } => {
-                write!(
-                    f,
-                    "{optimizer}: {field} = {value} is invalid, expected {expected}"
-                )
-            }
-            StepError::InvalidGroup {
-                tensor,
-                field,
-                value,
-                expected,
-            } => write!(
-                f,
-                "parameter group of tensor {tensor}: {field} = {value} is invalid, expected {expected}"
-            ),
-            StepError::GroupCount { groups, tensors } => write!(
-                f,
-                "parameter groups were set for {groups} tensors but there are {tensors}"
-            ),
-            StepError::NonFiniteGrad { tensor } => write!(
-                f,
-                "tensor {tensor}: the gradients hold a NaN or an infinity; nothing was modified"
-            ),
-            StepError::OutOfMemory { elements } => {
-                write!(
-                    f,
-                    "could not allocate optimizer state of {elements} f32 elements"
-                )
-            }
-        }
-    }
-}
-
-impl std::error::Error for StepError {}
 
 /// An optimizer: updates weights in place from their gradients, keeping its own state.
 ///
 /// Implemented by [`Sgd`](crate::Sgd), [`Momentum`](crate::Momentum), [`Nag`](crate::Nag),
-/// [`AdaGrad`](crate::AdaGrad), [`RmsProp`](crate::RmsProp) and [`Adam`](crate::Adam). The trait is
-/// object safe:
+/// [`AdaGrad`](crate::AdaGrad), [`RmsProp`](crate::RmsProp) and [`Adam`](crate::Adam), the
+/// instances of [`Fused`]. The trait is sealed (only this crate implements it, so methods can be
+/// added without breaking anyone) and object safe:
 ///
 /// ```
 /// use fusedopt::{Adam, AdamConfig, Optimizer, Sgd, SgdConfig};
@@ -259,7 +32,7 @@ impl std::error::Error for StepError {}
 /// A step cuts its tensors into chunks of [`chunk_len`](Optimizer::chunk_len) elements and runs
 /// them on the current rayon pool, so `pool.install(|| opt.step(..))` picks the thread count. The
 /// result is bitwise identical for any thread count, chunk length and [`Backend`].
-pub trait Optimizer: Send {
+pub trait Optimizer: sealed::Sealed + Send {
     /// A short lower-case name, for example `"adam"`.
     ///
     /// ```
@@ -317,7 +90,9 @@ pub trait Optimizer: Send {
     /// # Errors
     /// As [`step`](Optimizer::step), checked for every pair before anything is written: on error no
     /// tensor of the call and no optimizer state is modified.
-    fn step_many(&mut self, params: &mut [(&mut [f32], &[f32])]) -> Result<StepReport, StepError>;
+    fn step_many(&mut self, params: &mut [(&mut [f32], &[f32])]) -> Result<StepReport, StepError> {
+        self.step_source(&mut Pairs(params))
+    }
 
     /// Chooses the kernels of later steps. All backends give bitwise identical results.
     ///
@@ -386,9 +161,9 @@ pub trait Optimizer: Send {
     fn layout(&self) -> Option<&[usize]>;
 
     /// How many state buffers the optimizer keeps per parameter: 0 for SGD, 1 for Momentum, NAG,
-    /// AdaGrad and RMSProp, 2 for Adam (3 with `amsgrad`). A step moves
-    /// [`roofline::bytes_per_param`](crate::roofline::bytes_per_param) of that many bytes per
-    /// parameter.
+    /// AdaGrad and RMSProp, 2 for Adam (3 with `amsgrad`). A step moves `4·(3 + 2·n)` bytes per
+    /// parameter for `n` buffers: it reads weights, gradients and each buffer, and writes
+    /// weights and each buffer.
     ///
     /// ```
     /// use fusedopt::{Adam, AdamConfig, Optimizer, Sgd, SgdConfig};
@@ -617,176 +392,115 @@ pub trait Optimizer: Send {
 pub(crate) mod sealed {
     use super::*;
 
-    /// What an optimizer file provides; the engine and the blanket [`Optimizer`] impl do the rest.
-    pub trait Rule: Send {
-        /// The configuration type.
-        type Config: crate::checkpoint::ConfigFields;
-        /// The names of the state buffers in a state file, in the engine's order.
-        const BUFFER_NAMES: &'static [&'static str];
-        /// See [`Optimizer::name`].
-        const NAME: &'static str;
-        /// The configuration.
-        fn rule_config(&self) -> &Self::Config;
-        /// The configuration, to replace.
-        fn rule_config_mut(&mut self) -> &mut Self::Config;
-        /// See [`Optimizer::state_buffers`].
-        fn state_buffers(&self) -> usize;
-        fn core(&self) -> &Core;
-        fn core_mut(&mut self) -> &mut Core;
-        /// Checks the configuration, builds this step's kernel and runs it through the engine.
-        fn apply(&mut self, params: &mut Params<'_, '_>) -> Result<StepReport, StepError>;
+    /// Keeps [`Optimizer`] implemented by this crate alone, and carries what its provided
+    /// methods need.
+    pub trait Sealed {
+        /// One step over the tensors of `source`.
+        fn step_source(&mut self, source: &mut dyn TensorSource) -> Result<StepReport, StepError>;
     }
 }
 
-impl<T: sealed::Rule> Optimizer for T {
-    fn name(&self) -> &'static str {
-        T::NAME
+impl<R: Rule> sealed::Sealed for Fused<R> {
+    fn step_source(&mut self, source: &mut dyn TensorSource) -> Result<StepReport, StepError> {
+        Fused::step_source(self, source)
     }
-    fn step_many(&mut self, params: &mut [(&mut [f32], &[f32])]) -> Result<StepReport, StepError> {
-        self.apply(params)
+}
+
+impl<R: Rule> Optimizer for Fused<R> {
+    fn name(&self) -> &'static str {
+        R::NAME
     }
     fn set_backend(&mut self, backend: Backend) {
-        self.core_mut().set_backend(backend)
+        self.engine.settings.backend = backend;
     }
     fn backend(&self) -> Backend {
-        self.core().backend()
+        self.engine.settings.backend
     }
     fn set_chunk_len(&mut self, len: usize) {
-        self.core_mut().set_chunk_len(len)
+        self.engine.set_chunk_len(len);
     }
     fn chunk_len(&self) -> usize {
-        self.core().chunk_len()
+        self.engine.chunk_len()
     }
     fn steps(&self) -> u64 {
-        self.core().steps()
+        self.engine.state().steps
     }
     fn layout(&self) -> Option<&[usize]> {
-        self.core().layout()
+        self.engine.layout()
     }
     fn state_buffers(&self) -> usize {
-        sealed::Rule::state_buffers(self)
+        self.config.state_buffers()
     }
     fn lr(&self) -> f32 {
-        self.rule_config().lr()
+        self.config.lr()
     }
     fn set_lr(&mut self, lr: f32) {
-        *self.rule_config_mut().lr_mut() = lr;
+        *self.config.lr_mut() = lr;
     }
     fn set_param_groups(&mut self, groups: &[ParamGroup]) -> Result<(), StepError> {
-        self.core_mut().set_param_groups(groups)
+        self.engine.set_param_groups(groups)
     }
     fn param_groups(&self) -> &[ParamGroup] {
-        self.core().param_groups()
+        self.engine.param_groups()
     }
     fn set_grad_scale(&mut self, scale: f32) {
-        self.core_mut().set_grad_scale(scale)
+        self.engine.settings.grad_scale = scale;
     }
     fn grad_scale(&self) -> f32 {
-        self.core().grad_scale()
+        self.engine.settings.grad_scale
     }
     fn set_max_grad_norm(&mut self, max: Option<f32>) {
-        self.core_mut().set_max_grad_norm(max)
+        self.engine.settings.max_grad_norm = max;
     }
     fn max_grad_norm(&self) -> Option<f32> {
-        self.core().max_grad_norm()
+        self.engine.settings.max_grad_norm
     }
     fn set_non_finite(&mut self, policy: NonFinite) {
-        self.core_mut().set_non_finite(policy)
+        self.engine.settings.non_finite = policy;
     }
     fn non_finite(&self) -> NonFinite {
-        self.core().non_finite()
+        self.engine.settings.non_finite
     }
     fn save_state(&self, path: &Path) -> Result<(), StateError> {
-        let fields = self.rule_config().fields();
-        checkpoint::save(path, T::NAME, T::BUFFER_NAMES, &fields, self.core())
+        checkpoint::save(path, &self.config, self.engine.state(), self.param_groups())
     }
     fn load_state(&mut self, path: &Path) -> Result<(), StateError> {
-        let current = self.core().layout();
-        let loaded = checkpoint::load(path, T::NAME, T::BUFFER_NAMES, current)?;
-        let config = checkpoint::check_config::<T::Config>(path, &loaded)?;
+        let loaded = checkpoint::load::<R>(path, self.engine.layout())?;
         // Everything is checked: apply.
-        *self.rule_config_mut() = config;
-        let checkpoint::Loaded {
-            steps,
-            layout,
-            groups,
-            state,
-            ..
-        } = loaded;
-        self.core_mut().restore(layout, state, steps, &groups);
+        self.config = loaded.config;
+        self.engine.restore(loaded.state, &loaded.groups);
         Ok(())
     }
     fn reset(&mut self) {
-        self.core_mut().reset()
+        self.engine.reset();
     }
 }
 
-/// Range checks shared by the configurations.
-pub(crate) fn check(
-    optimizer: &'static str,
-    field: &'static str,
-    value: f32,
-    ok: bool,
-    expected: &'static str,
-) -> Result<(), StepError> {
-    if ok {
-        Ok(())
-    } else {
-        Err(StepError::InvalidConfig {
-            optimizer,
-            field,
-            value,
-            expected,
-        })
+impl dyn Optimizer + '_ {
+    /// [`Fused::step_all`] for a `dyn Optimizer`: one update of a whole model held as two lists,
+    /// weights and gradients, bitwise the same as [`step_many`](Optimizer::step_many) over their
+    /// pairs, allocating nothing after the first call.
+    ///
+    /// ```
+    /// use fusedopt::{Optimizer, OptimizerConfig};
+    /// let mut opt: Box<dyn Optimizer> = "momentum:lr=0.1".parse::<OptimizerConfig>()?.build();
+    /// let mut weights = vec![vec![1.0f32; 4], vec![2.0f32; 2]];
+    /// let grads = vec![vec![1.0f32; 4], vec![1.0f32; 2]];
+    /// opt.step_all(&mut weights, &grads)?;
+    /// assert_eq!(weights, [vec![0.9f32; 4], vec![1.9f32; 2]]);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// A generic `O: Optimizer` reaches it as a `dyn Optimizer`:
+    /// `(opt as &mut dyn Optimizer).step_all(..)`.
+    ///
+    /// # Errors
+    /// As [`Fused::step_all`].
+    pub fn step_all<W: AsMut<[f32]>, G: AsRef<[f32]>>(
+        &mut self,
+        weights: &mut [W],
+        grads: &[G],
+    ) -> Result<StepReport, StepError> {
+        self.step_source(&mut Lists { weights, grads })
     }
-}
-
-/// `lr` must be finite and non-negative.
-pub(crate) fn check_lr(optimizer: &'static str, lr: f32) -> Result<(), StepError> {
-    check(
-        optimizer,
-        "lr",
-        lr,
-        lr.is_finite() && lr >= 0.0,
-        "finite and >= 0",
-    )
-}
-
-/// `weight_decay` must be finite and non-negative.
-pub(crate) fn check_weight_decay(optimizer: &'static str, wd: f32) -> Result<(), StepError> {
-    check(
-        optimizer,
-        "weight_decay",
-        wd,
-        wd.is_finite() && wd >= 0.0,
-        "finite and >= 0",
-    )
-}
-
-/// `eps` must be finite and non-negative.
-pub(crate) fn check_eps(optimizer: &'static str, eps: f32) -> Result<(), StepError> {
-    check(
-        optimizer,
-        "eps",
-        eps,
-        eps.is_finite() && eps >= 0.0,
-        "finite and >= 0",
-    )
-}
-
-/// A decay or momentum coefficient must lie in `[0, 1]`, or `[0, 1)` where `closed` is false.
-pub(crate) fn check_unit(
-    optimizer: &'static str,
-    field: &'static str,
-    value: f32,
-    closed: bool,
-) -> Result<(), StepError> {
-    let ok = value >= 0.0 && if closed { value <= 1.0 } else { value < 1.0 };
-    check(
-        optimizer,
-        field,
-        value,
-        ok,
-        if closed { "in [0, 1]" } else { "in [0, 1)" },
-    )
 }

@@ -1,4 +1,5 @@
-//! Tuned chunk lengths: a small text file written by `examples/tune.rs` and loaded by the engine.
+//! Tuned chunk lengths: a small text file written by `examples/tune.rs` and read when a step
+//! needs its default chunk length. Imports only [`crate::plan`].
 //!
 //! The file holds `key = value` lines; `#` starts a comment:
 //!
@@ -25,7 +26,7 @@
 //! # fusedopt::Tuning::default().install();
 //! ```
 
-use crate::engine::{DEFAULT_CHUNK_LEN, effective_chunk_len};
+use crate::plan::{DEFAULT_CHUNK_LEN, effective_chunk_len};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};

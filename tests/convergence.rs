@@ -2,9 +2,10 @@
 
 mod common;
 use common::*;
+use fusedopt::OptimizerConfig;
 
 /// f(w) = ½ Σ aᵢ (wᵢ − cᵢ)², aᵢ from 1 to 10: returns the loss after `steps` steps.
-fn bowl(kind: Kind, hp: Hp, steps: usize) -> (f64, f64) {
+fn bowl(config: OptimizerConfig, steps: usize) -> (f64, f64) {
     let n = 256;
     let a: Vec<f32> = (0..n)
         .map(|i| 1.0 + 9.0 * i as f32 / (n - 1) as f32)
@@ -19,7 +20,7 @@ fn bowl(kind: Kind, hp: Hp, steps: usize) -> (f64, f64) {
     };
     let mut w = vec![0.0f32; n];
     let start = loss(&w);
-    let mut opt = make(kind, hp);
+    let mut opt = config.build();
     let mut g = vec![0.0f32; n];
     for _ in 0..steps {
         for i in 0..n {
@@ -32,26 +33,23 @@ fn bowl(kind: Kind, hp: Hp, steps: usize) -> (f64, f64) {
 
 #[test]
 fn every_optimizer_descends_a_quadratic_bowl() {
-    for kind in KINDS {
-        let mut hp = Hp::defaults(kind);
-        hp.lr = match kind {
-            Kind::Sgd | Kind::Momentum | Kind::Nag => 0.05,
-            Kind::AdaGrad => 0.5,
-            Kind::RmsProp | Kind::Adam => 0.02,
+    for config in configs() {
+        let kind = config.name();
+        let lr = match kind {
+            "sgd" | "momentum" | "nag" => "lr=0.05",
+            "adagrad" => "lr=0.5",
+            _ => "lr=0.02",
         };
-        let (start, end) = bowl(kind, hp, 500);
-        println!("{kind:?}: bowl loss {start:.3} -> {end:.3e}");
-        assert!(end < start * 1e-4, "{kind:?}: loss {start} -> {end}");
+        let (start, end) = bowl(with(config, lr), 500);
+        println!("{kind}: bowl loss {start:.3} -> {end:.3e}");
+        assert!(end < start * 1e-4, "{kind}: loss {start} -> {end}");
     }
 }
 
 #[test]
 fn momentum_beats_plain_sgd_on_the_bowl() {
-    let mut hp = Hp::defaults(Kind::Sgd);
-    hp.lr = 0.005;
-    let (_, sgd) = bowl(Kind::Sgd, hp, 200);
-    let (_, mom) = bowl(Kind::Momentum, hp, 200);
-    let (_, nag) = bowl(Kind::Nag, hp, 200);
+    let run = |name: &str| bowl(format!("{name}:lr=0.005").parse().unwrap(), 200).1;
+    let (sgd, mom, nag) = (run("sgd"), run("momentum"), run("nag"));
     assert!(
         mom < sgd * 0.1 && nag < sgd * 0.1,
         "sgd {sgd} momentum {mom} nag {nag}"
@@ -60,14 +58,14 @@ fn momentum_beats_plain_sgd_on_the_bowl() {
 
 /// Rosenbrock f(x, y) = (1 − x)² + 100 (y − x²)², minimum at (1, 1), from (−1.5, 2).
 /// Many independent copies run as one tensor, started at slightly different points.
-fn rosenbrock(kind: Kind, hp: Hp, steps: usize) -> (f64, f64, f32) {
+fn rosenbrock(config: OptimizerConfig, steps: usize) -> (f64, f64, f32) {
     let copies = 37;
     let f = |x: f64, y: f64| (1.0 - x).powi(2) + 100.0 * (y - x * x).powi(2);
     let mut w: Vec<f32> = (0..copies)
         .flat_map(|i| [-1.5 + 0.01 * i as f32, 2.0])
         .collect();
     let start = f(-1.5, 2.0);
-    let mut opt = make(kind, hp);
+    let mut opt = config.build();
     let mut g = vec![0.0f32; w.len()];
     for _ in 0..steps {
         for p in 0..copies {
@@ -88,24 +86,21 @@ fn rosenbrock(kind: Kind, hp: Hp, steps: usize) -> (f64, f64, f32) {
 
 #[test]
 fn every_optimizer_makes_progress_on_rosenbrock() {
-    for kind in KINDS {
-        let mut hp = Hp::defaults(kind);
+    for config in configs() {
+        let kind = config.name();
         let (lr, steps, max_dist) = match kind {
-            Kind::Sgd => (1e-3, 20_000, 0.05),
-            Kind::Momentum | Kind::Nag => (2e-4, 10_000, 0.05),
-            Kind::AdaGrad => (1.0, 20_000, 0.05),
-            Kind::RmsProp => (1e-3, 10_000, 0.05),
-            Kind::Adam => (0.005, 10_000, 0.05),
+            "sgd" => ("lr=1e-3", 20_000, 0.05),
+            "momentum" | "nag" => ("lr=2e-4", 10_000, 0.05),
+            "adagrad" => ("lr=1.0", 20_000, 0.05),
+            "rmsprop" => ("lr=1e-3", 10_000, 0.05),
+            _ => ("lr=0.005", 10_000, 0.05),
         };
-        hp.lr = lr;
-        let (start, end, dist) = rosenbrock(kind, hp, steps);
-        println!(
-            "{kind:?}: rosenbrock {start:.2} -> {end:.2e}, farthest copy {dist:.3} from (1, 1)"
-        );
-        assert!(end < start * 1e-3, "{kind:?}: f {start} -> {end}");
+        let (start, end, dist) = rosenbrock(with(config, lr), steps);
+        println!("{kind}: rosenbrock {start:.2} -> {end:.2e}, farthest copy {dist:.3} from (1, 1)");
+        assert!(end < start * 1e-3, "{kind}: f {start} -> {end}");
         assert!(
             dist < max_dist,
-            "{kind:?}: a copy ended {dist} from the minimum"
+            "{kind}: a copy ended {dist} from the minimum"
         );
     }
 }

@@ -22,18 +22,13 @@ fn step(
     ws: &mut [Vec<f32>],
     gs: &[Vec<f32>],
 ) -> Result<StepReport, StepError> {
-    let mut params: Vec<(&mut [f32], &[f32])> = ws
-        .iter_mut()
-        .zip(gs)
-        .map(|(w, g)| (w.as_mut_slice(), g.as_slice()))
-        .collect();
-    opt.step_many(&mut params)
+    opt.step_all(ws, gs)
 }
 
 /// References, one per tensor (each optimizer is element-wise, so a tensor's reference sees only
 /// its own elements).
-fn references(kind: Kind, hp: Hp) -> Vec<Reference<f32>> {
-    LENS.iter().map(|&n| Reference::new(kind, hp, n)).collect()
+fn references(config: OptimizerConfig) -> Vec<Reference<f32>> {
+    LENS.iter().map(|&n| Reference::new(config, n)).collect()
 }
 
 fn reference_step(refs: &mut [Reference<f32>], ws: &mut [Vec<f32>], gs: &[Vec<f32>]) {
@@ -53,16 +48,14 @@ fn plain_norm(gs: &[Vec<f32>]) -> f64 {
 
 #[test]
 fn grads_are_divided_by_the_loss_scale() {
-    for kind in KINDS {
+    for config in configs() {
+        let kind = config.name();
         for scale in [1024.0f32, 3.0, 0.125] {
-            let hp = Hp {
-                weight_decay: 0.01,
-                ..Hp::defaults(kind)
-            };
-            let mut opt = make(kind, hp);
+            let hp = with(config, "weight_decay=0.01");
+            let mut opt = hp.build();
             opt.set_grad_scale(scale);
             assert_eq!(opt.grad_scale(), scale);
-            let mut refs = references(kind, hp);
+            let mut refs = references(hp);
             let (mut ws, mut wr) = (model(1), model(1));
             let mut rng = Rng(2);
             for _ in 0..5 {
@@ -80,7 +73,7 @@ fn grads_are_divided_by_the_loss_scale() {
                 reference_step(&mut refs, &mut wr, &unscaled);
             }
             for (t, (w, r)) in ws.iter().zip(&wr).enumerate() {
-                assert_same(w, r, &format!("{kind:?} scale {scale} tensor {t}"));
+                assert_same(w, r, &format!("{kind} scale {scale} tensor {t}"));
             }
         }
     }
@@ -88,18 +81,15 @@ fn grads_are_divided_by_the_loss_scale() {
 
 #[test]
 fn clipping_scales_by_the_global_norm_inside_the_kernel() {
-    for kind in KINDS {
+    for config in configs() {
+        let kind = config.name();
         for maximize in [false, true] {
-            let hp = Hp {
-                maximize,
-                weight_decay: 0.05,
-                ..Hp::defaults(kind)
-            };
+            let hp = with(config, &format!("maximize={maximize},weight_decay=0.05"));
             let max = 1.5f32;
-            let mut opt = make(kind, hp);
+            let mut opt = hp.build();
             opt.set_max_grad_norm(Some(max));
             opt.set_grad_scale(64.0);
-            let mut refs = references(kind, hp);
+            let mut refs = references(hp);
             let (mut ws, mut wr) = (model(3), model(3));
             let mut rng = Rng(4);
             for s in 0..6 {
@@ -111,7 +101,7 @@ fn clipping_scales_by_the_global_norm_inside_the_kernel() {
                 let expected = plain_norm(&scaled) / 64.0;
                 assert!(
                     ((norm as f64) - expected).abs() <= 1e-6 * expected,
-                    "{kind:?}: norm {norm} vs {expected}"
+                    "{kind}: norm {norm} vs {expected}"
                 );
                 // torch.nn.utils.clip_grad_norm_'s coefficient, from the reported norm.
                 let coef = (max as f64 / (norm as f64 + 1e-6)).min(1.0) as f32;
@@ -123,11 +113,11 @@ fn clipping_scales_by_the_global_norm_inside_the_kernel() {
                 let clipped_norm = plain_norm(&clipped);
                 assert!(
                     clipped_norm <= max as f64 * (1.0 + 1e-6),
-                    "{kind:?}: {clipped_norm}"
+                    "{kind}: {clipped_norm}"
                 );
             }
             for (t, (w, r)) in ws.iter().zip(&wr).enumerate() {
-                assert_same(w, r, &format!("{kind:?} maximize={maximize} tensor {t}"));
+                assert_same(w, r, &format!("{kind} maximize={maximize} tensor {t}"));
             }
         }
     }
@@ -136,7 +126,7 @@ fn clipping_scales_by_the_global_norm_inside_the_kernel() {
 #[test]
 fn the_norm_and_the_step_are_identical_for_any_threads_chunks_and_tier() {
     let run = |threads: usize, chunk: usize, backend: Backend| {
-        let mut opt = make(Kind::Adam, Hp::defaults(Kind::Adam));
+        let mut opt = Adam::new(AdamConfig::default());
         opt.set_backend(backend);
         opt.set_chunk_len(chunk);
         opt.set_max_grad_norm(Some(10.0));
@@ -147,7 +137,7 @@ fn the_norm_and_the_step_are_identical_for_any_threads_chunks_and_tier() {
         pool(threads).install(|| {
             for _ in 0..3 {
                 let gs = grads(&mut rng, 1.0);
-                norms.push(step(opt.as_mut(), &mut ws, &gs).unwrap().grad_norm.unwrap());
+                norms.push(step(&mut opt, &mut ws, &gs).unwrap().grad_norm.unwrap());
             }
         });
         (norms, ws)
@@ -169,11 +159,12 @@ fn the_norm_and_the_step_are_identical_for_any_threads_chunks_and_tier() {
 
 #[test]
 fn skip_modifies_nothing_and_does_not_count() {
-    for kind in KINDS {
+    for config in configs() {
+        let kind = config.name();
         for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
-            let mut opt = make_default(kind);
+            let mut opt = config.build();
             opt.set_non_finite(NonFinite::Skip);
-            let mut clean = make_default(kind);
+            let mut clean = config.build();
             let (mut ws, mut wc) = (model(7), model(7));
             let mut rng = Rng(8);
             for s in 0..6 {
@@ -183,7 +174,7 @@ fn skip_modifies_nothing_and_does_not_count() {
                     gs[3][19_999] = bad;
                     let before = ws.clone();
                     let report = step(opt.as_mut(), &mut ws, &gs).unwrap();
-                    assert!(report.skipped, "{kind:?}");
+                    assert!(report.skipped, "{kind}");
                     assert_eq!(report.step, opt.steps());
                     let norm = report.grad_norm.unwrap();
                     assert!(if bad.is_nan() {
@@ -191,7 +182,7 @@ fn skip_modifies_nothing_and_does_not_count() {
                     } else {
                         norm == f32::INFINITY
                     });
-                    assert_eq!(ws, before, "{kind:?}: weights changed by a skipped step");
+                    assert_eq!(ws, before, "{kind}: weights changed by a skipped step");
                     if s == 0 {
                         assert_eq!((opt.steps(), opt.layout()), (0, None));
                     }
@@ -205,7 +196,7 @@ fn skip_modifies_nothing_and_does_not_count() {
             // State untouched too: the run equals one that never saw the bad steps.
             assert_eq!(opt.steps(), clean.steps());
             for (a, b) in ws.iter().zip(&wc) {
-                assert_same(a, b, &format!("{kind:?} after skipped steps"));
+                assert_same(a, b, &format!("{kind} after skipped steps"));
             }
         }
     }
@@ -213,8 +204,9 @@ fn skip_modifies_nothing_and_does_not_count() {
 
 #[test]
 fn error_names_the_tensor_and_modifies_nothing() {
-    for kind in KINDS {
-        let mut opt = make_default(kind);
+    for config in configs() {
+        let kind = config.name();
+        let mut opt = config.build();
         opt.set_non_finite(NonFinite::Error);
         let mut ws = model(9);
         let mut rng = Rng(10);
@@ -227,14 +219,14 @@ fn error_names_the_tensor_and_modifies_nothing() {
             let err = step(opt.as_mut(), &mut ws, &gs).unwrap_err();
             assert_eq!(err, StepError::NonFiniteGrad { tensor });
             assert!(err.to_string().contains(&format!("tensor {tensor}")));
-            assert_eq!((ws.clone(), opt.steps()), (before, 1), "{kind:?}");
+            assert_eq!((ws.clone(), opt.steps()), (before, 1), "{kind}");
         }
     }
 }
 
 #[test]
 fn propagate_is_plain_ieee_and_runs_no_check() {
-    let mut opt = make_default(Kind::Sgd);
+    let mut opt = Sgd::new(SgdConfig::default());
     let mut w = [1.0f32, 1.0];
     let report = opt.step(&mut w, &[f32::NAN, 1.0]).unwrap();
     assert!(w[0].is_nan() && w[1] < 1.0);
@@ -257,15 +249,16 @@ fn out_of_range_settings_are_refused_and_change_nothing() {
         ("max_grad_norm", |o| o.set_max_grad_norm(Some(-1.0))),
         ("max_grad_norm", |o| o.set_max_grad_norm(Some(f32::NAN))),
     ];
-    for kind in KINDS {
+    for config in configs() {
+        let kind = config.name();
         for (field, set) in settings {
-            let mut opt = make_default(kind);
+            let mut opt = config.build();
             set(opt.as_mut());
             let mut w = [1.0f32; 4];
             let err = opt.step(&mut w, &[1.0; 4]).unwrap_err();
             assert!(
                 matches!(err, StepError::InvalidConfig { field: f, .. } if f == field),
-                "{kind:?}: {err}"
+                "{kind}: {err}"
             );
             assert_eq!((w, opt.steps(), opt.layout()), ([1.0; 4], 0, None));
         }

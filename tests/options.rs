@@ -28,97 +28,49 @@ fn grads(rng: &mut Rng, n: usize, step: u64) -> Vec<f32> {
 }
 
 /// The option sets each optimizer is checked with: every option alone, then combined.
-fn option_sets(kind: Kind) -> Vec<(&'static str, Hp)> {
-    let base = Hp::unusual();
+fn option_sets(config: OptimizerConfig) -> Vec<(&'static str, OptimizerConfig)> {
+    let base = unusual(config);
     let mut sets = vec![
-        (
-            "weight_decay",
-            Hp {
-                weight_decay: 0.1,
-                ..base
-            },
-        ),
-        (
-            "maximize",
-            Hp {
-                maximize: true,
-                ..base
-            },
-        ),
-        (
-            "weight_decay+maximize",
-            Hp {
-                weight_decay: 0.1,
-                maximize: true,
-                ..base
-            },
-        ),
+        ("weight_decay", "weight_decay=0.1"),
+        ("maximize", "maximize=true"),
+        ("weight_decay+maximize", "weight_decay=0.1,maximize=true"),
     ];
-    if kind == Kind::Adam {
-        let lr = 0.01;
+    if config.name() == "adam" {
         sets.extend([
             (
                 "adamw",
-                Hp {
-                    lr,
-                    weight_decay: 0.3,
-                    decoupled: true,
-                    ..base
-                },
+                "lr=0.01,weight_decay=0.3,decoupled_weight_decay=true",
+            ),
+            ("amsgrad", "amsgrad=true"),
+            ("eps_mode sqrt_v_hat", "eps_mode=sqrt_v_hat"),
+            (
+                "amsgrad+l2+maximize+sqrt_v_hat",
+                "weight_decay=0.1,maximize=true,amsgrad=true,eps_mode=sqrt_v_hat",
             ),
             (
-                "amsgrad",
-                Hp {
-                    amsgrad: true,
-                    ..base
-                },
-            ),
-            (
-                "eps_mode pytorch",
-                Hp {
-                    torch_eps: true,
-                    ..base
-                },
-            ),
-            (
-                "amsgrad+l2+maximize+pytorch",
-                Hp {
-                    weight_decay: 0.1,
-                    maximize: true,
-                    amsgrad: true,
-                    torch_eps: true,
-                    ..base
-                },
-            ),
-            (
-                "adamw+amsgrad+maximize+pytorch",
-                Hp {
-                    lr,
-                    weight_decay: 0.3,
-                    decoupled: true,
-                    maximize: true,
-                    amsgrad: true,
-                    torch_eps: true,
-                    ..base
-                },
+                "adamw+amsgrad+maximize+sqrt_v_hat",
+                "lr=0.01,weight_decay=0.3,decoupled_weight_decay=true,maximize=true,amsgrad=true,\
+                 eps_mode=sqrt_v_hat",
             ),
         ]);
     }
-    sets
+    sets.into_iter()
+        .map(|(what, overrides)| (what, with(base, overrides)))
+        .collect()
 }
 
-/// Runs `kind` with `hp` on `backend` against the f32 reference (bitwise) and the f64 reference
-/// (within TOL); returns the worst error against f64.
-fn check(kind: Kind, hp: Hp, backend: Backend, what: &str) -> f64 {
+/// Runs `config` on `backend` against the f32 reference (bitwise) and the f64 reference (within
+/// TOL); returns the worst error against f64.
+fn check(config: OptimizerConfig, backend: Backend, what: &str) -> f64 {
     let mut rng = Rng(11);
     let w0 = rng.vec(N, 2.0);
-    let mut opt = make(kind, hp);
+    let mut opt = config.build();
     opt.set_backend(backend);
     opt.set_chunk_len(128);
     let (mut w, mut w32) = (w0.clone(), w0.clone());
     let mut w64: Vec<f64> = w0.iter().map(|&x| x as f64).collect();
-    let mut r32 = Reference::<f32>::new(kind, hp, N);
-    let mut r64 = Reference::<f64>::new(kind, hp, N);
+    let mut r32 = Reference::<f32>::new(config, N);
+    let mut r64 = Reference::<f64>::new(config, N);
     for step in 0..STEPS {
         let g = grads(&mut rng, N, step);
         opt.step(&mut w, &g).unwrap();
@@ -128,7 +80,7 @@ fn check(kind: Kind, hp: Hp, backend: Backend, what: &str) -> f64 {
         assert_same(
             &w,
             &w32,
-            &format!("{kind:?} {what} {backend:?} step {step}"),
+            &format!("{} {what} {backend:?} step {step}", config.name()),
         );
     }
     let worst = w
@@ -136,22 +88,25 @@ fn check(kind: Kind, hp: Hp, backend: Backend, what: &str) -> f64 {
         .zip(&w64)
         .map(|(&a, &b)| (a as f64 - b).abs() / (1.0 + b.abs()))
         .fold(0.0, f64::max);
-    assert!(worst <= TOL, "{kind:?} {what}: error {worst:e} against f64");
+    assert!(worst <= TOL, "{config} {what}: error {worst:e} against f64");
     worst
 }
 
 #[test]
 fn each_option_alone_and_combined_matches_the_references_on_every_tier() {
-    for kind in KINDS {
-        for (what, hp) in option_sets(kind) {
+    for config in configs() {
+        for (what, options) in option_sets(config) {
             let mut worst = 0f64;
             for backend in [Backend::Scalar]
                 .into_iter()
                 .chain(SimdLevel::available().map(Backend::Level))
             {
-                worst = worst.max(check(kind, hp, backend, what));
+                worst = worst.max(check(options, backend, what));
             }
-            println!("{kind:?} {what}: max error vs f64 after {STEPS} steps = {worst:.2e}");
+            println!(
+                "{} {what}: max error vs f64 after {STEPS} steps = {worst:.2e}",
+                config.name()
+            );
         }
     }
 }
@@ -159,11 +114,11 @@ fn each_option_alone_and_combined_matches_the_references_on_every_tier() {
 #[test]
 fn options_keep_results_independent_of_threads_and_chunks() {
     let n = 100_003;
-    for kind in KINDS {
-        let hp = option_sets(kind).last().unwrap().1;
+    for config in configs() {
+        let options = option_sets(config).last().unwrap().1;
         let w0 = Rng(5).vec(n, 1.0);
         let run = |threads: usize, chunk: usize, backend: Backend| {
-            let mut opt = make(kind, hp);
+            let mut opt = options.build();
             opt.set_backend(backend);
             opt.set_chunk_len(chunk);
             let mut w = w0.clone();
@@ -182,7 +137,7 @@ fn options_keep_results_independent_of_threads_and_chunks() {
                 assert_same(
                     &w,
                     &expected,
-                    &format!("{kind:?} {threads} threads, chunk {chunk}"),
+                    &format!("{options} {threads} threads, chunk {chunk}"),
                 );
             }
         }
@@ -207,48 +162,45 @@ const GROUPS: [ParamGroup; 4] = [
 #[test]
 fn param_groups_match_one_optimizer_per_tensor() {
     let lens = [300, 17, 4097, 64];
-    for kind in KINDS {
+    for config in configs() {
         for decoupled in [false, true] {
-            if decoupled && kind != Kind::Adam {
+            if decoupled && config.name() != "adam" {
                 continue;
             }
-            let hp = Hp {
-                weight_decay: 0.1,
-                decoupled,
-                ..Hp::defaults(kind)
+            let hp = with(config, "weight_decay=0.1");
+            let hp = if decoupled {
+                with(hp, "decoupled_weight_decay=true")
+            } else {
+                hp
             };
+            let (lr, wd) = (lr_of(&hp), weight_decay_of(&hp));
             let mut rng = Rng(3);
             let mut ws: Vec<Vec<f32>> = lens.iter().map(|&n| rng.vec(n, 1.0)).collect();
             let mut singles: Vec<(Box<dyn Optimizer>, Vec<f32>)> = ws
                 .iter()
                 .zip(GROUPS)
                 .map(|(w, g)| {
-                    let hp = Hp {
-                        lr: hp.lr * g.lr_scale,
-                        weight_decay: g.weight_decay.unwrap_or(hp.weight_decay),
-                        ..hp
-                    };
-                    (make(kind, hp), w.clone())
+                    let own = format!(
+                        "lr={},weight_decay={}",
+                        lr * g.lr_scale,
+                        g.weight_decay.unwrap_or(wd)
+                    );
+                    (with(hp, &own).build(), w.clone())
                 })
                 .collect();
-            let mut opt = make(kind, hp);
+            let mut opt = hp.build();
             opt.set_param_groups(&GROUPS).unwrap();
             opt.set_chunk_len(256);
             for step in 0..6 {
                 if step == 3 {
                     // A schedule moves every group's lr with the base lr.
-                    opt.set_lr(hp.lr * 0.25);
+                    opt.set_lr(lr * 0.25);
                     for ((single, _), g) in singles.iter_mut().zip(GROUPS) {
-                        single.set_lr(hp.lr * 0.25 * g.lr_scale);
+                        single.set_lr(lr * 0.25 * g.lr_scale);
                     }
                 }
                 let gs: Vec<Vec<f32>> = lens.iter().map(|&n| rng.vec(n, 2.0)).collect();
-                let mut params: Vec<(&mut [f32], &[f32])> = ws
-                    .iter_mut()
-                    .zip(&gs)
-                    .map(|(w, g)| (w.as_mut_slice(), g.as_slice()))
-                    .collect();
-                pool(2).install(|| opt.step_many(&mut params)).unwrap();
+                pool(2).install(|| opt.step_all(&mut ws, &gs)).unwrap();
                 for ((single, w), g) in singles.iter_mut().zip(&gs) {
                     single.step(w, g).unwrap();
                 }
@@ -257,7 +209,7 @@ fn param_groups_match_one_optimizer_per_tensor() {
                 assert_same(
                     w,
                     single,
-                    &format!("{kind:?} decoupled={decoupled} tensor {t}"),
+                    &format!("{config} decoupled={decoupled} tensor {t}"),
                 );
             }
             assert_eq!(opt.param_groups(), &GROUPS);
@@ -364,52 +316,41 @@ fn bad_param_groups_are_refused_and_change_nothing() {
 
 #[test]
 fn zero_weight_decay_adds_nothing_not_even_to_infinite_weights() {
-    for kind in KINDS {
-        let mut opt = make(
-            kind,
-            Hp {
-                weight_decay: 0.0,
-                ..Hp::defaults(kind)
-            },
-        );
+    for config in configs() {
+        let mut opt = with(config, "weight_decay=0").build();
         let mut w = [f32::INFINITY, f32::NEG_INFINITY, 1.0];
         opt.step(&mut w, &[0.0, 0.0, 0.0]).unwrap();
-        assert_eq!(w, [f32::INFINITY, f32::NEG_INFINITY, 1.0], "{kind:?}");
+        assert_eq!(w, [f32::INFINITY, f32::NEG_INFINITY, 1.0], "{config}");
     }
 }
 
 #[test]
 fn maximize_ascends() {
-    for kind in KINDS {
+    for config in configs() {
         // Maximise −½‖w‖²: its gradient is −w, and maximize must move w towards 0.
-        let mut opt = make(
-            kind,
-            Hp {
-                maximize: true,
-                ..Hp::defaults(kind)
-            },
-        );
+        let mut opt = with(config, "maximize=true").build();
         let mut w = vec![1.0f32; 8];
         for _ in 0..50 {
             let g: Vec<f32> = w.iter().map(|&x| -x).collect();
             opt.step(&mut w, &g).unwrap();
         }
-        assert!(w.iter().all(|&x| x.abs() < 1.0), "{kind:?}: {w:?}");
+        assert!(w.iter().all(|&x| x.abs() < 1.0), "{config}: {w:?}");
     }
 }
 
 #[test]
 fn amsgrad_switched_on_later_starts_its_maximum_from_zero() {
-    let hp = Hp::defaults(Kind::Adam);
     let mut opt = Adam::new(AdamConfig::default());
-    let mut r = Reference::<f32>::new(Kind::Adam, hp, N);
+    let mut r = Reference::<f32>::new(OptimizerConfig::Adam(AdamConfig::default()), N);
     let mut rng = Rng(9);
     let w0 = rng.vec(N, 1.0);
     let (mut w, mut wr) = (w0.clone(), w0);
     for step in 0..10 {
         if step == 4 {
             opt.config_mut().amsgrad = true;
-            r.hp.amsgrad = true;
+            if let OptimizerConfig::Adam(c) = &mut r.config {
+                c.amsgrad = true;
+            }
         }
         let g = grads(&mut rng, N, step);
         opt.step(&mut w, &g).unwrap();

@@ -4,7 +4,7 @@
 
 mod common;
 use common::*;
-use fusedopt::{Backend, SimdLevel};
+use fusedopt::{Backend, OptimizerConfig, SimdLevel};
 
 const STEPS: usize = 60;
 const N: usize = 1031;
@@ -25,17 +25,17 @@ fn grads(rng: &mut Rng, n: usize) -> Vec<f32> {
         .collect()
 }
 
-/// Runs `kind` with `hp` and returns (max error against f64) after checking f32 bitwise.
-fn check(kind: Kind, hp: Hp, backend: Backend) -> f64 {
+/// Runs `config` and returns (max error against f64) after checking f32 bitwise.
+fn check(config: OptimizerConfig, backend: Backend) -> f64 {
     let mut rng = Rng(42);
     let w0 = rng.vec(N, 2.0);
-    let mut opt = make(kind, hp);
+    let mut opt = config.build();
     opt.set_backend(backend);
     opt.set_chunk_len(256);
     let mut w = w0.clone();
-    let mut r32 = Reference::<f32>::new(kind, hp, N);
+    let mut r32 = Reference::<f32>::new(config, N);
     let mut w32 = w0.clone();
-    let mut r64 = Reference::<f64>::new(kind, hp, N);
+    let mut r64 = Reference::<f64>::new(config, N);
     let mut w64: Vec<f64> = w0.iter().map(|&x| x as f64).collect();
     for step in 0..STEPS {
         let g = grads(&mut rng, N);
@@ -46,7 +46,7 @@ fn check(kind: Kind, hp: Hp, backend: Backend) -> f64 {
         assert_same(
             &w,
             &w32,
-            &format!("{kind:?} {backend:?} step {step} vs f32 reference"),
+            &format!("{config} {backend:?} step {step} vs f32 reference"),
         );
     }
     let mut worst = 0f64;
@@ -56,47 +56,50 @@ fn check(kind: Kind, hp: Hp, backend: Backend) -> f64 {
     }
     assert!(
         worst <= TOL,
-        "{kind:?} {hp:?}: error {worst:e} against f64 exceeds {TOL:e}"
+        "{config}: error {worst:e} against f64 exceeds {TOL:e}"
     );
     worst
 }
 
 #[test]
 fn every_optimizer_matches_the_references_with_default_hyperparameters() {
-    for kind in KINDS {
-        let err = check(kind, Hp::defaults(kind), Backend::Simd);
-        println!("{kind:?} defaults: max error vs f64 after {STEPS} steps = {err:.2e}");
+    for config in configs() {
+        let err = check(config, Backend::Simd);
+        println!(
+            "{} defaults: max error vs f64 after {STEPS} steps = {err:.2e}",
+            config.name()
+        );
     }
 }
 
 #[test]
 fn every_optimizer_matches_the_references_with_other_hyperparameters() {
-    for kind in KINDS {
-        let err = check(kind, Hp::unusual(), Backend::Simd);
-        println!("{kind:?} non-default: max error vs f64 after {STEPS} steps = {err:.2e}");
+    for config in configs().into_iter().map(unusual) {
+        let err = check(config, Backend::Simd);
+        println!("{config}: max error vs f64 after {STEPS} steps = {err:.2e}");
     }
 }
 
 #[test]
 fn every_tier_matches_the_references() {
-    for kind in KINDS {
+    for config in configs() {
         for level in SimdLevel::available() {
-            check(kind, Hp::defaults(kind), Backend::Level(level));
+            check(config, Backend::Level(level));
         }
-        check(kind, Hp::defaults(kind), Backend::Scalar);
+        check(config, Backend::Scalar);
     }
 }
 
 /// Adam's bias correction over a long run: the step scalars use the right `t`.
 #[test]
 fn adam_long_run_tracks_the_reference() {
-    let hp = Hp::defaults(Kind::Adam);
+    let config = OptimizerConfig::default_for("adam").unwrap();
     let mut rng = Rng(7);
     let n = 64;
     let mut w = rng.vec(n, 1.0);
     let mut w64: Vec<f64> = w.iter().map(|&x| x as f64).collect();
-    let mut opt = make(Kind::Adam, hp);
-    let mut r64 = Reference::<f64>::new(Kind::Adam, hp, n);
+    let mut opt = config.build();
+    let mut r64 = Reference::<f64>::new(config, n);
     for _ in 0..2000 {
         // Gradient of ½‖w − 0.5‖²: the trajectory converges, so errors cannot blow up chaotically.
         let g: Vec<f32> = w.iter().map(|&x| x - 0.5).collect();

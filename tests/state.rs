@@ -18,12 +18,11 @@ fn dir(test: &str) -> PathBuf {
 
 fn step(opt: &mut dyn Optimizer, ws: &mut [Vec<f32>], rng: &mut Rng) {
     let gs: Vec<Vec<f32>> = ws.iter().map(|w| rng.vec(w.len(), 2.0)).collect();
-    let mut params: Vec<(&mut [f32], &[f32])> = ws
-        .iter_mut()
-        .zip(&gs)
-        .map(|(w, g)| (w.as_mut_slice(), g.as_slice()))
-        .collect();
-    opt.step_many(&mut params).unwrap();
+    opt.step_all(ws, &gs).unwrap();
+}
+
+fn adam() -> Box<dyn Optimizer> {
+    Box::new(Adam::new(AdamConfig::default()))
 }
 
 /// Builds an optimizer.
@@ -31,20 +30,12 @@ type Build = Box<dyn Fn() -> Box<dyn Optimizer>>;
 
 /// Every optimizer, some with options, groups and AMSGrad, as (label, builder).
 fn variants() -> Vec<(String, Build)> {
-    let mut v: Vec<(String, Build)> = KINDS
-        .iter()
-        .map(|&k| {
-            let label = format!("{k:?}");
-            let build: Box<dyn Fn() -> Box<dyn Optimizer>> = Box::new(move || {
-                make(
-                    k,
-                    Hp {
-                        weight_decay: 0.01,
-                        ..Hp::unusual()
-                    },
-                )
-            });
-            (label, build)
+    let mut v: Vec<(String, Build)> = configs()
+        .into_iter()
+        .map(|c| {
+            let config = with(unusual(c), "weight_decay=0.01");
+            let build: Build = Box::new(move || config.build());
+            (c.name().to_string(), build)
         })
         .collect();
     v.push((
@@ -143,7 +134,7 @@ fn a_state_saved_before_any_step_loads_into_a_fresh_optimizer() {
 
 /// An Adam that has taken two steps on LENS, and a copy of what it would do next.
 fn stepped() -> (Box<dyn Optimizer>, Vec<Vec<f32>>) {
-    let mut opt = make(Kind::Adam, Hp::defaults(Kind::Adam));
+    let mut opt = adam();
     let mut rng = Rng(3);
     let mut ws: Vec<Vec<f32>> = LENS.iter().map(|&n| rng.vec(n, 1.0)).collect();
     step(opt.as_mut(), &mut ws, &mut rng);
@@ -178,15 +169,15 @@ fn refused_files_leave_the_optimizer_untouched() {
     };
 
     let mut other_kind = d.join("momentum.safetensors");
-    let mut m = make_default(Kind::Momentum);
+    let mut m = Momentum::new(MomentumConfig::default());
     step(
-        m.as_mut(),
+        &mut m,
         &mut LENS.iter().map(|&n| vec![0.0; n]).collect::<Vec<_>>(),
         &mut Rng(5),
     );
     m.save_state(&other_kind).unwrap();
     let mut other_layout = d.join("layout.safetensors");
-    let mut a = make_default(Kind::Adam);
+    let mut a = adam();
     a.step(&mut [0.0; 9], &[1.0; 9]).unwrap();
     a.save_state(&other_layout).unwrap();
 
@@ -296,12 +287,12 @@ fn saves_are_atomic_and_a_failed_save_keeps_the_previous_file() {
     let before = std::fs::read(&path).unwrap();
 
     // Overwriting: the new contents replace the old ones whole.
-    let mut more = make(Kind::Adam, Hp::defaults(Kind::Adam));
+    let mut more = adam();
     more.load_state(&path).unwrap();
     let mut ws: Vec<Vec<f32>> = LENS.iter().map(|&n| vec![0.5; n]).collect();
     step(more.as_mut(), &mut ws, &mut Rng(6));
     more.save_state(&path).unwrap();
-    let mut check = make_default(Kind::Adam);
+    let mut check = adam();
     check.load_state(&path).unwrap();
     assert_eq!(check.steps(), 3);
     assert!(leftovers(&d).is_empty(), "{:?}", leftovers(&d));
@@ -324,7 +315,7 @@ fn saves_are_atomic_and_a_failed_save_keeps_the_previous_file() {
 
     // The earlier good file still loads.
     std::fs::write(&path, &before).unwrap();
-    make_default(Kind::Adam).load_state(&path).unwrap();
+    adam().load_state(&path).unwrap();
     std::fs::remove_dir_all(d).unwrap();
 }
 
@@ -337,7 +328,7 @@ fn mutated_files_never_panic_and_never_half_load() {
     let d = dir("fuzz");
     let (source, _) = {
         // Small tensors keep the file short, so mutations often hit the header.
-        let mut opt = make(Kind::Adam, Hp::defaults(Kind::Adam));
+        let mut opt = adam();
         let mut ws = vec![vec![0.25f32; 5], vec![1.0f32; 3]];
         step(opt.as_mut(), &mut ws, &mut Rng(7));
         (opt, ws)
@@ -386,13 +377,13 @@ fn mutated_files_never_panic_and_never_half_load() {
             continue;
         }
         std::fs::write(&path, &m).unwrap();
-        let mut fresh = make_default(Kind::Adam);
+        let mut fresh = adam();
         match fresh.load_state(&path) {
             Ok(()) => {
                 // Only a change without meaning (JSON whitespace, say) may load, and then it
                 // must load exactly the original state.
                 accepted += 1;
-                let mut original = make_default(Kind::Adam);
+                let mut original = adam();
                 original.load_state(&good).unwrap();
                 let mut a = vec![vec![0.5f32; 5], vec![0.5f32; 3]];
                 let mut b = a.clone();
@@ -466,7 +457,7 @@ fn files_with_a_valid_checksum_are_still_checked_for_sense() {
     crafted(&good, &edited, |m| {
         m.insert("config.lr".into(), "0.25".into());
     });
-    let mut opt = make_default(Kind::Adam);
+    let mut opt = adam();
     opt.load_state(&edited).unwrap();
     assert_eq!((opt.lr(), opt.steps()), (0.25, 2));
 
@@ -505,14 +496,14 @@ fn files_with_a_valid_checksum_are_still_checked_for_sense() {
 
     // SGD has no buffers to bound its layout: impossible lengths are refused, not wrapped.
     let sgd = d.join("sgd.safetensors");
-    let mut s = make_default(Kind::Sgd);
+    let mut s = Sgd::new(SgdConfig::default());
     s.step(&mut [0.0; 4], &[1.0; 4]).unwrap();
     s.save_state(&sgd).unwrap();
     let huge = d.join("huge.safetensors");
     crafted(&sgd, &huge, |m| {
         m.insert("layout".into(), format!("{},{}", usize::MAX, 16));
     });
-    let mut fresh = make_default(Kind::Sgd);
+    let mut fresh = Sgd::new(SgdConfig::default());
     let err = fresh.load_state(&huge).unwrap_err();
     assert!(matches!(err, StateError::Format { .. }), "{err:?}");
     assert_eq!(fresh.layout(), None);

@@ -1,5 +1,8 @@
-//! Helpers shared by the measuring examples (`perf`, `tune`) and the criterion benches.
+//! Helpers shared by the measuring examples (`perf`, `tune`) and the criterion benches: sizes,
+//! medians, data, model layouts, and the same-stream reference ([`roofline`]).
 #![allow(dead_code)]
+
+pub mod roofline;
 
 /// Parses a parameter count such as `4096`, `64K` or `16M` (K = 1024, M = 1024²).
 pub fn parse_size(s: &str) -> Result<usize, String> {

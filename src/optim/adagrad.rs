@@ -1,10 +1,22 @@
 //! AdaGrad: `h ← h + g²; w ← w − lr·g / (√h + ε)`.
 
-use crate::engine::{Base, Core, Params};
-use crate::optimizer::{
-    StepError, StepReport, check_eps, check_lr, check_weight_decay, sealed::Rule,
+use super::{
+    FieldValue, Fused, StateBuffer, check_eps, check_lr, check_weight_decay, sealed::RuleImpl,
 };
+use crate::engine::{CommonConfig, Engine, TensorList};
 use crate::simd::{Kernel, Lane};
+use crate::types::{StepError, StepReport};
+
+/// AdaGrad: `h ← h + g²; w ← w − lr·g / (√h + ε)`, with `h` starting at zero.
+///
+/// ```
+/// use fusedopt::{AdaGrad, AdaGradConfig, Optimizer};
+/// let mut opt = AdaGrad::new(AdaGradConfig { lr: 0.1, eps: 0.0, ..Default::default() });
+/// let mut w = [1.0f32];
+/// opt.step(&mut w, &[4.0]).unwrap(); // h = 16: w = 1 − 0.1·4/4
+/// assert_eq!(w, [0.9]);
+/// ```
+pub type AdaGrad = Fused<AdaGradConfig>;
 
 /// Hyperparameters of [`AdaGrad`].
 ///
@@ -47,68 +59,9 @@ impl AdaGradConfig {
     /// # Errors
     /// [`StepError::InvalidConfig`] naming the first field out of range.
     pub fn validate(&self) -> Result<(), StepError> {
-        check_lr(AdaGrad::NAME, self.lr)?;
-        check_eps(AdaGrad::NAME, self.eps)?;
-        check_weight_decay(AdaGrad::NAME, self.weight_decay)
-    }
-}
-
-crate::checkpoint::config_fields!(AdaGradConfig {
-    lr,
-    eps,
-    weight_decay,
-    maximize
-});
-
-/// AdaGrad: `h ← h + g²; w ← w − lr·g / (√h + ε)`, with `h` starting at zero.
-///
-/// ```
-/// use fusedopt::{AdaGrad, AdaGradConfig, Optimizer};
-/// let mut opt = AdaGrad::new(AdaGradConfig { lr: 0.1, eps: 0.0, ..Default::default() });
-/// let mut w = [1.0f32];
-/// opt.step(&mut w, &[4.0]).unwrap(); // h = 16: w = 1 − 0.1·4/4
-/// assert_eq!(w, [0.9]);
-/// ```
-#[derive(Debug)]
-pub struct AdaGrad {
-    config: AdaGradConfig,
-    core: Core,
-}
-
-impl AdaGrad {
-    /// Creates the optimizer. The configuration is checked at every step.
-    ///
-    /// ```
-    /// use fusedopt::{AdaGrad, AdaGradConfig, Optimizer};
-    /// assert_eq!(AdaGrad::new(AdaGradConfig::default()).name(), "adagrad");
-    /// ```
-    pub fn new(config: AdaGradConfig) -> Self {
-        AdaGrad {
-            config,
-            core: Core::new(Self::NAME),
-        }
-    }
-
-    /// The hyperparameters.
-    ///
-    /// ```
-    /// use fusedopt::{AdaGrad, AdaGradConfig};
-    /// assert_eq!(AdaGrad::new(AdaGradConfig::default()).config().eps, 1e-7);
-    /// ```
-    pub fn config(&self) -> &AdaGradConfig {
-        &self.config
-    }
-
-    /// The hyperparameters, to change between steps.
-    ///
-    /// ```
-    /// use fusedopt::{AdaGrad, AdaGradConfig};
-    /// let mut opt = AdaGrad::new(AdaGradConfig::default());
-    /// opt.config_mut().lr = 0.5;
-    /// assert_eq!(opt.config().lr, 0.5);
-    /// ```
-    pub fn config_mut(&mut self) -> &mut AdaGradConfig {
-        &mut self.config
+        check_lr(Self::NAME, self.lr)?;
+        check_eps(Self::NAME, self.eps)?;
+        check_weight_decay(Self::NAME, self.weight_decay)
     }
 }
 
@@ -119,12 +72,6 @@ pub(crate) struct AdaGradStep {
     eps: f32,
 }
 
-impl AdaGradStep {
-    pub(crate) fn new(c: &AdaGradConfig, lr: f32) -> Self {
-        AdaGradStep { lr, eps: c.eps }
-    }
-}
-
 impl Kernel<1> for AdaGradStep {
     #[inline(always)]
     fn update<V: Lane>(&self, w: V, g: V, [h]: &mut [V; 1]) -> V {
@@ -133,30 +80,30 @@ impl Kernel<1> for AdaGradStep {
     }
 }
 
-impl Rule for AdaGrad {
-    type Config = AdaGradConfig;
-    const BUFFER_NAMES: &'static [&'static str] = &["h"];
+impl RuleImpl for AdaGradConfig {
     const NAME: &'static str = "adagrad";
-    fn state_buffers(&self) -> usize {
-        1
+    const BUFFERS: &'static [StateBuffer] = &[StateBuffer::required("h")];
+    fn check(&self) -> Result<(), StepError> {
+        self.validate()
     }
-    fn core(&self) -> &Core {
-        &self.core
+    fn lr_mut(&mut self) -> &mut f32 {
+        &mut self.lr
     }
-    fn core_mut(&mut self) -> &mut Core {
-        &mut self.core
+    fn fields(&mut self) -> Vec<(&'static str, &mut dyn FieldValue)> {
+        vec![
+            ("lr", &mut self.lr),
+            ("eps", &mut self.eps),
+            ("weight_decay", &mut self.weight_decay),
+            ("maximize", &mut self.maximize),
+        ]
     }
-    fn rule_config(&self) -> &Self::Config {
-        &self.config
-    }
-    fn rule_config_mut(&mut self) -> &mut Self::Config {
-        &mut self.config
-    }
-    fn apply(&mut self, params: &mut Params<'_, '_>) -> Result<StepReport, StepError> {
-        self.config.validate()?;
-        let c = &self.config;
-        let base = Base::l2(c.lr, c.weight_decay, c.maximize);
-        self.core.run(params, base, |h| AdaGradStep::new(c, h.lr))
+    fn step(&self, engine: &mut Engine, tensors: &TensorList<'_>) -> Result<StepReport, StepError> {
+        self.validate()?;
+        let common = CommonConfig::l2(self.lr, self.weight_decay, self.maximize);
+        engine.step(tensors, common, |h| AdaGradStep {
+            lr: h.lr,
+            eps: self.eps,
+        })
     }
 }
 
@@ -166,13 +113,7 @@ mod tests {
 
     #[test]
     fn kernel_matches_formula() {
-        let k = AdaGradStep::new(
-            &AdaGradConfig {
-                eps: 0.0,
-                ..Default::default()
-            },
-            1.0,
-        );
+        let k = AdaGradStep { lr: 1.0, eps: 0.0 };
         let mut h = [9.0f32];
         let w = k.update(10.0f32, 4.0, &mut h);
         assert_eq!(h, [25.0]);
@@ -182,7 +123,10 @@ mod tests {
     #[test]
     fn zero_gradient_on_zero_state_is_a_no_op() {
         let c = AdaGradConfig::default();
-        let k = AdaGradStep::new(&c, c.lr);
+        let k = AdaGradStep {
+            lr: c.lr,
+            eps: c.eps,
+        };
         let mut h = [0.0f32];
         assert_eq!(k.update(3.0f32, 0.0, &mut h), 3.0);
     }

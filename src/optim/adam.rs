@@ -1,42 +1,88 @@
 //! Adam: `m ← m + (1−β1)(g − m); v ← v + (1−β2)(g² − v); w ← w − lr_t·m / (√v + ε)` with
-//! `lr_t = lr·√(1−β2ᵗ)/(1−β1ᵗ)`.
+//! `lr_t = lr·√(1−β2ᵗ)/(1−β1ᵗ)`; AdamW, AMSGrad and PyTorch's placement of `ε` as options.
 
-use crate::engine::{Base, Core, Params};
-use crate::optimizer::{
-    StepError, StepReport, check_eps, check_lr, check_unit, check_weight_decay, sealed::Rule,
+use super::{
+    FieldValue, Fused, StateBuffer, check_eps, check_lr, check_unit, check_weight_decay,
+    sealed::RuleImpl,
 };
+use crate::engine::{CommonConfig, Engine, TensorList};
 use crate::simd::{Kernel, Lane};
+use crate::types::{StepError, StepReport};
+
+/// Adam, with the bias correction folded into the step size:
+///
+/// `t ← t+1; lr_t = lr·√(1−β2ᵗ)/(1−β1ᵗ); m ← m + (1−β1)(g − m); v ← v + (1−β2)(g² − v);
+/// w ← w − lr_t·m / (√v + ε)`, with `m` and `v` starting at zero.
+///
+/// By default `ε` is added to `√v`, not to a bias-corrected `√v̂` ([`EpsMode`]). AdamW, AMSGrad,
+/// weight decay and `maximize` are options of [`AdamConfig`].
+///
+/// ```
+/// use fusedopt::{Adam, AdamConfig, Optimizer};
+/// let mut opt = Adam::new(AdamConfig { lr: 0.1, ..Default::default() });
+/// let mut w = [1.0f32, 1.0];
+/// opt.step(&mut w, &[3.0, -0.5]).unwrap();
+/// // The first step moves every weight by about lr against its gradient's sign.
+/// assert!((w[0] - 0.9).abs() < 1e-5 && (w[1] - 1.1).abs() < 1e-5);
+/// ```
+pub type Adam = Fused<AdamConfig>;
 
 /// Where Adam's `ε` goes, for [`AdamConfig::eps_mode`].
 ///
 /// ```
-/// assert_eq!(fusedopt::EpsMode::default(), fusedopt::EpsMode::Seed);
+/// use fusedopt::EpsMode;
+/// assert_eq!(EpsMode::default(), EpsMode::SqrtV);
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum EpsMode {
-    /// `w ← w − lr_t·m / (√v + ε)` with `lr_t = lr·√(1−β2ᵗ)/(1−β1ᵗ)`: `ε` is added to the
-    /// uncorrected `√v` (the default).
+    /// `ε` is added to the uncorrected `√v`: `w ← w − lr_t·m / (√v + ε)` with
+    /// `lr_t = lr·√(1−β2ᵗ)/(1−β1ᵗ)` (the default, the update rule of the numpy reference).
+    /// `seed` or `sqrt_v` in configuration strings.
     #[default]
-    Seed,
-    /// `w ← w − (lr/(1−β1ᵗ))·m / (√v/√(1−β2ᵗ) + ε)`: `ε` is added to the bias-corrected `√v̂`, as
-    /// in `torch.optim.Adam` and `AdamW`.
-    PyTorch,
+    SqrtV,
+    /// `ε` is added to the bias-corrected `√v̂ = √v/√(1−β2ᵗ)`:
+    /// `w ← w − (lr/(1−β1ᵗ))·m / (√v̂ + ε)`, as in `torch.optim.Adam` and `AdamW`. `pytorch` or
+    /// `sqrt_v_hat` in configuration strings.
+    SqrtVHat,
 }
 
-impl crate::checkpoint::FieldValue for EpsMode {
+#[allow(non_upper_case_globals)]
+impl EpsMode {
+    /// The former name of [`EpsMode::SqrtV`].
+    ///
+    /// ```
+    /// # #![allow(deprecated)]
+    /// assert_eq!(fusedopt::EpsMode::Seed, fusedopt::EpsMode::SqrtV);
+    /// ```
+    #[deprecated(note = "renamed to `EpsMode::SqrtV`, which says where ε goes")]
+    pub const Seed: EpsMode = EpsMode::SqrtV;
+
+    /// The former name of [`EpsMode::SqrtVHat`].
+    ///
+    /// ```
+    /// # #![allow(deprecated)]
+    /// assert_eq!(fusedopt::EpsMode::PyTorch, fusedopt::EpsMode::SqrtVHat);
+    /// ```
+    #[deprecated(note = "renamed to `EpsMode::SqrtVHat`, which says where ε goes")]
+    pub const PyTorch: EpsMode = EpsMode::SqrtVHat;
+}
+
+/// State files write the names of the first release (`seed`, `pytorch`); both spellings read.
+impl FieldValue for EpsMode {
     fn encode(&self) -> String {
         match self {
-            EpsMode::Seed => "seed",
-            EpsMode::PyTorch => "pytorch",
+            EpsMode::SqrtV => "seed",
+            EpsMode::SqrtVHat => "pytorch",
         }
         .to_string()
     }
-    fn decode(s: &str) -> Option<Self> {
-        match s {
-            "seed" => Some(EpsMode::Seed),
-            "pytorch" => Some(EpsMode::PyTorch),
-            _ => None,
-        }
+    fn parse(&mut self, text: &str) -> Result<(), &'static str> {
+        *self = match text.trim() {
+            "seed" | "sqrt_v" => EpsMode::SqrtV,
+            "pytorch" | "sqrt_v_hat" => EpsMode::SqrtVHat,
+            _ => return Err("sqrt_v (or seed) or sqrt_v_hat (or pytorch)"),
+        };
+        Ok(())
     }
 }
 
@@ -69,7 +115,7 @@ pub struct AdamConfig {
     /// AMSGrad (default false): keep `v_max ← max(v_max, v)` in a third state buffer and use it in
     /// the denominator. Turned on after some steps, `v_max` starts from zero.
     pub amsgrad: bool,
-    /// Where `ε` is added (default [`EpsMode::Seed`]).
+    /// Where `ε` is added (default [`EpsMode::SqrtV`]).
     pub eps_mode: EpsMode,
 }
 
@@ -84,25 +130,26 @@ impl Default for AdamConfig {
             maximize: false,
             decoupled_weight_decay: false,
             amsgrad: false,
-            eps_mode: EpsMode::Seed,
+            eps_mode: EpsMode::SqrtV,
         }
     }
 }
 
 impl AdamConfig {
     /// The configuration of `torch.optim.AdamW`'s defaults: lr 0.001, β 0.9/0.999, ε 1e-8 in
-    /// [`EpsMode::PyTorch`], decoupled weight decay 0.01.
+    /// [`EpsMode::SqrtVHat`], decoupled weight decay 0.01.
     ///
     /// ```
     /// let c = fusedopt::AdamConfig::adamw();
     /// assert!(c.decoupled_weight_decay && c.weight_decay == 0.01);
+    /// assert_eq!(c.eps_mode, fusedopt::EpsMode::SqrtVHat);
     /// ```
     pub fn adamw() -> Self {
         AdamConfig {
             eps: 1e-8,
             weight_decay: 0.01,
             decoupled_weight_decay: true,
-            eps_mode: EpsMode::PyTorch,
+            eps_mode: EpsMode::SqrtVHat,
             ..Default::default()
         }
     }
@@ -119,91 +166,21 @@ impl AdamConfig {
     /// # Errors
     /// [`StepError::InvalidConfig`] naming the first field out of range.
     pub fn validate(&self) -> Result<(), StepError> {
-        check_lr(Adam::NAME, self.lr)?;
-        check_unit(Adam::NAME, "beta1", self.beta1, false)?;
-        check_unit(Adam::NAME, "beta2", self.beta2, false)?;
-        check_eps(Adam::NAME, self.eps)?;
-        check_weight_decay(Adam::NAME, self.weight_decay)
+        check_lr(Self::NAME, self.lr)?;
+        check_unit(Self::NAME, "beta1", self.beta1, false)?;
+        check_unit(Self::NAME, "beta2", self.beta2, false)?;
+        check_eps(Self::NAME, self.eps)?;
+        check_weight_decay(Self::NAME, self.weight_decay)
     }
 }
 
-crate::checkpoint::config_fields!(AdamConfig {
-    lr,
-    beta1,
-    beta2,
-    eps,
-    weight_decay,
-    maximize,
-    decoupled_weight_decay,
-    amsgrad,
-    eps_mode
-});
-
-/// Adam, with the bias correction folded into the step size:
-///
-/// `t ← t+1; lr_t = lr·√(1−β2ᵗ)/(1−β1ᵗ); m ← m + (1−β1)(g − m); v ← v + (1−β2)(g² − v);
-/// w ← w − lr_t·m / (√v + ε)`, with `m` and `v` starting at zero.
-///
-/// `ε` is added to `√v`, not to a bias-corrected `√v̂`.
-///
-/// ```
-/// use fusedopt::{Adam, AdamConfig, Optimizer};
-/// let mut opt = Adam::new(AdamConfig { lr: 0.1, ..Default::default() });
-/// let mut w = [1.0f32, 1.0];
-/// opt.step(&mut w, &[3.0, -0.5]).unwrap();
-/// // The first step moves every weight by about lr against its gradient's sign.
-/// assert!((w[0] - 0.9).abs() < 1e-5 && (w[1] - 1.1).abs() < 1e-5);
-/// ```
-#[derive(Debug)]
-pub struct Adam {
-    config: AdamConfig,
-    core: Core,
-}
-
-impl Adam {
-    /// Creates the optimizer. The configuration is checked at every step.
-    ///
-    /// ```
-    /// use fusedopt::{Adam, AdamConfig, Optimizer};
-    /// assert_eq!(Adam::new(AdamConfig::default()).name(), "adam");
-    /// ```
-    pub fn new(config: AdamConfig) -> Self {
-        Adam {
-            config,
-            core: Core::new(Self::NAME),
-        }
-    }
-
-    /// The hyperparameters.
-    ///
-    /// ```
-    /// use fusedopt::{Adam, AdamConfig};
-    /// assert_eq!(Adam::new(AdamConfig::default()).config().beta2, 0.999);
-    /// ```
-    pub fn config(&self) -> &AdamConfig {
-        &self.config
-    }
-
-    /// The hyperparameters, to change between steps.
-    ///
-    /// ```
-    /// use fusedopt::{Adam, AdamConfig};
-    /// let mut opt = Adam::new(AdamConfig::default());
-    /// opt.config_mut().lr = 3e-4;
-    /// assert_eq!(opt.config().lr, 3e-4);
-    /// ```
-    pub fn config_mut(&mut self) -> &mut AdamConfig {
-        &mut self.config
-    }
-}
-
-/// Per-step scalars of Adam at step `t`, computed in f64 and rounded once to f32. `TORCH`
-/// selects [`EpsMode::PyTorch`].
+/// Per-step scalars of Adam at step `t`, computed in f64 and rounded once to f32. `HAT`
+/// selects [`EpsMode::SqrtVHat`].
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct AdamStep<const TORCH: bool> {
-    /// `lr_t` ([`EpsMode::Seed`]) or `lr/(1−β1ᵗ)` ([`EpsMode::PyTorch`]).
+pub(crate) struct AdamStep<const HAT: bool> {
+    /// `lr_t` ([`EpsMode::SqrtV`]) or `lr/(1−β1ᵗ)` ([`EpsMode::SqrtVHat`]).
     step_size: f32,
-    /// `√(1−β2ᵗ)` ([`EpsMode::PyTorch`] only).
+    /// `√(1−β2ᵗ)` ([`EpsMode::SqrtVHat`] only).
     bc2_sqrt: f32,
     one_minus_beta1: f32,
     one_minus_beta2: f32,
@@ -213,7 +190,7 @@ pub(crate) struct AdamStep<const TORCH: bool> {
     decoupled: bool,
 }
 
-impl<const TORCH: bool> AdamStep<TORCH> {
+impl<const HAT: bool> AdamStep<HAT> {
     /// The scalars of step `t` for a parameter group with learning rate `lr` and weight decay
     /// `wd`.
     pub(crate) fn new(c: &AdamConfig, t: u64, lr: f32, wd: f32) -> Self {
@@ -222,7 +199,7 @@ impl<const TORCH: bool> AdamStep<TORCH> {
         let bc1 = 1.0 - b1.powf(t);
         let bc2_sqrt = (1.0 - b2.powf(t)).sqrt();
         AdamStep {
-            step_size: if TORCH { lr / bc1 } else { lr * bc2_sqrt / bc1 } as f32,
+            step_size: if HAT { lr / bc1 } else { lr * bc2_sqrt / bc1 } as f32,
             bc2_sqrt: bc2_sqrt as f32,
             one_minus_beta1: (1.0 - b1) as f32,
             one_minus_beta2: (1.0 - b2) as f32,
@@ -247,7 +224,7 @@ impl<const TORCH: bool> AdamStep<TORCH> {
         } else {
             w
         };
-        if TORCH {
+        if HAT {
             // torch: param.addcdiv_(exp_avg, v.sqrt() / bc2_sqrt + eps, value = -step_size)
             let denom = v.sqrt() / V::splat(self.bc2_sqrt) + V::splat(self.eps);
             w - V::splat(self.step_size) * (m / denom)
@@ -257,7 +234,7 @@ impl<const TORCH: bool> AdamStep<TORCH> {
     }
 }
 
-impl<const TORCH: bool> Kernel<2> for AdamStep<TORCH> {
+impl<const HAT: bool> Kernel<2> for AdamStep<HAT> {
     #[inline(always)]
     fn update<V: Lane>(&self, w: V, g: V, [m, v]: &mut [V; 2]) -> V {
         self.moments(g, m, v);
@@ -267,9 +244,9 @@ impl<const TORCH: bool> Kernel<2> for AdamStep<TORCH> {
 
 /// AMSGrad: Adam with a third state buffer `v_max ← max(v_max, v)` in the denominator.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct AmsGrad<const TORCH: bool>(AdamStep<TORCH>);
+pub(crate) struct AmsGrad<const HAT: bool>(AdamStep<HAT>);
 
-impl<const TORCH: bool> Kernel<3> for AmsGrad<TORCH> {
+impl<const HAT: bool> Kernel<3> for AmsGrad<HAT> {
     #[inline(always)]
     fn update<V: Lane>(&self, w: V, g: V, [m, v, v_max]: &mut [V; 3]) -> V {
         self.0.moments(g, m, v);
@@ -279,47 +256,59 @@ impl<const TORCH: bool> Kernel<3> for AmsGrad<TORCH> {
     }
 }
 
-impl Rule for Adam {
-    type Config = AdamConfig;
-    const BUFFER_NAMES: &'static [&'static str] = &["m", "v", "v_max"];
+impl RuleImpl for AdamConfig {
     const NAME: &'static str = "adam";
+    const BUFFERS: &'static [StateBuffer] = &[
+        StateBuffer::required("m"),
+        StateBuffer::required("v"),
+        StateBuffer {
+            name: "v_max",
+            optional: true,
+        },
+    ];
+    fn check(&self) -> Result<(), StepError> {
+        self.validate()
+    }
+    fn lr_mut(&mut self) -> &mut f32 {
+        &mut self.lr
+    }
+    fn fields(&mut self) -> Vec<(&'static str, &mut dyn FieldValue)> {
+        vec![
+            ("lr", &mut self.lr),
+            ("beta1", &mut self.beta1),
+            ("beta2", &mut self.beta2),
+            ("eps", &mut self.eps),
+            ("weight_decay", &mut self.weight_decay),
+            ("maximize", &mut self.maximize),
+            ("decoupled_weight_decay", &mut self.decoupled_weight_decay),
+            ("amsgrad", &mut self.amsgrad),
+            ("eps_mode", &mut self.eps_mode),
+        ]
+    }
     fn state_buffers(&self) -> usize {
-        if self.config.amsgrad { 3 } else { 2 }
+        if self.amsgrad { 3 } else { 2 }
     }
-    fn core(&self) -> &Core {
-        &self.core
-    }
-    fn core_mut(&mut self) -> &mut Core {
-        &mut self.core
-    }
-    fn rule_config(&self) -> &Self::Config {
-        &self.config
-    }
-    fn rule_config_mut(&mut self) -> &mut Self::Config {
-        &mut self.config
-    }
-    fn apply(&mut self, params: &mut Params<'_, '_>) -> Result<StepReport, StepError> {
-        let c = &self.config;
-        c.validate()?;
-        let t = self.core.steps() + 1;
-        let base = Base {
-            lr: c.lr,
-            weight_decay: c.weight_decay,
-            maximize: c.maximize,
-            l2: !c.decoupled_weight_decay,
+    fn step(&self, engine: &mut Engine, tensors: &TensorList<'_>) -> Result<StepReport, StepError> {
+        self.validate()?;
+        let t = engine.state().steps + 1;
+        let common = CommonConfig {
+            lr: self.lr,
+            weight_decay: self.weight_decay,
+            maximize: self.maximize,
+            l2_decay: !self.decoupled_weight_decay,
         };
-        let core = &mut self.core;
+        let c = self;
         match (c.amsgrad, c.eps_mode) {
-            (false, EpsMode::Seed) => core.run(params, base, |h| {
+            (false, EpsMode::SqrtV) => engine.step(tensors, common, |h| {
                 AdamStep::<false>::new(c, t, h.lr, h.weight_decay)
             }),
-            (false, EpsMode::PyTorch) => core.run(params, base, |h| {
+            (false, EpsMode::SqrtVHat) => engine.step(tensors, common, |h| {
                 AdamStep::<true>::new(c, t, h.lr, h.weight_decay)
             }),
-            (true, EpsMode::Seed) => core.run(params, base, |h| {
+            (true, EpsMode::SqrtV) => engine.step(tensors, common, |h| {
                 AmsGrad(AdamStep::<false>::new(c, t, h.lr, h.weight_decay))
             }),
-            (true, EpsMode::PyTorch) => core.run(params, base, |h| {
+            (true, EpsMode::SqrtVHat) => engine.step(tensors, common, |h| {
                 AmsGrad(AdamStep::<true>::new(c, t, h.lr, h.weight_decay))
             }),
         }

@@ -1,36 +1,333 @@
-//! The six optimizers, one file each: configuration, per-step scalars, the element-wise kernel
-//! (one generic body that is both the scalar reference and the SIMD kernel) and unit tests.
+//! The six update rules, one file each (Momentum and NAG share one), and [`Fused`], the one
+//! optimizer type they are applied through. Imports [`crate::engine`], [`crate::simd`] and
+//! [`crate::types`].
+//!
+//! An optimizer file holds a configuration type (its hyperparameters, defaults and range
+//! checks), the per-step scalars and the element-wise kernel written once over
+//! [`Lane`](crate::simd::Lane), the [`Rule`] implementation that ties them to the engine, and unit
+//! tests. Everything else (validation of the input, state, groups, hygiene, threads) is the
+//! engine's.
 
 pub mod adagrad;
 pub mod adam;
 pub mod momentum;
-pub mod nag;
 pub mod rmsprop;
 pub mod sgd;
 
-use crate::Optimizer;
+use crate::engine::{Engine, Lists, TensorList, TensorSource};
+use crate::types::{StepError, StepReport};
+use core::fmt::Debug;
 
-/// The names of the six optimizers, as [`Optimizer::name`] returns them.
-pub const OPTIMIZER_NAMES: [&str; 6] = ["sgd", "momentum", "nag", "adagrad", "rmsprop", "adam"];
-
-/// Builds an optimizer with its default configuration from its [`Optimizer::name`], for
-/// command-line trainers and benchmarks. `None` for an unknown name.
+/// An optimizer's update rule, implemented by its configuration type: [`SgdConfig`],
+/// [`MomentumConfig`], [`NagConfig`], [`AdaGradConfig`], [`RmsPropConfig`] and [`AdamConfig`].
+///
+/// The trait is sealed: the engine relies on what a rule tells it, so only this crate implements
+/// it. Use it as a bound, to write code generic over the optimizers:
 ///
 /// ```
-/// use fusedopt::{OPTIMIZER_NAMES, optimizer_by_name};
-/// for name in OPTIMIZER_NAMES {
-///     assert_eq!(optimizer_by_name(name).unwrap().name(), name);
+/// use fusedopt::{Fused, Optimizer, Rule, Sgd, SgdConfig};
+/// fn lr_of<R: Rule>(opt: &Fused<R>) -> f32 {
+///     opt.lr()
 /// }
-/// assert!(optimizer_by_name("lion").is_none());
+/// assert_eq!(lr_of(&Sgd::new(SgdConfig::default())), 0.01);
 /// ```
-pub fn optimizer_by_name(name: &str) -> Option<Box<dyn Optimizer>> {
-    Some(match name {
-        "sgd" => Box::new(sgd::Sgd::new(Default::default())),
-        "momentum" => Box::new(momentum::Momentum::new(Default::default())),
-        "nag" => Box::new(nag::Nag::new(Default::default())),
-        "adagrad" => Box::new(adagrad::AdaGrad::new(Default::default())),
-        "rmsprop" => Box::new(rmsprop::RmsProp::new(Default::default())),
-        "adam" => Box::new(adam::Adam::new(Default::default())),
-        _ => return None,
-    })
+///
+/// [`SgdConfig`]: crate::SgdConfig
+/// [`MomentumConfig`]: crate::MomentumConfig
+/// [`NagConfig`]: crate::NagConfig
+/// [`AdaGradConfig`]: crate::AdaGradConfig
+/// [`RmsPropConfig`]: crate::RmsPropConfig
+/// [`AdamConfig`]: crate::AdamConfig
+pub trait Rule: sealed::RuleImpl {}
+
+impl<R: sealed::RuleImpl> Rule for R {}
+
+pub(crate) mod sealed {
+    use super::*;
+
+    /// What an optimizer file provides; the engine and [`Fused`] do the rest.
+    pub trait RuleImpl: Copy + Debug + Default + PartialEq + Send + Sync + 'static {
+        /// See [`Optimizer::name`](crate::Optimizer::name).
+        const NAME: &'static str;
+        /// Every state buffer the rule may keep, in the engine's order.
+        const BUFFERS: &'static [StateBuffer];
+        /// The configuration's range checks.
+        fn check(&self) -> Result<(), StepError>;
+        /// The learning rate, which every configuration has, to set.
+        fn lr_mut(&mut self) -> &mut f32;
+        /// The learning rate.
+        fn lr(&self) -> f32 {
+            let mut copy = *self;
+            *copy.lr_mut()
+        }
+        /// Every hyperparameter, by name, for state files and configuration strings.
+        fn fields(&mut self) -> Vec<(&'static str, &mut dyn FieldValue)>;
+        /// The state buffers a step with this configuration keeps (by default, the required
+        /// ones).
+        fn state_buffers(&self) -> usize {
+            Self::BUFFERS.iter().filter(|b| !b.optional).count()
+        }
+        /// Checks the configuration, builds this step's kernels and runs them through the engine.
+        fn step(
+            &self,
+            engine: &mut Engine,
+            tensors: &TensorList<'_>,
+        ) -> Result<StepReport, StepError>;
+    }
+}
+
+/// A state buffer a rule keeps: one `f32` per parameter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StateBuffer {
+    /// Its name in state files, for example `"m"`.
+    pub name: &'static str,
+    /// Kept only when a setting asks for it (AMSGrad's running maximum): a state of this rule
+    /// may lack it, and it starts from zero when it first appears.
+    pub optional: bool,
+}
+
+impl StateBuffer {
+    /// A buffer every stepped state holds.
+    pub(crate) const fn required(name: &'static str) -> Self {
+        StateBuffer {
+            name,
+            optional: false,
+        }
+    }
+}
+
+/// A hyperparameter's text form, in state files and in configuration strings.
+pub trait FieldValue {
+    /// The text form; `parse` reads it back exactly.
+    fn encode(&self) -> String;
+    /// Sets the value from its text form.
+    ///
+    /// # Errors
+    /// A description of the text expected, when `text` is not one.
+    fn parse(&mut self, text: &str) -> Result<(), &'static str>;
+}
+
+impl FieldValue for f32 {
+    fn encode(&self) -> String {
+        // Rust prints the shortest string that parses back to the same f32.
+        self.to_string()
+    }
+    fn parse(&mut self, text: &str) -> Result<(), &'static str> {
+        *self = text.trim().parse().map_err(|_| "a number")?;
+        Ok(())
+    }
+}
+
+impl FieldValue for bool {
+    fn encode(&self) -> String {
+        self.to_string()
+    }
+    fn parse(&mut self, text: &str) -> Result<(), &'static str> {
+        *self = text.trim().parse().map_err(|_| "true or false")?;
+        Ok(())
+    }
+}
+
+/// Reads field `name` of `config` from `text`.
+///
+/// # Errors
+/// [`FieldError::Unknown`] if the rule has no such field, [`FieldError::Value`] if `text` is not
+/// a value of it.
+pub(crate) fn set_field<R: Rule>(config: &mut R, name: &str, text: &str) -> Result<(), FieldError> {
+    let mut fields = config.fields();
+    let (_, value) = fields
+        .iter_mut()
+        .find(|(n, _)| *n == name)
+        .ok_or(FieldError::Unknown)?;
+    value.parse(text).map_err(FieldError::Value)
+}
+
+/// Every field of `config` with its text form, in the rule's order.
+pub(crate) fn field_texts<R: Rule>(config: &R) -> Vec<(&'static str, String)> {
+    let mut copy = *config;
+    copy.fields()
+        .into_iter()
+        .map(|(name, value)| (name, value.encode()))
+        .collect()
+}
+
+/// Why [`set_field`] failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum FieldError {
+    /// The rule has no field of that name.
+    Unknown,
+    /// The text is not a value of the field; what is expected.
+    Value(&'static str),
+}
+
+/// An optimizer: the configuration of an update rule `R`, with the engine that applies it.
+///
+/// The six optimizers are this type: [`Sgd`](crate::Sgd) is `Fused<SgdConfig>`,
+/// [`Adam`](crate::Adam) is `Fused<AdamConfig>`, and so on. Its methods are those of the
+/// [`Optimizer`](crate::Optimizer) trait, plus the ones below.
+///
+/// ```
+/// use fusedopt::{Adam, AdamConfig, Optimizer};
+/// let mut opt = Adam::new(AdamConfig { lr: 0.1, ..Default::default() });
+/// let mut w = [1.0f32, -1.0];
+/// opt.step(&mut w, &[1.0, -1.0])?;
+/// assert!(w[0] < 1.0 && w[1] > -1.0);
+/// # Ok::<(), fusedopt::StepError>(())
+/// ```
+#[derive(Debug)]
+pub struct Fused<R: Rule> {
+    pub(crate) config: R,
+    pub(crate) engine: Engine,
+}
+
+impl<R: Rule> Fused<R> {
+    /// Creates the optimizer. The configuration is checked at every step.
+    ///
+    /// ```
+    /// use fusedopt::{Adam, AdamConfig, Optimizer};
+    /// let opt = Adam::new(AdamConfig::default());
+    /// assert_eq!((opt.name(), opt.steps(), opt.layout()), ("adam", 0, None));
+    /// ```
+    pub fn new(config: R) -> Self {
+        Fused {
+            config,
+            engine: Engine::new(R::NAME),
+        }
+    }
+
+    /// The hyperparameters.
+    ///
+    /// ```
+    /// use fusedopt::{Adam, AdamConfig};
+    /// assert_eq!(Adam::new(AdamConfig::default()).config().beta2, 0.999);
+    /// ```
+    pub fn config(&self) -> &R {
+        &self.config
+    }
+
+    /// The hyperparameters, to change between steps; the next step checks them.
+    ///
+    /// ```
+    /// use fusedopt::{Momentum, MomentumConfig};
+    /// let mut opt = Momentum::new(MomentumConfig::default());
+    /// opt.config_mut().momentum = 0.99;
+    /// assert_eq!(opt.config().momentum, 0.99);
+    /// ```
+    pub fn config_mut(&mut self) -> &mut R {
+        &mut self.config
+    }
+
+    /// Applies one update to a whole model held as two lists, weights and gradients, in one
+    /// parallel dispatch: bitwise the same as [`step_many`](crate::Optimizer::step_many) over
+    /// their pairs. Any types that lend slices will do (`Vec<f32>`, `Box<[f32]>`, `&mut [f32]`
+    /// and `&[f32]`, ...); after the first call, a call allocates nothing.
+    ///
+    /// ```
+    /// use fusedopt::{Adam, AdamConfig};
+    /// let mut weights = vec![vec![1.0f32; 3], vec![1.0f32; 5]];
+    /// let grads = vec![vec![0.5f32; 3], vec![-0.5f32; 5]];
+    /// let mut opt = Adam::new(AdamConfig::default());
+    /// opt.step_all(&mut weights, &grads)?;
+    /// assert!(weights[0][0] < 1.0 && weights[1][0] > 1.0);
+    ///
+    /// // A missing gradient is refused, and nothing changes.
+    /// let before = weights.clone();
+    /// assert!(opt.step_all(&mut weights, &grads[..1]).is_err());
+    /// assert_eq!(weights, before);
+    /// # Ok::<(), fusedopt::StepError>(())
+    /// ```
+    ///
+    /// `Box<dyn Optimizer>` has the same method ([`Optimizer`](crate::Optimizer#impl-dyn+Optimizer)).
+    ///
+    /// # Errors
+    /// [`StepError::GradCount`] if `grads` holds another number of tensors than `weights`; then
+    /// as [`step_many`](crate::Optimizer::step_many). On error no tensor and no state is
+    /// modified.
+    pub fn step_all<W: AsMut<[f32]>, G: AsRef<[f32]>>(
+        &mut self,
+        weights: &mut [W],
+        grads: &[G],
+    ) -> Result<StepReport, StepError> {
+        self.step_source(&mut Lists { weights, grads })
+    }
+
+    /// One step over the tensors of `source`.
+    pub(crate) fn step_source(
+        &mut self,
+        source: &mut dyn TensorSource,
+    ) -> Result<StepReport, StepError> {
+        let config = &self.config;
+        self.engine
+            .with_tensors(source, |engine, tensors| config.step(engine, tensors))
+    }
+}
+
+/// Range checks shared by the configurations.
+pub(crate) fn check(
+    optimizer: &'static str,
+    field: &'static str,
+    value: f32,
+    ok: bool,
+    expected: &'static str,
+) -> Result<(), StepError> {
+    if ok {
+        Ok(())
+    } else {
+        Err(StepError::InvalidConfig {
+            optimizer,
+            field,
+            value,
+            expected,
+        })
+    }
+}
+
+/// `lr` must be finite and non-negative.
+pub(crate) fn check_lr(optimizer: &'static str, lr: f32) -> Result<(), StepError> {
+    check(
+        optimizer,
+        "lr",
+        lr,
+        lr.is_finite() && lr >= 0.0,
+        "finite and >= 0",
+    )
+}
+
+/// `weight_decay` must be finite and non-negative.
+pub(crate) fn check_weight_decay(optimizer: &'static str, wd: f32) -> Result<(), StepError> {
+    check(
+        optimizer,
+        "weight_decay",
+        wd,
+        wd.is_finite() && wd >= 0.0,
+        "finite and >= 0",
+    )
+}
+
+/// `eps` must be finite and non-negative.
+pub(crate) fn check_eps(optimizer: &'static str, eps: f32) -> Result<(), StepError> {
+    check(
+        optimizer,
+        "eps",
+        eps,
+        eps.is_finite() && eps >= 0.0,
+        "finite and >= 0",
+    )
+}
+
+/// A decay or momentum coefficient must lie in `[0, 1]`, or `[0, 1)` where `closed` is false.
+pub(crate) fn check_unit(
+    optimizer: &'static str,
+    field: &'static str,
+    value: f32,
+    closed: bool,
+) -> Result<(), StepError> {
+    let ok = value >= 0.0 && if closed { value <= 1.0 } else { value < 1.0 };
+    check(
+        optimizer,
+        field,
+        value,
+        ok,
+        if closed { "in [0, 1]" } else { "in [0, 1)" },
+    )
 }

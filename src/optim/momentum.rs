@@ -1,65 +1,13 @@
-//! Classical momentum: `v ← μ·v − lr·g; w ← w + v`.
+//! Classical momentum and Nesterov's accelerated gradient, in the velocity convention:
+//! `v ← μ·v − lr·g`, then `w ← w + v` (momentum) or `w ← w + μ·v − lr·g` (NAG). One
+//! configuration type and one kernel serve both; `NESTEROV` tells them apart.
 
-use crate::engine::{Base, Core, Params};
-use crate::optimizer::{
-    StepError, StepReport, check_lr, check_unit, check_weight_decay, sealed::Rule,
+use super::{
+    FieldValue, Fused, StateBuffer, check_lr, check_unit, check_weight_decay, sealed::RuleImpl,
 };
+use crate::engine::{CommonConfig, Engine, TensorList};
 use crate::simd::{Kernel, Lane};
-
-/// Hyperparameters of [`Momentum`].
-///
-/// ```
-/// let c = fusedopt::MomentumConfig::default();
-/// assert_eq!((c.lr, c.momentum), (0.01, 0.9));
-/// ```
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct MomentumConfig {
-    /// Learning rate (default 0.01). Finite and `>= 0`.
-    pub lr: f32,
-    /// Momentum coefficient μ (default 0.9), in `[0, 1]`.
-    pub momentum: f32,
-    /// L2 weight decay (default 0): `g ← g + weight_decay·w`, after `maximize`. Finite and `>= 0`.
-    pub weight_decay: f32,
-    /// Ascend instead of descend (default false): `g ← −g` before anything else.
-    pub maximize: bool,
-}
-
-impl Default for MomentumConfig {
-    fn default() -> Self {
-        MomentumConfig {
-            lr: 0.01,
-            momentum: 0.9,
-            weight_decay: 0.0,
-            maximize: false,
-        }
-    }
-}
-
-impl MomentumConfig {
-    /// Checks every hyperparameter's range.
-    ///
-    /// ```
-    /// use fusedopt::MomentumConfig;
-    /// assert!(MomentumConfig::default().validate().is_ok());
-    /// let bad = MomentumConfig { momentum: 1.5, ..Default::default() };
-    /// assert!(bad.validate().unwrap_err().to_string().contains("momentum"));
-    /// ```
-    ///
-    /// # Errors
-    /// [`StepError::InvalidConfig`] naming the first field out of range.
-    pub fn validate(&self) -> Result<(), StepError> {
-        check_lr(Momentum::NAME, self.lr)?;
-        check_unit(Momentum::NAME, "momentum", self.momentum, true)?;
-        check_weight_decay(Momentum::NAME, self.weight_decay)
-    }
-}
-
-crate::checkpoint::config_fields!(MomentumConfig {
-    lr,
-    momentum,
-    weight_decay,
-    maximize
-});
+use crate::types::{StepError, StepReport};
 
 /// Gradient descent with classical momentum, in the velocity convention:
 /// `v ← μ·v − lr·g; w ← w + v`, with `v` starting at zero.
@@ -76,97 +24,125 @@ crate::checkpoint::config_fields!(MomentumConfig {
 /// opt.step(&mut w, &[1.0]).unwrap(); // v = -0.25 - 0.5
 /// assert_eq!(w, [-1.25]);
 /// ```
-#[derive(Debug)]
-pub struct Momentum {
-    config: MomentumConfig,
-    core: Core,
+pub type Momentum = Fused<MomentumConfig>;
+
+/// Nesterov's accelerated gradient in the velocity convention:
+/// `v ← μ·v − lr·g; w ← w + μ·v − lr·g` (using the updated `v`), with `v` starting at zero.
+///
+/// This is Nesterov's look-ahead step written with the same velocity as [`Momentum`]; at
+/// constant `lr` it equals PyTorch's `SGD(momentum=μ, nesterov=True)`, whose buffer is
+/// `b = −v / lr`. Under a changing `lr` the two differ slightly: torch rescales the whole buffer
+/// by the new `lr`, while `v` keeps each step's own.
+///
+/// ```
+/// use fusedopt::{Nag, NagConfig, Optimizer};
+/// let mut opt = Nag::new(NagConfig { lr: 0.5, momentum: 0.5, ..Default::default() });
+/// let mut w = [0.0f32];
+/// opt.step(&mut w, &[1.0]).unwrap(); // v = -0.5; w = 0 + 0.5·(-0.5) - 0.5
+/// assert_eq!(w, [-0.75]);
+/// ```
+pub type Nag = Fused<NagConfig>;
+
+/// Hyperparameters of [`Momentum`].
+///
+/// ```
+/// let c = fusedopt::MomentumConfig::default();
+/// assert_eq!((c.lr, c.momentum, c.weight_decay, c.maximize), (0.01, 0.9, 0.0, false));
+/// ```
+pub type MomentumConfig = VelocityConfig<false>;
+
+/// Hyperparameters of [`Nag`].
+///
+/// ```
+/// let c = fusedopt::NagConfig::default();
+/// assert_eq!((c.lr, c.momentum), (0.01, 0.9));
+/// ```
+pub type NagConfig = VelocityConfig<true>;
+
+/// Hyperparameters of the two velocity optimizers: [`MomentumConfig`] (`NESTEROV = false`) and
+/// [`NagConfig`] (`NESTEROV = true`). Use those names.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct VelocityConfig<const NESTEROV: bool> {
+    /// Learning rate (default 0.01). Finite and `>= 0`.
+    pub lr: f32,
+    /// Momentum coefficient μ (default 0.9), in `[0, 1]`.
+    pub momentum: f32,
+    /// L2 weight decay (default 0): `g ← g + weight_decay·w`, after `maximize`. Finite and `>= 0`.
+    pub weight_decay: f32,
+    /// Ascend instead of descend (default false): `g ← −g` before anything else.
+    pub maximize: bool,
 }
 
-impl Momentum {
-    /// Creates the optimizer. The configuration is checked at every step.
-    ///
-    /// ```
-    /// use fusedopt::{Momentum, MomentumConfig, Optimizer};
-    /// assert_eq!(Momentum::new(MomentumConfig::default()).layout(), None);
-    /// ```
-    pub fn new(config: MomentumConfig) -> Self {
-        Momentum {
-            config,
-            core: Core::new(Self::NAME),
+impl<const NESTEROV: bool> Default for VelocityConfig<NESTEROV> {
+    fn default() -> Self {
+        VelocityConfig {
+            lr: 0.01,
+            momentum: 0.9,
+            weight_decay: 0.0,
+            maximize: false,
         }
     }
+}
 
-    /// The hyperparameters.
+impl<const NESTEROV: bool> VelocityConfig<NESTEROV> {
+    /// Checks every hyperparameter's range.
     ///
     /// ```
-    /// use fusedopt::{Momentum, MomentumConfig};
-    /// assert_eq!(Momentum::new(MomentumConfig::default()).config().momentum, 0.9);
+    /// use fusedopt::{MomentumConfig, NagConfig};
+    /// assert!(MomentumConfig::default().validate().is_ok());
+    /// let bad = NagConfig { momentum: 1.5, ..Default::default() };
+    /// assert_eq!(bad.validate().unwrap_err().to_string(), "nag: momentum = 1.5 is invalid, expected in [0, 1]");
     /// ```
-    pub fn config(&self) -> &MomentumConfig {
-        &self.config
-    }
-
-    /// The hyperparameters, to change between steps.
     ///
-    /// ```
-    /// use fusedopt::{Momentum, MomentumConfig};
-    /// let mut opt = Momentum::new(MomentumConfig::default());
-    /// opt.config_mut().lr = 0.1;
-    /// assert_eq!(opt.config().lr, 0.1);
-    /// ```
-    pub fn config_mut(&mut self) -> &mut MomentumConfig {
-        &mut self.config
+    /// # Errors
+    /// [`StepError::InvalidConfig`] naming the first field out of range.
+    pub fn validate(&self) -> Result<(), StepError> {
+        check_lr(Self::NAME, self.lr)?;
+        check_unit(Self::NAME, "momentum", self.momentum, true)?;
+        check_weight_decay(Self::NAME, self.weight_decay)
     }
 }
 
-/// Per-step scalars of momentum.
+/// Per-step scalars of momentum (`NESTEROV = false`) and NAG.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct MomentumStep {
+pub(crate) struct VelocityStep<const NESTEROV: bool> {
     lr: f32,
     momentum: f32,
 }
 
-impl MomentumStep {
-    pub(crate) fn new(c: &MomentumConfig, lr: f32) -> Self {
-        MomentumStep {
-            lr,
-            momentum: c.momentum,
-        }
-    }
-}
-
-impl Kernel<1> for MomentumStep {
+impl<const NESTEROV: bool> Kernel<1> for VelocityStep<NESTEROV> {
     #[inline(always)]
     fn update<V: Lane>(&self, w: V, g: V, [v]: &mut [V; 1]) -> V {
-        *v = V::splat(self.momentum) * *v - V::splat(self.lr) * g;
-        w + *v
+        let (mu, lr_g) = (V::splat(self.momentum), V::splat(self.lr) * g);
+        *v = mu * *v - lr_g;
+        if NESTEROV { w + mu * *v - lr_g } else { w + *v }
     }
 }
 
-impl Rule for Momentum {
-    type Config = MomentumConfig;
-    const BUFFER_NAMES: &'static [&'static str] = &["v"];
-    const NAME: &'static str = "momentum";
-    fn state_buffers(&self) -> usize {
-        1
+impl<const NESTEROV: bool> RuleImpl for VelocityConfig<NESTEROV> {
+    const NAME: &'static str = if NESTEROV { "nag" } else { "momentum" };
+    const BUFFERS: &'static [StateBuffer] = &[StateBuffer::required("v")];
+    fn check(&self) -> Result<(), StepError> {
+        self.validate()
     }
-    fn core(&self) -> &Core {
-        &self.core
+    fn lr_mut(&mut self) -> &mut f32 {
+        &mut self.lr
     }
-    fn core_mut(&mut self) -> &mut Core {
-        &mut self.core
+    fn fields(&mut self) -> Vec<(&'static str, &mut dyn FieldValue)> {
+        vec![
+            ("lr", &mut self.lr),
+            ("momentum", &mut self.momentum),
+            ("weight_decay", &mut self.weight_decay),
+            ("maximize", &mut self.maximize),
+        ]
     }
-    fn rule_config(&self) -> &Self::Config {
-        &self.config
-    }
-    fn rule_config_mut(&mut self) -> &mut Self::Config {
-        &mut self.config
-    }
-    fn apply(&mut self, params: &mut Params<'_, '_>) -> Result<StepReport, StepError> {
-        self.config.validate()?;
-        let c = &self.config;
-        let base = Base::l2(c.lr, c.weight_decay, c.maximize);
-        self.core.run(params, base, |h| MomentumStep::new(c, h.lr))
+    fn step(&self, engine: &mut Engine, tensors: &TensorList<'_>) -> Result<StepReport, StepError> {
+        self.validate()?;
+        let common = CommonConfig::l2(self.lr, self.weight_decay, self.maximize);
+        engine.step(tensors, common, |h| VelocityStep::<NESTEROV> {
+            lr: h.lr,
+            momentum: self.momentum,
+        })
     }
 }
 
@@ -175,15 +151,32 @@ mod tests {
     use super::*;
 
     #[test]
-    fn kernel_matches_formula() {
-        let c = MomentumConfig {
+    fn momentum_kernel_matches_formula() {
+        let k = VelocityStep::<false> {
+            lr: 0.5,
             momentum: 0.5,
-            ..Default::default()
         };
-        let k = MomentumStep::new(&c, 0.5);
         let mut v = [2.0f32];
         let w = k.update(1.0f32, 1.0, &mut v);
         assert_eq!(v, [0.5]);
         assert_eq!(w, 1.5);
+    }
+
+    #[test]
+    fn nag_kernel_matches_formula() {
+        let k = VelocityStep::<true> {
+            lr: 0.5,
+            momentum: 0.5,
+        };
+        let mut v = [2.0f32];
+        let w = k.update(1.0f32, 1.0, &mut v);
+        assert_eq!(v, [0.5]); // 0.5·2 − 0.5
+        assert_eq!(w, 0.75); // 1 + 0.5·0.5 − 0.5
+    }
+
+    #[test]
+    fn the_two_rules_have_their_own_names() {
+        assert_eq!(MomentumConfig::NAME, "momentum");
+        assert_eq!(NagConfig::NAME, "nag");
     }
 }

@@ -1,10 +1,28 @@
 //! RMSProp: `h ← ρ·h + (1−ρ)·g²; w ← w − lr·g / (√h + ε)`.
 
-use crate::engine::{Base, Core, Params};
-use crate::optimizer::{
-    StepError, StepReport, check_eps, check_lr, check_unit, check_weight_decay, sealed::Rule,
+use super::{
+    FieldValue, Fused, StateBuffer, check_eps, check_lr, check_unit, check_weight_decay,
+    sealed::RuleImpl,
 };
+use crate::engine::{CommonConfig, Engine, TensorList};
 use crate::simd::{Kernel, Lane};
+use crate::types::{StepError, StepReport};
+
+/// RMSProp: `h ← ρ·h + (1−ρ)·g²; w ← w − lr·g / (√h + ε)`, with `h` starting at zero.
+///
+/// ```
+/// use fusedopt::{Optimizer, RmsProp, RmsPropConfig};
+/// let mut opt = RmsProp::new(RmsPropConfig {
+///     lr: 0.1,
+///     decay_rate: 0.75,
+///     eps: 0.0,
+///     ..Default::default()
+/// });
+/// let mut w = [1.0f32];
+/// opt.step(&mut w, &[2.0]).unwrap(); // h = 0.25·4 = 1: w = 1 − 0.1·2/1
+/// assert_eq!(w, [0.8]);
+/// ```
+pub type RmsProp = Fused<RmsPropConfig>;
 
 /// Hyperparameters of [`RmsProp`].
 ///
@@ -50,75 +68,10 @@ impl RmsPropConfig {
     /// # Errors
     /// [`StepError::InvalidConfig`] naming the first field out of range.
     pub fn validate(&self) -> Result<(), StepError> {
-        check_lr(RmsProp::NAME, self.lr)?;
-        check_unit(RmsProp::NAME, "decay_rate", self.decay_rate, true)?;
-        check_eps(RmsProp::NAME, self.eps)?;
-        check_weight_decay(RmsProp::NAME, self.weight_decay)
-    }
-}
-
-crate::checkpoint::config_fields!(RmsPropConfig {
-    lr,
-    decay_rate,
-    eps,
-    weight_decay,
-    maximize
-});
-
-/// RMSProp: `h ← ρ·h + (1−ρ)·g²; w ← w − lr·g / (√h + ε)`, with `h` starting at zero.
-///
-/// ```
-/// use fusedopt::{Optimizer, RmsProp, RmsPropConfig};
-/// let mut opt = RmsProp::new(RmsPropConfig {
-///     lr: 0.1,
-///     decay_rate: 0.75,
-///     eps: 0.0,
-///     ..Default::default()
-/// });
-/// let mut w = [1.0f32];
-/// opt.step(&mut w, &[2.0]).unwrap(); // h = 0.25·4 = 1: w = 1 − 0.1·2/1
-/// assert_eq!(w, [0.8]);
-/// ```
-#[derive(Debug)]
-pub struct RmsProp {
-    config: RmsPropConfig,
-    core: Core,
-}
-
-impl RmsProp {
-    /// Creates the optimizer. The configuration is checked at every step.
-    ///
-    /// ```
-    /// use fusedopt::{Optimizer, RmsProp, RmsPropConfig};
-    /// assert_eq!(RmsProp::new(RmsPropConfig::default()).name(), "rmsprop");
-    /// ```
-    pub fn new(config: RmsPropConfig) -> Self {
-        RmsProp {
-            config,
-            core: Core::new(Self::NAME),
-        }
-    }
-
-    /// The hyperparameters.
-    ///
-    /// ```
-    /// use fusedopt::{RmsProp, RmsPropConfig};
-    /// assert_eq!(RmsProp::new(RmsPropConfig::default()).config().decay_rate, 0.9);
-    /// ```
-    pub fn config(&self) -> &RmsPropConfig {
-        &self.config
-    }
-
-    /// The hyperparameters, to change between steps.
-    ///
-    /// ```
-    /// use fusedopt::{RmsProp, RmsPropConfig};
-    /// let mut opt = RmsProp::new(RmsPropConfig::default());
-    /// opt.config_mut().decay_rate = 0.99;
-    /// assert_eq!(opt.config().decay_rate, 0.99);
-    /// ```
-    pub fn config_mut(&mut self) -> &mut RmsPropConfig {
-        &mut self.config
+        check_lr(Self::NAME, self.lr)?;
+        check_unit(Self::NAME, "decay_rate", self.decay_rate, true)?;
+        check_eps(Self::NAME, self.eps)?;
+        check_weight_decay(Self::NAME, self.weight_decay)
     }
 }
 
@@ -132,7 +85,7 @@ pub(crate) struct RmsPropStep {
 }
 
 impl RmsPropStep {
-    pub(crate) fn new(c: &RmsPropConfig, lr: f32) -> Self {
+    fn new(c: &RmsPropConfig, lr: f32) -> Self {
         RmsPropStep {
             lr,
             decay: c.decay_rate,
@@ -150,30 +103,28 @@ impl Kernel<1> for RmsPropStep {
     }
 }
 
-impl Rule for RmsProp {
-    type Config = RmsPropConfig;
-    const BUFFER_NAMES: &'static [&'static str] = &["h"];
+impl RuleImpl for RmsPropConfig {
     const NAME: &'static str = "rmsprop";
-    fn state_buffers(&self) -> usize {
-        1
+    const BUFFERS: &'static [StateBuffer] = &[StateBuffer::required("h")];
+    fn check(&self) -> Result<(), StepError> {
+        self.validate()
     }
-    fn core(&self) -> &Core {
-        &self.core
+    fn lr_mut(&mut self) -> &mut f32 {
+        &mut self.lr
     }
-    fn core_mut(&mut self) -> &mut Core {
-        &mut self.core
+    fn fields(&mut self) -> Vec<(&'static str, &mut dyn FieldValue)> {
+        vec![
+            ("lr", &mut self.lr),
+            ("decay_rate", &mut self.decay_rate),
+            ("eps", &mut self.eps),
+            ("weight_decay", &mut self.weight_decay),
+            ("maximize", &mut self.maximize),
+        ]
     }
-    fn rule_config(&self) -> &Self::Config {
-        &self.config
-    }
-    fn rule_config_mut(&mut self) -> &mut Self::Config {
-        &mut self.config
-    }
-    fn apply(&mut self, params: &mut Params<'_, '_>) -> Result<StepReport, StepError> {
-        self.config.validate()?;
-        let c = &self.config;
-        let base = Base::l2(c.lr, c.weight_decay, c.maximize);
-        self.core.run(params, base, |h| RmsPropStep::new(c, h.lr))
+    fn step(&self, engine: &mut Engine, tensors: &TensorList<'_>) -> Result<StepReport, StepError> {
+        self.validate()?;
+        let common = CommonConfig::l2(self.lr, self.weight_decay, self.maximize);
+        engine.step(tensors, common, |h| RmsPropStep::new(self, h.lr))
     }
 }
 

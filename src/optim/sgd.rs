@@ -1,8 +1,21 @@
 //! Plain stochastic gradient descent: `w ← w − lr·g`.
 
-use crate::engine::{Base, Core, Params};
-use crate::optimizer::{StepError, StepReport, check_lr, check_weight_decay, sealed::Rule};
+use super::{FieldValue, Fused, StateBuffer, check_lr, check_weight_decay, sealed::RuleImpl};
+use crate::engine::{CommonConfig, Engine, TensorList};
 use crate::simd::{Kernel, Lane};
+use crate::types::{StepError, StepReport};
+
+/// Stochastic gradient descent: `w ← w − lr·g`. No state, so any tensor length is accepted at any
+/// step.
+///
+/// ```
+/// use fusedopt::{Optimizer, Sgd, SgdConfig};
+/// let mut opt = Sgd::new(SgdConfig { lr: 0.1, ..Default::default() });
+/// let mut w = [1.0f32, -1.0];
+/// opt.step(&mut w, &[1.0, -1.0]).unwrap();
+/// assert_eq!(w, [0.9, -0.9]);
+/// ```
+pub type Sgd = Fused<SgdConfig>;
 
 /// Hyperparameters of [`Sgd`].
 ///
@@ -43,69 +56,8 @@ impl SgdConfig {
     /// # Errors
     /// [`StepError::InvalidConfig`] naming the first field out of range.
     pub fn validate(&self) -> Result<(), StepError> {
-        check_lr(Sgd::NAME, self.lr)?;
-        check_weight_decay(Sgd::NAME, self.weight_decay)
-    }
-}
-
-crate::checkpoint::config_fields!(SgdConfig {
-    lr,
-    weight_decay,
-    maximize
-});
-
-/// Stochastic gradient descent: `w ← w − lr·g`. No state, so any tensor length is accepted at any
-/// step.
-///
-/// ```
-/// use fusedopt::{Optimizer, Sgd, SgdConfig};
-/// let mut opt = Sgd::new(SgdConfig { lr: 0.1, ..Default::default() });
-/// let mut w = [1.0f32, -1.0];
-/// opt.step(&mut w, &[1.0, -1.0]).unwrap();
-/// assert_eq!(w, [0.9, -0.9]);
-/// ```
-#[derive(Debug)]
-pub struct Sgd {
-    config: SgdConfig,
-    core: Core,
-}
-
-impl Sgd {
-    /// Creates the optimizer. The configuration is checked at every step.
-    ///
-    /// ```
-    /// use fusedopt::{Optimizer, Sgd, SgdConfig};
-    /// assert_eq!(Sgd::new(SgdConfig::default()).steps(), 0);
-    /// ```
-    pub fn new(config: SgdConfig) -> Self {
-        Sgd {
-            config,
-            core: Core::new(Self::NAME),
-        }
-    }
-
-    /// The hyperparameters.
-    ///
-    /// ```
-    /// use fusedopt::{Sgd, SgdConfig};
-    /// assert_eq!(Sgd::new(SgdConfig::default()).config().lr, 0.01);
-    /// ```
-    pub fn config(&self) -> &SgdConfig {
-        &self.config
-    }
-
-    /// The hyperparameters, to change between steps.
-    ///
-    /// ```
-    /// use fusedopt::{Optimizer, Sgd, SgdConfig};
-    /// let mut opt = Sgd::new(SgdConfig::default());
-    /// opt.config_mut().lr = 1.0;
-    /// let mut w = [1.0f32];
-    /// opt.step(&mut w, &[1.0]).unwrap();
-    /// assert_eq!(w, [0.0]);
-    /// ```
-    pub fn config_mut(&mut self) -> &mut SgdConfig {
-        &mut self.config
+        check_lr(Self::NAME, self.lr)?;
+        check_weight_decay(Self::NAME, self.weight_decay)
     }
 }
 
@@ -115,12 +67,6 @@ pub(crate) struct SgdStep {
     lr: f32,
 }
 
-impl SgdStep {
-    pub(crate) fn new(lr: f32) -> Self {
-        SgdStep { lr }
-    }
-}
-
 impl Kernel<0> for SgdStep {
     #[inline(always)]
     fn update<V: Lane>(&self, w: V, g: V, _: &mut [V; 0]) -> V {
@@ -128,30 +74,26 @@ impl Kernel<0> for SgdStep {
     }
 }
 
-impl Rule for Sgd {
-    type Config = SgdConfig;
-    const BUFFER_NAMES: &'static [&'static str] = &[];
+impl RuleImpl for SgdConfig {
     const NAME: &'static str = "sgd";
-    fn state_buffers(&self) -> usize {
-        0
+    const BUFFERS: &'static [StateBuffer] = &[];
+    fn check(&self) -> Result<(), StepError> {
+        self.validate()
     }
-    fn core(&self) -> &Core {
-        &self.core
+    fn lr_mut(&mut self) -> &mut f32 {
+        &mut self.lr
     }
-    fn core_mut(&mut self) -> &mut Core {
-        &mut self.core
+    fn fields(&mut self) -> Vec<(&'static str, &mut dyn FieldValue)> {
+        vec![
+            ("lr", &mut self.lr),
+            ("weight_decay", &mut self.weight_decay),
+            ("maximize", &mut self.maximize),
+        ]
     }
-    fn rule_config(&self) -> &Self::Config {
-        &self.config
-    }
-    fn rule_config_mut(&mut self) -> &mut Self::Config {
-        &mut self.config
-    }
-    fn apply(&mut self, params: &mut Params<'_, '_>) -> Result<StepReport, StepError> {
-        self.config.validate()?;
-        let c = &self.config;
-        let base = Base::l2(c.lr, c.weight_decay, c.maximize);
-        self.core.run(params, base, |h| SgdStep::new(h.lr))
+    fn step(&self, engine: &mut Engine, tensors: &TensorList<'_>) -> Result<StepReport, StepError> {
+        self.validate()?;
+        let common = CommonConfig::l2(self.lr, self.weight_decay, self.maximize);
+        engine.step(tensors, common, |h| SgdStep { lr: h.lr })
     }
 }
 
@@ -162,7 +104,7 @@ mod tests {
 
     #[test]
     fn kernel_matches_formula() {
-        let k = SgdStep::new(0.25);
+        let k = SgdStep { lr: 0.25 };
         assert_eq!(k.update(1.0f32, 2.0, &mut []), 0.5);
     }
 

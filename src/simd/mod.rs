@@ -1,14 +1,17 @@
-//! SIMD tiers and the one generic chunk loop every optimizer runs through.
+//! SIMD tiers: CPU detection, the [`Lane`] arithmetic kernels are written in, and the one generic
+//! span loop every optimizer runs through. Imports nothing else of the crate.
 //!
 //! An optimizer describes its update once, element-wise, as [`Kernel::update`] over a generic
-//! [`Lane`]: a plain `f32`, a portable 8-wide [`wide::f32x8`], or (on x86-64) an AVX2 `__m256`.
-//! [`run`] instantiates that one body for the requested tier. Every tier performs the same IEEE-754
-//! operations (add, sub, mul, div, sqrt; never a fused multiply-add or an approximate reciprocal) in
-//! the same order, so all tiers produce bitwise identical results, and so does the scalar loop that
-//! handles the tail of each chunk. That property is what makes results independent of chunking and
-//! thread count.
+//! [`Lane`]: a plain `f32`, a portable 8-wide [`wide::f32x8`], or (on x86-64) an AVX2 register.
+//! [`update_span`] instantiates that one body for the requested [`Tier`]. Every tier performs the
+//! same IEEE-754 operations (add, sub, mul, div, sqrt; never a fused multiply-add or an approximate
+//! reciprocal) in the same order, so all tiers produce bitwise identical results, and so does the
+//! scalar loop that handles the tail of each span. That property is what makes results
+//! independent of chunking and thread count.
 //!
-//! The best tier is detected once per process and cached ([`SimdLevel::detect`]).
+//! The best tier is detected once per process and cached ([`SimdLevel::detect`]). A [`Tier`] is a
+//! level with its proof: the AVX2 tier carries an [`Avx2`] token, which safe code obtains only
+//! from that detection, so no safe path reaches an instruction the CPU lacks.
 
 use core::ops::{Add, Div, Mul, Neg, Sub};
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -16,6 +19,9 @@ use std::sync::atomic::{AtomicU8, Ordering};
 mod portable;
 #[cfg(target_arch = "x86_64")]
 mod x86_avx2;
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) use x86_avx2::Avx2;
 
 /// An instruction-set tier that fusedopt's kernels can run on.
 ///
@@ -128,10 +134,44 @@ pub fn simd_level() -> &'static str {
     SimdLevel::detect().name()
 }
 
+/// A tier that can run here: a [`SimdLevel`] together with the proof that the CPU has it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Tier {
+    Scalar,
+    Portable,
+    #[cfg(target_arch = "x86_64")]
+    Avx2(Avx2),
+}
+
+impl Tier {
+    /// The tier for `level`, or the best available one below it where the CPU lacks it.
+    pub(crate) fn new(level: SimdLevel) -> Tier {
+        match level {
+            SimdLevel::Scalar => Tier::Scalar,
+            SimdLevel::Portable => Tier::Portable,
+            #[cfg(target_arch = "x86_64")]
+            SimdLevel::Avx2 => Avx2::detect().map_or(Tier::Portable, Tier::Avx2),
+            #[cfg(not(target_arch = "x86_64"))]
+            SimdLevel::Avx2 => Tier::Portable,
+        }
+    }
+
+    /// The level this tier runs.
+    pub(crate) fn level(self) -> SimdLevel {
+        match self {
+            Tier::Scalar => SimdLevel::Scalar,
+            Tier::Portable => SimdLevel::Portable,
+            #[cfg(target_arch = "x86_64")]
+            Tier::Avx2(_) => SimdLevel::Avx2,
+        }
+    }
+}
+
 /// A vector of `f32` lanes: the arithmetic an optimizer kernel is written in.
 ///
-/// Implemented by `f32` (one lane), [`wide::f32x8`] and, on x86-64, an AVX2 register. All
-/// implementations must round exactly as IEEE-754 single precision does, lane by lane.
+/// Implemented by `f32` (one lane), [`wide::f32x8`] and, on x86-64, an AVX2 register that only
+/// code holding an [`Avx2`] token can instantiate. All implementations must round exactly as
+/// IEEE-754 single precision does, lane by lane.
 pub(crate) trait Lane:
     Copy
     + Add<Output = Self>
@@ -208,9 +248,9 @@ pub(crate) trait Kernel<const N: usize>: Sync {
     fn update<V: Lane>(&self, w: V, g: V, state: &mut [V; N]) -> V;
 }
 
-/// Pointers to one contiguous run of elements: weights, gradients and each state buffer.
+/// Pointers to one contiguous span of elements: weights, gradients and each state buffer.
 #[derive(Clone, Copy)]
-pub(crate) struct Run<const N: usize> {
+pub(crate) struct Span<const N: usize> {
     pub w: *mut f32,
     pub g: *const f32,
     pub s: [*mut f32; N],
@@ -223,32 +263,31 @@ pub(crate) struct Run<const N: usize> {
 /// SIMD operations would not be inlined into the AVX2 instantiation.
 ///
 /// # Safety
-/// The pointer contract of [`chunk`], with `i + V::WIDTH <= run.len`.
+/// The pointer contract of [`span_loop`], with `i + V::WIDTH <= span.len`.
 #[inline(always)]
-unsafe fn block<K: Kernel<N>, V: Lane, const N: usize>(k: &K, run: &Run<N>, i: usize) {
+unsafe fn update_vector<K: Kernel<N>, V: Lane, const N: usize>(k: &K, span: &Span<N>, i: usize) {
     // SAFETY: elements `i..i + V::WIDTH` lie inside every range (caller's contract).
     unsafe {
         let mut st = [V::splat(0.0); N];
-        for (v, p) in st.iter_mut().zip(run.s) {
+        for (v, p) in st.iter_mut().zip(span.s) {
             *v = V::load(p.add(i));
         }
-        let nw = k.update(V::load(run.w.add(i)), V::load(run.g.add(i)), &mut st);
-        nw.store(run.w.add(i));
-        for (v, p) in st.into_iter().zip(run.s) {
+        let nw = k.update(V::load(span.w.add(i)), V::load(span.g.add(i)), &mut st);
+        nw.store(span.w.add(i));
+        for (v, p) in st.into_iter().zip(span.s) {
             v.store(p.add(i));
         }
     }
 }
 
-/// The one chunk loop: full vectors of `V`, then the tail one element at a time.
+/// The one span loop: full vectors of `V`, then the tail one element at a time.
 ///
 /// # Safety
-/// Every pointer of `run` must be valid for reads and writes (reads only for `g`) of `run.len`
-/// elements, the write ranges must not overlap each other or the gradient range, and `V` must be
-/// usable on the current CPU.
+/// Every pointer of `span` must be valid for reads and writes (reads only for `g`) of `span.len`
+/// elements, and the write ranges must not overlap each other or the gradient range.
 #[inline(always)]
-unsafe fn chunk<K: Kernel<N>, V: Lane, const N: usize>(k: &K, run: Run<N>) {
-    let Run { w, g, s, len } = run;
+unsafe fn span_loop<K: Kernel<N>, V: Lane, const N: usize>(k: &K, span: Span<N>) {
+    let Span { w, g, s, len } = span;
     let mut i = 0;
     // SAFETY: `i + V::WIDTH <= len` in the vector loop and `i < len` in the tail,
     // so every access stays inside the ranges the caller vouched for.
@@ -257,17 +296,17 @@ unsafe fn chunk<K: Kernel<N>, V: Lane, const N: usize>(k: &K, run: Run<N>) {
         while i + 2 * V::WIDTH <= len {
             // One cache line of every stream per iteration (8-wide tiers), PREFETCH_AHEAD ahead.
             // `wrapping_add`: the hinted address may lie past the end of the buffer.
-            V::prefetch(run.w.wrapping_add(i + PREFETCH_AHEAD));
-            V::prefetch(run.g.wrapping_add(i + PREFETCH_AHEAD));
+            V::prefetch(span.w.wrapping_add(i + PREFETCH_AHEAD));
+            V::prefetch(span.g.wrapping_add(i + PREFETCH_AHEAD));
             for j in 0..N {
-                V::prefetch(run.s[j].wrapping_add(i + PREFETCH_AHEAD));
+                V::prefetch(span.s[j].wrapping_add(i + PREFETCH_AHEAD));
             }
-            block::<K, V, N>(k, &run, i);
-            block::<K, V, N>(k, &run, i + V::WIDTH);
+            update_vector::<K, V, N>(k, &span, i);
+            update_vector::<K, V, N>(k, &span, i + V::WIDTH);
             i += 2 * V::WIDTH;
         }
         if i + V::WIDTH <= len {
-            block::<K, V, N>(k, &run, i);
+            update_vector::<K, V, N>(k, &span, i);
             i += V::WIDTH;
         }
         while i < len {
@@ -328,38 +367,55 @@ impl<K: Kernel<N>, const N: usize, const DIV: bool, const SCALE: bool, const L2:
     }
 }
 
-/// Runs kernel `k` over `run` on the given tier, with gradients read through `prep`.
+/// Runs kernel `k` over `span` on `tier`, with gradients read through `prep`.
 ///
 /// # Safety
-/// The pointer contract of [`chunk`]; `level` must be available on this CPU
-/// ([`SimdLevel::is_available`]).
+/// The pointer contract of [`span_loop`].
 #[inline]
-pub(crate) unsafe fn run<K: Kernel<N>, const N: usize>(
-    level: SimdLevel,
+pub(crate) unsafe fn update_span<K: Kernel<N>, const N: usize>(
+    tier: Tier,
     k: &K,
     prep: GradPrep,
-    run: Run<N>,
+    span: Span<N>,
 ) {
-    macro_rules! go {
+    macro_rules! prepped {
         ($div:literal, $scale:literal, $l2:literal) => {
-            run_tier(
-                level,
+            update_span_on(
+                tier,
                 &Prepped::<K, $div, $scale, $l2> { kernel: k, prep },
-                run,
+                span,
             )
         };
     }
     // SAFETY: forwarded from the caller.
     unsafe {
         match (prep.div != 1.0, prep.factor != 1.0, prep.wd != 0.0) {
-            (false, false, false) => run_tier(level, k, run),
-            (false, true, false) => go!(false, true, false),
-            (false, false, true) => go!(false, false, true),
-            (false, true, true) => go!(false, true, true),
-            (true, false, false) => go!(true, false, false),
-            (true, true, false) => go!(true, true, false),
-            (true, false, true) => go!(true, false, true),
-            (true, true, true) => go!(true, true, true),
+            (false, false, false) => update_span_on(tier, k, span),
+            (false, true, false) => prepped!(false, true, false),
+            (false, false, true) => prepped!(false, false, true),
+            (false, true, true) => prepped!(false, true, true),
+            (true, false, false) => prepped!(true, false, false),
+            (true, true, false) => prepped!(true, true, false),
+            (true, false, true) => prepped!(true, false, true),
+            (true, true, true) => prepped!(true, true, true),
+        }
+    }
+}
+
+/// Runs kernel `k` over `span`, instantiating the one body for `tier`.
+///
+/// # Safety
+/// The pointer contract of [`span_loop`].
+#[inline]
+unsafe fn update_span_on<K: Kernel<N>, const N: usize>(tier: Tier, k: &K, span: Span<N>) {
+    // SAFETY: forwarded from the caller; each arm instantiates the same body for one tier, and
+    // the AVX2 arm holds the token that proves the CPU has AVX2.
+    unsafe {
+        match tier {
+            Tier::Scalar => span_loop::<K, f32, N>(k, span),
+            Tier::Portable => portable::update_span(k, span),
+            #[cfg(target_arch = "x86_64")]
+            Tier::Avx2(token) => x86_avx2::update_span(token, k, span),
         }
     }
 }
@@ -370,15 +426,12 @@ pub(crate) unsafe fn run<K: Kernel<N>, const N: usize>(
 /// An f32's square is exact in f64, and no sum of f32 squares overflows f64 short of 10^230
 /// elements, so the result is finite exactly when every element is; and every tier computes the
 /// same bits (the additions happen in the same order; the compiler never reorders them).
-pub(crate) fn sum_squares(level: SimdLevel, g: &[f32]) -> f64 {
-    #[cfg(target_arch = "x86_64")]
-    if level == SimdLevel::Avx2 {
-        // SAFETY: `level` is available (the caller's `Backend::level` only returns available
-        // tiers), so the CPU has AVX2 and FMA.
-        return unsafe { x86_avx2::sum_squares(g) };
+pub(crate) fn sum_squares(tier: Tier, g: &[f32]) -> f64 {
+    match tier {
+        #[cfg(target_arch = "x86_64")]
+        Tier::Avx2(token) => x86_avx2::sum_squares(token, g),
+        _ => sum_squares_body(g),
     }
-    let _ = level;
-    sum_squares_body(g)
 }
 
 /// The one body of [`sum_squares`], inlined into each tier.
@@ -423,21 +476,18 @@ fn prefetch_read_stream(p: *const f32) {
     let _ = p;
 }
 
-/// Runs kernel `k` over `run` on the given tier.
-///
-/// # Safety
-/// As [`run`].
-#[inline]
-unsafe fn run_tier<K: Kernel<N>, const N: usize>(level: SimdLevel, k: &K, run: Run<N>) {
-    // SAFETY: forwarded from the caller; each arm instantiates the same body for one tier.
-    unsafe {
-        match level {
-            SimdLevel::Scalar => chunk::<K, f32, N>(k, run),
-            SimdLevel::Portable => portable::run(k, run),
-            #[cfg(target_arch = "x86_64")]
-            SimdLevel::Avx2 => x86_avx2::run(k, run),
-            #[cfg(not(target_arch = "x86_64"))]
-            SimdLevel::Avx2 => portable::run(k, run),
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tiers_fall_back_to_what_the_cpu_has() {
+        for level in SimdLevel::ALL {
+            let tier = Tier::new(level);
+            assert!(tier.level() <= level && tier.level().is_available());
+            if level.is_available() {
+                assert_eq!(tier.level(), level);
+            }
         }
     }
 }

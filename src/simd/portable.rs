@@ -1,6 +1,6 @@
 //! The portable tier: `wide::f32x8`, compiled for whatever target features the build has.
 
-use super::{Kernel, Lane, Run, chunk};
+use super::{Kernel, Lane, Span, span_loop};
 use wide::{Select, f32x8};
 
 impl Lane for f32x8 {
@@ -38,9 +38,12 @@ impl Lane for f32x8 {
     }
 }
 
+/// Runs kernel `k` over `span` with `f32x8`. The portable tier runs on every CPU the build
+/// targets.
+///
 /// # Safety
-/// The pointer contract of [`chunk`]. The portable tier runs on every CPU the build targets.
-pub(super) unsafe fn run<K: Kernel<N>, const N: usize>(k: &K, run: Run<N>) {
+/// The pointer contract of [`span_loop`].
+pub(super) unsafe fn update_span<K: Kernel<N>, const N: usize>(k: &K, span: Span<N>) {
     // SAFETY: forwarded from the caller.
-    unsafe { chunk::<K, f32x8, N>(k, run) }
+    unsafe { span_loop::<K, f32x8, N>(k, span) }
 }

@@ -1,30 +1,51 @@
-//! The AVX2 tier: the generic kernel body instantiated over `__m256` inside a function compiled
-//! with `#[target_feature(enable = "avx2,fma")]`, chosen at run time.
+//! The AVX2 tier: the proof token [`Avx2`], and the generic kernel body instantiated over an AVX
+//! register inside functions compiled with `#[target_feature(enable = "avx2,fma")]`.
 //!
 //! FMA is enabled for the code generator but never requested: the kernels use separate multiply
 //! and add, and LLVM does not contract them on its own, so results stay bitwise identical to the
 //! scalar and portable tiers.
+//!
+//! # Soundness
+//! Safe code reaches AVX2 instructions only through [`update_span`] and [`sum_squares`], which
+//! take an [`Avx2`] token. The token is a zero-sized proof: safe code gets one only from
+//! [`Avx2::detect`], which returns it only when the CPU has AVX2 and FMA. The lane type
+//! [`Ymm`] is private to this module and instantiated only inside [`update_span`], so its
+//! arithmetic, which uses AVX2 without a check, never runs without that proof.
 
-use super::{Kernel, Lane, Run, chunk, sum_squares_body};
+use super::{Kernel, Lane, SimdLevel, Span, span_loop, sum_squares_body};
 use core::arch::x86_64::*;
 use core::ops::{Add, Div, Mul, Neg, Sub};
 
-/// An AVX register of eight `f32`.
+/// Proof that the running CPU supports AVX2 and FMA (zero-sized; [`Avx2::detect`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Avx2 {
+    _proof: (),
+}
+
+impl Avx2 {
+    /// The token, if the CPU supports AVX2 and FMA (the process-wide cached detection of
+    /// [`SimdLevel::detect`]).
+    pub(crate) fn detect() -> Option<Avx2> {
+        (SimdLevel::detect() >= SimdLevel::Avx2).then_some(Avx2 { _proof: () })
+    }
+}
+
+/// An AVX register of eight `f32`: the AVX2 tier's [`Lane`].
 ///
-/// Invariant: values of this type are created and used only inside [`run`], which is reached
-/// only after [`SimdLevel::detect`](super::SimdLevel::detect) found AVX2 and FMA. That is what
-/// makes the intrinsic calls in the trait implementations below sound.
+/// Private to this module and instantiated only by [`update_span`], which holds an [`Avx2`]
+/// token: a value of this type exists only on a CPU with AVX2, which is what makes the intrinsic
+/// calls in the trait implementations below sound.
 #[derive(Clone, Copy)]
-pub(super) struct Avx2(__m256);
+struct Ymm(__m256);
 
 macro_rules! binop {
     ($tr:ident, $f:ident, $intr:ident) => {
-        impl $tr for Avx2 {
-            type Output = Avx2;
+        impl $tr for Ymm {
+            type Output = Ymm;
             #[inline(always)]
-            fn $f(self, rhs: Avx2) -> Avx2 {
-                // SAFETY: AVX is available wherever an `Avx2` exists (type invariant).
-                Avx2(unsafe { $intr(self.0, rhs.0) })
+            fn $f(self, rhs: Ymm) -> Ymm {
+                // SAFETY: AVX is available wherever a `Ymm` exists (type invariant).
+                Ymm(unsafe { $intr(self.0, rhs.0) })
             }
         }
     };
@@ -34,41 +55,43 @@ binop!(Sub, sub, _mm256_sub_ps);
 binop!(Mul, mul, _mm256_mul_ps);
 binop!(Div, div, _mm256_div_ps);
 
-impl Neg for Avx2 {
-    type Output = Avx2;
+impl Neg for Ymm {
+    type Output = Ymm;
     #[inline(always)]
-    fn neg(self) -> Avx2 {
-        // SAFETY: AVX is available wherever an `Avx2` exists (type invariant). Flipping the sign
+    fn neg(self) -> Ymm {
+        // SAFETY: AVX is available wherever a `Ymm` exists (type invariant). Flipping the sign
         // bit is exactly what scalar `-x` does, zeros and NaNs included.
-        Avx2(unsafe { _mm256_xor_ps(self.0, _mm256_set1_ps(-0.0)) })
+        Ymm(unsafe { _mm256_xor_ps(self.0, _mm256_set1_ps(-0.0)) })
     }
 }
 
-impl Lane for Avx2 {
+impl Lane for Ymm {
     const WIDTH: usize = 8;
     #[inline(always)]
     fn splat(x: f32) -> Self {
-        // SAFETY: only called inside `run` (type invariant).
-        Avx2(unsafe { _mm256_set1_ps(x) })
+        // SAFETY: only instantiated inside `update_span`, which holds an `Avx2` token.
+        Ymm(unsafe { _mm256_set1_ps(x) })
     }
     #[inline(always)]
     fn sqrt(self) -> Self {
         // SAFETY: type invariant. `vsqrtps` is correctly rounded, like `f32::sqrt`.
-        Avx2(unsafe { _mm256_sqrt_ps(self.0) })
+        Ymm(unsafe { _mm256_sqrt_ps(self.0) })
     }
     #[inline(always)]
     fn max(self, other: Self) -> Self {
         // SAFETY: type invariant. `vmaxps a, b` is `a > b ? a : b` lane-wise, as `Lane::max`.
-        Avx2(unsafe { _mm256_max_ps(self.0, other.0) })
+        Ymm(unsafe { _mm256_max_ps(self.0, other.0) })
     }
     #[inline(always)]
     unsafe fn load(p: *const f32) -> Self {
-        // SAFETY: the caller guarantees 8 readable elements; `loadu` needs no alignment.
-        Avx2(unsafe { _mm256_loadu_ps(p) })
+        // SAFETY: type invariant for AVX; the caller guarantees 8 readable elements, and `loadu`
+        // needs no alignment.
+        Ymm(unsafe { _mm256_loadu_ps(p) })
     }
     #[inline(always)]
     unsafe fn store(self, p: *mut f32) {
-        // SAFETY: the caller guarantees 8 writable elements; `storeu` needs no alignment.
+        // SAFETY: type invariant for AVX; the caller guarantees 8 writable elements, and
+        // `storeu` needs no alignment.
         unsafe { _mm256_storeu_ps(p, self.0) }
     }
     #[inline(always)]
@@ -78,19 +101,34 @@ impl Lane for Avx2 {
     }
 }
 
+/// Runs kernel `k` over `span` with AVX2.
+///
 /// # Safety
-/// The pointer contract of [`chunk`], and the CPU must support AVX2 and FMA.
+/// The pointer contract of [`span_loop`].
+#[inline]
+pub(super) unsafe fn update_span<K: Kernel<N>, const N: usize>(_: Avx2, k: &K, span: Span<N>) {
+    // SAFETY: the token proves AVX2 and FMA; the pointer contract is forwarded.
+    unsafe { update_span_avx2(k, span) }
+}
+
+/// # Safety
+/// The pointer contract of [`span_loop`], and the CPU must support AVX2 and FMA.
 #[target_feature(enable = "avx2,fma")]
-pub(super) unsafe fn run<K: Kernel<N>, const N: usize>(k: &K, run: Run<N>) {
+unsafe fn update_span_avx2<K: Kernel<N>, const N: usize>(k: &K, span: Span<N>) {
     // SAFETY: forwarded from the caller; AVX2 is enabled for this function's body.
-    unsafe { chunk::<K, Avx2, N>(k, run) }
+    unsafe { span_loop::<K, Ymm, N>(k, span) }
 }
 
 /// [`sum_squares_body`] compiled for AVX2.
-///
+#[inline]
+pub(super) fn sum_squares(_: Avx2, g: &[f32]) -> f64 {
+    // SAFETY: the token proves AVX2 and FMA.
+    unsafe { sum_squares_avx2(g) }
+}
+
 /// # Safety
 /// The CPU must support AVX2 and FMA.
 #[target_feature(enable = "avx2,fma")]
-pub(super) unsafe fn sum_squares(g: &[f32]) -> f64 {
+unsafe fn sum_squares_avx2(g: &[f32]) -> f64 {
     sum_squares_body(g)
 }

@@ -1,138 +1,57 @@
-//! Shared helpers for the integration tests: a seeded generator, optimizer construction by kind,
+//! Shared helpers for the integration tests: optimizer configurations, a seeded generator,
 //! thread pools, and plain reference implementations written from the update rules alone
 //! (independently of the crate's kernels).
 #![allow(dead_code)]
 
 use fusedopt::*;
 
-/// Every optimizer kind, for tests that sweep all six.
-pub const KINDS: [Kind; 6] = [
-    Kind::Sgd,
-    Kind::Momentum,
-    Kind::Nag,
-    Kind::AdaGrad,
-    Kind::RmsProp,
-    Kind::Adam,
-];
-
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Kind {
-    Sgd,
-    Momentum,
-    Nag,
-    AdaGrad,
-    RmsProp,
-    Adam,
+/// The default configuration of every optimizer, for tests that sweep all six.
+pub fn configs() -> Vec<OptimizerConfig> {
+    OPTIMIZER_NAMES
+        .iter()
+        .map(|name| OptimizerConfig::default_for(name).unwrap())
+        .collect()
 }
 
-/// Hyperparameters in one bag; each optimizer reads the ones it has.
-#[derive(Debug, Clone, Copy)]
-pub struct Hp {
-    pub lr: f32,
-    pub momentum: f32,
-    pub decay: f32,
-    pub beta1: f32,
-    pub beta2: f32,
-    pub eps: f32,
-    pub weight_decay: f32,
-    pub maximize: bool,
-    /// Adam only: AdamW's decoupled weight decay.
-    pub decoupled: bool,
-    /// Adam only.
-    pub amsgrad: bool,
-    /// Adam only: `EpsMode::PyTorch`.
-    pub torch_eps: bool,
+/// A configuration of the same optimizer far from the defaults.
+pub fn unusual(config: OptimizerConfig) -> OptimizerConfig {
+    with(
+        config,
+        match config.name() {
+            "sgd" => "lr=0.037",
+            "momentum" | "nag" => "lr=0.037,momentum=0.5",
+            "adagrad" => "lr=0.037,eps=1e-3",
+            "rmsprop" => "lr=0.037,decay_rate=0.7,eps=1e-3",
+            "adam" => "lr=0.037,beta1=0.8,beta2=0.95,eps=1e-3",
+            other => panic!("no unusual configuration for {other}"),
+        },
+    )
 }
 
-impl Hp {
-    /// The documented defaults of `kind`.
-    pub fn defaults(kind: Kind) -> Hp {
-        Hp {
-            lr: if kind == Kind::Adam { 0.001 } else { 0.01 },
-            momentum: 0.9,
-            decay: 0.9,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-7,
-            weight_decay: 0.0,
-            maximize: false,
-            decoupled: false,
-            amsgrad: false,
-            torch_eps: false,
-        }
+/// `config` with the `field=value,...` overrides applied (the syntax of `OptimizerConfig`).
+pub fn with(mut config: OptimizerConfig, overrides: &str) -> OptimizerConfig {
+    for item in overrides.split(',').filter(|i| !i.is_empty()) {
+        let (field, value) = item.split_once('=').unwrap();
+        config
+            .set(field, value)
+            .unwrap_or_else(|e| panic!("{config}: {e}"));
     }
-
-    /// A non-default set, far from the defaults.
-    pub fn unusual() -> Hp {
-        Hp {
-            lr: 0.037,
-            momentum: 0.5,
-            decay: 0.7,
-            beta1: 0.8,
-            beta2: 0.95,
-            eps: 1e-3,
-            weight_decay: 0.0,
-            maximize: false,
-            decoupled: false,
-            amsgrad: false,
-            torch_eps: false,
-        }
-    }
+    config
 }
 
-pub fn make(kind: Kind, hp: Hp) -> Box<dyn Optimizer> {
-    let (lr, weight_decay, maximize) = (hp.lr, hp.weight_decay, hp.maximize);
-    match kind {
-        Kind::Sgd => Box::new(Sgd::new(SgdConfig {
-            lr,
-            weight_decay,
-            maximize,
-        })),
-        Kind::Momentum => Box::new(Momentum::new(MomentumConfig {
-            lr,
-            momentum: hp.momentum,
-            weight_decay,
-            maximize,
-        })),
-        Kind::Nag => Box::new(Nag::new(NagConfig {
-            lr,
-            momentum: hp.momentum,
-            weight_decay,
-            maximize,
-        })),
-        Kind::AdaGrad => Box::new(AdaGrad::new(AdaGradConfig {
-            lr,
-            eps: hp.eps,
-            weight_decay,
-            maximize,
-        })),
-        Kind::RmsProp => Box::new(RmsProp::new(RmsPropConfig {
-            lr,
-            decay_rate: hp.decay,
-            eps: hp.eps,
-            weight_decay,
-            maximize,
-        })),
-        Kind::Adam => Box::new(Adam::new(AdamConfig {
-            lr,
-            beta1: hp.beta1,
-            beta2: hp.beta2,
-            eps: hp.eps,
-            weight_decay,
-            maximize,
-            decoupled_weight_decay: hp.decoupled,
-            amsgrad: hp.amsgrad,
-            eps_mode: if hp.torch_eps {
-                EpsMode::PyTorch
-            } else {
-                EpsMode::Seed
-            },
-        })),
-    }
+/// The learning rate of `config`.
+pub fn lr_of(config: &OptimizerConfig) -> f32 {
+    config.build().lr()
 }
 
-pub fn make_default(kind: Kind) -> Box<dyn Optimizer> {
-    make(kind, Hp::defaults(kind))
+/// The weight decay of `config`.
+pub fn weight_decay_of(config: &OptimizerConfig) -> f32 {
+    let (_, text) = config
+        .fields()
+        .into_iter()
+        .find(|(f, _)| *f == "weight_decay")
+        .unwrap();
+    text.parse().unwrap()
 }
 
 /// splitmix64: a tiny seeded generator, so tests need no extra crate.
@@ -184,8 +103,7 @@ pub fn assert_same(a: &[f32], b: &[f32], what: &str) {
 /// A plain reference optimizer in a float type `F` (f32 or f64), written from the update rules.
 /// Per-step scalars are computed in f64 and converted to `F` once, as the rules prescribe.
 pub struct Reference<F> {
-    pub kind: Kind,
-    pub hp: Hp,
+    pub config: OptimizerConfig,
     pub t: u64,
     pub s1: Vec<F>,
     pub s2: Vec<F>,
@@ -237,11 +155,10 @@ impl Float for f64 {
 }
 
 impl<F: Float> Reference<F> {
-    pub fn new(kind: Kind, hp: Hp, n: usize) -> Self {
+    pub fn new(config: OptimizerConfig, n: usize) -> Self {
         let zero = F::from64(0.0);
         Reference {
-            kind,
-            hp,
+            config,
             t: 0,
             s1: vec![zero; n],
             s2: vec![zero; n],
@@ -250,77 +167,96 @@ impl<F: Float> Reference<F> {
     }
 
     pub fn step(&mut self, w: &mut [F], g: &[F]) {
-        let hp = self.hp;
         let c = |x: f32| F::from64(x as f64);
-        let (lr, mu, eps) = (c(hp.lr), c(hp.momentum), c(hp.eps));
         self.t += 1;
         let t = self.t as f64;
-        let (b1, b2) = (hp.beta1 as f64, hp.beta2 as f64);
-        let lr_t = F::from64(hp.lr as f64 * (1.0 - b2.powf(t)).sqrt() / (1.0 - b1.powf(t)));
-        let one_minus_b1 = F::from64(1.0 - b1);
-        let one_minus_b2 = F::from64(1.0 - b2);
-        let rho = c(hp.decay);
-        let one_minus_rho = F::from64(1.0 - hp.decay as f64);
-        let wd = c(hp.weight_decay);
-        let adamw = self.kind == Kind::Adam && hp.decoupled;
-        let w_decay = F::from64(1.0 - hp.lr as f64 * hp.weight_decay as f64);
-        let bc1 = 1.0 - b1.powf(t);
-        let bc2_sqrt = (1.0 - b2.powf(t)).sqrt();
-        for i in 0..w.len() {
-            // Gradient transforms: negate, then the L2 term (skipped at 0, as documented).
-            let mut gi = g[i];
-            if hp.maximize {
-                gi = gi.neg();
+        // The gradient transforms: negate, then the L2 term (skipped at 0, as documented).
+        let prep = |gi: F, wi: F, maximize: bool, l2: f32| {
+            let gi = if maximize { gi.neg() } else { gi };
+            if l2 != 0.0 { gi + c(l2) * wi } else { gi }
+        };
+        let (s1, s2, s3) = (&mut self.s1, &mut self.s2, &mut self.s3);
+        match self.config {
+            OptimizerConfig::Sgd(h) => {
+                for i in 0..w.len() {
+                    let gi = prep(g[i], w[i], h.maximize, h.weight_decay);
+                    w[i] = w[i] - c(h.lr) * gi;
+                }
             }
-            if hp.weight_decay != 0.0 && !adamw {
-                gi = gi + wd * w[i];
-            }
-            if adamw && hp.weight_decay != 0.0 {
-                w[i] = w[i] * w_decay;
-            }
-            match self.kind {
-                Kind::Sgd => w[i] = w[i] - lr * gi,
-                Kind::Momentum => {
-                    let v = mu * self.s1[i] - lr * gi;
-                    self.s1[i] = v;
+            OptimizerConfig::Momentum(h) => {
+                for i in 0..w.len() {
+                    let gi = prep(g[i], w[i], h.maximize, h.weight_decay);
+                    let v = c(h.momentum) * s1[i] - c(h.lr) * gi;
+                    s1[i] = v;
                     w[i] = w[i] + v;
                 }
-                Kind::Nag => {
-                    let v = mu * self.s1[i] - lr * gi;
-                    self.s1[i] = v;
-                    w[i] = w[i] + mu * v - lr * gi;
+            }
+            OptimizerConfig::Nag(h) => {
+                for i in 0..w.len() {
+                    let gi = prep(g[i], w[i], h.maximize, h.weight_decay);
+                    let v = c(h.momentum) * s1[i] - c(h.lr) * gi;
+                    s1[i] = v;
+                    w[i] = w[i] + c(h.momentum) * v - c(h.lr) * gi;
                 }
-                Kind::AdaGrad => {
-                    let h = self.s1[i] + gi * gi;
-                    self.s1[i] = h;
-                    w[i] = w[i] - lr * gi / (h.sqrt() + eps);
+            }
+            OptimizerConfig::AdaGrad(h) => {
+                for i in 0..w.len() {
+                    let gi = prep(g[i], w[i], h.maximize, h.weight_decay);
+                    let hi = s1[i] + gi * gi;
+                    s1[i] = hi;
+                    w[i] = w[i] - c(h.lr) * gi / (hi.sqrt() + c(h.eps));
                 }
-                Kind::RmsProp => {
-                    let h = rho * self.s1[i] + one_minus_rho * (gi * gi);
-                    self.s1[i] = h;
-                    w[i] = w[i] - lr * gi / (h.sqrt() + eps);
+            }
+            OptimizerConfig::RmsProp(h) => {
+                let rho = c(h.decay_rate);
+                let one_minus_rho = F::from64(1.0 - h.decay_rate as f64);
+                for i in 0..w.len() {
+                    let gi = prep(g[i], w[i], h.maximize, h.weight_decay);
+                    let hi = rho * s1[i] + one_minus_rho * (gi * gi);
+                    s1[i] = hi;
+                    w[i] = w[i] - c(h.lr) * gi / (hi.sqrt() + c(h.eps));
                 }
-                Kind::Adam => {
-                    let m = self.s1[i] + one_minus_b1 * (gi - self.s1[i]);
-                    let v = self.s2[i] + one_minus_b2 * (gi * gi - self.s2[i]);
-                    self.s1[i] = m;
-                    self.s2[i] = v;
-                    let mut v_used = v;
-                    if hp.amsgrad {
-                        // max(v_max, v), a NaN in v winning.
-                        if !self.s3[i].gt(v) {
-                            self.s3[i] = v;
-                        }
-                        v_used = self.s3[i];
+            }
+            OptimizerConfig::Adam(h) => {
+                let (b1, b2) = (h.beta1 as f64, h.beta2 as f64);
+                let lr_t = F::from64(h.lr as f64 * (1.0 - b2.powf(t)).sqrt() / (1.0 - b1.powf(t)));
+                let one_minus_b1 = F::from64(1.0 - b1);
+                let one_minus_b2 = F::from64(1.0 - b2);
+                let bc1 = 1.0 - b1.powf(t);
+                let bc2_sqrt = (1.0 - b2.powf(t)).sqrt();
+                let adamw = h.decoupled_weight_decay && h.weight_decay != 0.0;
+                let w_decay = F::from64(1.0 - h.lr as f64 * h.weight_decay as f64);
+                let l2 = if h.decoupled_weight_decay {
+                    0.0
+                } else {
+                    h.weight_decay
+                };
+                for i in 0..w.len() {
+                    let gi = prep(g[i], w[i], h.maximize, l2);
+                    if adamw {
+                        w[i] = w[i] * w_decay;
                     }
-                    if hp.torch_eps {
-                        let denom = v_used.sqrt() / F::from64(bc2_sqrt) + eps;
-                        w[i] = w[i] - F::from64(hp.lr as f64 / bc1) * (m / denom);
+                    let m = s1[i] + one_minus_b1 * (gi - s1[i]);
+                    let v = s2[i] + one_minus_b2 * (gi * gi - s2[i]);
+                    s1[i] = m;
+                    s2[i] = v;
+                    let mut v_used = v;
+                    if h.amsgrad {
+                        // max(v_max, v), a NaN in v winning.
+                        if !s3[i].gt(v) {
+                            s3[i] = v;
+                        }
+                        v_used = s3[i];
+                    }
+                    if h.eps_mode == EpsMode::SqrtVHat {
+                        let denom = v_used.sqrt() / F::from64(bc2_sqrt) + c(h.eps);
+                        w[i] = w[i] - F::from64(h.lr as f64 / bc1) * (m / denom);
                     } else {
-                        w[i] = w[i] - lr_t * m / (v_used.sqrt() + eps);
+                        w[i] = w[i] - lr_t * m / (v_used.sqrt() + c(h.eps));
                     }
                 }
             }
+            other => panic!("no reference for {other}"),
         }
     }
 }

@@ -1,0 +1,465 @@
+//! [`OptimizerConfig`]: any optimizer's configuration as one value, chosen by name at run time,
+//! parsed from `"adam:lr=3e-4,beta2=0.95"` strings. Imports [`crate::optimizer`],
+//! [`crate::optim`] and [`crate::types`].
+
+use crate::optim::adagrad::AdaGradConfig;
+use crate::optim::adam::AdamConfig;
+use crate::optim::momentum::{MomentumConfig, NagConfig};
+use crate::optim::rmsprop::RmsPropConfig;
+use crate::optim::sgd::SgdConfig;
+use crate::optim::{FieldError, Fused, Rule, field_texts, set_field};
+use crate::optimizer::Optimizer;
+use crate::types::StepError;
+use core::fmt;
+use core::str::FromStr;
+
+/// The names of the six optimizers, as [`Optimizer::name`] returns them.
+pub const OPTIMIZER_NAMES: [&str; 6] = ["sgd", "momentum", "nag", "adagrad", "rmsprop", "adam"];
+
+/// The configuration of any of the six optimizers: what a trainer, a command line or a config
+/// file chooses at run time, before [`build`](OptimizerConfig::build)ing the optimizer.
+///
+/// It parses from a name with optional overrides of its fields, `name[:field=value,...]`:
+///
+/// ```
+/// use fusedopt::{AdamConfig, OptimizerConfig};
+/// let config: OptimizerConfig = "adam:lr=3e-4,beta2=0.95,weight_decay=0.1".parse()?;
+/// assert_eq!(
+///     config,
+///     OptimizerConfig::Adam(AdamConfig { lr: 3e-4, beta2: 0.95, weight_decay: 0.1, ..Default::default() })
+/// );
+/// let mut opt = config.build();
+/// assert_eq!(opt.name(), "adam");
+/// let mut w = vec![1.0f32; 8];
+/// opt.step(&mut w, &[0.5; 8])?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+///
+/// The names are those of [`OPTIMIZER_NAMES`], plus `adamw` for Adam with
+/// [`AdamConfig::adamw`]'s defaults. The fields are those of each configuration type, by their
+/// Rust names: numbers as Rust or Python write them, booleans as `true`/`false`, and
+/// [`EpsMode`](crate::EpsMode) as `sqrt_v` or `sqrt_v_hat` (`seed` and `pytorch` also read).
+/// Unset fields keep their defaults. [`Display`](fmt::Display) writes every field, in a form
+/// that parses back to the same value.
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
+pub enum OptimizerConfig {
+    /// [`Sgd`](crate::Sgd).
+    Sgd(SgdConfig),
+    /// [`Momentum`](crate::Momentum).
+    Momentum(MomentumConfig),
+    /// [`Nag`](crate::Nag).
+    Nag(NagConfig),
+    /// [`AdaGrad`](crate::AdaGrad).
+    AdaGrad(AdaGradConfig),
+    /// [`RmsProp`](crate::RmsProp).
+    RmsProp(RmsPropConfig),
+    /// [`Adam`](crate::Adam), AdamW included.
+    Adam(AdamConfig),
+}
+
+/// Runs `$body` with `$c` bound to the configuration inside any variant of `$value`.
+macro_rules! with_rule {
+    ($value:expr, $c:ident => $body:expr) => {
+        match $value {
+            OptimizerConfig::Sgd($c) => $body,
+            OptimizerConfig::Momentum($c) => $body,
+            OptimizerConfig::Nag($c) => $body,
+            OptimizerConfig::AdaGrad($c) => $body,
+            OptimizerConfig::RmsProp($c) => $body,
+            OptimizerConfig::Adam($c) => $body,
+        }
+    };
+}
+
+/// `R`'s name.
+fn name_of<R: Rule>(_: &R) -> &'static str {
+    R::NAME
+}
+
+/// An optimizer of rule `R`, boxed.
+fn boxed<R: Rule>(config: R) -> Box<dyn Optimizer> {
+    Box::new(Fused::new(config))
+}
+
+impl OptimizerConfig {
+    /// The optimizer's [`name`](Optimizer::name): `"adam"`, `"sgd"`, ...
+    ///
+    /// ```
+    /// use fusedopt::{OptimizerConfig, SgdConfig};
+    /// assert_eq!(OptimizerConfig::Sgd(SgdConfig::default()).name(), "sgd");
+    /// assert_eq!("adamw".parse::<OptimizerConfig>().unwrap().name(), "adam");
+    /// ```
+    pub fn name(&self) -> &'static str {
+        with_rule!(self, c => name_of(c))
+    }
+
+    /// The optimizer with this configuration.
+    ///
+    /// ```
+    /// use fusedopt::{OPTIMIZER_NAMES, OptimizerConfig};
+    /// for name in OPTIMIZER_NAMES {
+    ///     let opt = name.parse::<OptimizerConfig>().unwrap().build();
+    ///     assert_eq!((opt.name(), opt.steps()), (name, 0));
+    /// }
+    /// ```
+    pub fn build(self) -> Box<dyn Optimizer> {
+        with_rule!(self, c => boxed(c))
+    }
+
+    /// The default configuration of the optimizer called `name` (one of [`OPTIMIZER_NAMES`], or
+    /// `adamw` for [`AdamConfig::adamw`]); `None` for another name.
+    ///
+    /// ```
+    /// use fusedopt::{AdamConfig, OptimizerConfig};
+    /// assert_eq!(OptimizerConfig::default_for("adamw"), Some(OptimizerConfig::Adam(AdamConfig::adamw())));
+    /// assert_eq!(OptimizerConfig::default_for("lion"), None);
+    /// ```
+    pub fn default_for(name: &str) -> Option<OptimizerConfig> {
+        Some(match name {
+            "sgd" => OptimizerConfig::Sgd(SgdConfig::default()),
+            "momentum" => OptimizerConfig::Momentum(MomentumConfig::default()),
+            "nag" => OptimizerConfig::Nag(NagConfig::default()),
+            "adagrad" => OptimizerConfig::AdaGrad(AdaGradConfig::default()),
+            "rmsprop" => OptimizerConfig::RmsProp(RmsPropConfig::default()),
+            "adam" => OptimizerConfig::Adam(AdamConfig::default()),
+            "adamw" => OptimizerConfig::Adam(AdamConfig::adamw()),
+            _ => return None,
+        })
+    }
+
+    /// Sets the field called `field` from its text form, as in a configuration string.
+    ///
+    /// ```
+    /// use fusedopt::{OptimizerConfig, RmsPropConfig};
+    /// let mut config = OptimizerConfig::RmsProp(RmsPropConfig::default());
+    /// config.set("decay_rate", "0.99")?;
+    /// assert_eq!(config, OptimizerConfig::RmsProp(RmsPropConfig { decay_rate: 0.99, ..Default::default() }));
+    /// assert!(config.set("beta1", "0.9").is_err()); // RMSProp has no beta1
+    /// # Ok::<(), fusedopt::ParseConfigError>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`ParseConfigError::UnknownField`] if the optimizer has no such field,
+    /// [`ParseConfigError::Value`] if `value` is not a value of it (the configuration is then
+    /// unchanged). Ranges are checked by [`validate`](OptimizerConfig::validate).
+    pub fn set(&mut self, field: &str, value: &str) -> Result<(), ParseConfigError> {
+        let optimizer = self.name();
+        let mut copy = *self;
+        with_rule!(&mut copy, c => set_field(c, field, value)).map_err(|e| match e {
+            FieldError::Unknown => ParseConfigError::UnknownField {
+                optimizer,
+                field: field.to_string(),
+                fields: self.fields().into_iter().map(|(f, _)| f).collect(),
+            },
+            FieldError::Value(expected) => ParseConfigError::Value {
+                optimizer,
+                field: field.to_string(),
+                value: value.to_string(),
+                expected,
+            },
+        })?;
+        *self = copy;
+        Ok(())
+    }
+
+    /// Every field with its text form, in the configuration type's order.
+    ///
+    /// ```
+    /// use fusedopt::{OptimizerConfig, SgdConfig};
+    /// let fields = OptimizerConfig::Sgd(SgdConfig::default()).fields();
+    /// assert_eq!(fields[0], ("lr", "0.01".to_string()));
+    /// ```
+    pub fn fields(&self) -> Vec<(&'static str, String)> {
+        with_rule!(self, c => field_texts(c))
+    }
+
+    /// Checks every hyperparameter's range, as the configuration type's `validate` does.
+    ///
+    /// ```
+    /// use fusedopt::{MomentumConfig, OptimizerConfig};
+    /// assert!(OptimizerConfig::Momentum(MomentumConfig { momentum: 2.0, ..Default::default() }).validate().is_err());
+    /// ```
+    ///
+    /// # Errors
+    /// [`StepError::InvalidConfig`] naming the first field out of range.
+    pub fn validate(&self) -> Result<(), StepError> {
+        with_rule!(self, c => c.validate())
+    }
+}
+
+impl FromStr for OptimizerConfig {
+    type Err = ParseConfigError;
+
+    /// Parses `name[:field=value,...]`; the result is [`validate`](OptimizerConfig::validate)d.
+    ///
+    /// ```
+    /// use fusedopt::{OptimizerConfig, ParseConfigError};
+    /// assert!("nag:momentum=0.8".parse::<OptimizerConfig>().is_ok());
+    /// let err = "lion".parse::<OptimizerConfig>().unwrap_err();
+    /// assert!(matches!(err, ParseConfigError::UnknownOptimizer { .. }));
+    /// let err = "adam:beta3=0.5".parse::<OptimizerConfig>().unwrap_err();
+    /// assert!(err.to_string().contains("beta3"), "{err}");
+    /// let err = "adam:beta1=1.5".parse::<OptimizerConfig>().unwrap_err();
+    /// assert_eq!(err.to_string(), "adam: beta1 = 1.5 is invalid, expected in [0, 1)");
+    /// ```
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (name, overrides) = s.split_once(':').unwrap_or((s, ""));
+        let name = name.trim();
+        let mut config = OptimizerConfig::default_for(name).ok_or_else(|| {
+            ParseConfigError::UnknownOptimizer {
+                name: name.to_string(),
+            }
+        })?;
+        let mut seen: Vec<&str> = Vec::new();
+        for item in overrides
+            .split(',')
+            .map(str::trim)
+            .filter(|i| !i.is_empty())
+        {
+            let (field, value) = item
+                .split_once('=')
+                .ok_or_else(|| ParseConfigError::Syntax {
+                    item: item.to_string(),
+                })?;
+            let field = field.trim();
+            if seen.contains(&field) {
+                return Err(ParseConfigError::Duplicate {
+                    optimizer: config.name(),
+                    field: field.to_string(),
+                });
+            }
+            seen.push(field);
+            config.set(field, value)?;
+        }
+        config.validate().map_err(ParseConfigError::Invalid)?;
+        Ok(config)
+    }
+}
+
+impl fmt::Display for OptimizerConfig {
+    /// `name:field=value,...` with every field, parseable by [`FromStr`].
+    ///
+    /// ```
+    /// use fusedopt::{AdamConfig, OptimizerConfig};
+    /// let config = OptimizerConfig::Adam(AdamConfig::adamw());
+    /// let text = config.to_string();
+    /// assert!(text.starts_with("adam:lr=0.001,beta1=0.9,"), "{text}");
+    /// assert_eq!(text.parse::<OptimizerConfig>().unwrap(), config);
+    /// ```
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())?;
+        for (i, (field, value)) in self.fields().into_iter().enumerate() {
+            write!(f, "{}{field}={value}", if i == 0 { ':' } else { ',' })?;
+        }
+        Ok(())
+    }
+}
+
+macro_rules! from_config {
+    ($($variant:ident($ty:ty)),*) => {$(
+        impl From<$ty> for OptimizerConfig {
+            fn from(config: $ty) -> Self {
+                OptimizerConfig::$variant(config)
+            }
+        }
+    )*};
+}
+from_config!(
+    Sgd(SgdConfig),
+    Momentum(MomentumConfig),
+    Nag(NagConfig),
+    AdaGrad(AdaGradConfig),
+    RmsProp(RmsPropConfig),
+    Adam(AdamConfig)
+);
+
+/// Why a configuration string could not be read ([`OptimizerConfig`]'s `FromStr`, and
+/// [`OptimizerConfig::set`]).
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum ParseConfigError {
+    /// No optimizer has this name.
+    UnknownOptimizer {
+        /// The name given.
+        name: String,
+    },
+    /// An override is not `field=value`.
+    Syntax {
+        /// The override as given.
+        item: String,
+    },
+    /// The optimizer has no field of this name.
+    UnknownField {
+        /// The optimizer.
+        optimizer: &'static str,
+        /// The field given.
+        field: String,
+        /// The fields it has.
+        fields: Vec<&'static str>,
+    },
+    /// A field is given twice.
+    Duplicate {
+        /// The optimizer.
+        optimizer: &'static str,
+        /// The field.
+        field: String,
+    },
+    /// A value is not of the field's type.
+    Value {
+        /// The optimizer.
+        optimizer: &'static str,
+        /// The field.
+        field: String,
+        /// The value given.
+        value: String,
+        /// What the field takes, for example `"a number"`.
+        expected: &'static str,
+    },
+    /// A value is out of the field's range ([`StepError::InvalidConfig`]).
+    Invalid(StepError),
+}
+
+impl fmt::Display for ParseConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ParseConfigError::UnknownOptimizer { name } => write!(
+                f,
+                "unknown optimizer {name:?}: expected one of {}, adamw",
+                OPTIMIZER_NAMES.join(", ")
+            ),
+            ParseConfigError::Syntax { item } => {
+                write!(f, "expected `field=value`, found {item:?}")
+            }
+            ParseConfigError::UnknownField {
+                optimizer,
+                field,
+                fields,
+            } => write!(
+                f,
+                "{optimizer} has no field {field:?}: its fields are {}",
+                fields.join(", ")
+            ),
+            ParseConfigError::Duplicate { optimizer, field } => {
+                write!(f, "{optimizer}: {field} is given twice")
+            }
+            ParseConfigError::Value {
+                optimizer,
+                field,
+                value,
+                expected,
+            } => write!(f, "{optimizer}: {field} = {value:?} is not {expected}"),
+            ParseConfigError::Invalid(e) => e.fmt(f),
+        }
+    }
+}
+
+impl std::error::Error for ParseConfigError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            ParseConfigError::Invalid(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+/// Builds an optimizer from its [`Optimizer::name`] (or any configuration string
+/// [`OptimizerConfig`] parses), for command-line trainers and benchmarks. `None` for a string it
+/// does not parse; [`OptimizerConfig`]'s `FromStr` says why.
+///
+/// ```
+/// use fusedopt::{OPTIMIZER_NAMES, optimizer_by_name};
+/// for name in OPTIMIZER_NAMES {
+///     assert_eq!(optimizer_by_name(name).unwrap().name(), name);
+/// }
+/// assert!(optimizer_by_name("lion").is_none());
+/// ```
+pub fn optimizer_by_name(name: &str) -> Option<Box<dyn Optimizer>> {
+    name.parse::<OptimizerConfig>()
+        .ok()
+        .map(OptimizerConfig::build)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_default_round_trips_through_its_text() {
+        for name in OPTIMIZER_NAMES.into_iter().chain(["adamw"]) {
+            let config = OptimizerConfig::default_for(name).unwrap();
+            let text = config.to_string();
+            assert_eq!(text.parse::<OptimizerConfig>(), Ok(config), "{text}");
+        }
+    }
+
+    #[test]
+    fn odd_values_round_trip_exactly() {
+        let config = OptimizerConfig::Adam(AdamConfig {
+            lr: 1.0 / 3.0,
+            beta2: 0.95,
+            eps: f32::MIN_POSITIVE,
+            amsgrad: true,
+            eps_mode: crate::EpsMode::SqrtVHat,
+            ..Default::default()
+        });
+        assert_eq!(config.to_string().parse::<OptimizerConfig>(), Ok(config));
+    }
+
+    #[test]
+    fn errors_name_what_is_wrong() {
+        let err = |s: &str| s.parse::<OptimizerConfig>().unwrap_err();
+        assert_eq!(
+            err("lion:lr=1"),
+            ParseConfigError::UnknownOptimizer {
+                name: "lion".into()
+            }
+        );
+        assert!(matches!(err("adam:lr"), ParseConfigError::Syntax { item } if item == "lr"));
+        assert!(
+            matches!(err("sgd:momentum=0.9"), ParseConfigError::UnknownField { optimizer: "sgd", field, .. } if field == "momentum")
+        );
+        assert!(
+            matches!(err("adam:lr=1e-3,lr=2e-3"), ParseConfigError::Duplicate { field, .. } if field == "lr")
+        );
+        assert!(
+            matches!(err("adam:amsgrad=yes"), ParseConfigError::Value { field, expected: "true or false", .. } if field == "amsgrad")
+        );
+        assert!(matches!(
+            err("rmsprop:decay_rate=2"),
+            ParseConfigError::Invalid(StepError::InvalidConfig {
+                field: "decay_rate",
+                ..
+            })
+        ));
+        let message = err("sgd:beta1=0.9").to_string();
+        assert!(
+            message.contains("beta1") && message.contains("lr, weight_decay, maximize"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn spaces_and_an_empty_override_list_are_fine() {
+        let config: OptimizerConfig = " momentum : lr = 0.5 , momentum=0.5 ".parse().unwrap();
+        assert_eq!(
+            config,
+            OptimizerConfig::Momentum(MomentumConfig {
+                lr: 0.5,
+                momentum: 0.5,
+                ..Default::default()
+            })
+        );
+        assert_eq!(
+            "sgd:".parse::<OptimizerConfig>(),
+            Ok(OptimizerConfig::Sgd(SgdConfig::default()))
+        );
+    }
+
+    #[test]
+    fn a_failed_set_changes_nothing() {
+        let mut config = OptimizerConfig::default_for("adam").unwrap();
+        assert!(config.set("beta1", "lots").is_err());
+        assert_eq!(config, OptimizerConfig::default_for("adam").unwrap());
+    }
+}

@@ -1,0 +1,68 @@
+//! What an optimizer holds besides its settings: the step count, the layout its first step fixed,
+//! and the 64-byte aligned state buffers sized to it. A plain value, which state files save and
+//! restore.
+
+use crate::plan::Layout;
+use crate::types::StepError;
+use aligned_vec::{AVec, ConstAlign};
+
+/// One state buffer: every tensor's slice, each starting on a 64-byte boundary.
+pub(crate) type StateBuf = AVec<f32, ConstAlign<64>>;
+
+/// An optimizer's state: step count, layout and state buffers (momentum, moments, ...).
+#[derive(Debug, Default)]
+pub(crate) struct State {
+    /// Steps applied.
+    pub steps: u64,
+    /// The layout, fixed by the first step; `None` before it.
+    pub layout: Option<Layout>,
+    /// The state buffers, each `layout.total()` long, padding zeroed.
+    pub buffers: Vec<StateBuf>,
+}
+
+impl State {
+    /// A state of `steps` steps with `buffers` zeroed buffers for `layout`.
+    ///
+    /// # Errors
+    /// [`StepError::OutOfMemory`] if a buffer cannot be allocated.
+    pub(crate) fn zeroed(layout: Layout, buffers: usize, steps: u64) -> Result<State, StepError> {
+        let buffers = (0..buffers)
+            .map(|_| zeroed_buffer(layout.total()))
+            .collect::<Result<_, _>>()?;
+        Ok(State {
+            steps,
+            layout: Some(layout),
+            buffers,
+        })
+    }
+
+    /// Tensor `t`'s slice of buffer `b`.
+    pub(crate) fn tensor(&self, b: usize, t: usize) -> &[f32] {
+        let layout = self
+            .layout
+            .as_ref()
+            .expect("buffers exist only with a layout");
+        &self.buffers[b][layout.range(t)]
+    }
+
+    /// Tensor `t`'s slice of buffer `b`, to fill.
+    pub(crate) fn tensor_mut(&mut self, b: usize, t: usize) -> &mut [f32] {
+        let layout = self
+            .layout
+            .as_ref()
+            .expect("buffers exist only with a layout");
+        &mut self.buffers[b][layout.range(t)]
+    }
+}
+
+/// A zeroed state buffer of `len` elements.
+///
+/// # Errors
+/// [`StepError::OutOfMemory`] if it cannot be allocated.
+pub(crate) fn zeroed_buffer(len: usize) -> Result<StateBuf, StepError> {
+    let mut buf = StateBuf::new(64);
+    buf.try_reserve_exact(len)
+        .map_err(|_| StepError::OutOfMemory { elements: len })?;
+    buf.resize(len, 0.0);
+    Ok(buf)
+}

@@ -1,0 +1,300 @@
+//! Plain values shared by every layer: errors, step reports, parameter groups and settings.
+//! Imports only [`crate::simd`].
+
+use crate::simd::{SimdLevel, Tier};
+use core::fmt;
+
+/// Which kernels a step runs.
+///
+/// Every choice computes bitwise identical results; they differ only in speed. The default is
+/// [`Backend::Simd`].
+///
+/// ```
+/// use fusedopt::{Adam, AdamConfig, Backend, Optimizer};
+/// let mut opt = Adam::new(AdamConfig::default());
+/// assert_eq!(opt.backend(), Backend::Simd);
+/// opt.set_backend(Backend::Scalar);
+/// assert_eq!(opt.backend(), Backend::Scalar);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Backend {
+    /// The plain scalar reference kernel, one element at a time.
+    Scalar,
+    /// The fastest SIMD tier of the running CPU ([`SimdLevel::detect`]).
+    #[default]
+    Simd,
+    /// A specific tier, for testing and benchmarking. A tier the CPU lacks falls back to the best
+    /// available tier below it (see [`Backend::level`]).
+    Level(SimdLevel),
+}
+
+/// What a successful step did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
+pub struct StepReport {
+    /// The optimizer's step count after this step (1 after the first step; unchanged by a skipped
+    /// step).
+    pub step: u64,
+    /// The step found a NaN or an infinity in a gradient under [`NonFinite::Skip`] and modified
+    /// nothing.
+    pub skipped: bool,
+    /// The global L2 norm of the unscaled gradients of the call, before clipping: present whenever
+    /// clipping ([`Optimizer::set_max_grad_norm`](crate::Optimizer::set_max_grad_norm)) or checking ([`Optimizer::set_non_finite`](crate::Optimizer::set_non_finite)) ran.
+    pub grad_norm: Option<f32>,
+}
+
+/// What a step does with a NaN or an infinity in a gradient ([`Optimizer::set_non_finite`](crate::Optimizer::set_non_finite)).
+///
+/// ```
+/// assert_eq!(fusedopt::NonFinite::default(), fusedopt::NonFinite::Propagate);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum NonFinite {
+    /// No check: IEEE arithmetic carries NaN and infinities into weights and state (the default,
+    /// and the fastest).
+    #[default]
+    Propagate,
+    /// Modify nothing and do not count the step; the report says `skipped` (for dynamic loss
+    /// scaling, where an overflowed step is dropped).
+    Skip,
+    /// Refuse the step with [`StepError::NonFiniteGrad`]; nothing is modified.
+    Error,
+}
+
+/// Per-tensor overrides of an optimizer's hyperparameters, for
+/// [`Optimizer::set_param_groups`](crate::Optimizer::set_param_groups): PyTorch's parameter groups, one entry per tensor.
+///
+/// ```
+/// use fusedopt::ParamGroup;
+/// assert_eq!(ParamGroup::default(), ParamGroup { lr_scale: 1.0, weight_decay: None });
+/// assert_eq!(ParamGroup::NO_WEIGHT_DECAY.weight_decay, Some(0.0));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ParamGroup {
+    /// Multiplies the configuration's `lr` for this tensor (default 1). Finite and `>= 0`. Follows
+    /// [`Optimizer::set_lr`](crate::Optimizer::set_lr), so a schedule drives every group.
+    pub lr_scale: f32,
+    /// Replaces the configuration's `weight_decay` for this tensor; `None` (the default) keeps it.
+    /// Finite and `>= 0`.
+    pub weight_decay: Option<f32>,
+}
+
+impl ParamGroup {
+    /// No override: the configuration's values.
+    pub const DEFAULT: ParamGroup = ParamGroup {
+        lr_scale: 1.0,
+        weight_decay: None,
+    };
+
+    /// The configuration's learning rate, without weight decay: the usual choice for biases and
+    /// normalisation weights.
+    pub const NO_WEIGHT_DECAY: ParamGroup = ParamGroup {
+        lr_scale: 1.0,
+        weight_decay: Some(0.0),
+    };
+}
+
+impl Default for ParamGroup {
+    fn default() -> Self {
+        ParamGroup::DEFAULT
+    }
+}
+
+/// Why a step was refused. A refused step modifies neither the weights nor the optimizer state.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum StepError {
+    /// A tensor's weights and gradients have different lengths.
+    LengthMismatch {
+        /// Position of the tensor in the call (0 for [`Optimizer::step`](crate::Optimizer::step)).
+        tensor: usize,
+        /// Number of weights.
+        weights: usize,
+        /// Number of gradients.
+        grads: usize,
+    },
+    /// The call passed another number of tensors than the optimizer state was created for.
+    TensorCount {
+        /// Number of tensors in the optimizer's layout.
+        expected: usize,
+        /// Number of tensors in this call.
+        found: usize,
+    },
+    /// A tensor's length differs from the one the optimizer state was created for.
+    TensorLen {
+        /// Position of the tensor in the call (0 for [`Optimizer::step`](crate::Optimizer::step)).
+        tensor: usize,
+        /// Length in the optimizer's layout.
+        expected: usize,
+        /// Length in this call.
+        found: usize,
+    },
+    /// A hyperparameter is out of its valid range.
+    InvalidConfig {
+        /// The optimizer, for example `"adam"`.
+        optimizer: &'static str,
+        /// The configuration field, for example `"beta1"`.
+        field: &'static str,
+        /// Its value.
+        value: f32,
+        /// The valid range, for example `"in [0, 1)"`.
+        expected: &'static str,
+    },
+    /// A per-tensor override of [`Optimizer::set_param_groups`](crate::Optimizer::set_param_groups) is out of range.
+    InvalidGroup {
+        /// Position of the tensor whose override is invalid.
+        tensor: usize,
+        /// The field, `"lr_scale"` or `"weight_decay"`.
+        field: &'static str,
+        /// Its value.
+        value: f32,
+        /// The valid range.
+        expected: &'static str,
+    },
+    /// The parameter groups set by [`Optimizer::set_param_groups`](crate::Optimizer::set_param_groups) cover another number of tensors
+    /// than the step (or the optimizer's layout) has.
+    GroupCount {
+        /// Number of per-tensor groups set.
+        groups: usize,
+        /// Number of tensors.
+        tensors: usize,
+    },
+    /// A gradient holds a NaN or an infinity, under [`NonFinite::Error`].
+    NonFiniteGrad {
+        /// Position of the first tensor with a non-finite gradient.
+        tensor: usize,
+    },
+    /// [`step_all`](crate::Fused::step_all) was given another number of gradient tensors than
+    /// weight tensors: a gradient is missing, or there is one too many.
+    GradCount {
+        /// Number of weight tensors.
+        weights: usize,
+        /// Number of gradient tensors.
+        grads: usize,
+    },
+    /// The optimizer state could not be allocated.
+    OutOfMemory {
+        /// Number of `f32` elements of the buffer that failed.
+        elements: usize,
+    },
+}
+
+impl fmt::Display for StepError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StepError::LengthMismatch {
+                tensor,
+                weights,
+                grads,
+            } => write!(
+                f,
+                "tensor {tensor}: weights have {weights} elements but grads have {grads}"
+            ),
+            StepError::TensorCount { expected, found } => write!(
+                f,
+                "optimizer state holds {expected} tensors but this step passed {found}"
+            ),
+            StepError::TensorLen {
+                tensor,
+                expected,
+                found,
+            } => write!(
+                f,
+                "tensor {tensor}: optimizer state holds {expected} elements but this step passed {found}"
+            ),
+            StepError::InvalidConfig {
+                optimizer,
+                field,
+                value,
+                expected,
+            } => {
+                write!(
+                    f,
+                    "{optimizer}: {field} = {value} is invalid, expected {expected}"
+                )
+            }
+            StepError::InvalidGroup {
+                tensor,
+                field,
+                value,
+                expected,
+            } => write!(
+                f,
+                "parameter group of tensor {tensor}: {field} = {value} is invalid, expected {expected}"
+            ),
+            StepError::GroupCount { groups, tensors } => write!(
+                f,
+                "parameter groups were set for {groups} tensors but there are {tensors}"
+            ),
+            StepError::NonFiniteGrad { tensor } => write!(
+                f,
+                "tensor {tensor}: the gradients hold a NaN or an infinity; nothing was modified"
+            ),
+            StepError::GradCount { weights, grads } => write!(
+                f,
+                "the step passed {weights} weight tensors but {grads} gradient tensors"
+            ),
+            StepError::OutOfMemory { elements } => {
+                write!(
+                    f,
+                    "could not allocate optimizer state of {elements} f32 elements"
+                )
+            }
+        }
+    }
+}
+
+impl std::error::Error for StepError {}
+
+impl Backend {
+    /// The tier this backend runs on here: `Scalar` for [`Backend::Scalar`], the best available
+    /// tier for [`Backend::Simd`], and for [`Backend::Level`] the requested tier or, where the CPU
+    /// lacks it, the best available one below it.
+    ///
+    /// ```
+    /// use fusedopt::{Backend, SimdLevel};
+    /// assert_eq!(Backend::Scalar.level(), SimdLevel::Scalar);
+    /// assert_eq!(Backend::Simd.level(), SimdLevel::detect());
+    /// assert_eq!(Backend::Level(SimdLevel::Portable).level(), SimdLevel::Portable);
+    /// ```
+    pub fn level(self) -> SimdLevel {
+        self.tier().level()
+    }
+
+    /// The tier, with its proof of availability.
+    pub(crate) fn tier(self) -> Tier {
+        Tier::new(match self {
+            Backend::Scalar => SimdLevel::Scalar,
+            Backend::Simd => SimdLevel::detect(),
+            Backend::Level(l) => l,
+        })
+    }
+}
+
+/// The settings of an optimizer that are not hyperparameters of its rule: how steps run, and
+/// their gradient hygiene. Kept by [`reset`](crate::Optimizer::reset) and by loading a state file.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Settings {
+    /// Which kernels run.
+    pub backend: Backend,
+    /// Requested chunk length; 0 means the (tuned) default.
+    pub chunk_len: usize,
+    /// Loss scale that every gradient is divided by.
+    pub grad_scale: f32,
+    /// Global-norm clipping threshold.
+    pub max_grad_norm: Option<f32>,
+    /// What a NaN or infinite gradient does.
+    pub non_finite: NonFinite,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            backend: Backend::default(),
+            chunk_len: 0,
+            grad_scale: 1.0,
+            max_grad_norm: None,
+            non_finite: NonFinite::Propagate,
+        }
+    }
+}
