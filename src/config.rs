@@ -383,6 +383,7 @@ pub fn optimizer_by_name(name: &str) -> Option<Box<dyn Optimizer>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::optim::adam::EpsMode;
 
     #[test]
     fn every_default_round_trips_through_its_text() {
@@ -400,7 +401,7 @@ mod tests {
             beta2: 0.95,
             eps: f32::MIN_POSITIVE,
             amsgrad: true,
-            eps_mode: crate::EpsMode::SqrtVHat,
+            eps_mode: EpsMode::SqrtVHat,
             ..Default::default()
         });
         assert_eq!(config.to_string().parse::<OptimizerConfig>(), Ok(config));

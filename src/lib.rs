@@ -5,7 +5,8 @@
 //! A trainer hands fusedopt its weights and gradients as slices; one call updates the weights and
 //! the optimizer state in a single pass over memory, with SIMD kernels on every core of the
 //! current rayon pool. Six optimizers are provided: [`Sgd`], [`Momentum`], [`Nag`], [`AdaGrad`],
-//! [`RmsProp`] and [`Adam`], all behind the object-safe [`Optimizer`] trait.
+//! [`RmsProp`] and [`Adam`]. Each is one generic type, [`Fused`], over its configuration (`Adam`
+//! is `Fused<AdamConfig>`), and all of them implement the object-safe [`Optimizer`] trait.
 //!
 //! ```
 //! use fusedopt::{Adam, AdamConfig, Optimizer};
@@ -22,6 +23,24 @@
 //! }
 //! assert!(w.iter().all(|w| (w - 3.0).abs() < 1e-2));
 //! # Ok::<(), fusedopt::StepError>(())
+//! ```
+//!
+//! A whole model is one call: [`step_all`](Fused::step_all) takes the weights and the
+//! gradients as two lists, [`Optimizer::step_many`] as `(weights, grads)` pairs. To choose the
+//! optimizer at run time, parse an [`OptimizerConfig`]:
+//!
+//! ```
+//! use fusedopt::{Optimizer, OptimizerConfig};
+//!
+//! let mut weights = vec![vec![0.5f32; 256], vec![0.0f32; 16]];
+//! let grads = vec![vec![0.1f32; 256], vec![-0.1f32; 16]];
+//! let config: OptimizerConfig = "adamw:lr=3e-4,weight_decay=0.1".parse()?;
+//! let mut opt: Box<dyn Optimizer> = config.build();
+//! for _ in 0..10 {
+//!     opt.step_all(&mut weights, &grads)?;
+//! }
+//! assert_eq!((opt.name(), opt.steps()), ("adam", 10));
+//! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!
 //! ## Update rules
@@ -73,9 +92,29 @@
 //! length.
 //!
 //! ## Errors
-//! Bad input never panics and never half-applies: mismatched lengths, a changed layout or an
-//! out-of-range hyperparameter return a [`StepError`] that names the problem, and leave weights and
-//! state untouched.
+//! Bad input never panics and never half-applies: mismatched lengths, a missing gradient, a
+//! changed layout or an out-of-range hyperparameter return a [`StepError`] that names the
+//! problem, and leave weights and state untouched. A configuration string that does not parse
+//! returns a [`ParseConfigError`].
+//!
+//! ## How the crate is built
+//! The modules read bottom-up; each imports only from those before it:
+//!
+//! 1. `simd`: CPU detection (once, cached), the tiers and the one generic span loop. An AVX2
+//!    kernel runs only with a zero-sized proof token that the detection hands out.
+//! 2. `types`: errors, reports, parameter groups, settings.
+//! 3. `plan`: tensor layouts, the plan of tasks, chunk-length constants.
+//! 4. `tuning`: tuned chunk lengths ([`Tuning`]).
+//! 5. `engine`: validation, state, groups, gradient hygiene, thread dispatch: everything but the
+//!    update formulas.
+//! 6. `optim`: one file per update rule (configuration, per-step scalars, kernel), the sealed
+//!    [`Rule`] trait, and [`Fused`].
+//! 7. `checkpoint`: state files, from the engine's plain state and what the rule says of its
+//!    buffers and fields.
+//! 8. `optimizer`: the sealed [`Optimizer`] trait, implemented once for [`Fused`].
+//! 9. `config`: [`OptimizerConfig`].
+//!
+//! [`schedule`] stands alone.
 
 #![deny(missing_docs)]
 #![deny(unsafe_op_in_unsafe_fn)]

@@ -39,11 +39,13 @@ pub struct StepReport {
     /// nothing.
     pub skipped: bool,
     /// The global L2 norm of the unscaled gradients of the call, before clipping: present whenever
-    /// clipping ([`Optimizer::set_max_grad_norm`](crate::Optimizer::set_max_grad_norm)) or checking ([`Optimizer::set_non_finite`](crate::Optimizer::set_non_finite)) ran.
+    /// clipping ([`set_max_grad_norm`](crate::Optimizer::set_max_grad_norm)) or checking
+    /// ([`set_non_finite`](crate::Optimizer::set_non_finite)) ran.
     pub grad_norm: Option<f32>,
 }
 
-/// What a step does with a NaN or an infinity in a gradient ([`Optimizer::set_non_finite`](crate::Optimizer::set_non_finite)).
+/// What a step does with a NaN or an infinity in a gradient
+/// ([`Optimizer::set_non_finite`](crate::Optimizer::set_non_finite)).
 ///
 /// ```
 /// assert_eq!(fusedopt::NonFinite::default(), fusedopt::NonFinite::Propagate);
@@ -62,7 +64,8 @@ pub enum NonFinite {
 }
 
 /// Per-tensor overrides of an optimizer's hyperparameters, for
-/// [`Optimizer::set_param_groups`](crate::Optimizer::set_param_groups): PyTorch's parameter groups, one entry per tensor.
+/// [`Optimizer::set_param_groups`](crate::Optimizer::set_param_groups): PyTorch's parameter
+/// groups, one entry per tensor.
 ///
 /// ```
 /// use fusedopt::ParamGroup;
@@ -140,7 +143,8 @@ pub enum StepError {
         /// The valid range, for example `"in [0, 1)"`.
         expected: &'static str,
     },
-    /// A per-tensor override of [`Optimizer::set_param_groups`](crate::Optimizer::set_param_groups) is out of range.
+    /// A per-tensor override of
+    /// [`Optimizer::set_param_groups`](crate::Optimizer::set_param_groups) is out of range.
     InvalidGroup {
         /// Position of the tensor whose override is invalid.
         tensor: usize,
@@ -151,8 +155,9 @@ pub enum StepError {
         /// The valid range.
         expected: &'static str,
     },
-    /// The parameter groups set by [`Optimizer::set_param_groups`](crate::Optimizer::set_param_groups) cover another number of tensors
-    /// than the step (or the optimizer's layout) has.
+    /// The parameter groups set by
+    /// [`Optimizer::set_param_groups`](crate::Optimizer::set_param_groups) cover another number
+    /// of tensors than the step (or the optimizer's layout) has.
     GroupCount {
         /// Number of per-tensor groups set.
         groups: usize,

@@ -237,7 +237,8 @@ impl<R: Rule> Fused<R> {
     /// # Ok::<(), fusedopt::StepError>(())
     /// ```
     ///
-    /// `Box<dyn Optimizer>` has the same method ([`Optimizer`](crate::Optimizer#impl-dyn+Optimizer)).
+    /// A `Box<dyn Optimizer>` has the same method
+    /// ([`impl dyn Optimizer`](crate::Optimizer#impl-dyn+Optimizer)).
     ///
     /// # Errors
     /// [`StepError::GradCount`] if `grads` holds another number of tensors than `weights`; then

@@ -91,7 +91,8 @@ impl<const NESTEROV: bool> VelocityConfig<NESTEROV> {
     /// use fusedopt::{MomentumConfig, NagConfig};
     /// assert!(MomentumConfig::default().validate().is_ok());
     /// let bad = NagConfig { momentum: 1.5, ..Default::default() };
-    /// assert_eq!(bad.validate().unwrap_err().to_string(), "nag: momentum = 1.5 is invalid, expected in [0, 1]");
+    /// let message = bad.validate().unwrap_err().to_string();
+    /// assert_eq!(message, "nag: momentum = 1.5 is invalid, expected in [0, 1]");
     /// ```
     ///
     /// # Errors
