@@ -90,9 +90,7 @@ pub trait Optimizer: sealed::Sealed + Send {
     /// # Errors
     /// As [`step`](Optimizer::step), checked for every pair before anything is written: on error no
     /// tensor of the call and no optimizer state is modified.
-    fn step_many(&mut self, params: &mut [(&mut [f32], &[f32])]) -> Result<StepReport, StepError> {
-        self.step_source(&mut Pairs(params))
-    }
+    fn step_many(&mut self, params: &mut [(&mut [f32], &[f32])]) -> Result<StepReport, StepError>;
 
     /// Chooses the kernels of later steps. All backends give bitwise identical results.
     ///
@@ -392,10 +390,10 @@ pub trait Optimizer: sealed::Sealed + Send {
 pub(crate) mod sealed {
     use super::*;
 
-    /// Keeps [`Optimizer`] implemented by this crate alone, and carries what its provided
-    /// methods need.
+    /// Keeps [`Optimizer`] implemented by this crate alone, and carries what `dyn Optimizer`
+    /// needs.
     pub trait Sealed {
-        /// One step over the tensors of `source`.
+        /// One step over the tensors of `source`: [`step_all`](dyn Optimizer::step_all).
         fn step_source(&mut self, source: &mut dyn TensorSource) -> Result<StepReport, StepError>;
     }
 }
@@ -409,6 +407,9 @@ impl<R: Rule> sealed::Sealed for Fused<R> {
 impl<R: Rule> Optimizer for Fused<R> {
     fn name(&self) -> &'static str {
         R::NAME
+    }
+    fn step_many(&mut self, params: &mut [(&mut [f32], &[f32])]) -> Result<StepReport, StepError> {
+        self.step_source(&mut Pairs(params))
     }
     fn set_backend(&mut self, backend: Backend) {
         self.engine.settings.backend = backend;

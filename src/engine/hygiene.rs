@@ -39,9 +39,9 @@ pub(crate) struct NormPass {
 }
 
 impl NormPass {
-    /// Checks the hygiene `settings`, runs the norm pass where clipping or checking needs it, and
-    /// works out how the update pass reads gradients: `±(g / scale)·clip`, and bitwise
-    /// `±g / scale` without clipping.
+    /// Checks the hygiene `settings`, runs the norm pass (on `tier`) where clipping or checking
+    /// needs it, and works out how the update pass reads gradients: `±(g / scale)·clip`, and
+    /// bitwise `±g / scale` without clipping.
     ///
     /// # Errors
     /// [`StepError::InvalidConfig`] (naming `optimizer`) for a loss scale or clipping norm out of
@@ -52,6 +52,7 @@ impl NormPass {
         optimizer: &'static str,
         tensors: &TensorList<'_>,
         maximize: bool,
+        tier: Tier,
         chunk_len: usize,
     ) -> Result<GradCheck, StepError> {
         let scale = settings.grad_scale;
@@ -72,7 +73,7 @@ impl NormPass {
         let mut clip = 1.0f32;
         let mut grad_norm = None;
         if settings.max_grad_norm.is_some() || settings.non_finite != NonFinite::Propagate {
-            let (sum, bad_tensor) = self.sum_squares(settings.backend.tier(), tensors, chunk_len);
+            let (sum, bad_tensor) = self.sum_squares(tier, tensors, chunk_len);
             // The norm of the unscaled gradients: ‖g‖ / scale.
             let norm = (sum.sqrt() / f64::from(scale)) as f32;
             grad_norm = Some(norm);

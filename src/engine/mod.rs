@@ -145,9 +145,9 @@ impl Engine {
     ///
     /// # Errors
     /// Those of [`TensorSource::capture`] and of `f`.
-    pub(crate) fn with_tensors<R>(
+    pub(crate) fn with_tensors<S: TensorSource + ?Sized, R>(
         &mut self,
-        source: &mut dyn TensorSource,
+        source: &mut S,
         f: impl FnOnce(&mut Engine, &TensorList<'_>) -> Result<R, StepError>,
     ) -> Result<R, StepError> {
         let mut list = TensorList::new(std::mem::take(&mut self.captured));
@@ -173,11 +173,13 @@ impl Engine {
         let stateful = N > 0 || !self.state.buffers.is_empty();
         self.validate(tensors, stateful)?;
         let chunk_len = self.chunk_len();
+        let tier = self.settings.backend.tier();
         let check = self.norm.check(
             &self.settings,
             self.name,
             tensors,
             common.maximize,
+            tier,
             chunk_len,
         )?;
         let (scale, grad_norm) = match check {
@@ -191,7 +193,7 @@ impl Engine {
             }
         };
         self.prepare(tensors, N, chunk_len)?;
-        self.dispatch(tensors, kernels.as_slice(), scale);
+        self.dispatch(tensors, kernels.as_slice(), scale, tier);
         self.state.steps += 1;
         Ok(StepReport {
             step: self.state.steps,
@@ -255,11 +257,13 @@ impl Engine {
             self.plan = None;
         }
         let layout = state.layout.as_ref().expect("set above");
-        let mut fresh = Vec::new();
-        for _ in state.buffers.len()..buffers {
-            fresh.push(state::zeroed_buffer(layout.total())?);
+        if state.buffers.len() < buffers {
+            // All or nothing: the state changes only once every new buffer is allocated.
+            let fresh = (state.buffers.len()..buffers)
+                .map(|_| state::zeroed_buffer(layout.total()))
+                .collect::<Result<Vec<_>, _>>()?;
+            state.buffers.extend(fresh);
         }
-        state.buffers.extend(fresh);
         if self
             .plan
             .as_ref()
@@ -276,8 +280,8 @@ impl Engine {
         tensors: &TensorList<'_>,
         kernels: &[(K, f32)],
         scale: GradScale,
+        tier: Tier,
     ) {
-        let tier: Tier = self.settings.backend.tier();
         let kernel_index = self.groups.kernel_index();
         let layout = self.state.layout.as_ref().expect("prepared");
         let plan = self.plan.as_ref().expect("prepared");

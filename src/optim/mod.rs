@@ -252,10 +252,10 @@ impl<R: Rule> Fused<R> {
         self.step_source(&mut Lists { weights, grads })
     }
 
-    /// One step over the tensors of `source`.
-    pub(crate) fn step_source(
+    /// One step over the tensors of `source` (a concrete source, or `dyn TensorSource`).
+    pub(crate) fn step_source<S: TensorSource + ?Sized>(
         &mut self,
-        source: &mut dyn TensorSource,
+        source: &mut S,
     ) -> Result<StepReport, StepError> {
         let config = &self.config;
         self.engine
