@@ -98,7 +98,6 @@ impl RuleImpl for AdaGradConfig {
         ]
     }
     fn step(&self, engine: &mut Engine, tensors: &TensorList<'_>) -> Result<StepReport, StepError> {
-        self.validate()?;
         let common = CommonConfig::l2(self.lr, self.weight_decay, self.maximize);
         engine.step(tensors, common, |h| AdaGradStep {
             lr: h.lr,

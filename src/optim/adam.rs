@@ -289,7 +289,6 @@ impl RuleImpl for AdamConfig {
         if self.amsgrad { 3 } else { 2 }
     }
     fn step(&self, engine: &mut Engine, tensors: &TensorList<'_>) -> Result<StepReport, StepError> {
-        self.validate()?;
         let t = engine.state().steps + 1;
         let common = CommonConfig {
             lr: self.lr,

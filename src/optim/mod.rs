@@ -67,7 +67,8 @@ pub(crate) mod sealed {
         fn state_buffers(&self) -> usize {
             Self::BUFFERS.iter().filter(|b| !b.optional).count()
         }
-        /// Checks the configuration, builds this step's kernels and runs them through the engine.
+        /// Builds this step's kernels from the configuration, checked by the caller, and runs
+        /// them through the engine.
         fn step(
             &self,
             engine: &mut Engine,
@@ -258,8 +259,10 @@ impl<R: Rule> Fused<R> {
         source: &mut S,
     ) -> Result<StepReport, StepError> {
         let config = &self.config;
-        self.engine
-            .with_tensors(source, |engine, tensors| config.step(engine, tensors))
+        self.engine.with_tensors(source, |engine, tensors| {
+            config.check()?;
+            config.step(engine, tensors)
+        })
     }
 }
 

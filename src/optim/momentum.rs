@@ -138,7 +138,6 @@ impl<const NESTEROV: bool> RuleImpl for VelocityConfig<NESTEROV> {
         ]
     }
     fn step(&self, engine: &mut Engine, tensors: &TensorList<'_>) -> Result<StepReport, StepError> {
-        self.validate()?;
         let common = CommonConfig::l2(self.lr, self.weight_decay, self.maximize);
         engine.step(tensors, common, |h| VelocityStep::<NESTEROV> {
             lr: h.lr,

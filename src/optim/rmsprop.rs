@@ -122,7 +122,6 @@ impl RuleImpl for RmsPropConfig {
         ]
     }
     fn step(&self, engine: &mut Engine, tensors: &TensorList<'_>) -> Result<StepReport, StepError> {
-        self.validate()?;
         let common = CommonConfig::l2(self.lr, self.weight_decay, self.maximize);
         engine.step(tensors, common, |h| RmsPropStep::new(self, h.lr))
     }

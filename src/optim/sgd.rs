@@ -91,7 +91,6 @@ impl RuleImpl for SgdConfig {
         ]
     }
     fn step(&self, engine: &mut Engine, tensors: &TensorList<'_>) -> Result<StepReport, StepError> {
-        self.validate()?;
         let common = CommonConfig::l2(self.lr, self.weight_decay, self.maximize);
         engine.step(tensors, common, |h| SgdStep { lr: h.lr })
     }
