@@ -541,22 +541,42 @@ struct Verified<R> {
 }
 
 /// Stage 2: whether the file holds a state of rule `R` that fits an optimizer holding layout
-/// `current`: the kind, the buffers (a prefix of the rule's, with every required one once there
-/// is a layout), a layout that can exist and equals `current`, the step count, the groups and
-/// the hyperparameters.
+/// `current`: the kind, the buffers and layout ([`verify_layout`]), the step count, the groups
+/// ([`read_groups`]) and the hyperparameters ([`read_config`]).
 fn verify<R: Rule>(
     file: &StateFile<'_>,
     current: Option<&[usize]>,
 ) -> Result<Verified<R>, StateError> {
-    let path = file.path;
     let found = file.entry("optimizer")?;
     if found != R::NAME {
         return Err(StateError::Optimizer {
-            path: path.to_path_buf(),
+            path: file.path.to_path_buf(),
             expected: R::NAME,
             found: found.to_string(),
         });
     }
+    let layout = verify_layout::<R>(file, current)?;
+    let steps_text = file.entry("steps")?;
+    let steps: u64 = steps_text
+        .parse()
+        .ok()
+        .filter(|&s| s < u64::MAX)
+        .ok_or_else(|| file.bad(format!("unreadable steps {steps_text:?}")))?;
+    Ok(Verified {
+        groups: read_groups(file)?,
+        config: read_config(file)?,
+        steps,
+        layout,
+    })
+}
+
+/// The file's layout, if it has one, after checking that its buffers are the rule's (a prefix of
+/// them: none before the first step, every required one after it), that it can exist, and that
+/// it equals `current`.
+fn verify_layout<R: Rule>(
+    file: &StateFile<'_>,
+    current: Option<&[usize]>,
+) -> Result<Option<Layout>, StateError> {
     let rule_buffers: Vec<&str> = R::BUFFERS.iter().map(|b| b.name).collect();
     if file.buffers.len() > rule_buffers.len()
         || file.buffers.iter().zip(&rule_buffers).any(|(a, b)| a != b)
@@ -567,8 +587,7 @@ fn verify<R: Rule>(
             R::NAME
         )));
     }
-    // Buffers and layout go together: none before the first step, every required one after it
-    // (an optional buffer, such as AMSGrad's maximum, may be missing).
+    // An optional buffer, such as AMSGrad's maximum, may be missing.
     let required = R::BUFFERS.iter().filter(|b| !b.optional).count();
     let layout_text = file.entry("layout")?;
     if file.lens.is_none() && !file.buffers.is_empty()
@@ -579,44 +598,53 @@ fn verify<R: Rule>(
             file.buffers.len()
         )));
     }
-    // Lengths no buffer can have (only possible without buffers backing them, as for SGD).
-    let layout = match &file.lens {
-        None => None,
-        Some(lens) => Some(
-            Layout::new(lens.clone())
-                .ok_or_else(|| file.bad(format!("impossible layout {layout_text:?}")))?,
-        ),
-    };
     if let Some(current) = current
         && file.lens.as_deref() != Some(current)
     {
         return Err(StateError::Layout {
-            path: path.to_path_buf(),
+            path: file.path.to_path_buf(),
             expected: current.to_vec(),
             found: file.lens.clone(),
         });
     }
-    let steps_text = file.entry("steps")?;
-    let steps: u64 = steps_text
-        .parse()
-        .ok()
-        .filter(|&s| s < u64::MAX)
-        .ok_or_else(|| file.bad(format!("unreadable steps {steps_text:?}")))?;
-    let groups_text = file.entry("groups")?;
-    let groups = decode_groups(groups_text)
-        .ok_or_else(|| file.bad(format!("unreadable groups {groups_text:?}")))?;
-    let config_error = |error| StateError::Config {
-        path: path.to_path_buf(),
+    // Lengths no buffer can have (only possible without buffers backing them, as for SGD).
+    file.lens
+        .clone()
+        .map(|lens| {
+            Layout::new(lens).ok_or_else(|| file.bad(format!("impossible layout {layout_text:?}")))
+        })
+        .transpose()
+}
+
+/// A [`StateError::Config`] for this file.
+fn config_error(file: &StateFile<'_>, error: StepError) -> StateError {
+    StateError::Config {
+        path: file.path.to_path_buf(),
         error,
-    };
-    check_groups(&groups).map_err(config_error)?;
+    }
+}
+
+/// The parameter groups: readable, in range, one per tensor (or none).
+fn read_groups(file: &StateFile<'_>) -> Result<Vec<ParamGroup>, StateError> {
+    let text = file.entry("groups")?;
+    let groups =
+        decode_groups(text).ok_or_else(|| file.bad(format!("unreadable groups {text:?}")))?;
+    check_groups(&groups).map_err(|e| config_error(file, e))?;
     let tensors = file.lens.as_ref().map_or(0, Vec::len);
     if !groups.is_empty() && groups.len() != tensors {
-        return Err(config_error(StepError::GroupCount {
-            groups: groups.len(),
-            tensors,
-        }));
+        return Err(config_error(
+            file,
+            StepError::GroupCount {
+                groups: groups.len(),
+                tensors,
+            },
+        ));
     }
+    Ok(groups)
+}
+
+/// The rule's configuration: every field readable, every value in range.
+fn read_config<R: Rule>(file: &StateFile<'_>) -> Result<R, StateError> {
     let mut config = R::default();
     for (field, value) in config.fields() {
         let key = format!("config.{field}");
@@ -625,13 +653,8 @@ fn verify<R: Rule>(
             .parse(text)
             .map_err(|_| file.bad(format!("{key} = {text:?} is not readable")))?;
     }
-    config.check().map_err(config_error)?;
-    Ok(Verified {
-        config,
-        steps,
-        layout,
-        groups,
-    })
+    config.check().map_err(|e| config_error(file, e))?;
+    Ok(config)
 }
 
 /// Stage 3: the file's buffers copied into a [`State`] laid out as the engine keeps it.
@@ -645,10 +668,7 @@ fn fit(file: &StateFile<'_>, layout: Option<Layout>, steps: u64) -> Result<State
     let count = layout.lens().len();
     let mut state = State::zeroed(layout, file.buffers.len(), steps).map_err(|e| match e {
         StepError::OutOfMemory { elements } => StateError::OutOfMemory { elements },
-        error => StateError::Config {
-            path: file.path.to_path_buf(),
-            error,
-        },
+        error => config_error(file, error),
     })?;
     for (i, view) in file.tensors.iter().enumerate() {
         let out = state.tensor_mut(i / count, i % count);

@@ -28,6 +28,41 @@ use std::path::Path;
 /// }
 /// ```
 ///
+/// Outside code cannot implement it: even with every method written, `Mine` lacks the sealed
+/// supertrait.
+///
+/// ```compile_fail,E0277
+/// use fusedopt::*;
+/// struct Mine;
+/// impl Optimizer for Mine {
+///     fn name(&self) -> &'static str {
+///         "mine"
+///     }
+///     // ... every other method ...
+/// #   fn step_many(&mut self, _: &mut [(&mut [f32], &[f32])]) -> Result<StepReport, StepError> { todo!() }
+/// #   fn set_backend(&mut self, _: Backend) {}
+/// #   fn backend(&self) -> Backend { Backend::Simd }
+/// #   fn set_chunk_len(&mut self, _: usize) {}
+/// #   fn chunk_len(&self) -> usize { 0 }
+/// #   fn steps(&self) -> u64 { 0 }
+/// #   fn layout(&self) -> Option<&[usize]> { None }
+/// #   fn state_buffers(&self) -> usize { 0 }
+/// #   fn lr(&self) -> f32 { 0.0 }
+/// #   fn set_lr(&mut self, _: f32) {}
+/// #   fn set_param_groups(&mut self, _: &[ParamGroup]) -> Result<(), StepError> { Ok(()) }
+/// #   fn param_groups(&self) -> &[ParamGroup] { &[] }
+/// #   fn set_grad_scale(&mut self, _: f32) {}
+/// #   fn grad_scale(&self) -> f32 { 1.0 }
+/// #   fn set_max_grad_norm(&mut self, _: Option<f32>) {}
+/// #   fn max_grad_norm(&self) -> Option<f32> { None }
+/// #   fn set_non_finite(&mut self, _: NonFinite) {}
+/// #   fn non_finite(&self) -> NonFinite { NonFinite::Propagate }
+/// #   fn save_state(&self, _: &std::path::Path) -> Result<(), StateError> { Ok(()) }
+/// #   fn load_state(&mut self, _: &std::path::Path) -> Result<(), StateError> { Ok(()) }
+/// #   fn reset(&mut self) {}
+/// }
+/// ```
+///
 /// # Threads and determinism
 /// A step cuts its tensors into chunks of [`chunk_len`](Optimizer::chunk_len) elements and runs
 /// them on the current rayon pool, so `pool.install(|| opt.step(..))` picks the thread count. The
@@ -480,7 +515,7 @@ impl<R: Rule> Optimizer for Fused<R> {
 impl dyn Optimizer + '_ {
     /// [`Fused::step_all`] for a `dyn Optimizer`: one update of a whole model held as two lists,
     /// weights and gradients, bitwise the same as [`step_many`](Optimizer::step_many) over their
-    /// pairs, allocating nothing after the first call.
+    /// pairs, allocating nothing after the first call (with up to 32 distinct parameter groups).
     ///
     /// ```
     /// use fusedopt::{Optimizer, OptimizerConfig};
@@ -502,6 +537,6 @@ impl dyn Optimizer + '_ {
         weights: &mut [W],
         grads: &[G],
     ) -> Result<StepReport, StepError> {
-        self.step_source(&mut Lists { weights, grads })
+        sealed::Sealed::step_source(self, &mut Lists { weights, grads })
     }
 }

@@ -159,6 +159,41 @@ const GROUPS: [ParamGroup; 4] = [
     },
 ];
 
+/// For each tensor of `ws`, an optimizer of `config` with its group's learning rate and weight
+/// decay, and a copy of the tensor.
+fn one_per_tensor(
+    config: OptimizerConfig,
+    ws: &[Vec<f32>],
+    groups: &[ParamGroup],
+) -> Vec<(Box<dyn Optimizer>, Vec<f32>)> {
+    let (lr, wd) = (lr_of(&config), weight_decay_of(&config));
+    ws.iter()
+        .zip(groups)
+        .map(|(w, g)| {
+            let own = format!(
+                "lr={},weight_decay={}",
+                lr * g.lr_scale,
+                g.weight_decay.unwrap_or(wd)
+            );
+            (with(config, &own).build(), w.clone())
+        })
+        .collect()
+}
+
+/// Steps each tensor's own optimizer on its gradients.
+fn step_each(singles: &mut [(Box<dyn Optimizer>, Vec<f32>)], gs: &[Vec<f32>]) {
+    for ((single, w), g) in singles.iter_mut().zip(gs) {
+        single.step(w, g).unwrap();
+    }
+}
+
+/// Asserts that every tensor of `ws` has the bits of its own optimizer's copy.
+fn assert_same_as(ws: &[Vec<f32>], singles: &[(Box<dyn Optimizer>, Vec<f32>)], what: &str) {
+    for (t, (w, (_, single))) in ws.iter().zip(singles).enumerate() {
+        assert_same(w, single, &format!("{what}, tensor {t}"));
+    }
+}
+
 #[test]
 fn param_groups_match_one_optimizer_per_tensor() {
     let lens = [300, 17, 4097, 64];
@@ -173,21 +208,10 @@ fn param_groups_match_one_optimizer_per_tensor() {
             } else {
                 hp
             };
-            let (lr, wd) = (lr_of(&hp), weight_decay_of(&hp));
+            let lr = lr_of(&hp);
             let mut rng = Rng(3);
             let mut ws: Vec<Vec<f32>> = lens.iter().map(|&n| rng.vec(n, 1.0)).collect();
-            let mut singles: Vec<(Box<dyn Optimizer>, Vec<f32>)> = ws
-                .iter()
-                .zip(GROUPS)
-                .map(|(w, g)| {
-                    let own = format!(
-                        "lr={},weight_decay={}",
-                        lr * g.lr_scale,
-                        g.weight_decay.unwrap_or(wd)
-                    );
-                    (with(hp, &own).build(), w.clone())
-                })
-                .collect();
+            let mut singles = one_per_tensor(hp, &ws, &GROUPS);
             let mut opt = hp.build();
             opt.set_param_groups(&GROUPS).unwrap();
             opt.set_chunk_len(256);
@@ -201,17 +225,9 @@ fn param_groups_match_one_optimizer_per_tensor() {
                 }
                 let gs: Vec<Vec<f32>> = lens.iter().map(|&n| rng.vec(n, 2.0)).collect();
                 pool(2).install(|| opt.step_all(&mut ws, &gs)).unwrap();
-                for ((single, w), g) in singles.iter_mut().zip(&gs) {
-                    single.step(w, g).unwrap();
-                }
+                step_each(&mut singles, &gs);
             }
-            for (t, (w, (_, single))) in ws.iter().zip(&singles).enumerate() {
-                assert_same(
-                    w,
-                    single,
-                    &format!("{config} decoupled={decoupled} tensor {t}"),
-                );
-            }
+            assert_same_as(&ws, &singles, &format!("{config} decoupled={decoupled}"));
             assert_eq!(opt.param_groups(), &GROUPS);
         }
     }
@@ -358,4 +374,31 @@ fn amsgrad_switched_on_later_starts_its_maximum_from_zero() {
     }
     assert_eq!(opt.state_buffers(), 3);
     assert_same(&w, &wr, "amsgrad from step 5");
+}
+
+#[test]
+fn many_distinct_groups_match_one_optimizer_per_tensor() {
+    // More distinct groups than a step keeps in place (32): the kernels then live on the heap.
+    for tensors in [3usize, 32, 33, 40] {
+        for config in configs() {
+            let config = with(config, "weight_decay=0.01");
+            let groups: Vec<ParamGroup> = (0..tensors)
+                .map(|i| ParamGroup {
+                    lr_scale: 1.0 + i as f32 / 8.0,
+                    weight_decay: (i % 3 == 0).then_some(0.02 * i as f32),
+                })
+                .collect();
+            let mut rng = Rng(4);
+            let mut ws: Vec<Vec<f32>> = (0..tensors).map(|i| rng.vec(5 + i, 1.0)).collect();
+            let mut singles = one_per_tensor(config, &ws, &groups);
+            let mut opt = config.build();
+            opt.set_param_groups(&groups).unwrap();
+            for _ in 0..3 {
+                let gs: Vec<Vec<f32>> = ws.iter().map(|w| rng.vec(w.len(), 2.0)).collect();
+                opt.step_all(&mut ws, &gs).unwrap();
+                step_each(&mut singles, &gs);
+            }
+            assert_same_as(&ws, &singles, &format!("{config}, {tensors} groups"));
+        }
+    }
 }

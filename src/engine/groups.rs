@@ -75,11 +75,15 @@ pub(crate) struct Groups {
     index: Vec<usize>,
 }
 
-/// The kernels of one step with their L2 weight decay, one per distinct parameter group. Without
-/// groups there is one, and no allocation.
+/// How many distinct parameter groups a step builds kernels for without allocating.
+pub(crate) const INLINE_GROUPS: usize = 32;
+
+/// The kernels of one step with their L2 weight decay, one per distinct parameter group: one
+/// without groups, up to [`INLINE_GROUPS`] in place, more on the heap.
 pub(crate) enum GroupKernels<K> {
     One([(K, f32); 1]),
-    Many(Vec<(K, f32)>),
+    Inline([(K, f32); INLINE_GROUPS], usize),
+    Heap(Vec<(K, f32)>),
 }
 
 impl<K> GroupKernels<K> {
@@ -87,7 +91,8 @@ impl<K> GroupKernels<K> {
     pub(crate) fn as_slice(&self) -> &[(K, f32)] {
         match self {
             GroupKernels::One(k) => k,
-            GroupKernels::Many(k) => k,
+            GroupKernels::Inline(k, len) => &k[..*len],
+            GroupKernels::Heap(k) => k,
         }
     }
 }
@@ -131,7 +136,7 @@ impl Groups {
     /// # Errors
     /// [`StepError::GroupCount`] if groups are set for another number of tensors than the step's
     /// `tensors`; [`StepError::InvalidGroup`] if a group's `lr · lr_scale` overflows.
-    pub(crate) fn kernels<K>(
+    pub(crate) fn kernels<K: Copy>(
         &self,
         common: &CommonConfig,
         tensors: usize,
@@ -153,25 +158,35 @@ impl Groups {
                 tensors,
             });
         }
-        self.distinct
-            .iter()
-            .map(|g| {
-                let lr = common.lr * g.lr_scale;
-                if !lr.is_finite() {
-                    let tensor = self.per_tensor.iter().position(|p| p == g).unwrap_or(0);
-                    return Err(StepError::InvalidGroup {
-                        tensor,
-                        field: "lr_scale",
-                        value: g.lr_scale,
-                        expected: "such that lr·lr_scale is finite",
-                    });
-                }
-                Ok(build(GroupHyper {
-                    lr,
-                    weight_decay: g.weight_decay.unwrap_or(common.weight_decay),
-                }))
-            })
-            .collect::<Result<_, _>>()
-            .map(GroupKernels::Many)
+        let kernel = |g: &ParamGroup| {
+            let lr = common.lr * g.lr_scale;
+            if !lr.is_finite() {
+                let tensor = self.per_tensor.iter().position(|p| p == g).unwrap_or(0);
+                return Err(StepError::InvalidGroup {
+                    tensor,
+                    field: "lr_scale",
+                    value: g.lr_scale,
+                    expected: "such that lr·lr_scale is finite",
+                });
+            }
+            Ok(build(GroupHyper {
+                lr,
+                weight_decay: g.weight_decay.unwrap_or(common.weight_decay),
+            }))
+        };
+        if self.distinct.len() > INLINE_GROUPS {
+            return self
+                .distinct
+                .iter()
+                .map(kernel)
+                .collect::<Result<_, _>>()
+                .map(GroupKernels::Heap);
+        }
+        let first = kernel(&self.distinct[0])?;
+        let mut inline = [first; INLINE_GROUPS];
+        for (slot, g) in inline.iter_mut().zip(&self.distinct).skip(1) {
+            *slot = kernel(g)?;
+        }
+        Ok(GroupKernels::Inline(inline, self.distinct.len()))
     }
 }

@@ -163,7 +163,7 @@ impl Engine {
     /// # Errors
     /// Every [`StepError`] of [`Optimizer::step`](crate::Optimizer::step) but an invalid
     /// configuration (the rule's to check). On error nothing is modified.
-    pub(crate) fn step<K: Kernel<N>, const N: usize>(
+    pub(crate) fn step<K: Kernel<N> + Copy, const N: usize>(
         &mut self,
         tensors: &TensorList<'_>,
         common: CommonConfig,

@@ -1,7 +1,7 @@
 //! AdaGrad: `h ← h + g²; w ← w − lr·g / (√h + ε)`.
 
 use super::{
-    FieldValue, Fused, StateBuffer, check_eps, check_lr, check_weight_decay, sealed::RuleImpl,
+    Fused, StateBuffer, check_eps, check_lr, check_weight_decay, config_fields, sealed::RuleImpl,
 };
 use crate::engine::{CommonConfig, Engine, TensorList};
 use crate::simd::{Kernel, Lane};
@@ -83,20 +83,7 @@ impl Kernel<1> for AdaGradStep {
 impl RuleImpl for AdaGradConfig {
     const NAME: &'static str = "adagrad";
     const BUFFERS: &'static [StateBuffer] = &[StateBuffer::required("h")];
-    fn check(&self) -> Result<(), StepError> {
-        self.validate()
-    }
-    fn lr_mut(&mut self) -> &mut f32 {
-        &mut self.lr
-    }
-    fn fields(&mut self) -> Vec<(&'static str, &mut dyn FieldValue)> {
-        vec![
-            ("lr", &mut self.lr),
-            ("eps", &mut self.eps),
-            ("weight_decay", &mut self.weight_decay),
-            ("maximize", &mut self.maximize),
-        ]
-    }
+    config_fields!(lr, eps, weight_decay, maximize);
     fn step(&self, engine: &mut Engine, tensors: &TensorList<'_>) -> Result<StepReport, StepError> {
         let common = CommonConfig::l2(self.lr, self.weight_decay, self.maximize);
         engine.step(tensors, common, |h| AdaGradStep {

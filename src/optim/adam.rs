@@ -3,7 +3,7 @@
 
 use super::{
     FieldValue, Fused, StateBuffer, check_eps, check_lr, check_unit, check_weight_decay,
-    sealed::RuleImpl,
+    config_fields, sealed::RuleImpl,
 };
 use crate::engine::{CommonConfig, Engine, TensorList};
 use crate::simd::{Kernel, Lane};
@@ -266,25 +266,17 @@ impl RuleImpl for AdamConfig {
             optional: true,
         },
     ];
-    fn check(&self) -> Result<(), StepError> {
-        self.validate()
-    }
-    fn lr_mut(&mut self) -> &mut f32 {
-        &mut self.lr
-    }
-    fn fields(&mut self) -> Vec<(&'static str, &mut dyn FieldValue)> {
-        vec![
-            ("lr", &mut self.lr),
-            ("beta1", &mut self.beta1),
-            ("beta2", &mut self.beta2),
-            ("eps", &mut self.eps),
-            ("weight_decay", &mut self.weight_decay),
-            ("maximize", &mut self.maximize),
-            ("decoupled_weight_decay", &mut self.decoupled_weight_decay),
-            ("amsgrad", &mut self.amsgrad),
-            ("eps_mode", &mut self.eps_mode),
-        ]
-    }
+    config_fields!(
+        lr,
+        beta1,
+        beta2,
+        eps,
+        weight_decay,
+        maximize,
+        decoupled_weight_decay,
+        amsgrad,
+        eps_mode,
+    );
     fn state_buffers(&self) -> usize {
         if self.amsgrad { 3 } else { 2 }
     }

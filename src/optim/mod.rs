@@ -77,6 +77,24 @@ pub(crate) mod sealed {
     }
 }
 
+/// Implements the [`RuleImpl`](sealed::RuleImpl) methods that follow from a configuration's field
+/// list: `fields` (every hyperparameter by name), `lr_mut` (every configuration has `lr`) and
+/// `check` (its inherent `validate`). Used inside each rule's `impl RuleImpl`.
+macro_rules! config_fields {
+    ($($field:ident),* $(,)?) => {
+        fn check(&self) -> Result<(), StepError> {
+            self.validate()
+        }
+        fn lr_mut(&mut self) -> &mut f32 {
+            &mut self.lr
+        }
+        fn fields(&mut self) -> Vec<(&'static str, &mut dyn $crate::optim::FieldValue)> {
+            vec![$((stringify!($field), &mut self.$field)),*]
+        }
+    };
+}
+use config_fields;
+
 /// A state buffer a rule keeps: one `f32` per parameter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StateBuffer {
@@ -221,7 +239,8 @@ impl<R: Rule> Fused<R> {
     /// Applies one update to a whole model held as two lists, weights and gradients, in one
     /// parallel dispatch: bitwise the same as [`step_many`](crate::Optimizer::step_many) over
     /// their pairs. Any types that lend slices will do (`Vec<f32>`, `Box<[f32]>`, `&mut [f32]`
-    /// and `&[f32]`, ...); after the first call, a call allocates nothing.
+    /// and `&[f32]`, ...). After the first call, a call allocates nothing (with up to 32
+    /// distinct [parameter groups](crate::Optimizer::set_param_groups)).
     ///
     /// ```
     /// use fusedopt::{Adam, AdamConfig};

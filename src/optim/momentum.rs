@@ -3,7 +3,7 @@
 //! configuration type and one kernel serve both; `NESTEROV` tells them apart.
 
 use super::{
-    FieldValue, Fused, StateBuffer, check_lr, check_unit, check_weight_decay, sealed::RuleImpl,
+    Fused, StateBuffer, check_lr, check_unit, check_weight_decay, config_fields, sealed::RuleImpl,
 };
 use crate::engine::{CommonConfig, Engine, TensorList};
 use crate::simd::{Kernel, Lane};
@@ -123,20 +123,7 @@ impl<const NESTEROV: bool> Kernel<1> for VelocityStep<NESTEROV> {
 impl<const NESTEROV: bool> RuleImpl for VelocityConfig<NESTEROV> {
     const NAME: &'static str = if NESTEROV { "nag" } else { "momentum" };
     const BUFFERS: &'static [StateBuffer] = &[StateBuffer::required("v")];
-    fn check(&self) -> Result<(), StepError> {
-        self.validate()
-    }
-    fn lr_mut(&mut self) -> &mut f32 {
-        &mut self.lr
-    }
-    fn fields(&mut self) -> Vec<(&'static str, &mut dyn FieldValue)> {
-        vec![
-            ("lr", &mut self.lr),
-            ("momentum", &mut self.momentum),
-            ("weight_decay", &mut self.weight_decay),
-            ("maximize", &mut self.maximize),
-        ]
-    }
+    config_fields!(lr, momentum, weight_decay, maximize);
     fn step(&self, engine: &mut Engine, tensors: &TensorList<'_>) -> Result<StepReport, StepError> {
         let common = CommonConfig::l2(self.lr, self.weight_decay, self.maximize);
         engine.step(tensors, common, |h| VelocityStep::<NESTEROV> {
@@ -151,27 +138,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn momentum_kernel_matches_formula() {
-        let k = VelocityStep::<false> {
-            lr: 0.5,
-            momentum: 0.5,
-        };
+    fn kernels_match_their_formulas() {
+        let (lr, momentum) = (0.5, 0.5);
         let mut v = [2.0f32];
-        let w = k.update(1.0f32, 1.0, &mut v);
-        assert_eq!(v, [0.5]);
-        assert_eq!(w, 1.5);
-    }
-
-    #[test]
-    fn nag_kernel_matches_formula() {
-        let k = VelocityStep::<true> {
-            lr: 0.5,
-            momentum: 0.5,
-        };
+        let w = VelocityStep::<false> { lr, momentum }.update(1.0f32, 1.0, &mut v);
+        assert_eq!((v, w), ([0.5], 1.5)); // v = 0.5·2 − 0.5; w = 1 + v
         let mut v = [2.0f32];
-        let w = k.update(1.0f32, 1.0, &mut v);
-        assert_eq!(v, [0.5]); // 0.5·2 − 0.5
-        assert_eq!(w, 0.75); // 1 + 0.5·0.5 − 0.5
+        let w = VelocityStep::<true> { lr, momentum }.update(1.0f32, 1.0, &mut v);
+        assert_eq!((v, w), ([0.5], 0.75)); // the same v; w = 1 + 0.5·0.5 − 0.5
     }
 
     #[test]

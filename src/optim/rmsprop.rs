@@ -1,7 +1,7 @@
 //! RMSProp: `h ← ρ·h + (1−ρ)·g²; w ← w − lr·g / (√h + ε)`.
 
 use super::{
-    FieldValue, Fused, StateBuffer, check_eps, check_lr, check_unit, check_weight_decay,
+    Fused, StateBuffer, check_eps, check_lr, check_unit, check_weight_decay, config_fields,
     sealed::RuleImpl,
 };
 use crate::engine::{CommonConfig, Engine, TensorList};
@@ -106,21 +106,7 @@ impl Kernel<1> for RmsPropStep {
 impl RuleImpl for RmsPropConfig {
     const NAME: &'static str = "rmsprop";
     const BUFFERS: &'static [StateBuffer] = &[StateBuffer::required("h")];
-    fn check(&self) -> Result<(), StepError> {
-        self.validate()
-    }
-    fn lr_mut(&mut self) -> &mut f32 {
-        &mut self.lr
-    }
-    fn fields(&mut self) -> Vec<(&'static str, &mut dyn FieldValue)> {
-        vec![
-            ("lr", &mut self.lr),
-            ("decay_rate", &mut self.decay_rate),
-            ("eps", &mut self.eps),
-            ("weight_decay", &mut self.weight_decay),
-            ("maximize", &mut self.maximize),
-        ]
-    }
+    config_fields!(lr, decay_rate, eps, weight_decay, maximize);
     fn step(&self, engine: &mut Engine, tensors: &TensorList<'_>) -> Result<StepReport, StepError> {
         let common = CommonConfig::l2(self.lr, self.weight_decay, self.maximize);
         engine.step(tensors, common, |h| RmsPropStep::new(self, h.lr))

@@ -1,6 +1,6 @@
 //! Plain stochastic gradient descent: `w ← w − lr·g`.
 
-use super::{FieldValue, Fused, StateBuffer, check_lr, check_weight_decay, sealed::RuleImpl};
+use super::{Fused, StateBuffer, check_lr, check_weight_decay, config_fields, sealed::RuleImpl};
 use crate::engine::{CommonConfig, Engine, TensorList};
 use crate::simd::{Kernel, Lane};
 use crate::types::{StepError, StepReport};
@@ -77,19 +77,7 @@ impl Kernel<0> for SgdStep {
 impl RuleImpl for SgdConfig {
     const NAME: &'static str = "sgd";
     const BUFFERS: &'static [StateBuffer] = &[];
-    fn check(&self) -> Result<(), StepError> {
-        self.validate()
-    }
-    fn lr_mut(&mut self) -> &mut f32 {
-        &mut self.lr
-    }
-    fn fields(&mut self) -> Vec<(&'static str, &mut dyn FieldValue)> {
-        vec![
-            ("lr", &mut self.lr),
-            ("weight_decay", &mut self.weight_decay),
-            ("maximize", &mut self.maximize),
-        ]
-    }
+    config_fields!(lr, weight_decay, maximize);
     fn step(&self, engine: &mut Engine, tensors: &TensorList<'_>) -> Result<StepReport, StepError> {
         let common = CommonConfig::l2(self.lr, self.weight_decay, self.maximize);
         engine.step(tensors, common, |h| SgdStep { lr: h.lr })
