@@ -78,9 +78,11 @@ pub(crate) struct Groups {
 /// How many distinct parameter groups a step builds kernels for without allocating.
 pub(crate) const INLINE_GROUPS: usize = 32;
 
-/// The kernels of one step with their L2 weight decay, one per distinct parameter group: one
-/// without groups, up to [`INLINE_GROUPS`] in place, more on the heap.
+/// Storage for the kernels of one step with their L2 weight decay, one per distinct parameter
+/// group: one without groups, up to [`INLINE_GROUPS`] in place, more on the heap. The step owns
+/// it on its stack and [`Groups::kernels`] fills it, so nothing large is moved.
 pub(crate) enum GroupKernels<K> {
+    Empty,
     One([(K, f32); 1]),
     Inline([(K, f32); INLINE_GROUPS], usize),
     Heap(Vec<(K, f32)>),
@@ -88,8 +90,9 @@ pub(crate) enum GroupKernels<K> {
 
 impl<K> GroupKernels<K> {
     /// Kernel and L2 weight decay of every distinct group.
-    pub(crate) fn as_slice(&self) -> &[(K, f32)] {
+    fn as_slice(&self) -> &[(K, f32)] {
         match self {
+            GroupKernels::Empty => &[],
             GroupKernels::One(k) => k,
             GroupKernels::Inline(k, len) => &k[..*len],
             GroupKernels::Heap(k) => k,
@@ -131,26 +134,28 @@ impl Groups {
     }
 
     /// Builds the kernel of every distinct group (one when none are set) with `make`, from its
-    /// resolved hyperparameters, with the L2 decay that `common` asks for.
+    /// resolved hyperparameters, with the L2 decay that `common` asks for, into `store`.
     ///
     /// # Errors
     /// [`StepError::GroupCount`] if groups are set for another number of tensors than the step's
     /// `tensors`; [`StepError::InvalidGroup`] if a group's `lr · lr_scale` overflows.
-    pub(crate) fn kernels<K: Copy>(
+    pub(crate) fn kernels<'s, K: Copy>(
         &self,
         common: &CommonConfig,
         tensors: usize,
         make: impl Fn(GroupHyper) -> K,
-    ) -> Result<GroupKernels<K>, StepError> {
+        store: &'s mut GroupKernels<K>,
+    ) -> Result<&'s [(K, f32)], StepError> {
         let build = |h: GroupHyper| {
             let l2 = if common.l2_decay { h.weight_decay } else { 0.0 };
             (make(h), l2)
         };
         if self.per_tensor.is_empty() {
-            return Ok(GroupKernels::One([build(GroupHyper {
+            *store = GroupKernels::One([build(GroupHyper {
                 lr: common.lr,
                 weight_decay: common.weight_decay,
-            })]));
+            })]);
+            return Ok(store.as_slice());
         }
         if self.per_tensor.len() != tensors {
             return Err(StepError::GroupCount {
@@ -175,18 +180,17 @@ impl Groups {
             }))
         };
         if self.distinct.len() > INLINE_GROUPS {
-            return self
-                .distinct
-                .iter()
-                .map(kernel)
-                .collect::<Result<_, _>>()
-                .map(GroupKernels::Heap);
+            *store =
+                GroupKernels::Heap(self.distinct.iter().map(kernel).collect::<Result<_, _>>()?);
+        } else {
+            let first = kernel(&self.distinct[0])?;
+            *store = GroupKernels::Inline([first; INLINE_GROUPS], self.distinct.len());
+            if let GroupKernels::Inline(inline, _) = store {
+                for (slot, g) in inline.iter_mut().zip(&self.distinct).skip(1) {
+                    *slot = kernel(g)?;
+                }
+            }
         }
-        let first = kernel(&self.distinct[0])?;
-        let mut inline = [first; INLINE_GROUPS];
-        for (slot, g) in inline.iter_mut().zip(&self.distinct).skip(1) {
-            *slot = kernel(g)?;
-        }
-        Ok(GroupKernels::Inline(inline, self.distinct.len()))
+        Ok(store.as_slice())
     }
 }

@@ -41,7 +41,7 @@ use crate::plan::{Layout, Plan, effective_chunk_len};
 use crate::simd::{self, GradPrep, Kernel, Span, Tier};
 use crate::tuning;
 use crate::types::{ParamGroup, Settings, StepError, StepReport};
-use groups::Groups;
+use groups::{GroupKernels, Groups};
 use hygiene::{GradCheck, GradScale, NormPass};
 use rayon::prelude::*;
 
@@ -169,7 +169,10 @@ impl Engine {
         common: CommonConfig,
         make: impl Fn(GroupHyper) -> K,
     ) -> Result<StepReport, StepError> {
-        let kernels = self.groups.kernels(&common, tensors.len(), make)?;
+        let mut store = GroupKernels::Empty;
+        let kernels = self
+            .groups
+            .kernels(&common, tensors.len(), make, &mut store)?;
         let stateful = N > 0 || !self.state.buffers.is_empty();
         self.validate(tensors, stateful)?;
         let chunk_len = self.chunk_len();
@@ -193,7 +196,7 @@ impl Engine {
             }
         };
         self.prepare(tensors, N, chunk_len)?;
-        self.dispatch(tensors, kernels.as_slice(), scale, tier);
+        self.dispatch(tensors, kernels, scale, tier);
         self.state.steps += 1;
         Ok(StepReport {
             step: self.state.steps,

@@ -41,14 +41,14 @@ impl<'a> TensorList<'a> {
         }
     }
 
-    /// Appends a tensor. The two slices may have different lengths: the step refuses that.
-    pub(crate) fn push(&mut self, w: &'a mut [f32], g: &'a [f32]) {
-        self.tensors.push(TensorRef {
+    /// Appends tensors. A tensor's two slices may have different lengths: the step refuses that.
+    pub(crate) fn extend(&mut self, tensors: impl Iterator<Item = (&'a mut [f32], &'a [f32])>) {
+        self.tensors.extend(tensors.map(|(w, g)| TensorRef {
             w: w.as_mut_ptr(),
             w_len: w.len(),
             g: g.as_ptr(),
             g_len: g.len(),
-        });
+        }));
     }
 
     /// The storage, emptied, for the next step.
@@ -96,9 +96,7 @@ pub(crate) struct Pairs<'p, 'w, 'g>(pub &'p mut [(&'w mut [f32], &'g [f32])]);
 
 impl TensorSource for Pairs<'_, '_, '_> {
     fn capture<'s>(&'s mut self, list: &mut TensorList<'s>) -> Result<(), StepError> {
-        for (w, g) in self.0.iter_mut() {
-            list.push(w, g);
-        }
+        list.extend(self.0.iter_mut().map(|(w, g)| (&mut **w, &**g)));
         Ok(())
     }
 }
@@ -119,9 +117,8 @@ impl<W: AsMut<[f32]>, G: AsRef<[f32]>> TensorSource for Lists<'_, W, G> {
             });
         }
         // Each `as_mut`/`as_ref` is called once, so what the step checks is what it writes.
-        for (w, g) in self.weights.iter_mut().zip(self.grads) {
-            list.push(w.as_mut(), g.as_ref());
-        }
+        let pairs = self.weights.iter_mut().zip(self.grads);
+        list.extend(pairs.map(|(w, g)| (w.as_mut(), g.as_ref())));
         Ok(())
     }
 }
