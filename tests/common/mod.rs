@@ -41,16 +41,21 @@ pub fn with(mut config: OptimizerConfig, overrides: &str) -> OptimizerConfig {
 
 /// The learning rate of `config`.
 pub fn lr_of(config: &OptimizerConfig) -> f32 {
-    config.build().lr()
+    number(config, "lr")
 }
 
 /// The weight decay of `config`.
 pub fn weight_decay_of(config: &OptimizerConfig) -> f32 {
+    number(config, "weight_decay")
+}
+
+/// The numeric field `name` of `config`.
+fn number(config: &OptimizerConfig, name: &str) -> f32 {
     let (_, text) = config
         .fields()
         .into_iter()
-        .find(|(f, _)| *f == "weight_decay")
-        .unwrap();
+        .find(|(f, _)| *f == name)
+        .unwrap_or_else(|| panic!("{config} has no {name}"));
     text.parse().unwrap()
 }
 
