@@ -10,11 +10,16 @@
 //! - one `F32` tensor per state buffer and model tensor, named `<buffer>.<tensor>`, for example
 //!   `m.0` and `v.0` for Adam's moments of the first tensor (buffers: `v` for Momentum and NAG,
 //!   `h` for AdaGrad and RMSProp, `m`, `v` and `v_max` for Adam; SGD has none);
-//! - string metadata: `format` (`fusedopt-state`), `format_version` (`1`), `optimizer` (its
+//! - string metadata: `format` (`fusedopt-state`), `format_version` (`2`), `optimizer` (its
 //!   [`name`](crate::Optimizer::name)), `steps`, `layout` (the tensor lengths, comma-separated;
-//!   `-` before the first step), `buffers` (the buffer names, comma-separated), `groups` (the
-//!   per-tensor [`ParamGroup`]s as `lr_scale/weight_decay` with `-` for no override,
-//!   comma-separated; empty when none), every hyperparameter as `config.<field>`, and `checksum`.
+//!   `-` before the first step), `tensor_steps` (the steps each tensor has taken,
+//!   comma-separated; empty before the first step), `names` (the tensor names, comma-separated;
+//!   empty when none), `buffers` (the buffer names, comma-separated), `groups` (the per-tensor
+//!   [`ParamGroup`]s as `lr_scale/weight_decay` with `-` for no override, comma-separated; empty
+//!   when none), every hyperparameter as `config.<field>`, and `checksum`.
+//!
+//! Version 1 files (without `tensor_steps` and `names`) still load: every tensor has then taken
+//! `steps` steps, and the tensors have no names.
 //!
 //! The checksum is the CRC-32 (as 8 hex digits) of every other metadata entry as `key=value\n`
 //! in key order, then of each tensor's name, a newline and its little-endian bytes, in buffer
@@ -25,10 +30,11 @@
 //! over the destination, then syncs the directory: a reader sees the old file or the new one,
 //! never a mix, and a failed save leaves any previous file intact. Loading happens in three stages,
 //! all before the optimizer is touched: [`parse`] (a safetensors file of this format, intact by
-//! its checksum), [`verify`] (the state of this rule, fitting the optimizer: kind, buffers,
-//! layout, steps, groups, hyperparameters) and [`fit`] (the buffers in the engine's layout).
+//! its checksum), [`verify`] (the state of this rule, fitting the optimizer: kind, names,
+//! buffers, layout, steps, groups, hyperparameters) and [`fit`] (the buffers in the engine's
+//! layout).
 
-use crate::engine::{State, check_groups};
+use crate::engine::{State, check_groups, check_names};
 use crate::optim::{FieldValue, Rule, field_texts};
 use crate::plan::Layout;
 use crate::types::{ParamGroup, StepError};
@@ -44,7 +50,9 @@ use std::path::{Path, PathBuf};
 /// The value of the `format` metadata entry.
 const FORMAT: &str = "fusedopt-state";
 /// The version this build writes and reads.
-const VERSION: &str = "1";
+const VERSION: &str = "2";
+/// The versions this build reads.
+const READS: [&str; 2] = ["1", "2"];
 
 /// Why a state file could not be saved or loaded. A failed load leaves the optimizer unchanged; a
 /// failed save leaves any previous file intact.
@@ -102,6 +110,18 @@ pub enum StateError {
         /// The file's tensor lengths (`None`: saved before any step).
         found: Option<Vec<usize>>,
     },
+    /// The file's tensor names differ from the optimizer's
+    /// ([`set_tensor_names`](crate::Optimizer::set_tensor_names)).
+    Names {
+        /// The file.
+        path: PathBuf,
+        /// Position of the first tensor whose name differs.
+        tensor: usize,
+        /// Its name in the optimizer.
+        expected: String,
+        /// Its name in the file (`None`: the file names no tensors, or fewer).
+        found: Option<String>,
+    },
     /// The file's hyperparameters or parameter groups are out of range.
     Config {
         /// The file.
@@ -140,7 +160,7 @@ impl fmt::Display for StateError {
             ),
             StateError::Version { path, found } => write!(
                 f,
-                "{}: format version {found} is not supported (this build reads version {VERSION})",
+                "{}: format version {found} is not supported (this build reads versions 1 and 2)",
                 path.display()
             ),
             StateError::Optimizer {
@@ -165,6 +185,23 @@ impl fmt::Display for StateError {
                 None => write!(
                     f,
                     "{}: saved before any step, but the optimizer holds layout {expected:?}",
+                    path.display()
+                ),
+            },
+            StateError::Names {
+                path,
+                tensor,
+                expected,
+                found,
+            } => match found {
+                Some(found) => write!(
+                    f,
+                    "{}: tensor {tensor} is {found:?} in the file but {expected:?} in the optimizer",
+                    path.display()
+                ),
+                None => write!(
+                    f,
+                    "{}: the file does not name tensor {tensor}, which the optimizer names {expected:?}",
                     path.display()
                 ),
             },
@@ -299,10 +336,11 @@ pub(crate) fn save<R: Rule>(
     config: &R,
     state: &State,
     groups: &[ParamGroup],
+    names: &[String],
 ) -> Result<(), StateError> {
     let layout = state.layout.as_ref();
     let held = state.buffers.len().min(R::BUFFERS.len());
-    let names: Vec<&str> = R::BUFFERS[..held].iter().map(|b| b.name).collect();
+    let buffers: Vec<&str> = R::BUFFERS[..held].iter().map(|b| b.name).collect();
     let mut metadata = HashMap::new();
     metadata.insert("format".to_string(), FORMAT.to_string());
     metadata.insert("format_version".to_string(), VERSION.to_string());
@@ -312,14 +350,16 @@ pub(crate) fn save<R: Rule>(
         "layout".to_string(),
         encode_layout(layout.map(Layout::lens)),
     );
-    metadata.insert("buffers".to_string(), names.join(","));
+    metadata.insert("tensor_steps".to_string(), join(&state.tensor_steps));
+    metadata.insert("names".to_string(), names.join(","));
+    metadata.insert("buffers".to_string(), buffers.join(","));
     metadata.insert("groups".to_string(), encode_groups(groups));
     for (field, value) in field_texts(config) {
         metadata.insert(format!("config.{field}"), value);
     }
     let tensors_per_buffer = layout.map_or(0, |l| l.lens().len());
     let mut tensors = Vec::new();
-    for (b, buffer) in names.iter().enumerate() {
+    for (b, buffer) in buffers.iter().enumerate() {
         for t in 0..tensors_per_buffer {
             let data = state.tensor(b, t);
             tensors.push((
@@ -386,23 +426,41 @@ pub(crate) struct Loaded<R> {
     pub config: R,
     pub state: State,
     pub groups: Vec<ParamGroup>,
+    pub names: Vec<String>,
 }
 
 /// Reads the state file at `path` for an optimizer of rule `R` that holds a state of layout
-/// `current` (`None`: no state yet), checking everything before returning it.
+/// `current` (`None`: no state yet) and names its tensors `names` (empty: no names), checking
+/// everything before returning it.
 pub(crate) fn load<R: Rule>(
     path: &Path,
     current: Option<&[usize]>,
+    names: &[String],
 ) -> Result<Loaded<R>, StateError> {
     let bytes = fs::read(path).map_err(io_err(path, "read"))?;
     let file = parse(path, &bytes)?;
-    let verified = verify::<R>(&file, current)?;
-    let state = fit(&file, verified.layout, verified.steps)?;
+    let verified = verify::<R>(&file, current, names)?;
+    let state = fit(
+        &file,
+        verified.layout,
+        verified.steps,
+        verified.tensor_steps,
+    )?;
     Ok(Loaded {
         config: verified.config,
         state,
         groups: verified.groups,
+        names: verified.names,
     })
+}
+
+/// Numbers, comma-separated.
+fn join(numbers: &[u64]) -> String {
+    numbers
+        .iter()
+        .map(u64::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// A safetensors file of this format, intact: the metadata and every tensor the metadata
@@ -467,7 +525,7 @@ fn parse<'a>(path: &'a Path, bytes: &'a [u8]) -> Result<StateFile<'a>, StateErro
         return Err(bad(format!("format is {format:?}, not {FORMAT:?}")));
     }
     let version = entry(path, &metadata, "format_version")?;
-    if version != VERSION {
+    if !READS.contains(&version) {
         return Err(StateError::Version {
             path: path.to_path_buf(),
             found: version.to_string(),
@@ -536,16 +594,20 @@ fn parse<'a>(path: &'a Path, bytes: &'a [u8]) -> Result<StateFile<'a>, StateErro
 struct Verified<R> {
     config: R,
     steps: u64,
+    tensor_steps: Vec<u64>,
     layout: Option<Layout>,
     groups: Vec<ParamGroup>,
+    names: Vec<String>,
 }
 
 /// Stage 2: whether the file holds a state of rule `R` that fits an optimizer holding layout
-/// `current`: the kind, the buffers and layout ([`verify_layout`]), the step count, the groups
-/// ([`read_groups`]) and the hyperparameters ([`read_config`]).
+/// `current` and tensor names `names`: the kind, the names ([`read_names`]), the buffers and
+/// layout ([`verify_layout`]), the step counts ([`read_steps`]), the groups ([`read_groups`])
+/// and the hyperparameters ([`read_config`]).
 fn verify<R: Rule>(
     file: &StateFile<'_>,
     current: Option<&[usize]>,
+    names: &[String],
 ) -> Result<Verified<R>, StateError> {
     let found = file.entry("optimizer")?;
     if found != R::NAME {
@@ -555,19 +617,81 @@ fn verify<R: Rule>(
             found: found.to_string(),
         });
     }
+    let names = read_names(file, names)?;
     let layout = verify_layout::<R>(file, current)?;
-    let steps_text = file.entry("steps")?;
-    let steps: u64 = steps_text
-        .parse()
-        .ok()
-        .filter(|&s| s < u64::MAX)
-        .ok_or_else(|| file.bad(format!("unreadable steps {steps_text:?}")))?;
+    let (steps, tensor_steps) = read_steps(file)?;
     Ok(Verified {
         groups: read_groups(file)?,
         config: read_config(file)?,
         steps,
+        tensor_steps,
         layout,
+        names,
     })
+}
+
+/// The tensor names of the file: none in a version 1 file; else valid, one per tensor (or
+/// none), and the same as `expected` when the optimizer names its tensors.
+fn read_names(file: &StateFile<'_>, expected: &[String]) -> Result<Vec<String>, StateError> {
+    let found: Vec<String> = match file.metadata.get("names").map(String::as_str) {
+        None | Some("") => Vec::new(),
+        Some(list) => list.split(',').map(str::to_string).collect(),
+    };
+    if file.entry("format_version")? != "1" {
+        file.entry("names")?;
+    }
+    check_names(found.iter().map(String::as_str)).map_err(|e| config_error(file, e))?;
+    let tensors = file.lens.as_ref().map_or(0, Vec::len);
+    if !found.is_empty() && file.lens.is_some() && found.len() != tensors {
+        return Err(config_error(
+            file,
+            StepError::NameCount {
+                names: found.len(),
+                tensors,
+            },
+        ));
+    }
+    if let Some(tensor) = (0..expected.len()).find(|&t| found.get(t) != Some(&expected[t])) {
+        return Err(StateError::Names {
+            path: file.path.to_path_buf(),
+            tensor,
+            expected: expected[tensor].clone(),
+            found: found.get(tensor).cloned(),
+        });
+    }
+    Ok(found)
+}
+
+/// The steps taken in all, and by each tensor: in a version 1 file, every tensor has taken them
+/// all; no tensor can have taken more.
+fn read_steps(file: &StateFile<'_>) -> Result<(u64, Vec<u64>), StateError> {
+    let number = |text: &str| text.parse::<u64>().ok().filter(|&s| s < u64::MAX);
+    let text = file.entry("steps")?;
+    let steps = number(text).ok_or_else(|| file.bad(format!("unreadable steps {text:?}")))?;
+    let tensors = file.lens.as_ref().map_or(0, Vec::len);
+    if file.entry("format_version")? == "1" {
+        let counts = if file.lens.is_some() {
+            vec![steps; tensors]
+        } else {
+            Vec::new()
+        };
+        return Ok((steps, counts));
+    }
+    let text = file.entry("tensor_steps")?;
+    let counts: Option<Vec<u64>> = match text {
+        "" => Some(Vec::new()),
+        list => list
+            .split(',')
+            .map(|n| number(n).filter(|&n| n <= steps))
+            .collect(),
+    };
+    let expected = if file.lens.is_some() { tensors } else { 0 };
+    match counts {
+        Some(counts) if counts.len() == expected => Ok((steps, counts)),
+        _ => Err(file.bad(format!(
+            "tensor_steps {text:?} are not {expected} step counts of at most {steps}"
+        ))),
+    }
 }
 
 /// The file's layout, if it has one, after checking that its buffers are the rule's (a prefix of
@@ -658,7 +782,12 @@ fn read_config<R: Rule>(file: &StateFile<'_>) -> Result<R, StateError> {
 }
 
 /// Stage 3: the file's buffers copied into a [`State`] laid out as the engine keeps it.
-fn fit(file: &StateFile<'_>, layout: Option<Layout>, steps: u64) -> Result<State, StateError> {
+fn fit(
+    file: &StateFile<'_>,
+    layout: Option<Layout>,
+    steps: u64,
+    tensor_steps: Vec<u64>,
+) -> Result<State, StateError> {
     let Some(layout) = layout else {
         return Ok(State {
             steps,
@@ -666,7 +795,8 @@ fn fit(file: &StateFile<'_>, layout: Option<Layout>, steps: u64) -> Result<State
         });
     };
     let count = layout.lens().len();
-    let mut state = State::zeroed(layout, file.buffers.len(), steps).map_err(|e| match e {
+    let zeroed = State::zeroed(layout, file.buffers.len(), steps, tensor_steps);
+    let mut state = zeroed.map_err(|e| match e {
         StepError::OutOfMemory { elements } => StateError::OutOfMemory { elements },
         error => config_error(file, error),
     })?;

@@ -134,6 +134,7 @@ mod types;
 
 pub use checkpoint::StateError;
 pub use config::{OPTIMIZER_NAMES, OptimizerConfig, ParseConfigError, optimizer_by_name};
+pub use engine::{FeedError, TensorFeed};
 pub use optim::adagrad::{AdaGrad, AdaGradConfig};
 pub use optim::adam::{Adam, AdamConfig, EpsMode};
 pub use optim::momentum::{Momentum, MomentumConfig, Nag, NagConfig, VelocityConfig};

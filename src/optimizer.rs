@@ -3,7 +3,7 @@
 //! [`crate::engine`] and [`crate::types`].
 
 use crate::checkpoint::{self, StateError};
-use crate::engine::{Lists, Pairs, TensorSource};
+use crate::engine::{Lists, Pairs, PartialLists, TensorFeed, TensorSource};
 use crate::optim::{Fused, Rule};
 use crate::types::{Backend, NonFinite, ParamGroup, StepError, StepReport};
 use std::path::Path;
@@ -46,6 +46,12 @@ use std::path::Path;
 /// #   fn chunk_len(&self) -> usize { 0 }
 /// #   fn steps(&self) -> u64 { 0 }
 /// #   fn layout(&self) -> Option<&[usize]> { None }
+/// #   fn tensor_steps(&self) -> &[u64] { &[] }
+/// #   fn set_tensor_names(&mut self, _: &[&str]) -> Result<(), StepError> { Ok(()) }
+/// #   fn tensor_names(&self) -> &[String] { &[] }
+/// #   fn set_threads(&mut self, _: usize) -> Result<(), StepError> { Ok(()) }
+/// #   fn threads(&self) -> usize { 0 }
+/// #   fn step_feed(&mut self, _: &dyn TensorFeed) -> Result<StepReport, StepError> { todo!() }
 /// #   fn state_buffers(&self) -> usize { 0 }
 /// #   fn lr(&self) -> f32 { 0.0 }
 /// #   fn set_lr(&mut self, _: f32) {}
@@ -182,6 +188,22 @@ pub trait Optimizer: sealed::Sealed + Send {
     /// ```
     fn steps(&self) -> u64;
 
+    /// The steps each tensor has taken, in layout order; empty before the first step. A tensor
+    /// without a gradient in a step ([`step_partial`](Fused::step_partial),
+    /// [`step_feed`](Optimizer::step_feed)) does not count it, and Adam's bias correction uses
+    /// the tensor's own count, as `torch.optim` and candle do.
+    ///
+    /// ```
+    /// use fusedopt::{Momentum, MomentumConfig, Optimizer};
+    /// let mut opt = Momentum::new(MomentumConfig::default());
+    /// assert!(opt.tensor_steps().is_empty());
+    /// let mut weights = vec![vec![1.0f32; 2], vec![1.0f32; 3]];
+    /// opt.step_partial(&mut weights, &[None, Some(vec![1.0f32; 3])])?;
+    /// assert_eq!((opt.steps(), opt.tensor_steps()), (1, &[0, 1][..]));
+    /// # Ok::<(), fusedopt::StepError>(())
+    /// ```
+    fn tensor_steps(&self) -> &[u64];
+
     /// The tensor lengths the optimizer state was created for, or `None` before the first step.
     ///
     /// ```
@@ -267,6 +289,86 @@ pub trait Optimizer: sealed::Sealed + Send {
     /// assert_eq!(opt.param_groups()[0].lr_scale, 0.1);
     /// ```
     fn param_groups(&self) -> &[ParamGroup];
+
+    /// Names the tensors, in layout order (an empty slice removes the names). Names are saved in
+    /// state files, and [`load_state`](Optimizer::load_state) refuses a file whose names differ,
+    /// so a restart that lists the tensors in another order cannot load one tensor's state into
+    /// another of the same length. Like parameter groups, names are settings:
+    /// [`reset`](Optimizer::reset) keeps them.
+    ///
+    /// ```
+    /// use fusedopt::{Adam, AdamConfig, Optimizer, StepError};
+    /// let mut opt = Adam::new(AdamConfig::default());
+    /// opt.set_tensor_names(&["fc.weight", "fc.bias"])?;
+    /// assert_eq!(opt.tensor_names(), ["fc.weight", "fc.bias"]);
+    /// let err = opt.set_tensor_names(&["a", "a"]).unwrap_err();
+    /// assert!(matches!(err, StepError::InvalidName { tensor: 1, .. }), "{err}");
+    /// # Ok::<(), StepError>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`StepError::InvalidName`] for an empty name, one holding a comma or a line break, or one
+    /// given twice; [`StepError::NameCount`] if the optimizer already holds state for another
+    /// number of tensors. Steps with another number of tensors than names are refused with
+    /// [`StepError::NameCount`]. On error the previous names stay.
+    fn set_tensor_names(&mut self, names: &[&str]) -> Result<(), StepError>;
+
+    /// The names set by [`set_tensor_names`](Optimizer::set_tensor_names) or loaded from a state
+    /// file; empty when none are set.
+    ///
+    /// ```
+    /// use fusedopt::{Optimizer, Sgd, SgdConfig};
+    /// assert!(Sgd::new(SgdConfig::default()).tensor_names().is_empty());
+    /// ```
+    fn tensor_names(&self) -> &[String];
+
+    /// Runs later steps on a pool of `threads` threads that the optimizer owns (`0`, the
+    /// default: on the caller's rayon pool). A trainer then need not wrap each step in
+    /// `pool.install`, which costs a hand-over to the pool on every call: a step that fits in
+    /// one chunk runs on the calling thread, and only larger ones enter the pool.
+    ///
+    /// ```
+    /// use fusedopt::{Adam, AdamConfig, Optimizer};
+    /// let mut opt = Adam::new(AdamConfig::default());
+    /// opt.set_threads(2)?;
+    /// assert_eq!(opt.threads(), 2);
+    /// opt.step(&mut vec![0.0f32; 1 << 18], &vec![1.0f32; 1 << 18])?; // four chunks, two threads
+    /// # Ok::<(), fusedopt::StepError>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`StepError::ThreadPool`] if the pool cannot be started; the previous setting stays.
+    fn set_threads(&mut self, threads: usize) -> Result<(), StepError>;
+
+    /// The thread count set by [`set_threads`](Optimizer::set_threads); 0 for the caller's pool.
+    ///
+    /// ```
+    /// use fusedopt::{Optimizer, Sgd, SgdConfig};
+    /// assert_eq!(Sgd::new(SgdConfig::default()).threads(), 0);
+    /// ```
+    fn threads(&self) -> usize;
+
+    /// Applies one update to a model whose tensors `feed` lends one at a time (see
+    /// [`TensorFeed`]), with bitwise the results of [`step_many`](Optimizer::step_many) over the
+    /// same tensors, every option and gradient hygiene included. A tensor without a gradient is
+    /// left alone, as in [`step_partial`](Fused::step_partial).
+    ///
+    /// Every gradient is read once before any tensor is updated: that checks every length
+    /// (nothing changes on a mismatch), and, when clipping or the non-finite check is on, takes
+    /// the global norm in the same fixed order as `step_many`, so the norm and the clipping
+    /// coefficient have the same bits. Then each tensor is lent once more and updated: tasks of
+    /// small tensors run on the pool, and a tensor larger than a chunk is split across threads
+    /// inside its call. The stack depth does not grow with the number of tensors, and after the
+    /// first step nothing is allocated.
+    ///
+    /// See [`TensorFeed`] for an example.
+    ///
+    /// # Errors
+    /// As [`step_many`](Optimizer::step_many), and [`StepError::Feed`] when the feed fails or
+    /// lends a tensor of another length than it announced. Errors found while reading the
+    /// gradients modify nothing. An error while updating cannot undo the tensors already updated
+    /// (they keep their update and count the step); the others are left alone.
+    fn step_feed(&mut self, feed: &dyn TensorFeed) -> Result<StepReport, StepError>;
 
     /// Sets the loss scale of later steps (default 1): the kernels divide every gradient by it as
     /// they read it, so a mixed-precision trainer passes its scaled gradients unchanged. A
@@ -464,6 +566,24 @@ impl<R: Rule> Optimizer for Fused<R> {
     fn layout(&self) -> Option<&[usize]> {
         self.engine.layout()
     }
+    fn tensor_steps(&self) -> &[u64] {
+        self.engine.tensor_steps()
+    }
+    fn set_tensor_names(&mut self, names: &[&str]) -> Result<(), StepError> {
+        self.engine.set_tensor_names(names)
+    }
+    fn tensor_names(&self) -> &[String] {
+        self.engine.tensor_names()
+    }
+    fn set_threads(&mut self, threads: usize) -> Result<(), StepError> {
+        self.engine.set_threads(threads)
+    }
+    fn threads(&self) -> usize {
+        self.engine.settings.threads
+    }
+    fn step_feed(&mut self, feed: &dyn TensorFeed) -> Result<StepReport, StepError> {
+        self.step_fed(feed)
+    }
     fn state_buffers(&self) -> usize {
         self.config.state_buffers()
     }
@@ -498,13 +618,17 @@ impl<R: Rule> Optimizer for Fused<R> {
         self.engine.settings.non_finite
     }
     fn save_state(&self, path: &Path) -> Result<(), StateError> {
-        checkpoint::save(path, &self.config, self.engine.state(), self.param_groups())
+        let engine = &self.engine;
+        let (groups, names) = (engine.param_groups(), engine.tensor_names());
+        checkpoint::save(path, &self.config, engine.state(), groups, names)
     }
     fn load_state(&mut self, path: &Path) -> Result<(), StateError> {
-        let loaded = checkpoint::load::<R>(path, self.engine.layout())?;
+        let engine = &self.engine;
+        let loaded = checkpoint::load::<R>(path, engine.layout(), engine.tensor_names())?;
         // Everything is checked: apply.
         self.config = loaded.config;
-        self.engine.restore(loaded.state, &loaded.groups);
+        self.engine
+            .restore(loaded.state, &loaded.groups, loaded.names);
         Ok(())
     }
     fn reset(&mut self) {
@@ -538,5 +662,27 @@ impl dyn Optimizer + '_ {
         grads: &[G],
     ) -> Result<StepReport, StepError> {
         sealed::Sealed::step_source(self, &mut Lists { weights, grads })
+    }
+
+    /// [`Fused::step_partial`] for a `dyn Optimizer`: `step_all` where a tensor whose gradient
+    /// is `None` has none this step.
+    ///
+    /// ```
+    /// use fusedopt::{Optimizer, OptimizerConfig};
+    /// let mut opt: Box<dyn Optimizer> = "sgd:lr=0.5".parse::<OptimizerConfig>()?.build();
+    /// let mut weights = [vec![1.0f32; 2], vec![1.0f32; 2]];
+    /// opt.step_partial(&mut weights, &[None, Some([1.0f32; 2])])?;
+    /// assert_eq!(weights, [vec![1.0; 2], vec![0.5; 2]]);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    /// As [`Fused::step_all`].
+    pub fn step_partial<W: AsMut<[f32]>, G: AsRef<[f32]>>(
+        &mut self,
+        weights: &mut [W],
+        grads: &[Option<G>],
+    ) -> Result<StepReport, StepError> {
+        sealed::Sealed::step_source(self, &mut PartialLists { weights, grads })
     }
 }

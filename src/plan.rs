@@ -1,6 +1,6 @@
 //! How a step's elements are laid out and cut into work: tensor [`Layout`]s, the [`Plan`] of
-//! tasks, the chunk-length constants and the fixed slices of the gradient-norm pass. Imports
-//! nothing else of the crate.
+//! tasks (and the [`FeedPlan`] of a fed step), the chunk-length constants and the fixed slices
+//! of the gradient-norm pass. Imports nothing else of the crate.
 
 /// Alignment unit of state slices and of cuts inside a tensor, in elements: one 64-byte cache
 /// line of `f32`.
@@ -171,24 +171,29 @@ pub(crate) struct NormPlan {
     lens: Vec<usize>,
     /// (tensor, start, len) of every slice, in order.
     slices: Vec<(usize, usize, usize)>,
+    /// Tensor `t`'s slices are `slices[first[t]..first[t + 1]]`.
+    first: Vec<usize>,
 }
 
 impl NormPlan {
     /// Makes the slices those of tensors of lengths `lens`, recomputing only when they differ.
     pub(crate) fn fit(&mut self, lens: impl ExactSizeIterator<Item = usize> + Clone) {
-        if same_lens(&self.lens, lens.clone()) {
+        if same_lens(&self.lens, lens.clone()) && !self.first.is_empty() {
             return;
         }
         self.lens.clear();
         self.lens.extend(lens);
         self.slices.clear();
+        self.first.clear();
         for (t, &len) in self.lens.iter().enumerate() {
+            self.first.push(self.slices.len());
             self.slices.extend(
                 (0..len)
                     .step_by(NORM_SLICE)
                     .map(|s| (t, s, NORM_SLICE.min(len - s))),
             );
         }
+        self.first.push(self.slices.len());
     }
 
     /// (tensor, start, len) of every slice, in summation order.
@@ -196,9 +201,60 @@ impl NormPlan {
         &self.slices
     }
 
+    /// The indices in [`slices`](NormPlan::slices) of tensor `t`'s slices.
+    pub(crate) fn tensor_slices(&self, t: usize) -> core::ops::Range<usize> {
+        self.first[t]..self.first[t + 1]
+    }
+
     /// The total number of elements.
     pub(crate) fn elements(&self) -> usize {
         self.lens.iter().sum()
+    }
+}
+
+/// The tasks of a step fed one tensor at a time ([`TensorFeed`](crate::TensorFeed)): runs of
+/// whole tensors, since a fed tensor can only be reached inside its own call. Small tensors are
+/// packed into a task of about `chunk_len` elements; a larger tensor is a task of its own, which
+/// its update splits into chunks.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct FeedPlan {
+    chunk_len: usize,
+    /// Task `t` is tensors `bounds[t]..bounds[t + 1]`.
+    bounds: Vec<usize>,
+}
+
+impl FeedPlan {
+    /// The tasks for tensors of lengths `lens` at `chunk_len` (a multiple of [`LINE`]).
+    pub(crate) fn new(lens: &[usize], chunk_len: usize) -> FeedPlan {
+        let mut bounds = vec![0];
+        let mut filled = 0;
+        for (t, &len) in lens.iter().enumerate() {
+            let cost = len + SEGMENT_COST;
+            if filled > 0 && (filled + cost > chunk_len || len > chunk_len) {
+                bounds.push(t);
+                filled = 0;
+            }
+            filled += cost;
+        }
+        if *bounds.last().unwrap() != lens.len() {
+            bounds.push(lens.len());
+        }
+        FeedPlan { chunk_len, bounds }
+    }
+
+    /// The chunk length the plan was cut for.
+    pub(crate) fn chunk_len(&self) -> usize {
+        self.chunk_len
+    }
+
+    /// The number of tasks.
+    pub(crate) fn tasks(&self) -> usize {
+        self.bounds.len() - 1
+    }
+
+    /// The tensors of task `t`.
+    pub(crate) fn task(&self, t: usize) -> core::ops::Range<usize> {
+        self.bounds[t]..self.bounds[t + 1]
     }
 }
 
@@ -283,6 +339,19 @@ mod tests {
             [(0, 0, NORM_SLICE), (0, NORM_SLICE, 1), (2, 0, 3)]
         );
         assert_eq!(plan.elements(), NORM_SLICE + 4);
+        assert_eq!([0, 1, 2].map(|t| plan.tensor_slices(t)), [0..2, 2..2, 2..3]);
+    }
+
+    #[test]
+    fn feed_plans_pack_small_tensors_and_isolate_large_ones() {
+        let lens = [100, 100, 100, 5000, 10, 0, 10, 300];
+        let plan = FeedPlan::new(&lens, 512);
+        let tasks: Vec<_> = (0..plan.tasks()).map(|t| plan.task(t)).collect();
+        assert_eq!(tasks, [0..3, 3..4, 4..7, 7..8]);
+        let plan = FeedPlan::new(&[], 512);
+        assert_eq!(plan.tasks(), 0);
+        let plan = FeedPlan::new(&[1 << 20; 3], 1 << 16);
+        assert_eq!(plan.tasks(), 3);
     }
 
     #[test]

@@ -177,6 +177,39 @@ pub enum StepError {
         /// Number of gradient tensors.
         grads: usize,
     },
+    /// A tensor name given to [`set_tensor_names`](crate::Optimizer::set_tensor_names) is
+    /// unusable.
+    InvalidName {
+        /// Position of the tensor.
+        tensor: usize,
+        /// The name.
+        name: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// Tensor names were given for another number of tensors than the optimizer's layout (or,
+    /// in a step, the step) has.
+    NameCount {
+        /// Number of names.
+        names: usize,
+        /// Number of tensors.
+        tensors: usize,
+    },
+    /// A [`TensorFeed`](crate::TensorFeed) failed to lend a tensor, or lent it wrongly.
+    Feed {
+        /// Position of the tensor.
+        tensor: usize,
+        /// What went wrong.
+        message: String,
+    },
+    /// The optimizer's own thread pool ([`set_threads`](crate::Optimizer::set_threads)) could
+    /// not be built.
+    ThreadPool {
+        /// The thread count asked for.
+        threads: usize,
+        /// Why it failed.
+        message: String,
+    },
     /// The optimizer state could not be allocated.
     OutOfMemory {
         /// Number of `f32` elements of the buffer that failed.
@@ -239,6 +272,21 @@ impl fmt::Display for StepError {
                 f,
                 "the step passed {weights} weight tensors but {grads} gradient tensors"
             ),
+            StepError::InvalidName {
+                tensor,
+                name,
+                reason,
+            } => write!(f, "tensor {tensor}: name {name:?} {reason}"),
+            StepError::NameCount { names, tensors } => write!(
+                f,
+                "{names} tensor names were given but there are {tensors} tensors"
+            ),
+            StepError::Feed { tensor, message } => {
+                write!(f, "tensor {tensor}: the feed failed: {message}")
+            }
+            StepError::ThreadPool { threads, message } => {
+                write!(f, "could not start a pool of {threads} threads: {message}")
+            }
             StepError::OutOfMemory { elements } => {
                 write!(
                     f,
@@ -290,6 +338,8 @@ pub(crate) struct Settings {
     pub max_grad_norm: Option<f32>,
     /// What a NaN or infinite gradient does.
     pub non_finite: NonFinite,
+    /// Threads of the optimizer's own pool; 0 runs steps on the caller's rayon pool.
+    pub threads: usize,
 }
 
 impl Default for Settings {
@@ -300,6 +350,7 @@ impl Default for Settings {
             grad_scale: 1.0,
             max_grad_norm: None,
             non_finite: NonFinite::Propagate,
+            threads: 0,
         }
     }
 }

@@ -1,5 +1,6 @@
-//! After the first step, a step allocates nothing: `step_all`, `step_many` and `step`, with
-//! parameter groups and gradient hygiene on, on a concrete and on a boxed optimizer.
+//! After the first step, a step allocates nothing: `step_all`, `step_many`, `step`,
+//! `step_partial` and `step_feed`, with parameter groups and gradient hygiene on, on a concrete and
+//! on a boxed optimizer.
 //!
 //! Its own test binary, because it replaces the global allocator with one that counts the
 //! allocations of the thread that asks it to.
@@ -99,6 +100,40 @@ fn steps_after_the_first_allocate_nothing() {
                 });
                 assert_eq!(n, 0, "{config} (hygiene {hygiene}): {n} allocations");
             }
+        }
+        // Fed steps and steps with missing gradients, the tensors at different step counts.
+        let partial: Vec<Option<Vec<f32>>> = grads
+            .iter()
+            .enumerate()
+            .map(|(t, g)| (t != 2).then(|| g.clone()))
+            .collect();
+        for hygiene in [false, true] {
+            let mut model = Locked::new(
+                &layout.iter().map(|&n| rng.vec(n, 1.0)).collect::<Vec<_>>(),
+                &partial,
+            );
+            let mut opt: Box<dyn Optimizer> = Box::new(Adam::new(AdamConfig::default()));
+            opt.set_chunk_len(4096);
+            opt.set_param_groups(&groups).unwrap();
+            if hygiene {
+                opt.set_max_grad_norm(Some(1.0));
+                opt.set_non_finite(NonFinite::Skip);
+            }
+            let mut weights: Vec<Vec<f32>> = layout.iter().map(|&n| rng.vec(n, 1.0)).collect();
+            opt.step_feed(&model).unwrap();
+            opt.step_partial(&mut weights, &partial).unwrap();
+            model.grads = grads.iter().cloned().map(Some).collect();
+            opt.step_feed(&model).unwrap();
+            let n = allocations(|| {
+                for _ in 0..3 {
+                    opt.step_feed(&model).unwrap();
+                    opt.step_partial(&mut weights, &partial).unwrap();
+                }
+            });
+            assert_eq!(
+                n, 0,
+                "fed and partial steps (hygiene {hygiene}): {n} allocations"
+            );
         }
         // A concrete optimizer, and `step` on one tensor.
         let mut adam = Adam::new(AdamConfig::default());

@@ -189,7 +189,7 @@ fn refused_files_leave_the_optimizer_untouched() {
     let at = 8 + text.find("\"steps\":\"2\"").expect("steps entry") + "\"steps\":\"".len();
     flipped_meta[at] = b'7';
     let mut version = bytes.clone();
-    let at = 8 + text.find("\"format_version\":\"1\"").unwrap() + "\"format_version\":\"".len();
+    let at = 8 + text.find("\"format_version\":\"2\"").unwrap() + "\"format_version\":\"".len();
     version[at] = b'9';
 
     type Case<'a> = (&'a str, PathBuf, fn(&StateError) -> bool);
@@ -508,4 +508,117 @@ fn files_with_a_valid_checksum_are_still_checked_for_sense() {
     assert!(matches!(err, StateError::Format { .. }), "{err:?}");
     assert_eq!(fresh.layout(), None);
     std::fs::remove_dir_all(d).unwrap();
+}
+
+#[test]
+fn names_decide_what_loads_not_lengths_alone() {
+    let d = dir("names");
+    let names = ["wte", "h.0.ln.weight", "h.0.ln.bias", "lm_head"];
+    let lens = [300usize, 17, 17, 4097];
+    let mut rng = Rng(10);
+    let mut ws: Vec<Vec<f32>> = lens.iter().map(|&n| rng.vec(n, 1.0)).collect();
+    let mut opt = Adam::new(AdamConfig::default());
+    opt.set_tensor_names(&names).unwrap();
+    step(&mut opt, &mut ws, &mut rng);
+    let path = d.join("named.safetensors");
+    opt.save_state(&path).unwrap();
+
+    // The same names load; an optimizer without names takes the file's.
+    let mut same = Adam::new(AdamConfig::default());
+    same.set_tensor_names(&names).unwrap();
+    same.load_state(&path).unwrap();
+    let mut unnamed = Adam::new(AdamConfig::default());
+    unnamed.load_state(&path).unwrap();
+    assert_eq!(unnamed.tensor_names(), names);
+
+    // Two tensors of the same length listed the other way round: refused, naming the first.
+    let mut swapped = Adam::new(AdamConfig::default());
+    swapped
+        .set_tensor_names(&["wte", "h.0.ln.bias", "h.0.ln.weight", "lm_head"])
+        .unwrap();
+    let err = swapped.load_state(&path).unwrap_err();
+    match &err {
+        StateError::Names {
+            tensor: 1,
+            expected,
+            found: Some(found),
+            ..
+        } => assert_eq!(
+            (expected.as_str(), found.as_str()),
+            ("h.0.ln.bias", "h.0.ln.weight")
+        ),
+        other => panic!("{other:?}"),
+    }
+    assert!(err.to_string().contains("h.0.ln.weight"), "{err}");
+    assert_eq!((swapped.steps(), swapped.layout()), (0, None));
+
+    // A file without names (written by version 1) does not load into a named optimizer.
+    let old = d.join("v1.safetensors");
+    crafted(&path, &old, |m| {
+        m.insert("format_version".into(), "1".into());
+        m.remove("names");
+        m.remove("tensor_steps");
+    });
+    let err = same.load_state(&old).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StateError::Names {
+                tensor: 0,
+                found: None,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    // ... but into an unnamed one, with every tensor at the file's step count.
+    let mut plain = Adam::new(AdamConfig::default());
+    plain.load_state(&old).unwrap();
+    assert_eq!(
+        (plain.tensor_steps(), plain.tensor_names().len()),
+        (&[1, 1, 1, 1][..], 0)
+    );
+    std::fs::remove_dir_all(d).unwrap();
+}
+
+#[test]
+fn bad_names_are_refused_and_change_nothing() {
+    let mut opt = Sgd::new(SgdConfig::default());
+    for (names, tensor) in [
+        (&["a", ""][..], 1),
+        (&["a,b"][..], 0),
+        (&["a", "b\n"][..], 1),
+        (&["x", "y", "x"][..], 2),
+    ] {
+        let err = opt.set_tensor_names(names).unwrap_err();
+        assert!(
+            matches!(err, StepError::InvalidName { tensor: t, .. } if t == tensor),
+            "{err}"
+        );
+        assert!(opt.tensor_names().is_empty());
+    }
+    opt.set_tensor_names(&["a", "b"]).unwrap();
+    let mut w = [1.0f32; 3];
+    let err = opt.step(&mut w, &[1.0; 3]).unwrap_err();
+    assert_eq!(
+        err,
+        StepError::NameCount {
+            names: 2,
+            tensors: 1
+        }
+    );
+    assert_eq!(w, [1.0; 3]);
+    // Once a stateful optimizer has a layout, names for another tensor count are refused.
+    let mut adam = Adam::new(AdamConfig::default());
+    adam.step(&mut [0.0; 3], &[1.0; 3]).unwrap();
+    assert!(matches!(
+        adam.set_tensor_names(&["a", "b"]),
+        Err(StepError::NameCount {
+            names: 2,
+            tensors: 1
+        })
+    ));
+    adam.set_tensor_names(&["only"]).unwrap();
+    adam.reset();
+    assert_eq!(adam.tensor_names(), ["only"]);
 }

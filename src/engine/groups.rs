@@ -1,12 +1,13 @@
 //! Parameter groups: per-tensor overrides of the learning rate and weight decay, and the kernels
-//! a step builds for them, one per distinct group.
+//! a step builds for them: one per distinct group, or, once tensors have taken different numbers
+//! of steps, one per distinct (group, step number).
 
 use crate::types::{ParamGroup, StepError};
 use std::collections::HashMap;
 
 /// What every optimizer's configuration says about the parts of a step the engine fuses in.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub(crate) struct CommonConfig {
+pub struct CommonConfig {
     /// The configuration's learning rate.
     pub lr: f32,
     /// The configuration's weight decay.
@@ -30,14 +31,16 @@ impl CommonConfig {
     }
 }
 
-/// The hyperparameters of one parameter group, resolved from the [`CommonConfig`] and the
-/// group's overrides: what an optimizer builds a kernel from.
+/// What an optimizer builds one kernel from: the hyperparameters of a parameter group, resolved
+/// from the [`CommonConfig`] and the group's overrides, and the step number of its tensors.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub(crate) struct GroupHyper {
+pub struct GroupHyper {
     /// Learning rate of the group.
     pub lr: f32,
     /// Weight decay of the group.
     pub weight_decay: f32,
+    /// The step the tensors take: 1 for their first (Adam's bias correction uses it).
+    pub t: u64,
 }
 
 /// Checks the values of per-tensor overrides.
@@ -62,6 +65,69 @@ pub(crate) fn check_groups(groups: &[ParamGroup]) -> Result<(), StepError> {
         }
     }
     Ok(())
+}
+
+/// The kernels of a step, and which one each tensor runs.
+pub(crate) struct Kernels<'s, K> {
+    /// Kernel and L2 decay of every class of tensors.
+    kernels: &'s [(K, f32)],
+    /// Each tensor's class (empty: all use the first).
+    index: &'s [usize],
+}
+
+impl<K> Kernels<'_, K> {
+    /// The kernel and L2 decay of tensor `tensor`.
+    pub(crate) fn of(&self, tensor: usize) -> &(K, f32) {
+        &self.kernels[self.index.get(tensor).map_or(0, |&i| i)]
+    }
+}
+
+/// The step number each tensor of a step takes.
+#[derive(Clone, Copy)]
+pub(crate) enum StepNumbers<'a> {
+    /// Every tensor takes step `t`.
+    Same(u64),
+    /// Tensor `i` has taken `done[i]` steps, and takes one now if `stepping(i)`.
+    PerTensor {
+        done: &'a [u64],
+        stepping: &'a (dyn Fn(usize) -> bool + Sync),
+    },
+}
+
+/// The classes of tensors that share a kernel, when tensors are at different steps; kept
+/// between steps so that sorting allocates nothing once grown.
+#[derive(Debug, Default)]
+pub(crate) struct KernelClasses {
+    /// Distinct (group, step number) pairs.
+    keys: Vec<(Option<usize>, u64)>,
+    /// Each tensor's position in `keys` (0 for a tensor that does not step).
+    index: Vec<usize>,
+    seen: HashMap<(Option<usize>, u64), usize>,
+}
+
+impl KernelClasses {
+    /// Sorts tensors `0..tensors` into classes by `key`, skipping those that do not step.
+    fn sort(
+        &mut self,
+        tensors: usize,
+        key: impl Fn(usize) -> (Option<usize>, u64),
+        stepping: &dyn Fn(usize) -> bool,
+    ) {
+        self.keys.clear();
+        self.seen.clear();
+        self.index.clear();
+        for i in 0..tensors {
+            let class = if stepping(i) {
+                *self.seen.entry(key(i)).or_insert_with(|| {
+                    self.keys.push(key(i));
+                    self.keys.len() - 1
+                })
+            } else {
+                0
+            };
+            self.index.push(class);
+        }
+    }
 }
 
 /// Per-tensor [`ParamGroup`]s, stored once per distinct group.
@@ -127,70 +193,96 @@ impl Groups {
         &self.per_tensor
     }
 
-    /// For each tensor, its kernel's index in [`kernels`](Groups::kernels); empty without groups
-    /// (every tensor uses kernel 0).
-    pub(crate) fn kernel_index(&self) -> &[usize] {
-        &self.index
+    /// The learning rate and weight decay of distinct group `g`, or the configuration's
+    /// without groups (`None`).
+    fn resolve(&self, common: &CommonConfig, g: Option<usize>) -> Result<(f32, f32), StepError> {
+        let Some(g) = g.map(|g| self.distinct[g]) else {
+            return Ok((common.lr, common.weight_decay));
+        };
+        let lr = common.lr * g.lr_scale;
+        if !lr.is_finite() {
+            let tensor = self.per_tensor.iter().position(|p| *p == g).unwrap_or(0);
+            return Err(StepError::InvalidGroup {
+                tensor,
+                field: "lr_scale",
+                value: g.lr_scale,
+                expected: "such that lr·lr_scale is finite",
+            });
+        }
+        Ok((lr, g.weight_decay.unwrap_or(common.weight_decay)))
     }
 
-    /// Builds the kernel of every distinct group (one when none are set) with `make`, from its
-    /// resolved hyperparameters, with the L2 decay that `common` asks for, into `store`.
+    /// Builds, into `store`, the kernel of every class of tensors that share hyperparameters: one
+    /// per distinct group (one when none are set) while every tensor is at the same step
+    /// (`steps`), else one per distinct (group, step) among the tensors that step (`classes`).
+    /// Returns the kernels with their L2 decay, and each tensor's kernel (empty: all use the
+    /// first).
     ///
     /// # Errors
     /// [`StepError::GroupCount`] if groups are set for another number of tensors than the step's
     /// `tensors`; [`StepError::InvalidGroup`] if a group's `lr · lr_scale` overflows.
     pub(crate) fn kernels<'s, K: Copy>(
-        &self,
+        &'s self,
         common: &CommonConfig,
         tensors: usize,
+        steps: StepNumbers<'_>,
+        classes: &'s mut KernelClasses,
         make: impl Fn(GroupHyper) -> K,
         store: &'s mut GroupKernels<K>,
-    ) -> Result<&'s [(K, f32)], StepError> {
-        let build = |h: GroupHyper| {
-            let l2 = if common.l2_decay { h.weight_decay } else { 0.0 };
-            (make(h), l2)
-        };
-        if self.per_tensor.is_empty() {
-            *store = GroupKernels::One([build(GroupHyper {
-                lr: common.lr,
-                weight_decay: common.weight_decay,
-            })]);
-            return Ok(store.as_slice());
-        }
-        if self.per_tensor.len() != tensors {
+    ) -> Result<Kernels<'s, K>, StepError> {
+        if !self.per_tensor.is_empty() && self.per_tensor.len() != tensors {
             return Err(StepError::GroupCount {
                 groups: self.per_tensor.len(),
                 tensors,
             });
         }
-        let kernel = |g: &ParamGroup| {
-            let lr = common.lr * g.lr_scale;
-            if !lr.is_finite() {
-                let tensor = self.per_tensor.iter().position(|p| p == g).unwrap_or(0);
-                return Err(StepError::InvalidGroup {
-                    tensor,
-                    field: "lr_scale",
-                    value: g.lr_scale,
-                    expected: "such that lr·lr_scale is finite",
+        let build = |g: Option<usize>, t: u64| {
+            let (lr, weight_decay) = self.resolve(common, g)?;
+            let l2 = if common.l2_decay { weight_decay } else { 0.0 };
+            Ok((
+                make(GroupHyper {
+                    lr,
+                    weight_decay,
+                    t,
+                }),
+                l2,
+            ))
+        };
+        let group = |tensor: usize| (!self.index.is_empty()).then(|| self.index[tensor]);
+        let (keys, index): (&[(Option<usize>, u64)], &[usize]) = match steps {
+            StepNumbers::Same(t) if self.per_tensor.is_empty() => {
+                *store = GroupKernels::One([build(None, t)?]);
+                return Ok(Kernels {
+                    kernels: store.as_slice(),
+                    index: &[],
                 });
             }
-            Ok(build(GroupHyper {
-                lr,
-                weight_decay: g.weight_decay.unwrap_or(common.weight_decay),
-            }))
+            StepNumbers::Same(t) => {
+                classes.keys.clear();
+                classes
+                    .keys
+                    .extend((0..self.distinct.len()).map(|g| (Some(g), t)));
+                (&classes.keys, &self.index)
+            }
+            StepNumbers::PerTensor { done, stepping } => {
+                classes.sort(tensors, |i| (group(i), done[i] + 1), stepping);
+                (&classes.keys, &classes.index)
+            }
         };
-        if self.distinct.len() > INLINE_GROUPS {
-            *store =
-                GroupKernels::Heap(self.distinct.iter().map(kernel).collect::<Result<_, _>>()?);
-        } else {
-            let first = kernel(&self.distinct[0])?;
-            *store = GroupKernels::Inline([first; INLINE_GROUPS], self.distinct.len());
+        if keys.len() > INLINE_GROUPS {
+            let kernels = keys.iter().map(|&(g, t)| build(g, t));
+            *store = GroupKernels::Heap(kernels.collect::<Result<_, _>>()?);
+        } else if let Some(&(g, t)) = keys.first() {
+            *store = GroupKernels::Inline([build(g, t)?; INLINE_GROUPS], keys.len());
             if let GroupKernels::Inline(inline, _) = store {
-                for (slot, g) in inline.iter_mut().zip(&self.distinct).skip(1) {
-                    *slot = kernel(g)?;
+                for (slot, &(g, t)) in inline.iter_mut().zip(keys).skip(1) {
+                    *slot = build(g, t)?;
                 }
             }
         }
-        Ok(store.as_slice())
+        Ok(Kernels {
+            kernels: store.as_slice(),
+            index,
+        })
     }
 }

@@ -1,13 +1,12 @@
 //! Gradient hygiene: the loss scale, global-norm clipping and the non-finite check, worked out
 //! before a step's update pass. The norm is one read-only pass over the gradients in fixed slices
 //! ([`NORM_SLICE`](crate::plan::NORM_SLICE)) whose sums are added in order, so it does not depend
-//! on threads or chunk length.
+//! on threads, chunk length, or whether the gradients came in one list or one at a time.
 
-use super::tensors::TensorList;
+use super::par::Par;
 use crate::plan::NormPlan;
 use crate::simd::{self, Tier};
 use crate::types::{NonFinite, Settings, StepError};
-use rayon::prelude::*;
 
 /// How the update pass reads every gradient: `(g / div)·factor`.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -31,6 +30,37 @@ pub(crate) enum GradCheck {
     Skip { grad_norm: f32 },
 }
 
+/// Checks the hygiene `settings` of optimizer `optimizer` before a step.
+///
+/// # Errors
+/// [`StepError::InvalidConfig`] for a loss scale or clipping norm out of range.
+pub(crate) fn check_settings(
+    settings: &Settings,
+    optimizer: &'static str,
+) -> Result<(), StepError> {
+    let invalid = |field, value, expected| StepError::InvalidConfig {
+        optimizer,
+        field,
+        value,
+        expected,
+    };
+    let scale = settings.grad_scale;
+    if !(scale.is_finite() && scale > 0.0) {
+        return Err(invalid("grad_scale", scale, "finite and > 0"));
+    }
+    if let Some(max) = settings.max_grad_norm
+        && !(max.is_finite() && max >= 0.0)
+    {
+        return Err(invalid("max_grad_norm", max, "finite and >= 0"));
+    }
+    Ok(())
+}
+
+/// Whether a step under `settings` needs the gradient norm.
+pub(crate) fn needs_norm(settings: &Settings) -> bool {
+    settings.max_grad_norm.is_some() || settings.non_finite != NonFinite::Propagate
+}
+
 /// The norm pass's slices and their sums, kept between steps.
 #[derive(Debug, Default)]
 pub(crate) struct NormPass {
@@ -39,45 +69,75 @@ pub(crate) struct NormPass {
 }
 
 impl NormPass {
-    /// Checks the hygiene `settings`, runs the norm pass (on `tier`) where clipping or checking
-    /// needs it, and works out how the update pass reads gradients: `±(g / scale)·clip`, and
-    /// bitwise `±g / scale` without clipping.
+    /// Prepares the slices of tensors of lengths `lens`; every sum starts at zero.
+    pub(crate) fn fit(&mut self, lens: impl ExactSizeIterator<Item = usize> + Clone) {
+        self.plan.fit(lens);
+        self.sums.clear();
+        self.sums.resize(self.plan.slices().len(), 0.0);
+    }
+
+    /// Sums the squares of every tensor's gradients in `grads` (`None`: no gradient, which adds
+    /// nothing), spread over `par` when there is more than `chunk_len` to read.
+    pub(crate) fn sum_all<'g>(
+        &mut self,
+        tier: Tier,
+        par: Par<'_>,
+        chunk_len: usize,
+        grads: impl Fn(usize) -> Option<&'g [f32]> + Sync,
+    ) {
+        let slices = self.plan.slices();
+        // One contiguous run of slices per thread: a read stream that jumps between distant
+        // slices restarts its prefetch lead each time.
+        let per_thread = slices.len().div_ceil(par.threads()).max(1);
+        let inline = self.plan.elements() <= chunk_len;
+        par.for_each_mut(&mut self.sums, per_thread, inline, |i, sum| {
+            let (t, start, len) = slices[i];
+            *sum = grads(t).map_or(0.0, |g| simd::sum_squares(tier, &g[start..start + len]));
+        });
+    }
+
+    /// Sums the squares of tensor `t`'s gradients `g` alone.
+    pub(crate) fn sum_tensor(
+        &mut self,
+        tier: Tier,
+        par: Par<'_>,
+        chunk_len: usize,
+        t: usize,
+        g: &[f32],
+    ) {
+        let range = self.plan.tensor_slices(t);
+        let slices = &self.plan.slices()[range.clone()];
+        let per_thread = slices.len().div_ceil(par.threads()).max(1);
+        let inline = g.len() <= chunk_len;
+        par.for_each_mut(&mut self.sums[range], per_thread, inline, |i, sum| {
+            let (_, start, len) = slices[i];
+            *sum = simd::sum_squares(tier, &g[start..start + len]);
+        });
+    }
+
+    /// Adds the sums in order and works out how the update pass reads gradients under
+    /// `settings`: `±(g / scale)·clip`, and bitwise `±g / scale` without clipping. `summed`
+    /// says whether the sums were taken ([`needs_norm`]).
     ///
     /// # Errors
-    /// [`StepError::InvalidConfig`] (naming `optimizer`) for a loss scale or clipping norm out of
-    /// range; [`StepError::NonFiniteGrad`] under [`NonFinite::Error`].
-    pub(crate) fn check(
-        &mut self,
+    /// [`StepError::NonFiniteGrad`] under [`NonFinite::Error`].
+    pub(crate) fn decide(
+        &self,
         settings: &Settings,
-        optimizer: &'static str,
-        tensors: &TensorList<'_>,
         maximize: bool,
-        tier: Tier,
-        chunk_len: usize,
+        summed: bool,
     ) -> Result<GradCheck, StepError> {
         let scale = settings.grad_scale;
-        let invalid = |field, value, expected| StepError::InvalidConfig {
-            optimizer,
-            field,
-            value,
-            expected,
-        };
-        if !(scale.is_finite() && scale > 0.0) {
-            return Err(invalid("grad_scale", scale, "finite and > 0"));
-        }
-        if let Some(max) = settings.max_grad_norm
-            && !(max.is_finite() && max >= 0.0)
-        {
-            return Err(invalid("max_grad_norm", max, "finite and >= 0"));
-        }
         let mut clip = 1.0f32;
         let mut grad_norm = None;
-        if settings.max_grad_norm.is_some() || settings.non_finite != NonFinite::Propagate {
-            let (sum, bad_tensor) = self.sum_squares(tier, tensors, chunk_len);
+        if summed {
+            let total = self.sums.iter().fold(0.0, |acc, &s| acc + s);
             // The norm of the unscaled gradients: ‖g‖ / scale.
-            let norm = (sum.sqrt() / f64::from(scale)) as f32;
+            let norm = (total.sqrt() / f64::from(scale)) as f32;
             grad_norm = Some(norm);
-            if let Some(tensor) = bad_tensor {
+            if !total.is_finite() {
+                let first = self.sums.iter().position(|s| !s.is_finite());
+                let tensor = first.map_or(0, |s| self.plan.slices()[s].0);
                 match settings.non_finite {
                     NonFinite::Propagate => {}
                     NonFinite::Skip => return Ok(GradCheck::Skip { grad_norm: norm }),
@@ -110,42 +170,5 @@ impl NormPass {
             }
         };
         Ok(GradCheck::Apply { scale, grad_norm })
-    }
-
-    /// The sum of squares of every gradient of the step in f64, in a fixed order, and the first
-    /// tensor holding a NaN or an infinity.
-    fn sum_squares(
-        &mut self,
-        tier: Tier,
-        tensors: &TensorList<'_>,
-        chunk_len: usize,
-    ) -> (f64, Option<usize>) {
-        self.plan.fit(tensors.lens());
-        let slices = self.plan.slices();
-        self.sums.resize(slices.len(), 0.0);
-        let sum_slice = |(sum, &(t, start, len)): (&mut f64, &(usize, usize, usize))| {
-            *sum = simd::sum_squares(tier, &tensors.grads(t)[start..start + len]);
-        };
-        if self.plan.elements() <= chunk_len || rayon::current_num_threads() == 1 {
-            self.sums.iter_mut().zip(slices).for_each(sum_slice);
-        } else {
-            // One contiguous run of slices per thread: a read stream that jumps between distant
-            // slices restarts its prefetch lead each time.
-            let threads = rayon::current_num_threads();
-            let per_task = slices.len().div_ceil(threads).max(1);
-            self.sums
-                .par_iter_mut()
-                .zip(slices.par_iter())
-                .with_min_len(per_task)
-                .for_each(sum_slice);
-        }
-        let total = self.sums.iter().fold(0.0, |acc, &s| acc + s);
-        let bad = if total.is_finite() {
-            None
-        } else {
-            let first = self.sums.iter().position(|s| !s.is_finite());
-            first.map(|b| slices[b].0)
-        };
-        (total, bad)
     }
 }

@@ -2,8 +2,14 @@
 //! dispatch. Imports [`crate::simd`], [`crate::types`], [`crate::plan`] and [`crate::tuning`].
 //!
 //! This is the only place that knows about rayon, chunk lengths and SIMD tiers. An optimizer's
-//! rule hands [`Engine::step`] a [`Kernel`] per parameter group holding its per-step scalars; the
-//! engine does the rest. A single-tensor `step` is a model with one tensor.
+//! rule hands [`Engine::step`] (a captured list of tensors) or [`Engine::step_feed`] (tensors
+//! lent one at a time) a function that builds a [`Kernel`] holding its per-step scalars for a
+//! class of tensors; the engine does the rest. A single-tensor `step` is a model with one tensor.
+//!
+//! # Steps per tensor
+//! A tensor without a gradient in a step is left alone, state included, and does not count the
+//! step: every tensor keeps its own step count, and tensors at different counts get kernels of
+//! their own (Adam's bias correction uses the tensor's count).
 //!
 //! # Layout and state
 //! The first step of a stateful optimizer fixes the *layout*: the number of tensors and each
@@ -30,35 +36,59 @@
 
 mod groups;
 mod hygiene;
+mod par;
 mod state;
 mod tensors;
 
 pub(crate) use groups::{CommonConfig, GroupHyper, check_groups};
 pub(crate) use state::State;
-pub(crate) use tensors::{Lists, Pairs, TensorList, TensorRef, TensorSource};
+pub use tensors::{FeedError, TensorFeed};
+pub(crate) use tensors::{Lists, Pairs, PartialLists, TensorList, TensorRef, TensorSource};
 
-use crate::plan::{Layout, Plan, effective_chunk_len};
+use crate::plan::{FeedPlan, Layout, Plan, effective_chunk_len};
 use crate::simd::{self, GradPrep, Kernel, Span, Tier};
 use crate::tuning;
 use crate::types::{ParamGroup, Settings, StepError, StepReport};
-use groups::{GroupKernels, Groups};
+use groups::{GroupKernels, Groups, KernelClasses, Kernels, StepNumbers};
 use hygiene::{GradCheck, GradScale, NormPass};
-use rayon::prelude::*;
+use par::Par;
+use std::collections::HashSet;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 
-/// Everything an optimizer needs besides its rule: settings, state, parameter groups, and what
-/// steps reuse (plan, norm slices, the capture buffer).
+/// Everything an optimizer needs besides its rule: settings, state, parameter groups, tensor
+/// names, its thread pool, and what steps reuse (plans, norm slices, capture buffers).
 #[derive(Debug)]
 pub struct Engine {
     /// The optimizer's name, for its tuned chunk length and in errors.
     name: &'static str,
-    /// How steps run; the caller's to change.
+    /// How steps run; the caller's to change (but `threads` through `set_threads`).
     pub(crate) settings: Settings,
+    /// The pool of `settings.threads` threads, when that is not 0.
+    pool: Option<rayon::ThreadPool>,
     state: State,
     groups: Groups,
+    /// Per-tensor names; empty when none are set.
+    names: Vec<String>,
     plan: Option<Plan>,
+    feed_plan: Option<FeedPlan>,
     norm: NormPass,
+    classes: KernelClasses,
     /// The storage of each step's [`TensorList`].
     captured: Vec<TensorRef>,
+    /// What the gradient phase of a fed step learnt of each tensor.
+    fed: Vec<Fed>,
+}
+
+/// One tensor of a fed step.
+#[derive(Debug)]
+struct Fed {
+    /// Its length.
+    len: usize,
+    /// Whether it has a gradient this step.
+    has_grad: bool,
+    /// Whether the update phase updated it.
+    updated: AtomicBool,
 }
 
 impl Engine {
@@ -67,11 +97,16 @@ impl Engine {
         Engine {
             name,
             settings: Settings::default(),
+            pool: None,
             state: State::default(),
             groups: Groups::default(),
+            names: Vec::new(),
             plan: None,
+            feed_plan: None,
             norm: NormPass::default(),
+            classes: KernelClasses::default(),
             captured: Vec::new(),
+            fed: Vec::new(),
         }
     }
 
@@ -92,14 +127,52 @@ impl Engine {
         };
     }
 
-    /// The state: step count, layout and buffers.
+    /// Runs later steps on a pool of `threads` threads of the optimizer's own (0: on the
+    /// caller's pool).
+    ///
+    /// # Errors
+    /// [`StepError::ThreadPool`] if the pool cannot be started; the previous setting stays.
+    pub(crate) fn set_threads(&mut self, threads: usize) -> Result<(), StepError> {
+        if threads == self.settings.threads {
+            return Ok(());
+        }
+        self.pool = if threads == 0 {
+            None
+        } else {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .thread_name(|i| format!("fusedopt-{i}"))
+                .build()
+                .map_err(|e| StepError::ThreadPool {
+                    threads,
+                    message: e.to_string(),
+                })?;
+            Some(pool)
+        };
+        self.settings.threads = threads;
+        Ok(())
+    }
+
+    /// The state: step counts, layout and buffers.
     pub(crate) fn state(&self) -> &State {
         &self.state
+    }
+
+    /// The steps each tensor of the layout has taken; empty before the first step.
+    pub(crate) fn tensor_steps(&self) -> &[u64] {
+        &self.state.tensor_steps
     }
 
     /// The tensor lengths of the layout, once fixed.
     pub(crate) fn layout(&self) -> Option<&[usize]> {
         self.state.layout.as_ref().map(Layout::lens)
+    }
+
+    /// The number of tensors per-tensor settings must match: the layout's, once there is state.
+    fn fixed_tensors(&self) -> Option<usize> {
+        self.layout()
+            .filter(|_| !self.state.buffers.is_empty())
+            .map(<[usize]>::len)
     }
 
     /// Sets per-tensor overrides (empty: none). Checked in full before anything changes.
@@ -108,14 +181,13 @@ impl Engine {
     /// [`StepError::InvalidGroup`], or [`StepError::GroupCount`] against an existing layout.
     pub(crate) fn set_param_groups(&mut self, groups: &[ParamGroup]) -> Result<(), StepError> {
         check_groups(groups)?;
-        if !groups.is_empty()
-            && !self.state.buffers.is_empty()
-            && let Some(lens) = self.layout()
-            && lens.len() != groups.len()
+        if let Some(tensors) = self.fixed_tensors()
+            && !groups.is_empty()
+            && tensors != groups.len()
         {
             return Err(StepError::GroupCount {
                 groups: groups.len(),
-                tensors: lens.len(),
+                tensors,
             });
         }
         self.groups = Groups::new(groups);
@@ -127,17 +199,45 @@ impl Engine {
         self.groups.per_tensor()
     }
 
-    /// Replaces state and groups with those of a state file (checked by the caller).
-    pub(crate) fn restore(&mut self, state: State, groups: &[ParamGroup]) {
-        self.state = state;
-        self.plan = None;
-        self.groups = Groups::new(groups);
+    /// Names the tensors (empty: no names). Checked in full before anything changes.
+    ///
+    /// # Errors
+    /// [`StepError::InvalidName`] for an empty name, one with a comma or a line break, or one
+    /// given twice; [`StepError::NameCount`] against an existing layout.
+    pub(crate) fn set_tensor_names(&mut self, names: &[&str]) -> Result<(), StepError> {
+        check_names(names.iter().copied())?;
+        if let Some(tensors) = self.fixed_tensors()
+            && !names.is_empty()
+            && tensors != names.len()
+        {
+            return Err(StepError::NameCount {
+                names: names.len(),
+                tensors,
+            });
+        }
+        self.names = names.iter().map(|n| n.to_string()).collect();
+        Ok(())
     }
 
-    /// Drops all state and the step count; settings and groups are kept.
+    /// The tensor names; empty when none are set.
+    pub(crate) fn tensor_names(&self) -> &[String] {
+        &self.names
+    }
+
+    /// Replaces state, groups and names with those of a state file (checked by the caller).
+    pub(crate) fn restore(&mut self, state: State, groups: &[ParamGroup], names: Vec<String>) {
+        self.state = state;
+        self.plan = None;
+        self.feed_plan = None;
+        self.groups = Groups::new(groups);
+        self.names = names;
+    }
+
+    /// Drops all state and the step counts; settings, groups and names are kept.
     pub(crate) fn reset(&mut self) {
         self.state = State::default();
         self.plan = None;
+        self.feed_plan = None;
     }
 
     /// Captures the tensors of `source` and runs `f` on them. The capture reuses storage, so
@@ -156,9 +256,9 @@ impl Engine {
         result
     }
 
-    /// One step: checks `tensors` against each other and the layout, resolves each parameter
-    /// group's hyperparameters and builds its kernel with `make`, checks the gradients, then
-    /// applies the kernels to every element of every tensor and counts the step.
+    /// One step over a captured list: checks the tensors against each other and the layout,
+    /// checks the gradients, builds a kernel per class of tensors with `make`, then applies the
+    /// kernels to every element of every tensor that has a gradient and counts the step.
     ///
     /// # Errors
     /// Every [`StepError`] of [`Optimizer::step`](crate::Optimizer::step) but an invalid
@@ -169,47 +269,9 @@ impl Engine {
         common: CommonConfig,
         make: impl Fn(GroupHyper) -> K,
     ) -> Result<StepReport, StepError> {
-        let mut store = GroupKernels::Empty;
-        let kernels = self
-            .groups
-            .kernels(&common, tensors.len(), make, &mut store)?;
-        let stateful = N > 0 || !self.state.buffers.is_empty();
-        self.validate(tensors, stateful)?;
-        let chunk_len = self.chunk_len();
-        let tier = self.settings.backend.tier();
-        let check = self.norm.check(
-            &self.settings,
-            self.name,
-            tensors,
-            common.maximize,
-            tier,
-            chunk_len,
-        )?;
-        let (scale, grad_norm) = match check {
-            GradCheck::Apply { scale, grad_norm } => (scale, grad_norm),
-            GradCheck::Skip { grad_norm } => {
-                return Ok(StepReport {
-                    step: self.state.steps,
-                    skipped: true,
-                    grad_norm: Some(grad_norm),
-                });
-            }
-        };
-        self.prepare(tensors, N, chunk_len)?;
-        self.dispatch(tensors, kernels, scale, tier);
-        self.state.steps += 1;
-        Ok(StepReport {
-            step: self.state.steps,
-            skipped: false,
-            grad_norm,
-        })
-    }
-
-    /// Checks every tensor's weights against its gradients and, where there is state, the
-    /// tensors against the layout.
-    fn validate(&self, tensors: &TensorList<'_>, stateful: bool) -> Result<(), StepError> {
+        self.check_tensors(tensors.lens(), N)?;
         for (tensor, t) in tensors.refs().iter().enumerate() {
-            if t.w_len != t.g_len {
+            if t.has_grad() && t.w_len != t.g_len {
                 return Err(StepError::LengthMismatch {
                     tensor,
                     weights: t.w_len,
@@ -217,14 +279,242 @@ impl Engine {
                 });
             }
         }
-        if let (true, Some(lens)) = (stateful, self.layout()) {
-            if lens.len() != tensors.len() {
+        hygiene::check_settings(&self.settings, self.name)?;
+        let (tier, chunk_len) = (self.settings.backend.tier(), self.chunk_len());
+        let summed = hygiene::needs_norm(&self.settings);
+        if summed {
+            let par = self.pool.as_ref().map_or(Par::Current, Par::Pool);
+            self.norm.fit(tensors.lens());
+            self.norm
+                .sum_all(tier, par, chunk_len, |t| tensors.grads(t));
+        }
+        let stepping = |t: usize| tensors.refs()[t].has_grad();
+        let mut store = GroupKernels::Empty;
+        let kernels = self.groups.kernels(
+            &common,
+            tensors.len(),
+            step_numbers(&self.state, &stepping),
+            &mut self.classes,
+            make,
+            &mut store,
+        )?;
+        let (scale, grad_norm) = match self.norm.decide(&self.settings, common.maximize, summed)? {
+            GradCheck::Apply { scale, grad_norm } => (scale, grad_norm),
+            GradCheck::Skip { grad_norm } => return Ok(self.skipped(grad_norm)),
+        };
+        if prepare_state(&mut self.state, tensors.lens(), N)? {
+            self.plan = None;
+            self.feed_plan = None;
+        }
+        let layout = self.state.layout.as_ref().expect("prepared");
+        if self
+            .plan
+            .as_ref()
+            .is_none_or(|p| p.chunk_len() != chunk_len)
+        {
+            self.plan = Some(Plan::new(layout.lens(), chunk_len));
+        }
+        let run = Run {
+            tier,
+            scale,
+            kernels,
+            state: StatePtrs::new(&mut self.state.buffers),
+            offsets: layout.offsets(),
+        };
+        let plan = self.plan.as_ref().expect("prepared");
+        let refs = tensors.refs();
+        let par = self.pool.as_ref().map_or(Par::Current, Par::Pool);
+        par.for_each(plan.tasks(), |task| {
+            for seg in plan.task(task) {
+                let tensor = refs[seg.tensor];
+                if tensor.has_grad() {
+                    // SAFETY: the segment lies inside the tensor (the plan was cut from the
+                    // layout, which `check_tensors` matched against these weight lengths, and the
+                    // gradients have the same length) and inside its slice of every state buffer;
+                    // the pointers come from borrows the step holds (`TensorList`); segments of a
+                    // plan are disjoint, and gradients are distinct from weights (a `&` and a
+                    // `&mut`).
+                    unsafe { run.segment(seg.tensor, tensor, seg.start, seg.len) };
+                }
+            }
+        });
+        Ok(finish(&mut self.state, tensors.len(), stepping, grad_norm))
+    }
+
+    /// One step over tensors lent one at a time by `feed`: reads every gradient once (lengths,
+    /// which tensors have one, the norm where needed), builds a kernel per class of tensors with
+    /// `make`, then lends and updates each tensor that has a gradient, tasks of tensors running
+    /// on the pool.
+    ///
+    /// # Errors
+    /// As [`step`](Engine::step), and [`StepError::Feed`] when the feed fails. Errors of the
+    /// gradient phase modify nothing; an error of the update phase leaves the tensors already
+    /// updated as they are (with their step counted).
+    pub(crate) fn step_feed<K: Kernel<N> + Copy, const N: usize>(
+        &mut self,
+        feed: &dyn TensorFeed,
+        common: CommonConfig,
+        make: impl Fn(GroupHyper) -> K,
+    ) -> Result<StepReport, StepError> {
+        let n = feed.tensor_count();
+        self.fed.clear();
+        self.fed.extend((0..n).map(|i| Fed {
+            len: feed.tensor_len(i),
+            has_grad: false,
+            updated: AtomicBool::new(false),
+        }));
+        let lens = || self.fed.iter().map(|f| f.len);
+        self.check_tensors(lens(), N)?;
+        hygiene::check_settings(&self.settings, self.name)?;
+        let (tier, chunk_len) = (self.settings.backend.tier(), self.chunk_len());
+        let summed = hygiene::needs_norm(&self.settings);
+        let par = self.pool.as_ref().map_or(Par::Current, Par::Pool);
+        if summed {
+            self.norm.fit(self.fed.iter().map(|f| f.len));
+        }
+        // The gradient phase: nothing changes until every gradient has been read.
+        for (i, fed) in self.fed.iter_mut().enumerate() {
+            let mut lent = None;
+            let norm = &mut self.norm;
+            feed.grad(i, &mut |g| {
+                lent = Some(match g {
+                    None => Ok(false),
+                    Some(g) if g.len() != fed.len => Err(StepError::LengthMismatch {
+                        tensor: i,
+                        weights: fed.len,
+                        grads: g.len(),
+                    }),
+                    Some(g) => {
+                        if summed {
+                            norm.sum_tensor(tier, par, chunk_len, i, g);
+                        }
+                        Ok(true)
+                    }
+                });
+            })
+            .map_err(|e| feed_error(i, e.to_string()))?;
+            fed.has_grad =
+                lent.ok_or_else(|| feed_error(i, "it did not lend the gradient".into()))??;
+        }
+        let fed = &self.fed;
+        let stepping = |t: usize| fed[t].has_grad;
+        let mut store = GroupKernels::Empty;
+        let kernels = self.groups.kernels(
+            &common,
+            n,
+            step_numbers(&self.state, &stepping),
+            &mut self.classes,
+            make,
+            &mut store,
+        )?;
+        let (scale, grad_norm) = match self.norm.decide(&self.settings, common.maximize, summed)? {
+            GradCheck::Apply { scale, grad_norm } => (scale, grad_norm),
+            GradCheck::Skip { grad_norm } => return Ok(self.skipped(grad_norm)),
+        };
+        if prepare_state(&mut self.state, fed.iter().map(|f| f.len), N)? {
+            self.plan = None;
+            self.feed_plan = None;
+        }
+        let layout = self.state.layout.as_ref().expect("prepared");
+        if self
+            .feed_plan
+            .as_ref()
+            .is_none_or(|p| p.chunk_len() != chunk_len)
+        {
+            self.feed_plan = Some(FeedPlan::new(layout.lens(), chunk_len));
+        }
+        let run = Run {
+            tier,
+            scale,
+            kernels,
+            state: StatePtrs::new(&mut self.state.buffers),
+            offsets: layout.offsets(),
+        };
+        // The update phase: the first error stops the tensors not yet started.
+        let error = Mutex::new(None::<StepError>);
+        let failed = AtomicBool::new(false);
+        let fail = |e: StepError| {
+            failed.store(true, Ordering::Relaxed);
+            let mut first = error.lock().unwrap_or_else(|e| e.into_inner());
+            first.get_or_insert(e);
+        };
+        let plan = self.feed_plan.as_ref().expect("prepared");
+        par.for_each(plan.tasks(), |task| {
+            for i in plan.task(task) {
+                if !fed[i].has_grad || failed.load(Ordering::Relaxed) {
+                    continue;
+                }
+                let mut checked = None;
+                let lent = feed.update(i, &mut |w, g| {
+                    checked = Some(if w.len() != fed[i].len || g.len() != fed[i].len {
+                        Err(StepError::Feed {
+                            tensor: i,
+                            message: format!(
+                                "it lent {} weights and {} gradients, but announced {}",
+                                w.len(),
+                                g.len(),
+                                fed[i].len
+                            ),
+                        })
+                    } else {
+                        let tensor = TensorRef {
+                            w: w.as_mut_ptr(),
+                            w_len: w.len(),
+                            g: g.as_ptr(),
+                            g_len: g.len(),
+                        };
+                        let spans = fed[i].len.div_ceil(chunk_len);
+                        par.for_each(spans, |s| {
+                            let start = s * chunk_len;
+                            let len = chunk_len.min(fed[i].len - start);
+                            // SAFETY: `start..start + len` lies inside the tensor's weights and
+                            // gradients (both `fed[i].len` long, checked above), borrowed for
+                            // this call, and inside its slice of every state buffer (the layout
+                            // has the same lengths). Spans are disjoint; so are tensors of
+                            // different tasks. The feed lends the gradient as a `&` beside the
+                            // `&mut` weights, so they do not overlap.
+                            unsafe { run.segment(i, tensor, start, len) };
+                        });
+                        fed[i].updated.store(true, Ordering::Relaxed);
+                        Ok(())
+                    });
+                });
+                let outcome = lent
+                    .map_err(|e| feed_error(i, e.to_string()))
+                    .and_then(|()| {
+                        checked.unwrap_or_else(|| {
+                            Err(feed_error(i, "it did not lend the tensor".into()))
+                        })
+                    });
+                if let Err(e) = outcome {
+                    fail(e);
+                }
+            }
+        });
+        let updated = |t: usize| fed[t].updated.load(Ordering::Relaxed);
+        let report = finish(&mut self.state, n, updated, grad_norm);
+        match error.into_inner().unwrap_or_else(|e| e.into_inner()) {
+            Some(e) => Err(e),
+            None => Ok(report),
+        }
+    }
+
+    /// Checks the tensor count and lengths against the layout (for a stateful optimizer,
+    /// `buffers > 0`, or one holding state), and against the groups and names set.
+    fn check_tensors(
+        &self,
+        lens: impl ExactSizeIterator<Item = usize> + Clone,
+        buffers: usize,
+    ) -> Result<(), StepError> {
+        let stateful = buffers > 0 || !self.state.buffers.is_empty();
+        if let (true, Some(layout)) = (stateful, self.layout()) {
+            if layout.len() != lens.len() {
                 return Err(StepError::TensorCount {
-                    expected: lens.len(),
-                    found: tensors.len(),
+                    expected: layout.len(),
+                    found: lens.len(),
                 });
             }
-            for (tensor, (&expected, found)) in lens.iter().zip(tensors.lens()).enumerate() {
+            for (tensor, (&expected, found)) in layout.iter().zip(lens.clone()).enumerate() {
                 if expected != found {
                     return Err(StepError::TensorLen {
                         tensor,
@@ -234,108 +524,215 @@ impl Engine {
                 }
             }
         }
-        Ok(())
-    }
-
-    /// Makes layout, `buffers` state buffers and plan ready for the (validated) `tensors`.
-    /// Allocation failure is an error and leaves the previous state in place.
-    fn prepare(
-        &mut self,
-        tensors: &TensorList<'_>,
-        buffers: usize,
-        chunk_len: usize,
-    ) -> Result<(), StepError> {
-        let state = &mut self.state;
-        if !state
-            .layout
-            .as_ref()
-            .is_some_and(|l| l.matches(tensors.lens()))
-        {
-            // First step, or a stateless optimizer seeing another layout.
-            let lens: Vec<usize> = tensors.lens().collect();
-            let layout = Layout::new(lens).ok_or(StepError::OutOfMemory {
-                elements: usize::MAX,
-            })?;
-            state.layout = Some(layout);
-            self.plan = None;
-        }
-        let layout = state.layout.as_ref().expect("set above");
-        if state.buffers.len() < buffers {
-            // All or nothing: the state changes only once every new buffer is allocated.
-            let fresh = (state.buffers.len()..buffers)
-                .map(|_| state::zeroed_buffer(layout.total()))
-                .collect::<Result<Vec<_>, _>>()?;
-            state.buffers.extend(fresh);
-        }
-        if self
-            .plan
-            .as_ref()
-            .is_none_or(|p| p.chunk_len() != chunk_len)
-        {
-            self.plan = Some(Plan::new(layout.lens(), chunk_len));
+        if !self.names.is_empty() && self.names.len() != lens.len() {
+            return Err(StepError::NameCount {
+                names: self.names.len(),
+                tensors: lens.len(),
+            });
         }
         Ok(())
     }
 
-    /// Runs the kernels over every element of the prepared plan, on the current rayon pool.
-    fn dispatch<K: Kernel<N>, const N: usize>(
-        &mut self,
-        tensors: &TensorList<'_>,
-        kernels: &[(K, f32)],
-        scale: GradScale,
-        tier: Tier,
-    ) {
-        let kernel_index = self.groups.kernel_index();
-        let layout = self.state.layout.as_ref().expect("prepared");
-        let plan = self.plan.as_ref().expect("prepared");
-        let refs = tensors.refs();
-        let state: [StatePtr; N] = {
-            let mut it = self.state.buffers.iter_mut();
-            core::array::from_fn(|_| StatePtr(it.next().expect("prepared").as_mut_ptr()))
-        };
-        let offsets = layout.offsets();
-        let run_task = |t: usize| {
-            for seg in plan.task(t) {
-                let tensor = refs[seg.tensor];
-                let (kernel, wd) = &kernels[kernel_index.get(seg.tensor).map_or(0, |&i| i)];
-                let prep = GradPrep {
-                    div: scale.div,
-                    factor: scale.factor,
-                    wd: *wd,
-                };
-                let at = offsets[seg.tensor] + seg.start;
-                // SAFETY: `seg` lies inside tensor `seg.tensor` (the plan was cut from the layout,
-                // which `validate` matched against these weight and gradient lengths), and inside
-                // that tensor's slice of every state buffer (`offsets` and `total` come from the
-                // same lengths). The pointers come from borrows the step holds (`TensorList`).
-                // Segments of a plan are disjoint, so concurrent tasks never touch the same
-                // element, and the gradients are distinct from the weights (one was a `&`, the
-                // other a `&mut`).
-                unsafe {
-                    let span = Span {
-                        w: tensor.w.add(seg.start),
-                        g: tensor.g.add(seg.start),
-                        s: core::array::from_fn(|j| state[j].0.add(at)),
-                        len: seg.len,
-                    };
-                    simd::update_span(tier, kernel, prep, span);
-                }
-            }
-        };
-        let tasks = plan.tasks();
-        if tasks <= 1 || rayon::current_num_threads() == 1 {
-            (0..tasks).for_each(run_task);
-        } else {
-            (0..tasks).into_par_iter().for_each(run_task);
+    /// The report of a step skipped for a non-finite gradient.
+    fn skipped(&self, grad_norm: f32) -> StepReport {
+        StepReport {
+            step: self.state.steps,
+            skipped: true,
+            grad_norm: Some(grad_norm),
         }
     }
 }
 
-/// A state buffer's base pointer, shared by the tasks of one step.
-#[derive(Debug, Clone, Copy)]
-struct StatePtr(*mut f32);
-// SAFETY: only dereferenced by tasks of one plan, whose segments are disjoint, while the step
-// that created it holds `&mut` of the state buffers.
-unsafe impl Send for StatePtr {}
+/// Counts an applied step: once in all, and once for each tensor that `stepped`.
+fn finish(
+    state: &mut State,
+    tensors: usize,
+    stepped: impl Fn(usize) -> bool,
+    grad_norm: Option<f32>,
+) -> StepReport {
+    state.steps += 1;
+    for (t, count) in state.tensor_steps.iter_mut().enumerate().take(tensors) {
+        *count += u64::from(stepped(t));
+    }
+    StepReport {
+        step: state.steps,
+        skipped: false,
+        grad_norm,
+    }
+}
+
+/// A rule's way into a step, over a captured list or a feed: the rule says how to build its
+/// kernel, the runner runs the step.
+pub trait StepRunner {
+    /// Runs the step with the kernels `make` builds.
+    ///
+    /// # Errors
+    /// Those of [`Engine::step`] or [`Engine::step_feed`].
+    fn run<K: Kernel<N> + Copy, const N: usize>(
+        self,
+        common: CommonConfig,
+        make: impl Fn(GroupHyper) -> K,
+    ) -> Result<StepReport, StepError>;
+}
+
+/// A step over a captured list.
+pub(crate) struct ListStep<'e, 'l, 't>(pub &'e mut Engine, pub &'l TensorList<'t>);
+
+impl StepRunner for ListStep<'_, '_, '_> {
+    fn run<K: Kernel<N> + Copy, const N: usize>(
+        self,
+        common: CommonConfig,
+        make: impl Fn(GroupHyper) -> K,
+    ) -> Result<StepReport, StepError> {
+        self.0.step(self.1, common, make)
+    }
+}
+
+/// A step over a feed.
+pub(crate) struct FeedStep<'e, 'f>(pub &'e mut Engine, pub &'f dyn TensorFeed);
+
+impl StepRunner for FeedStep<'_, '_> {
+    fn run<K: Kernel<N> + Copy, const N: usize>(
+        self,
+        common: CommonConfig,
+        make: impl Fn(GroupHyper) -> K,
+    ) -> Result<StepReport, StepError> {
+        self.0.step_feed(self.1, common, make)
+    }
+}
+
+/// A [`StepError::Feed`].
+fn feed_error(tensor: usize, message: String) -> StepError {
+    StepError::Feed { tensor, message }
+}
+
+/// The step numbers of the tensors of `state`, those that step being `stepping`.
+fn step_numbers<'a>(
+    state: &'a State,
+    stepping: &'a (dyn Fn(usize) -> bool + Sync),
+) -> StepNumbers<'a> {
+    match state.common_step() {
+        Some(t) => StepNumbers::Same(t),
+        None => StepNumbers::PerTensor {
+            done: &state.tensor_steps,
+            stepping,
+        },
+    }
+}
+
+/// Makes layout, per-tensor step counts and `buffers` state buffers ready for tensors of
+/// lengths `lens` (checked against the layout), and says whether the layout is new. Allocation
+/// failure is an error and leaves the state as it was.
+fn prepare_state(
+    state: &mut State,
+    lens: impl ExactSizeIterator<Item = usize> + Clone,
+    buffers: usize,
+) -> Result<bool, StepError> {
+    let new_layout = !state
+        .layout
+        .as_ref()
+        .is_some_and(|l| l.matches(lens.clone()));
+    if new_layout {
+        // First step, or a stateless optimizer seeing another layout: every tensor starts from
+        // the steps taken so far.
+        let layout = Layout::new(lens.collect()).ok_or(StepError::OutOfMemory {
+            elements: usize::MAX,
+        })?;
+        state.tensor_steps = vec![state.steps; layout.lens().len()];
+        state.layout = Some(layout);
+    }
+    let layout = state.layout.as_ref().expect("set above");
+    if state.buffers.len() < buffers {
+        // All or nothing: the state changes only once every new buffer is allocated.
+        let fresh = (state.buffers.len()..buffers)
+            .map(|_| state::zeroed_buffer(layout.total()))
+            .collect::<Result<Vec<_>, _>>()?;
+        state.buffers.extend(fresh);
+    }
+    Ok(new_layout)
+}
+
+/// Checks tensor names: non-empty, without commas or line breaks (the state file lists them),
+/// and distinct.
+///
+/// # Errors
+/// [`StepError::InvalidName`] naming the first offender.
+pub(crate) fn check_names<'n>(names: impl Iterator<Item = &'n str>) -> Result<(), StepError> {
+    let mut seen = HashSet::new();
+    for (tensor, name) in names.enumerate() {
+        let bad = |reason| StepError::InvalidName {
+            tensor,
+            name: name.to_string(),
+            reason,
+        };
+        if name.is_empty() {
+            return Err(bad("is empty"));
+        }
+        if name.contains([',', '\n', '\r']) {
+            return Err(bad("holds a comma or a line break"));
+        }
+        if !seen.insert(name) {
+            return Err(bad("is given twice"));
+        }
+    }
+    Ok(())
+}
+
+/// Everything a task needs to update a segment of a tensor.
+struct Run<'a, K, const N: usize> {
+    tier: Tier,
+    scale: GradScale,
+    kernels: Kernels<'a, K>,
+    state: StatePtrs<N>,
+    /// Where each tensor's slice starts in every state buffer.
+    offsets: &'a [usize],
+}
+
+impl<K: Kernel<N>, const N: usize> Run<'_, K, N> {
+    /// Updates elements `start..start + len` of tensor `tensor`, whose weights and gradients are
+    /// `t`.
+    ///
+    /// # Safety
+    /// `start..start + len` must lie inside the tensor's weights and gradients, valid for the
+    /// call, and inside its slice of every state buffer; no other thread may touch these
+    /// elements during the call; weights and gradients must not overlap.
+    unsafe fn segment(&self, tensor: usize, t: TensorRef, start: usize, len: usize) {
+        let (kernel, wd) = self.kernels.of(tensor);
+        let prep = GradPrep {
+            div: self.scale.div,
+            factor: self.scale.factor,
+            wd: *wd,
+        };
+        let at = self.offsets[tensor] + start;
+        // SAFETY: the caller's contract; the state pointers are offset to the tensor's slice.
+        unsafe {
+            let span = Span {
+                w: t.w.add(start),
+                g: t.g.add(start),
+                s: core::array::from_fn(|j| self.state.0[j].add(at)),
+                len,
+            };
+            simd::update_span(self.tier, kernel, prep, span);
+        }
+    }
+}
+
+/// The state buffers' base pointers, shared by the tasks of one step.
+#[derive(Clone, Copy)]
+struct StatePtrs<const N: usize>([*mut f32; N]);
+
+impl<const N: usize> StatePtrs<N> {
+    /// The first `N` buffers of `buffers` (a prepared state has at least `N`).
+    fn new(buffers: &mut [state::StateBuf]) -> Self {
+        let mut it = buffers.iter_mut();
+        StatePtrs(core::array::from_fn(|_| {
+            it.next().expect("prepared").as_mut_ptr()
+        }))
+    }
+}
+
+// SAFETY: only dereferenced by the tasks of one step, which touch disjoint elements, while the
+// step holds `&mut` of the state buffers.
+unsafe impl<const N: usize> Send for StatePtrs<N> {}
 // SAFETY: as above.
-unsafe impl Sync for StatePtr {}
+unsafe impl<const N: usize> Sync for StatePtrs<N> {}

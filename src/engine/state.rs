@@ -1,6 +1,6 @@
-//! What an optimizer holds besides its settings: the step count, the layout its first step fixed,
-//! and the 64-byte aligned state buffers sized to it. A plain value, which state files save and
-//! restore.
+//! What an optimizer holds besides its settings: the step counts, the layout its first step
+//! fixed, and the 64-byte aligned state buffers sized to it. A plain value, which state files
+//! save and restore.
 
 use crate::plan::Layout;
 use crate::types::StepError;
@@ -9,11 +9,13 @@ use aligned_vec::{AVec, ConstAlign};
 /// One state buffer: every tensor's slice, each starting on a 64-byte boundary.
 pub(crate) type StateBuf = AVec<f32, ConstAlign<64>>;
 
-/// An optimizer's state: step count, layout and state buffers (momentum, moments, ...).
+/// An optimizer's state: step counts, layout and state buffers (momentum, moments, ...).
 #[derive(Debug, Default)]
 pub(crate) struct State {
-    /// Steps applied.
+    /// Steps applied (a step counts here even where some tensors had no gradient).
     pub steps: u64,
+    /// Steps each tensor of the layout has taken; empty before the first step.
+    pub tensor_steps: Vec<u64>,
     /// The layout, fixed by the first step; `None` before it.
     pub layout: Option<Layout>,
     /// The state buffers, each `layout.total()` long, padding zeroed.
@@ -21,19 +23,34 @@ pub(crate) struct State {
 }
 
 impl State {
-    /// A state of `steps` steps with `buffers` zeroed buffers for `layout`.
+    /// A state of `buffers` zeroed buffers for `layout`, whose tensors have taken
+    /// `tensor_steps` steps, after `steps` steps in all.
     ///
     /// # Errors
     /// [`StepError::OutOfMemory`] if a buffer cannot be allocated.
-    pub(crate) fn zeroed(layout: Layout, buffers: usize, steps: u64) -> Result<State, StepError> {
+    pub(crate) fn zeroed(
+        layout: Layout,
+        buffers: usize,
+        steps: u64,
+        tensor_steps: Vec<u64>,
+    ) -> Result<State, StepError> {
         let buffers = (0..buffers)
             .map(|_| zeroed_buffer(layout.total()))
             .collect::<Result<_, _>>()?;
         Ok(State {
             steps,
+            tensor_steps,
             layout: Some(layout),
             buffers,
         })
+    }
+
+    /// The step every tensor takes next, if they all take the same one.
+    pub(crate) fn common_step(&self) -> Option<u64> {
+        match self.tensor_steps.split_first() {
+            None => Some(self.steps + 1),
+            Some((&first, rest)) => rest.iter().all(|&s| s == first).then_some(first + 1),
+        }
     }
 
     /// Tensor `t`'s slice of buffer `b`.

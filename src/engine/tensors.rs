@@ -1,17 +1,24 @@
 //! A step's input: the caller's weight and gradient slices, captured once each at the start of
-//! the step, however the caller holds them.
+//! the step ([`TensorList`]), or lent one tensor at a time ([`TensorFeed`]).
 
 use crate::types::StepError;
 use core::marker::PhantomData;
 
 /// One tensor of a step: its weights and gradients as pointer and length, taken from the
-/// caller's borrows.
+/// caller's borrows. `g` is null where the tensor has no gradient this step.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct TensorRef {
     pub w: *mut f32,
     pub w_len: usize,
     pub g: *const f32,
     pub g_len: usize,
+}
+
+impl TensorRef {
+    /// Whether the tensor has a gradient this step.
+    pub(crate) fn has_grad(&self) -> bool {
+        !self.g.is_null()
+    }
 }
 
 // SAFETY: a `TensorRef` only carries addresses; reading them is harmless. Every dereference is
@@ -41,13 +48,17 @@ impl<'a> TensorList<'a> {
         }
     }
 
-    /// Appends tensors. A tensor's two slices may have different lengths: the step refuses that.
-    pub(crate) fn extend(&mut self, tensors: impl Iterator<Item = (&'a mut [f32], &'a [f32])>) {
+    /// Appends tensors, `None` for one without a gradient. A tensor's two slices may have
+    /// different lengths: the step refuses that.
+    pub(crate) fn extend(
+        &mut self,
+        tensors: impl Iterator<Item = (&'a mut [f32], Option<&'a [f32]>)>,
+    ) {
         self.tensors.extend(tensors.map(|(w, g)| TensorRef {
             w: w.as_mut_ptr(),
             w_len: w.len(),
-            g: g.as_ptr(),
-            g_len: g.len(),
+            g: g.map_or(core::ptr::null(), <[f32]>::as_ptr),
+            g_len: g.map_or(0, <[f32]>::len),
         }));
     }
 
@@ -72,11 +83,15 @@ impl<'a> TensorList<'a> {
         self.tensors.iter().map(|t| t.w_len)
     }
 
-    /// Tensor `t`'s gradients.
-    pub(crate) fn grads(&self, t: usize) -> &[f32] {
+    /// Tensor `t`'s gradients, if it has any.
+    pub(crate) fn grads(&self, t: usize) -> Option<&[f32]> {
         let r = self.tensors[t];
-        // SAFETY: `g` and `g_len` come from a `&'a [f32]` (`push`), which outlives `self`.
-        unsafe { core::slice::from_raw_parts(r.g, r.g_len) }
+        if !r.has_grad() {
+            return None;
+        }
+        // SAFETY: a non-null `g` and `g_len` come from a `&'a [f32]` (`extend`), which outlives
+        // `self`.
+        Some(unsafe { core::slice::from_raw_parts(r.g, r.g_len) })
     }
 }
 
@@ -96,7 +111,7 @@ pub(crate) struct Pairs<'p, 'w, 'g>(pub &'p mut [(&'w mut [f32], &'g [f32])]);
 
 impl TensorSource for Pairs<'_, '_, '_> {
     fn capture<'s>(&'s mut self, list: &mut TensorList<'s>) -> Result<(), StepError> {
-        list.extend(self.0.iter_mut().map(|(w, g)| (&mut **w, &**g)));
+        list.extend(self.0.iter_mut().map(|(w, g)| (&mut **w, Some(&**g))));
         Ok(())
     }
 }
@@ -108,17 +123,119 @@ pub(crate) struct Lists<'a, W, G> {
     pub grads: &'a [G],
 }
 
+/// The number of weight tensors against the number of gradient slots.
+fn check_counts(weights: usize, grads: usize) -> Result<(), StepError> {
+    if weights == grads {
+        Ok(())
+    } else {
+        Err(StepError::GradCount { weights, grads })
+    }
+}
+
 impl<W: AsMut<[f32]>, G: AsRef<[f32]>> TensorSource for Lists<'_, W, G> {
     fn capture<'s>(&'s mut self, list: &mut TensorList<'s>) -> Result<(), StepError> {
-        if self.weights.len() != self.grads.len() {
-            return Err(StepError::GradCount {
-                weights: self.weights.len(),
-                grads: self.grads.len(),
-            });
-        }
+        check_counts(self.weights.len(), self.grads.len())?;
         // Each `as_mut`/`as_ref` is called once, so what the step checks is what it writes.
         let pairs = self.weights.iter_mut().zip(self.grads);
-        list.extend(pairs.map(|(w, g)| (w.as_mut(), g.as_ref())));
+        list.extend(pairs.map(|(w, g)| (w.as_mut(), Some(g.as_ref()))));
         Ok(())
     }
+}
+
+/// The lists of [`step_partial`](crate::Fused::step_partial): every weight tensor, and a
+/// gradient for each or `None`.
+pub(crate) struct PartialLists<'a, W, G> {
+    pub weights: &'a mut [W],
+    pub grads: &'a [Option<G>],
+}
+
+impl<W: AsMut<[f32]>, G: AsRef<[f32]>> TensorSource for PartialLists<'_, W, G> {
+    fn capture<'s>(&'s mut self, list: &mut TensorList<'s>) -> Result<(), StepError> {
+        check_counts(self.weights.len(), self.grads.len())?;
+        let pairs = self.weights.iter_mut().zip(self.grads);
+        list.extend(pairs.map(|(w, g)| (w.as_mut(), g.as_ref().map(AsRef::as_ref))));
+        Ok(())
+    }
+}
+
+/// What stops a [`TensorFeed`] from lending a tensor.
+pub type FeedError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A model's tensors lent one at a time, for [`Optimizer::step_feed`](crate::Optimizer::step_feed):
+/// for trainers that can reach a tensor's memory only inside a call (a lock guard, a callback),
+/// so that no step needs every tensor borrowed at once.
+///
+/// A fed step reads every gradient first, each through one call of
+/// [`grad`](TensorFeed::grad) (to check lengths before anything changes, learn which tensors
+/// have none, and take the global norm where clipping or the non-finite check needs it), then
+/// updates each tensor that has one through one call of [`update`](TensorFeed::update). Updates
+/// of different tensors may run on several threads at once; small tensors are packed into one
+/// task, and a large tensor's update is split across threads inside its call.
+///
+/// ```
+/// use fusedopt::{Adam, AdamConfig, FeedError, Optimizer, TensorFeed};
+/// use std::sync::Mutex;
+///
+/// /// Tensors behind locks: each is reachable only while its lock is held.
+/// struct Locked {
+///     weights: Vec<Mutex<Vec<f32>>>,
+///     grads: Vec<Option<Vec<f32>>>,
+/// }
+///
+/// impl TensorFeed for Locked {
+///     fn tensor_count(&self) -> usize {
+///         self.weights.len()
+///     }
+///     fn tensor_len(&self, tensor: usize) -> usize {
+///         self.weights[tensor].lock().unwrap().len()
+///     }
+///     fn grad(&self, tensor: usize, read: &mut dyn FnMut(Option<&[f32]>)) -> Result<(), FeedError> {
+///         read(self.grads[tensor].as_deref());
+///         Ok(())
+///     }
+///     fn update(&self, tensor: usize, update: &mut dyn FnMut(&mut [f32], &[f32])) -> Result<(), FeedError> {
+///         let grad = self.grads[tensor].as_deref().ok_or("no gradient")?;
+///         update(&mut self.weights[tensor].lock().unwrap(), grad);
+///         Ok(())
+///     }
+/// }
+///
+/// let model = Locked {
+///     weights: vec![Mutex::new(vec![1.0; 4]), Mutex::new(vec![1.0; 2])],
+///     grads: vec![Some(vec![0.5; 4]), None], // the second tensor has no gradient this step
+/// };
+/// let mut opt = Adam::new(AdamConfig::default());
+/// opt.step_feed(&model)?;
+/// assert!(model.weights[0].lock().unwrap()[0] < 1.0);
+/// assert_eq!(*model.weights[1].lock().unwrap(), [1.0, 1.0]);
+/// assert_eq!(opt.tensor_steps(), [1, 0]);
+/// # Ok::<(), fusedopt::StepError>(())
+/// ```
+pub trait TensorFeed: Sync {
+    /// The number of tensors.
+    fn tensor_count(&self) -> usize;
+
+    /// The number of elements of tensor `tensor` (its weights).
+    fn tensor_len(&self, tensor: usize) -> usize;
+
+    /// Lends tensor `tensor`'s gradient to `read`, or `None` when the tensor has no gradient this
+    /// step. Called once per tensor per step, on the thread that called the step.
+    ///
+    /// # Errors
+    /// Whatever keeps the feed from lending it; the step is then refused and nothing is
+    /// modified.
+    fn grad(&self, tensor: usize, read: &mut dyn FnMut(Option<&[f32]>)) -> Result<(), FeedError>;
+
+    /// Lends tensor `tensor`'s weights, mutably, and the same gradient as [`grad`](TensorFeed::grad)
+    /// did, to `update`. Called once per step for every tensor that has a gradient, possibly from
+    /// several threads at once for different tensors.
+    ///
+    /// # Errors
+    /// Whatever keeps the feed from lending it. The update phase cannot be undone: tensors
+    /// updated before the error stay updated, and the step reports the error.
+    fn update(
+        &self,
+        tensor: usize,
+        update: &mut dyn FnMut(&mut [f32], &[f32]),
+    ) -> Result<(), FeedError>;
 }

@@ -3,7 +3,7 @@
 use super::{
     Fused, StateBuffer, check_eps, check_lr, check_weight_decay, config_fields, sealed::RuleImpl,
 };
-use crate::engine::{CommonConfig, Engine, TensorList};
+use crate::engine::{CommonConfig, StepRunner};
 use crate::simd::{Kernel, Lane};
 use crate::types::{StepError, StepReport};
 
@@ -84,9 +84,9 @@ impl RuleImpl for AdaGradConfig {
     const NAME: &'static str = "adagrad";
     const BUFFERS: &'static [StateBuffer] = &[StateBuffer::required("h")];
     config_fields!(lr, eps, weight_decay, maximize);
-    fn step(&self, engine: &mut Engine, tensors: &TensorList<'_>) -> Result<StepReport, StepError> {
+    fn step<X: StepRunner>(&self, x: X) -> Result<StepReport, StepError> {
         let common = CommonConfig::l2(self.lr, self.weight_decay, self.maximize);
-        engine.step(tensors, common, |h| AdaGradStep {
+        x.run(common, |h| AdaGradStep {
             lr: h.lr,
             eps: self.eps,
         })

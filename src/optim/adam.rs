@@ -5,7 +5,7 @@ use super::{
     FieldValue, Fused, StateBuffer, check_eps, check_lr, check_unit, check_weight_decay,
     config_fields, sealed::RuleImpl,
 };
-use crate::engine::{CommonConfig, Engine, TensorList};
+use crate::engine::{CommonConfig, StepRunner};
 use crate::simd::{Kernel, Lane};
 use crate::types::{StepError, StepReport};
 
@@ -280,8 +280,7 @@ impl RuleImpl for AdamConfig {
     fn state_buffers(&self) -> usize {
         if self.amsgrad { 3 } else { 2 }
     }
-    fn step(&self, engine: &mut Engine, tensors: &TensorList<'_>) -> Result<StepReport, StepError> {
-        let t = engine.state().steps + 1;
+    fn step<X: StepRunner>(&self, x: X) -> Result<StepReport, StepError> {
         let common = CommonConfig {
             lr: self.lr,
             weight_decay: self.weight_decay,
@@ -290,17 +289,17 @@ impl RuleImpl for AdamConfig {
         };
         let c = self;
         match (c.amsgrad, c.eps_mode) {
-            (false, EpsMode::SqrtV) => engine.step(tensors, common, |h| {
-                AdamStep::<false>::new(c, t, h.lr, h.weight_decay)
+            (false, EpsMode::SqrtV) => x.run(common, |h| {
+                AdamStep::<false>::new(c, h.t, h.lr, h.weight_decay)
             }),
-            (false, EpsMode::SqrtVHat) => engine.step(tensors, common, |h| {
-                AdamStep::<true>::new(c, t, h.lr, h.weight_decay)
+            (false, EpsMode::SqrtVHat) => x.run(common, |h| {
+                AdamStep::<true>::new(c, h.t, h.lr, h.weight_decay)
             }),
-            (true, EpsMode::SqrtV) => engine.step(tensors, common, |h| {
-                AmsGrad(AdamStep::<false>::new(c, t, h.lr, h.weight_decay))
+            (true, EpsMode::SqrtV) => x.run(common, |h| {
+                AmsGrad(AdamStep::<false>::new(c, h.t, h.lr, h.weight_decay))
             }),
-            (true, EpsMode::SqrtVHat) => engine.step(tensors, common, |h| {
-                AmsGrad(AdamStep::<true>::new(c, t, h.lr, h.weight_decay))
+            (true, EpsMode::SqrtVHat) => x.run(common, |h| {
+                AmsGrad(AdamStep::<true>::new(c, h.t, h.lr, h.weight_decay))
             }),
         }
     }

@@ -14,7 +14,9 @@ pub mod momentum;
 pub mod rmsprop;
 pub mod sgd;
 
-use crate::engine::{Engine, Lists, TensorList, TensorSource};
+use crate::engine::{
+    Engine, FeedStep, ListStep, Lists, PartialLists, StepRunner, TensorFeed, TensorSource,
+};
 use crate::types::{StepError, StepReport};
 use core::fmt::Debug;
 
@@ -68,12 +70,8 @@ pub(crate) mod sealed {
             Self::BUFFERS.iter().filter(|b| !b.optional).count()
         }
         /// Builds this step's kernels from the configuration, checked by the caller, and runs
-        /// them through the engine.
-        fn step(
-            &self,
-            engine: &mut Engine,
-            tensors: &TensorList<'_>,
-        ) -> Result<StepReport, StepError>;
+        /// them through `runner`.
+        fn step<X: StepRunner>(&self, runner: X) -> Result<StepReport, StepError>;
     }
 }
 
@@ -272,6 +270,31 @@ impl<R: Rule> Fused<R> {
         self.step_source(&mut Lists { weights, grads })
     }
 
+    /// Like [`step_all`](Fused::step_all), where a tensor whose gradient is `None` has none this
+    /// step: its weights and state are left alone and it does not count the step (it keeps its
+    /// own step count, [`tensor_steps`](crate::Optimizer::tensor_steps), which Adam's bias
+    /// correction uses). Bitwise the same as stepping the other tensors alone.
+    ///
+    /// ```
+    /// use fusedopt::{Adam, AdamConfig, Optimizer};
+    /// let mut opt = Adam::new(AdamConfig::default());
+    /// let mut weights = vec![vec![1.0f32; 3], vec![1.0f32; 2]];
+    /// opt.step_partial(&mut weights, &[Some(vec![0.5f32; 3]), None])?;
+    /// opt.step_partial(&mut weights, &[Some(vec![0.5f32; 3]), Some(vec![0.5f32; 2])])?;
+    /// assert_eq!(opt.tensor_steps(), [2, 1]); // the second tensor's first step used t = 1
+    /// # Ok::<(), fusedopt::StepError>(())
+    /// ```
+    ///
+    /// # Errors
+    /// As [`step_all`](Fused::step_all).
+    pub fn step_partial<W: AsMut<[f32]>, G: AsRef<[f32]>>(
+        &mut self,
+        weights: &mut [W],
+        grads: &[Option<G>],
+    ) -> Result<StepReport, StepError> {
+        self.step_source(&mut PartialLists { weights, grads })
+    }
+
     /// One step over the tensors of `source` (a concrete source, or `dyn TensorSource`).
     pub(crate) fn step_source<S: TensorSource + ?Sized>(
         &mut self,
@@ -280,8 +303,14 @@ impl<R: Rule> Fused<R> {
         let config = &self.config;
         self.engine.with_tensors(source, |engine, tensors| {
             config.check()?;
-            config.step(engine, tensors)
+            config.step(ListStep(engine, tensors))
         })
+    }
+
+    /// One step over the tensors `feed` lends one at a time.
+    pub(crate) fn step_fed(&mut self, feed: &dyn TensorFeed) -> Result<StepReport, StepError> {
+        self.config.check()?;
+        self.config.step(FeedStep(&mut self.engine, feed))
     }
 }
 

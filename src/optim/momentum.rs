@@ -5,7 +5,7 @@
 use super::{
     Fused, StateBuffer, check_lr, check_unit, check_weight_decay, config_fields, sealed::RuleImpl,
 };
-use crate::engine::{CommonConfig, Engine, TensorList};
+use crate::engine::{CommonConfig, StepRunner};
 use crate::simd::{Kernel, Lane};
 use crate::types::{StepError, StepReport};
 
@@ -124,9 +124,9 @@ impl<const NESTEROV: bool> RuleImpl for VelocityConfig<NESTEROV> {
     const NAME: &'static str = if NESTEROV { "nag" } else { "momentum" };
     const BUFFERS: &'static [StateBuffer] = &[StateBuffer::required("v")];
     config_fields!(lr, momentum, weight_decay, maximize);
-    fn step(&self, engine: &mut Engine, tensors: &TensorList<'_>) -> Result<StepReport, StepError> {
+    fn step<X: StepRunner>(&self, x: X) -> Result<StepReport, StepError> {
         let common = CommonConfig::l2(self.lr, self.weight_decay, self.maximize);
-        engine.step(tensors, common, |h| VelocityStep::<NESTEROV> {
+        x.run(common, |h| VelocityStep::<NESTEROV> {
             lr: h.lr,
             momentum: self.momentum,
         })

@@ -1,7 +1,7 @@
 //! Plain stochastic gradient descent: `w ← w − lr·g`.
 
 use super::{Fused, StateBuffer, check_lr, check_weight_decay, config_fields, sealed::RuleImpl};
-use crate::engine::{CommonConfig, Engine, TensorList};
+use crate::engine::{CommonConfig, StepRunner};
 use crate::simd::{Kernel, Lane};
 use crate::types::{StepError, StepReport};
 
@@ -78,9 +78,9 @@ impl RuleImpl for SgdConfig {
     const NAME: &'static str = "sgd";
     const BUFFERS: &'static [StateBuffer] = &[];
     config_fields!(lr, weight_decay, maximize);
-    fn step(&self, engine: &mut Engine, tensors: &TensorList<'_>) -> Result<StepReport, StepError> {
+    fn step<X: StepRunner>(&self, x: X) -> Result<StepReport, StepError> {
         let common = CommonConfig::l2(self.lr, self.weight_decay, self.maximize);
-        engine.step(tensors, common, |h| SgdStep { lr: h.lr })
+        x.run(common, |h| SgdStep { lr: h.lr })
     }
 }
 

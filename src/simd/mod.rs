@@ -172,7 +172,7 @@ impl Tier {
 /// Implemented by `f32` (one lane), [`wide::f32x8`] and, on x86-64, an AVX2 register that only
 /// code holding an [`Avx2`] token can instantiate. All implementations must round exactly as
 /// IEEE-754 single precision does, lane by lane.
-pub(crate) trait Lane:
+pub trait Lane:
     Copy
     + Add<Output = Self>
     + Sub<Output = Self>
@@ -242,7 +242,7 @@ impl Lane for f32 {
 /// An optimizer's element-wise update with `N` state buffers, written once for every [`Lane`].
 ///
 /// The kernel value carries the per-step scalars (computed once per step, outside the loop).
-pub(crate) trait Kernel<const N: usize>: Sync {
+pub trait Kernel<const N: usize>: Sync {
     /// Updates one vector of elements: given weights `w`, gradients `g` and the state vectors,
     /// returns the new weights and updates `state` in place.
     fn update<V: Lane>(&self, w: V, g: V, state: &mut [V; N]) -> V;
