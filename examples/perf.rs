@@ -17,6 +17,7 @@ use common::roofline::{SameStream, bytes_per_param};
 use common::{data, gpt2_small, label, median, parse_size};
 use fusedopt::*;
 use std::fmt::Write as _;
+use std::sync::Mutex;
 use std::time::Instant;
 
 /// Measure GB/s of every optimizer next to the same-stream reference.
@@ -44,8 +45,8 @@ struct Args {
     /// Write perf.csv and perf.svg into this folder.
     #[arg(long)]
     write: Option<std::path::PathBuf>,
-    /// Instead: whole-model Adam steps (GPT-2-small layout, 10,000 × 1024) against one flat
-    /// tensor of the same total size.
+    /// Instead: whole-model Adam steps (GPT-2-small layout, 10,000 × 1024), `step_all` and
+    /// `step_feed`, against one flat tensor of the same total size.
     #[arg(long)]
     models: bool,
     /// Instead: the cost of gradient hygiene and trainer options on Adam at each `--sizes` (64M
@@ -53,6 +54,10 @@ struct Args {
     /// check, and against AdamW + AMSGrad.
     #[arg(long)]
     hygiene: bool,
+    /// Instead: the cost of choosing the thread count on a small (4,550-parameter) step:
+    /// `pool.install` around each step against the optimizer's own pool (`set_threads`).
+    #[arg(long)]
+    overhead: bool,
 }
 
 struct Row {
@@ -71,6 +76,8 @@ fn main() {
     let pool = pool.build().unwrap();
     if args.models {
         pool.install(models);
+    } else if args.overhead {
+        overhead(pool.current_num_threads());
     } else if args.hygiene {
         let sizes = if args.sizes == Args::parse_from(["perf"]).sizes {
             vec![64 << 20]
@@ -83,11 +90,59 @@ fn main() {
     }
 }
 
-/// `step_all` (`step_many`'s engine path) over a layout of separately allocated tensors against
-/// `step` on one flat tensor of the same total size: Adam, alternating, medians.
+/// Tensors behind locks, lent one at a time: how a framework that owns its tensors feeds a step.
+struct Locked {
+    weights: Vec<Mutex<Vec<f32>>>,
+    grads: Vec<Vec<f32>>,
+}
+
+impl TensorFeed for Locked {
+    fn tensor_count(&self) -> usize {
+        self.weights.len()
+    }
+    fn tensor_len(&self, tensor: usize) -> usize {
+        self.grads[tensor].len()
+    }
+    fn grad(&self, tensor: usize, read: &mut dyn FnMut(Option<&[f32]>)) -> Result<(), FeedError> {
+        read(Some(&self.grads[tensor]));
+        Ok(())
+    }
+    fn update(
+        &self,
+        tensor: usize,
+        update: &mut dyn FnMut(&mut [f32], &[f32]),
+    ) -> Result<(), FeedError> {
+        update(
+            &mut self.weights[tensor].lock().unwrap(),
+            &self.grads[tensor],
+        );
+        Ok(())
+    }
+}
+
+/// Times every closure of `runs` in turn (the order rotating each repetition, after 2 warm-up
+/// rounds) and returns their medians.
+fn rotate(reps: usize, runs: &mut [&mut dyn FnMut()]) -> Vec<f64> {
+    let mut times = vec![Vec::new(); runs.len()];
+    for rep in 0..reps + 2 {
+        for k in 0..runs.len() {
+            let i = (k + rep) % runs.len();
+            let t = Instant::now();
+            runs[i]();
+            if rep >= 2 {
+                times[i].push(t.elapsed().as_secs_f64());
+            }
+        }
+    }
+    times.into_iter().map(median).collect()
+}
+
+/// Whole-model Adam steps over a layout of separately allocated tensors, `step_all` and
+/// `step_feed` (each tensor behind a lock), against `step` on one flat tensor of the same total
+/// size: alternating, medians.
 fn models() {
     println!(
-        "whole-model Adam steps: {} threads, {} kernels; GB/s at 28 bytes per parameter, median of alternating runs",
+        "whole-model Adam steps: {} threads, {} kernels; GB/s at 28 bytes per parameter, median of rotating runs",
         rayon::current_num_threads(),
         simd_level()
     );
@@ -98,48 +153,101 @@ fn models() {
         let total: usize = layout.iter().sum();
         let mut ws: Vec<Vec<f32>> = layout.iter().map(|&n| vec![0.1f32; n]).collect();
         let gs: Vec<Vec<f32>> = layout.iter().map(|&n| vec![0.01f32; n]).collect();
+        let fed = Locked {
+            weights: layout
+                .iter()
+                .map(|&n| Mutex::new(vec![0.1f32; n]))
+                .collect(),
+            grads: gs.clone(),
+        };
         let mut flat_w = vec![0.1f32; total];
         let flat_g = vec![0.01f32; total];
-        let mut many = Adam::new(AdamConfig::default());
-        let mut flat = Adam::new(AdamConfig::default());
+        let (mut many, mut feeder, mut flat) = (
+            Adam::new(AdamConfig::default()),
+            Adam::new(AdamConfig::default()),
+            Adam::new(AdamConfig::default()),
+        );
         let reps = if total > 50_000_000 { 21 } else { 101 };
-        let (mut tm, mut tf) = (Vec::new(), Vec::new());
-        for rep in 0..reps + 2 {
-            let mut time_many = || {
-                let t = Instant::now();
-                many.step_all(&mut ws, &gs).unwrap();
-                t.elapsed().as_secs_f64()
-            };
-            let mut time_flat = || {
-                let t = Instant::now();
-                flat.step(&mut flat_w, &flat_g).unwrap();
-                t.elapsed().as_secs_f64()
-            };
-            let (m, f) = if rep % 2 == 0 {
-                let m = time_many();
-                (m, time_flat())
-            } else {
-                let f = time_flat();
-                (time_many(), f)
-            };
-            if rep >= 2 {
-                tm.push(m);
-                tf.push(f);
-            }
-        }
+        let t = rotate(
+            reps,
+            &mut [
+                &mut || {
+                    flat.step(&mut flat_w, &flat_g).unwrap();
+                },
+                &mut || {
+                    many.step_all(&mut ws, &gs).unwrap();
+                },
+                &mut || {
+                    feeder.step_feed(&fed).unwrap();
+                },
+            ],
+        );
         let bytes = 28.0 * total as f64;
-        let (m, f) = (median(tm), median(tf));
+        let gbps = |t: f64| bytes / t / 1e9;
         println!(
-            "{name:<11} {:>5} tensors {:>11} params: step_many {:>6.1} GB/s ({:.2} ms), flat step {:>6.1} GB/s ({:.2} ms), ratio {:.3}",
+            "{name:<11} {:>5} tensors {:>11} params: flat step {:>5.1} GB/s ({:.2} ms), step_all {:>5.1} GB/s ({:.2} ms, {:.3} of flat), step_feed {:>5.1} GB/s ({:.2} ms, {:.3}x step_all)",
             layout.len(),
             total,
-            bytes / m / 1e9,
-            m * 1e3,
-            bytes / f / 1e9,
-            f * 1e3,
-            f / m
+            gbps(t[0]),
+            t[0] * 1e3,
+            gbps(t[1]),
+            t[1] * 1e3,
+            t[0] / t[1],
+            gbps(t[2]),
+            t[2] * 1e3,
+            t[2] / t[1]
         );
     }
+}
+
+/// A small model's step (4,550 parameters in 4 tensors, a 2-layer MLP's size) on a pool of
+/// `threads`, three ways: wrapped in `pool.install` per step, on the optimizer's own pool
+/// (`set_threads`), and plainly on the global pool.
+fn overhead(threads: usize) {
+    let layout = [4096usize, 64, 384, 6];
+    let gs: Vec<Vec<f32>> = layout.iter().map(|&n| vec![0.01f32; n]).collect();
+    let new_weights = || layout.iter().map(|&n| vec![0.1f32; n]).collect::<Vec<_>>();
+    let (mut w1, mut w2, mut w3) = (new_weights(), new_weights(), new_weights());
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .unwrap();
+    let (mut installed, mut owned, mut plain) = (
+        Adam::new(AdamConfig::default()),
+        Adam::new(AdamConfig::default()),
+        Adam::new(AdamConfig::default()),
+    );
+    owned.set_threads(threads).unwrap();
+    let inner = 200;
+    let t = rotate(
+        201,
+        &mut [
+            &mut || {
+                for _ in 0..inner {
+                    pool.install(|| installed.step_all(&mut w1, &gs).unwrap());
+                }
+            },
+            &mut || {
+                for _ in 0..inner {
+                    owned.step_all(&mut w2, &gs).unwrap();
+                }
+            },
+            &mut || {
+                for _ in 0..inner {
+                    plain.step_all(&mut w3, &gs).unwrap();
+                }
+            },
+        ],
+    );
+    let us = |t: f64| t / inner as f64 * 1e6;
+    println!(
+        "4,550-parameter Adam step, {threads} threads: pool.install per step {:.2} µs, own pool (set_threads) {:.2} µs, plain call {:.2} µs; saved by set_threads {:.2} µs ({:.1}x)",
+        us(t[0]),
+        us(t[1]),
+        us(t[2]),
+        us(t[0]) - us(t[1]),
+        t[0] / t[1]
+    );
 }
 
 /// Times `a` and `b` alternately (`reps` pairs after 2 warm-up pairs) and returns their medians.
