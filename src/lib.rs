@@ -43,6 +43,13 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!
+//! Trainers that hold their tensors their own way have [`Fused::step_partial`] (tensors without a
+//! gradient this step are left alone and keep their own step count), [`Optimizer::step_feed`]
+//! (tensors lent one at a time through a [`TensorFeed`], bitwise the results of `step_many`),
+//! [`Optimizer::set_tensor_names`] (state files refuse a model whose tensors differ) and
+//! [`Optimizer::set_threads`] (the optimizer's own pool). With the `candle` feature,
+//! `fusedopt::candle` makes them candle optimizers.
+//!
 //! ## Update rules
 //! Element-wise in f32; per-step scalars are computed in f64 and rounded once to f32.
 //!
@@ -105,14 +112,15 @@
 //! 2. `types`: errors, reports, parameter groups, settings.
 //! 3. `plan`: tensor layouts, the plan of tasks, chunk-length constants.
 //! 4. `tuning`: tuned chunk lengths ([`Tuning`]).
-//! 5. `engine`: validation, state, groups, gradient hygiene, thread dispatch: everything but the
-//!    update formulas.
+//! 5. `engine`: validation, state and per-tensor step counts, groups, gradient hygiene, thread
+//!    dispatch, over a list of tensors or a [`TensorFeed`]: everything but the update formulas.
 //! 6. `optim`: one file per update rule (configuration, per-step scalars, kernel), the sealed
 //!    [`Rule`] trait, and [`Fused`].
 //! 7. `checkpoint`: state files, from the engine's plain state and what the rule says of its
 //!    buffers and fields.
 //! 8. `optimizer`: the sealed [`Optimizer`] trait, implemented once for [`Fused`].
 //! 9. `config`: [`OptimizerConfig`].
+//! 10. `candle` (feature `candle`): the optimizers as `candle_nn::Optimizer`s.
 //!
 //! [`schedule`] stands alone.
 
@@ -120,17 +128,30 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(clippy::undocumented_unsafe_blocks)]
 
-// The modules, bottom-up: each imports only from modules above it in this list.
-mod checkpoint;
-mod config;
-mod engine;
-mod optim;
-mod optimizer;
-mod plan;
-pub mod schedule;
+// The modules, bottom-up: each imports only from the ones before it.
 mod simd;
-mod tuning;
+
 mod types;
+
+mod plan;
+
+mod tuning;
+
+mod engine;
+
+mod optim;
+
+mod checkpoint;
+
+mod optimizer;
+
+mod config;
+
+#[cfg(feature = "candle")]
+pub mod candle;
+
+// Stands alone.
+pub mod schedule;
 
 pub use checkpoint::StateError;
 pub use config::{OPTIMIZER_NAMES, OptimizerConfig, ParseConfigError, optimizer_by_name};

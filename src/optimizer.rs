@@ -355,11 +355,12 @@ pub trait Optimizer: sealed::Sealed + Send {
     ///
     /// Every gradient is read once before any tensor is updated: that checks every length
     /// (nothing changes on a mismatch), and, when clipping or the non-finite check is on, takes
-    /// the global norm in the same fixed order as `step_many`, so the norm and the clipping
-    /// coefficient have the same bits. Then each tensor is lent once more and updated: tasks of
-    /// small tensors run on the pool, and a tensor larger than a chunk is split across threads
-    /// inside its call. The stack depth does not grow with the number of tensors, and after the
-    /// first step nothing is allocated.
+    /// the global norm in the same fixed slices as `step_many` (each tensor's slice sums are
+    /// kept, then added in order), so the norm and the clipping coefficient have the same bits.
+    /// Then each tensor is lent once more and updated. Both phases run tasks of small tensors on
+    /// the pool, and split a tensor larger than a chunk across threads inside its call. The stack
+    /// depth does not grow with the number of tensors, and after the first step nothing is
+    /// allocated.
     ///
     /// See [`TensorFeed`] for an example.
     ///

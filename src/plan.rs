@@ -219,6 +219,7 @@ impl NormPlan {
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct FeedPlan {
     chunk_len: usize,
+    lens: Vec<usize>,
     /// Task `t` is tensors `bounds[t]..bounds[t + 1]`.
     bounds: Vec<usize>,
 }
@@ -239,7 +240,16 @@ impl FeedPlan {
         if *bounds.last().unwrap() != lens.len() {
             bounds.push(lens.len());
         }
-        FeedPlan { chunk_len, bounds }
+        FeedPlan {
+            chunk_len,
+            lens: lens.to_vec(),
+            bounds,
+        }
+    }
+
+    /// Whether the plan was cut for tensors of lengths `lens`.
+    pub(crate) fn fits(&self, lens: impl ExactSizeIterator<Item = usize>) -> bool {
+        same_lens(&self.lens, lens)
     }
 
     /// The chunk length the plan was cut for.

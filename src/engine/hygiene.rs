@@ -7,6 +7,7 @@ use super::par::Par;
 use crate::plan::NormPlan;
 use crate::simd::{self, Tier};
 use crate::types::{NonFinite, Settings, StepError};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// How the update pass reads every gradient: `(g / div)·factor`.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -61,11 +62,12 @@ pub(crate) fn needs_norm(settings: &Settings) -> bool {
     settings.max_grad_norm.is_some() || settings.non_finite != NonFinite::Propagate
 }
 
-/// The norm pass's slices and their sums, kept between steps.
+/// The norm pass's slices and their sums, kept between steps. A sum is stored as the bits of an
+/// f64 in an atomic, so that tensors lent from several threads can write theirs.
 #[derive(Debug, Default)]
 pub(crate) struct NormPass {
     plan: NormPlan,
-    sums: Vec<f64>,
+    sums: Vec<AtomicU64>,
 }
 
 impl NormPass {
@@ -73,7 +75,8 @@ impl NormPass {
     pub(crate) fn fit(&mut self, lens: impl ExactSizeIterator<Item = usize> + Clone) {
         self.plan.fit(lens);
         self.sums.clear();
-        self.sums.resize(self.plan.slices().len(), 0.0);
+        self.sums
+            .resize_with(self.plan.slices().len(), || AtomicU64::new(0));
     }
 
     /// Sums the squares of every tensor's gradients in `grads` (`None`: no gradient, which adds
@@ -92,13 +95,15 @@ impl NormPass {
         let inline = self.plan.elements() <= chunk_len;
         par.for_each_mut(&mut self.sums, per_thread, inline, |i, sum| {
             let (t, start, len) = slices[i];
-            *sum = grads(t).map_or(0.0, |g| simd::sum_squares(tier, &g[start..start + len]));
+            let s = grads(t).map_or(0.0, |g| simd::sum_squares(tier, &g[start..start + len]));
+            *sum.get_mut() = s.to_bits();
         });
     }
 
-    /// Sums the squares of tensor `t`'s gradients `g` alone.
+    /// Sums the squares of tensor `t`'s gradients `g` alone (tensors may be summed from several
+    /// threads at once).
     pub(crate) fn sum_tensor(
-        &mut self,
+        &self,
         tier: Tier,
         par: Par<'_>,
         chunk_len: usize,
@@ -107,12 +112,22 @@ impl NormPass {
     ) {
         let range = self.plan.tensor_slices(t);
         let slices = &self.plan.slices()[range.clone()];
-        let per_thread = slices.len().div_ceil(par.threads()).max(1);
-        let inline = g.len() <= chunk_len;
-        par.for_each_mut(&mut self.sums[range], per_thread, inline, |i, sum| {
+        let sums = &self.sums[range];
+        let store = |i: usize| {
             let (_, start, len) = slices[i];
-            *sum = simd::sum_squares(tier, &g[start..start + len]);
-        });
+            let s = simd::sum_squares(tier, &g[start..start + len]);
+            sums[i].store(s.to_bits(), Ordering::Relaxed);
+        };
+        if g.len() <= chunk_len {
+            (0..slices.len()).for_each(store);
+        } else {
+            par.for_each(slices.len(), store);
+        }
+    }
+
+    /// The sum of slice `i`.
+    fn sum(&self, i: usize) -> f64 {
+        f64::from_bits(self.sums[i].load(Ordering::Relaxed))
     }
 
     /// Adds the sums in order and works out how the update pass reads gradients under
@@ -131,12 +146,12 @@ impl NormPass {
         let mut clip = 1.0f32;
         let mut grad_norm = None;
         if summed {
-            let total = self.sums.iter().fold(0.0, |acc, &s| acc + s);
+            let total = (0..self.sums.len()).fold(0.0, |acc, i| acc + self.sum(i));
             // The norm of the unscaled gradients: ‖g‖ / scale.
             let norm = (total.sqrt() / f64::from(scale)) as f32;
             grad_norm = Some(norm);
             if !total.is_finite() {
-                let first = self.sums.iter().position(|s| !s.is_finite());
+                let first = (0..self.sums.len()).find(|&i| !self.sum(i).is_finite());
                 let tensor = first.map_or(0, |s| self.plan.slices()[s].0);
                 match settings.non_finite {
                     NonFinite::Propagate => {}

@@ -86,7 +86,7 @@ struct Fed {
     /// Its length.
     len: usize,
     /// Whether it has a gradient this step.
-    has_grad: bool,
+    has_grad: AtomicBool,
     /// Whether the update phase updated it.
     updated: AtomicBool,
 }
@@ -300,7 +300,7 @@ impl Engine {
         )?;
         let (scale, grad_norm) = match self.norm.decide(&self.settings, common.maximize, summed)? {
             GradCheck::Apply { scale, grad_norm } => (scale, grad_norm),
-            GradCheck::Skip { grad_norm } => return Ok(self.skipped(grad_norm)),
+            GradCheck::Skip { grad_norm } => return Ok(skipped(&self.state, grad_norm)),
         };
         if prepare_state(&mut self.state, tensors.lens(), N)? {
             self.plan = None;
@@ -343,13 +343,14 @@ impl Engine {
 
     /// One step over tensors lent one at a time by `feed`: reads every gradient once (lengths,
     /// which tensors have one, the norm where needed), builds a kernel per class of tensors with
-    /// `make`, then lends and updates each tensor that has a gradient, tasks of tensors running
-    /// on the pool.
+    /// `make`, then lends and updates each tensor that has a gradient. Both phases run tasks of
+    /// whole tensors on the pool ([`FeedPlan`]).
     ///
     /// # Errors
-    /// As [`step`](Engine::step), and [`StepError::Feed`] when the feed fails. Errors of the
-    /// gradient phase modify nothing; an error of the update phase leaves the tensors already
-    /// updated as they are (with their step counted).
+    /// As [`step`](Engine::step), and [`StepError::Feed`] when the feed fails; of several
+    /// failing tensors, the first is reported. Errors of the gradient phase modify nothing; an
+    /// error of the update phase leaves the tensors already updated as they are (with their step
+    /// counted).
     pub(crate) fn step_feed<K: Kernel<N> + Copy, const N: usize>(
         &mut self,
         feed: &dyn TensorFeed,
@@ -360,7 +361,7 @@ impl Engine {
         self.fed.clear();
         self.fed.extend((0..n).map(|i| Fed {
             len: feed.tensor_len(i),
-            has_grad: false,
+            has_grad: AtomicBool::new(false),
             updated: AtomicBool::new(false),
         }));
         let lens = || self.fed.iter().map(|f| f.len);
@@ -372,32 +373,53 @@ impl Engine {
         if summed {
             self.norm.fit(self.fed.iter().map(|f| f.len));
         }
-        // The gradient phase: nothing changes until every gradient has been read.
-        for (i, fed) in self.fed.iter_mut().enumerate() {
-            let mut lent = None;
-            let norm = &mut self.norm;
-            feed.grad(i, &mut |g| {
-                lent = Some(match g {
-                    None => Ok(false),
-                    Some(g) if g.len() != fed.len => Err(StepError::LengthMismatch {
-                        tensor: i,
-                        weights: fed.len,
-                        grads: g.len(),
-                    }),
-                    Some(g) => {
-                        if summed {
-                            norm.sum_tensor(tier, par, chunk_len, i, g);
-                        }
-                        Ok(true)
-                    }
-                });
-            })
-            .map_err(|e| feed_error(i, e.to_string()))?;
-            fed.has_grad =
-                lent.ok_or_else(|| feed_error(i, "it did not lend the gradient".into()))??;
+        if self
+            .feed_plan
+            .as_ref()
+            .is_none_or(|p| p.chunk_len() != chunk_len || !p.fits(lens()))
+        {
+            self.feed_plan = Some(FeedPlan::new(&lens().collect::<Vec<_>>(), chunk_len));
         }
-        let fed = &self.fed;
-        let stepping = |t: usize| fed[t].has_grad;
+        let (fed, norm) = (&self.fed, &self.norm);
+        let plan = self.feed_plan.as_ref().expect("fitted above");
+
+        // The gradient phase: nothing changes until every gradient has been read.
+        let first_error = FirstError::default();
+        par.for_each(plan.tasks(), |task| {
+            for i in plan.task(task) {
+                let mut lent = None;
+                let outcome = feed.grad(i, &mut |g| {
+                    lent = Some(match g {
+                        None => Ok(false),
+                        Some(g) if g.len() != fed[i].len => Err(StepError::LengthMismatch {
+                            tensor: i,
+                            weights: fed[i].len,
+                            grads: g.len(),
+                        }),
+                        Some(g) => {
+                            if summed {
+                                norm.sum_tensor(tier, par, chunk_len, i, g);
+                            }
+                            Ok(true)
+                        }
+                    });
+                });
+                let has_grad = outcome
+                    .map_err(|e| feed_error(i, e.to_string()))
+                    .and_then(|()| {
+                        lent.unwrap_or_else(|| {
+                            Err(feed_error(i, "it did not lend the gradient".into()))
+                        })
+                    });
+                match has_grad {
+                    Ok(has) => fed[i].has_grad.store(has, Ordering::Relaxed),
+                    Err(e) => first_error.record(i, e),
+                }
+            }
+        });
+        first_error.into_result()?;
+
+        let stepping = |t: usize| fed[t].has_grad.load(Ordering::Relaxed);
         let mut store = GroupKernels::Empty;
         let kernels = self.groups.kernels(
             &common,
@@ -407,77 +429,58 @@ impl Engine {
             make,
             &mut store,
         )?;
-        let (scale, grad_norm) = match self.norm.decide(&self.settings, common.maximize, summed)? {
+        let (scale, grad_norm) = match norm.decide(&self.settings, common.maximize, summed)? {
             GradCheck::Apply { scale, grad_norm } => (scale, grad_norm),
-            GradCheck::Skip { grad_norm } => return Ok(self.skipped(grad_norm)),
+            GradCheck::Skip { grad_norm } => return Ok(skipped(&self.state, grad_norm)),
         };
         if prepare_state(&mut self.state, fed.iter().map(|f| f.len), N)? {
             self.plan = None;
-            self.feed_plan = None;
-        }
-        let layout = self.state.layout.as_ref().expect("prepared");
-        if self
-            .feed_plan
-            .as_ref()
-            .is_none_or(|p| p.chunk_len() != chunk_len)
-        {
-            self.feed_plan = Some(FeedPlan::new(layout.lens(), chunk_len));
         }
         let run = Run {
             tier,
             scale,
             kernels,
             state: StatePtrs::new(&mut self.state.buffers),
-            offsets: layout.offsets(),
+            offsets: self.state.layout.as_ref().expect("prepared").offsets(),
         };
-        // The update phase: the first error stops the tensors not yet started.
-        let error = Mutex::new(None::<StepError>);
-        let failed = AtomicBool::new(false);
-        let fail = |e: StepError| {
-            failed.store(true, Ordering::Relaxed);
-            let mut first = error.lock().unwrap_or_else(|e| e.into_inner());
-            first.get_or_insert(e);
-        };
-        let plan = self.feed_plan.as_ref().expect("prepared");
+
+        // The update phase: after an error, the tensors not yet started are left alone.
+        let first_error = FirstError::default();
         par.for_each(plan.tasks(), |task| {
             for i in plan.task(task) {
-                if !fed[i].has_grad || failed.load(Ordering::Relaxed) {
+                if !stepping(i) || first_error.is_set() {
                     continue;
                 }
+                let len = fed[i].len;
                 let mut checked = None;
                 let lent = feed.update(i, &mut |w, g| {
-                    checked = Some(if w.len() != fed[i].len || g.len() != fed[i].len {
-                        Err(StepError::Feed {
-                            tensor: i,
-                            message: format!(
-                                "it lent {} weights and {} gradients, but announced {}",
-                                w.len(),
-                                g.len(),
-                                fed[i].len
-                            ),
-                        })
-                    } else {
-                        let tensor = TensorRef {
-                            w: w.as_mut_ptr(),
-                            w_len: w.len(),
-                            g: g.as_ptr(),
-                            g_len: g.len(),
-                        };
-                        let spans = fed[i].len.div_ceil(chunk_len);
-                        par.for_each(spans, |s| {
-                            let start = s * chunk_len;
-                            let len = chunk_len.min(fed[i].len - start);
-                            // SAFETY: `start..start + len` lies inside the tensor's weights and
-                            // gradients (both `fed[i].len` long, checked above), borrowed for
-                            // this call, and inside its slice of every state buffer (the layout
-                            // has the same lengths). Spans are disjoint; so are tensors of
-                            // different tasks. The feed lends the gradient as a `&` beside the
-                            // `&mut` weights, so they do not overlap.
-                            unsafe { run.segment(i, tensor, start, len) };
-                        });
-                        fed[i].updated.store(true, Ordering::Relaxed);
-                        Ok(())
+                    if w.len() != len || g.len() != len {
+                        let message = format!(
+                            "it lent {} weights and {} gradients, but announced {len}",
+                            w.len(),
+                            g.len()
+                        );
+                        checked = Some(Err(feed_error(i, message)));
+                        return;
+                    }
+                    let tensor = TensorRef {
+                        w: w.as_mut_ptr(),
+                        w_len: len,
+                        g: g.as_ptr(),
+                        g_len: len,
+                    };
+                    par.for_each(len.div_ceil(chunk_len), |s| {
+                        let start = s * chunk_len;
+                        // SAFETY: `start..start + len` lies inside the tensor's weights and
+                        // gradients (both `len` long, checked above), borrowed for this call,
+                        // and inside its slice of every state buffer (the layout has the same
+                        // lengths). Spans are disjoint; so are tensors of different tasks. The
+                        // feed lends the gradient as a `&` beside the `&mut` weights, so they do
+                        // not overlap.
+                        unsafe { run.segment(i, tensor, start, chunk_len.min(len - start)) };
                     });
+                    fed[i].updated.store(true, Ordering::Relaxed);
+                    checked = Some(Ok(()));
                 });
                 let outcome = lent
                     .map_err(|e| feed_error(i, e.to_string()))
@@ -487,16 +490,13 @@ impl Engine {
                         })
                     });
                 if let Err(e) = outcome {
-                    fail(e);
+                    first_error.record(i, e);
                 }
             }
         });
         let updated = |t: usize| fed[t].updated.load(Ordering::Relaxed);
         let report = finish(&mut self.state, n, updated, grad_norm);
-        match error.into_inner().unwrap_or_else(|e| e.into_inner()) {
-            Some(e) => Err(e),
-            None => Ok(report),
-        }
+        first_error.into_result().map(|()| report)
     }
 
     /// Checks the tensor count and lengths against the layout (for a stateful optimizer,
@@ -532,13 +532,41 @@ impl Engine {
         }
         Ok(())
     }
+}
 
-    /// The report of a step skipped for a non-finite gradient.
-    fn skipped(&self, grad_norm: f32) -> StepReport {
-        StepReport {
-            step: self.state.steps,
-            skipped: true,
-            grad_norm: Some(grad_norm),
+/// The report of a step skipped for a non-finite gradient.
+fn skipped(state: &State, grad_norm: f32) -> StepReport {
+    StepReport {
+        step: state.steps,
+        skipped: true,
+        grad_norm: Some(grad_norm),
+    }
+}
+
+/// The error of the lowest-numbered tensor among those that failed, from several threads.
+#[derive(Default)]
+struct FirstError(Mutex<Option<(usize, StepError)>>, AtomicBool);
+
+impl FirstError {
+    /// Records tensor `tensor`'s error, kept if no lower tensor failed.
+    fn record(&self, tensor: usize, error: StepError) {
+        self.1.store(true, Ordering::Relaxed);
+        let mut first = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if first.as_ref().is_none_or(|(t, _)| tensor < *t) {
+            *first = Some((tensor, error));
+        }
+    }
+
+    /// Whether a tensor failed.
+    fn is_set(&self) -> bool {
+        self.1.load(Ordering::Relaxed)
+    }
+
+    /// The error kept, if any.
+    fn into_result(self) -> Result<(), StepError> {
+        match self.0.into_inner().unwrap_or_else(|e| e.into_inner()) {
+            Some((_, e)) => Err(e),
+            None => Ok(()),
         }
     }
 }

@@ -168,9 +168,9 @@ pub type FeedError = Box<dyn std::error::Error + Send + Sync>;
 /// A fed step reads every gradient first, each through one call of
 /// [`grad`](TensorFeed::grad) (to check lengths before anything changes, learn which tensors
 /// have none, and take the global norm where clipping or the non-finite check needs it), then
-/// updates each tensor that has one through one call of [`update`](TensorFeed::update). Updates
-/// of different tensors may run on several threads at once; small tensors are packed into one
-/// task, and a large tensor's update is split across threads inside its call.
+/// updates each tensor that has one through one call of [`update`](TensorFeed::update). Both
+/// phases run tasks of tensors on several threads at once (small tensors packed into one task),
+/// and a large tensor's work is split across threads inside its call.
 ///
 /// ```
 /// use fusedopt::{Adam, AdamConfig, FeedError, Optimizer, TensorFeed};
@@ -219,7 +219,8 @@ pub trait TensorFeed: Sync {
     fn tensor_len(&self, tensor: usize) -> usize;
 
     /// Lends tensor `tensor`'s gradient to `read`, or `None` when the tensor has no gradient this
-    /// step. Called once per tensor per step, on the thread that called the step.
+    /// step. Called once per tensor per step, possibly from several threads at once for
+    /// different tensors.
     ///
     /// # Errors
     /// Whatever keeps the feed from lending it; the step is then refused and nothing is
