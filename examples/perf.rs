@@ -13,11 +13,11 @@
 mod common;
 
 use clap::Parser;
+use common::locked::Locked;
 use common::roofline::{SameStream, bytes_per_param};
 use common::{data, gpt2_small, label, median, parse_size};
 use fusedopt::*;
 use std::fmt::Write as _;
-use std::sync::Mutex;
 use std::time::Instant;
 
 /// Measure GB/s of every optimizer next to the same-stream reference.
@@ -90,36 +90,6 @@ fn main() {
     }
 }
 
-/// Tensors behind locks, lent one at a time: how a framework that owns its tensors feeds a step.
-struct Locked {
-    weights: Vec<Mutex<Vec<f32>>>,
-    grads: Vec<Vec<f32>>,
-}
-
-impl TensorFeed for Locked {
-    fn tensor_count(&self) -> usize {
-        self.weights.len()
-    }
-    fn tensor_len(&self, tensor: usize) -> usize {
-        self.grads[tensor].len()
-    }
-    fn grad(&self, tensor: usize, read: &mut dyn FnMut(Option<&[f32]>)) -> Result<(), FeedError> {
-        read(Some(&self.grads[tensor]));
-        Ok(())
-    }
-    fn update(
-        &self,
-        tensor: usize,
-        update: &mut dyn FnMut(&mut [f32], &[f32]),
-    ) -> Result<(), FeedError> {
-        update(
-            &mut self.weights[tensor].lock().unwrap(),
-            &self.grads[tensor],
-        );
-        Ok(())
-    }
-}
-
 /// Times every closure of `runs` in turn (the order rotating each repetition, after 2 warm-up
 /// rounds) and returns their medians.
 fn rotate(reps: usize, runs: &mut [&mut dyn FnMut()]) -> Vec<f64> {
@@ -153,13 +123,7 @@ fn models() {
         let total: usize = layout.iter().sum();
         let mut ws: Vec<Vec<f32>> = layout.iter().map(|&n| vec![0.1f32; n]).collect();
         let gs: Vec<Vec<f32>> = layout.iter().map(|&n| vec![0.01f32; n]).collect();
-        let fed = Locked {
-            weights: layout
-                .iter()
-                .map(|&n| Mutex::new(vec![0.1f32; n]))
-                .collect(),
-            grads: gs.clone(),
-        };
+        let fed = Locked::new(&ws, &gs.iter().cloned().map(Some).collect::<Vec<_>>());
         let mut flat_w = vec![0.1f32; total];
         let flat_g = vec![0.01f32; total];
         let (mut many, mut feeder, mut flat) = (

@@ -367,6 +367,108 @@ impl InplaceOp2 for UpdateOp<'_> {
     }
 }
 
+/// A candle-nn optimizer's configuration, as fusedopt runs it: its fusedopt rule and its
+/// learning rate. Implemented by candle's [`ParamsAdamW`] ([`AdamW`]) and by `f64`, the
+/// learning rate that configures candle's SGD ([`Sgd`]).
+pub trait CandleConfig: Clone {
+    /// The fusedopt configuration it corresponds to.
+    type Rule: Rule;
+    /// That configuration.
+    fn rule(&self) -> Self::Rule;
+    /// The learning rate, as candle gives it.
+    fn lr(&self) -> f64;
+}
+
+/// candle's AdamW: decoupled weight decay, `ε` added to `√v̂`.
+impl CandleConfig for ParamsAdamW {
+    type Rule = AdamConfig;
+    fn rule(&self) -> AdamConfig {
+        AdamConfig {
+            lr: self.lr as f32,
+            beta1: self.beta1 as f32,
+            beta2: self.beta2 as f32,
+            eps: self.eps as f32,
+            weight_decay: self.weight_decay as f32,
+            maximize: false,
+            decoupled_weight_decay: true,
+            amsgrad: false,
+            eps_mode: EpsMode::SqrtVHat,
+        }
+    }
+    fn lr(&self) -> f64 {
+        self.lr
+    }
+}
+
+/// candle's SGD: plain gradient descent at this learning rate.
+impl CandleConfig for f64 {
+    type Rule = SgdConfig;
+    fn rule(&self) -> SgdConfig {
+        SgdConfig {
+            lr: *self as f32,
+            ..Default::default()
+        }
+    }
+    fn lr(&self) -> f64 {
+        *self
+    }
+}
+
+/// A candle-nn optimizer on fusedopt, configured as candle-nn's is ([`AdamW`], [`Sgd`]).
+#[derive(Debug)]
+pub struct Candle<C: CandleConfig> {
+    inner: VarOptimizer<C::Rule>,
+    config: C,
+}
+
+impl<C: CandleConfig> Candle<C> {
+    /// The optimizer over `inner`'s Vars, with the learning rate candle gave.
+    fn wrap(mut inner: VarOptimizer<C::Rule>, config: C) -> Self {
+        inner.lr = Some(config.lr());
+        Candle { inner, config }
+    }
+
+    /// [`VarOptimizer::from_varmap`] with candle's configuration.
+    ///
+    /// # Errors
+    /// As [`VarOptimizer::from_varmap`].
+    pub fn from_varmap(varmap: &VarMap, config: C) -> Result<Self> {
+        let inner = VarOptimizer::from_varmap(varmap, config.rule())?;
+        Ok(Self::wrap(inner, config))
+    }
+
+    /// The optimizer over the Vars ([`VarOptimizer`]).
+    pub fn inner(&self) -> &VarOptimizer<C::Rule> {
+        &self.inner
+    }
+
+    /// The optimizer over the Vars, to change settings or load a state file.
+    pub fn inner_mut(&mut self) -> &mut VarOptimizer<C::Rule> {
+        &mut self.inner
+    }
+}
+
+impl<C: CandleConfig> candle_nn::Optimizer for Candle<C> {
+    type Config = C;
+
+    fn new(vars: Vec<Var>, config: C) -> Result<Self> {
+        let inner = VarOptimizer::new(vars, config.rule())?;
+        Ok(Self::wrap(inner, config))
+    }
+
+    fn step(&mut self, grads: &GradStore) -> Result<()> {
+        self.inner.step(grads)
+    }
+
+    fn learning_rate(&self) -> f64 {
+        candle_nn::Optimizer::learning_rate(&self.inner)
+    }
+
+    fn set_learning_rate(&mut self, lr: f64) {
+        candle_nn::Optimizer::set_learning_rate(&mut self.inner, lr);
+    }
+}
+
 /// candle-nn's `AdamW` on fusedopt: the same configuration ([`ParamsAdamW`], candle's defaults
 /// lr 0.001, β 0.9/0.999, ε 1e-8, weight decay 0.01) and rule (decoupled weight decay, `ε` added
 /// to `√v̂`), one fused pass per step.
@@ -384,84 +486,23 @@ impl InplaceOp2 for UpdateOp<'_> {
 /// # Ok(())
 /// # }
 /// ```
-#[derive(Debug)]
-pub struct AdamW {
-    inner: VarOptimizer<AdamConfig>,
-    params: ParamsAdamW,
-}
-
-/// fusedopt's configuration of candle's AdamW.
-fn adamw_config(p: &ParamsAdamW) -> AdamConfig {
-    AdamConfig {
-        lr: p.lr as f32,
-        beta1: p.beta1 as f32,
-        beta2: p.beta2 as f32,
-        eps: p.eps as f32,
-        weight_decay: p.weight_decay as f32,
-        maximize: false,
-        decoupled_weight_decay: true,
-        amsgrad: false,
-        eps_mode: EpsMode::SqrtVHat,
-    }
-}
+pub type AdamW = Candle<ParamsAdamW>;
 
 impl AdamW {
-    /// [`VarOptimizer::from_varmap`] with candle's AdamW configuration.
-    ///
-    /// # Errors
-    /// As [`VarOptimizer::from_varmap`].
-    pub fn from_varmap(varmap: &VarMap, params: ParamsAdamW) -> Result<Self> {
-        let mut inner = VarOptimizer::from_varmap(varmap, adamw_config(&params))?;
-        inner.lr = Some(params.lr);
-        Ok(AdamW { inner, params })
-    }
-
     /// The configuration, as candle-nn's `AdamW::params` gives it (with the current learning
     /// rate).
     pub fn params(&self) -> ParamsAdamW {
         ParamsAdamW {
             lr: candle_nn::Optimizer::learning_rate(&self.inner),
-            ..self.params.clone()
+            ..self.config.clone()
         }
     }
 
     /// Replaces the configuration, as candle-nn's `AdamW::set_params` does.
     pub fn set_params(&mut self, params: ParamsAdamW) {
-        *self.inner.optimizer.config_mut() = adamw_config(&params);
+        *self.inner.optimizer.config_mut() = params.rule();
         self.inner.lr = Some(params.lr);
-        self.params = params;
-    }
-
-    /// The optimizer over the Vars ([`VarOptimizer`]).
-    pub fn inner(&self) -> &VarOptimizer<AdamConfig> {
-        &self.inner
-    }
-
-    /// The optimizer over the Vars, to change settings or load a state file.
-    pub fn inner_mut(&mut self) -> &mut VarOptimizer<AdamConfig> {
-        &mut self.inner
-    }
-}
-
-impl candle_nn::Optimizer for AdamW {
-    type Config = ParamsAdamW;
-
-    fn new(vars: Vec<Var>, params: ParamsAdamW) -> Result<Self> {
-        let mut inner = VarOptimizer::new(vars, adamw_config(&params))?;
-        inner.lr = Some(params.lr);
-        Ok(AdamW { inner, params })
-    }
-
-    fn step(&mut self, grads: &GradStore) -> Result<()> {
-        self.inner.step(grads)
-    }
-
-    fn learning_rate(&self) -> f64 {
-        candle_nn::Optimizer::learning_rate(&self.inner)
-    }
-
-    fn set_learning_rate(&mut self, lr: f64) {
-        candle_nn::Optimizer::set_learning_rate(&mut self.inner, lr);
+        self.config = params;
     }
 }
 
@@ -479,59 +520,4 @@ impl candle_nn::Optimizer for AdamW {
 /// # Ok(())
 /// # }
 /// ```
-#[derive(Debug)]
-pub struct Sgd {
-    inner: VarOptimizer<SgdConfig>,
-}
-
-impl Sgd {
-    /// [`VarOptimizer::from_varmap`] with learning rate `lr`.
-    ///
-    /// # Errors
-    /// As [`VarOptimizer::from_varmap`].
-    pub fn from_varmap(varmap: &VarMap, lr: f64) -> Result<Self> {
-        let mut inner = VarOptimizer::from_varmap(varmap, sgd_config(lr))?;
-        inner.lr = Some(lr);
-        Ok(Sgd { inner })
-    }
-
-    /// The optimizer over the Vars ([`VarOptimizer`]).
-    pub fn inner(&self) -> &VarOptimizer<SgdConfig> {
-        &self.inner
-    }
-
-    /// The optimizer over the Vars, to change settings or load a state file.
-    pub fn inner_mut(&mut self) -> &mut VarOptimizer<SgdConfig> {
-        &mut self.inner
-    }
-}
-
-/// fusedopt's configuration of candle's SGD.
-fn sgd_config(lr: f64) -> SgdConfig {
-    SgdConfig {
-        lr: lr as f32,
-        ..Default::default()
-    }
-}
-
-impl candle_nn::Optimizer for Sgd {
-    type Config = f64;
-
-    fn new(vars: Vec<Var>, lr: f64) -> Result<Self> {
-        let mut inner = VarOptimizer::new(vars, sgd_config(lr))?;
-        inner.lr = Some(lr);
-        Ok(Sgd { inner })
-    }
-
-    fn step(&mut self, grads: &GradStore) -> Result<()> {
-        self.inner.step(grads)
-    }
-
-    fn learning_rate(&self) -> f64 {
-        candle_nn::Optimizer::learning_rate(&self.inner)
-    }
-
-    fn set_learning_rate(&mut self, lr: f64) {
-        candle_nn::Optimizer::set_learning_rate(&mut self.inner, lr);
-    }
-}
+pub type Sgd = Candle<f64>;

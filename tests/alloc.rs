@@ -55,15 +55,7 @@ fn allocations(f: impl FnOnce()) -> usize {
 #[test]
 fn steps_after_the_first_allocate_nothing() {
     let layout = [5000usize, 0, 70_000, 17];
-    let groups = [
-        ParamGroup::DEFAULT,
-        ParamGroup::NO_WEIGHT_DECAY,
-        ParamGroup {
-            lr_scale: 0.5,
-            weight_decay: Some(0.1),
-        },
-        ParamGroup::DEFAULT,
-    ];
+    let groups = GROUPS;
     let mut rng = Rng(1);
     let grads: Vec<Vec<f32>> = layout.iter().map(|&n| rng.vec(n, 1.0)).collect();
     // One thread, so that the whole step runs on the counting thread.

@@ -23,6 +23,16 @@ fn values(v: &Var) -> Result<Vec<f32>> {
     v.as_tensor().flatten_all()?.to_vec1()
 }
 
+/// Vars of `SHAPES` with random values, and an independent copy of them.
+fn twins(rng: &mut Rng) -> Result<(Vec<Var>, Vec<Var>)> {
+    let ours: Vec<Var> = SHAPES.iter().map(|s| var(rng, s)).collect::<Result<_>>()?;
+    let theirs = ours
+        .iter()
+        .map(|v| Var::from_tensor(&v.as_tensor().copy()?))
+        .collect::<Result<_>>()?;
+    Ok((ours, theirs))
+}
+
 /// A gradient store holding `grads[i]` for `vars[i]` where present.
 fn store(vars: &[Var], grads: &[Option<Tensor>]) -> GradStore {
     let mut store = GradStore::default();
@@ -75,14 +85,7 @@ fn adamw_follows_candle_nn_for_300_steps() -> Result<()> {
         },
     ] {
         let mut rng = Rng(1);
-        let ours: Vec<Var> = SHAPES
-            .iter()
-            .map(|s| var(&mut rng, s))
-            .collect::<Result<_>>()?;
-        let theirs: Vec<Var> = ours
-            .iter()
-            .map(|v| Var::from_tensor(&v.as_tensor().copy()?))
-            .collect::<Result<_>>()?;
+        let (ours, theirs) = twins(&mut rng)?;
         let mut a = AdamW::new(ours.clone(), params.clone())?;
         let mut b = candle_nn::AdamW::new(theirs.clone(), params.clone())?;
         for _ in 0..300 {
@@ -102,14 +105,7 @@ fn adamw_follows_candle_nn_for_300_steps() -> Result<()> {
 #[test]
 fn sgd_follows_candle_nn() -> Result<()> {
     let mut rng = Rng(2);
-    let ours: Vec<Var> = SHAPES
-        .iter()
-        .map(|s| var(&mut rng, s))
-        .collect::<Result<_>>()?;
-    let theirs: Vec<Var> = ours
-        .iter()
-        .map(|v| Var::from_tensor(&v.as_tensor().copy()?))
-        .collect::<Result<_>>()?;
+    let (ours, theirs) = twins(&mut rng)?;
     let mut a = Sgd::new(ours.clone(), 0.05)?;
     let mut b = candle_nn::SGD::new(theirs.clone(), 0.05)?;
     for _ in 0..100 {

@@ -131,6 +131,22 @@ enum Fault {
     UpdateNotLent,
 }
 
+impl Faulty {
+    /// A model of `LENS` from `seed` whose tensor 3 misbehaves with `fault`, and its weights.
+    fn new(fault: Fault, seed: u64) -> (Faulty, Vec<Vec<f32>>) {
+        let mut rng = Rng(seed);
+        let w0: Vec<Vec<f32>> = LENS.iter().map(|&n| rng.vec(n, 1.0)).collect();
+        let gs: Vec<Option<Vec<f32>>> = LENS.iter().map(|&n| Some(rng.vec(n, 1.0))).collect();
+        let feed = Faulty {
+            inner: Locked::new(&w0, &gs),
+            tensor: 3,
+            fault,
+            updates: AtomicUsize::new(0),
+        };
+        (feed, w0)
+    }
+}
+
 impl TensorFeed for Faulty {
     fn tensor_count(&self) -> usize {
         self.inner.tensor_count()
@@ -178,15 +194,7 @@ impl TensorFeed for Faulty {
 #[test]
 fn errors_while_reading_gradients_change_nothing() {
     for fault in [Fault::GradLength, Fault::GradError, Fault::GradNotLent] {
-        let mut rng = Rng(7);
-        let w0: Vec<Vec<f32>> = LENS.iter().map(|&n| rng.vec(n, 1.0)).collect();
-        let gs: Vec<Option<Vec<f32>>> = LENS.iter().map(|&n| Some(rng.vec(n, 1.0))).collect();
-        let feed = Faulty {
-            inner: Locked::new(&w0, &gs),
-            tensor: 3,
-            fault,
-            updates: AtomicUsize::new(0),
-        };
+        let (feed, w0) = Faulty::new(fault, 7);
         let mut opt = Adam::new(AdamConfig::default());
         let err = opt.step_feed(&feed).unwrap_err();
         match fault {
@@ -214,15 +222,7 @@ fn errors_while_updating_are_reported_and_keep_the_counts_true() {
         Fault::UpdateError,
         Fault::UpdateNotLent,
     ] {
-        let mut rng = Rng(8);
-        let w0: Vec<Vec<f32>> = LENS.iter().map(|&n| rng.vec(n, 1.0)).collect();
-        let gs: Vec<Option<Vec<f32>>> = LENS.iter().map(|&n| Some(rng.vec(n, 1.0))).collect();
-        let feed = Faulty {
-            inner: Locked::new(&w0, &gs),
-            tensor: 3,
-            fault,
-            updates: AtomicUsize::new(0),
-        };
+        let (feed, w0) = Faulty::new(fault, 8);
         let mut opt = Adam::new(AdamConfig::default());
         let err = pool(1).install(|| opt.step_feed(&feed)).unwrap_err();
         assert!(

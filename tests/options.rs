@@ -144,21 +144,6 @@ fn options_keep_results_independent_of_threads_and_chunks() {
     }
 }
 
-/// The groups used below: the configuration's values, no decay, half the lr, and twice the lr
-/// with a decay of its own.
-const GROUPS: [ParamGroup; 4] = [
-    ParamGroup::DEFAULT,
-    ParamGroup::NO_WEIGHT_DECAY,
-    ParamGroup {
-        lr_scale: 0.5,
-        weight_decay: None,
-    },
-    ParamGroup {
-        lr_scale: 2.0,
-        weight_decay: Some(0.3),
-    },
-];
-
 /// For each tensor of `ws`, an optimizer of `config` with its group's learning rate and weight
 /// decay, and a copy of the tensor.
 fn one_per_tensor(

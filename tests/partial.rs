@@ -74,14 +74,7 @@ fn with_hygiene_and_groups_the_rest_is_stepped_as_if_alone() {
     // The tensors 0 and 2 always have gradients, 1 never: the step must equal one over the
     // model without tensor 1, its global norm included.
     let lens = [300usize, 40, 5000];
-    let groups = [
-        ParamGroup::DEFAULT,
-        ParamGroup::NO_WEIGHT_DECAY,
-        ParamGroup {
-            lr_scale: 0.5,
-            weight_decay: Some(0.1),
-        },
-    ];
+    let groups = &GROUPS[..3];
     for config in variants() {
         let mut rng = Rng(2);
         let w0: Vec<Vec<f32>> = lens.iter().map(|&n| rng.vec(n, 1.0)).collect();
@@ -92,7 +85,7 @@ fn with_hygiene_and_groups_the_rest_is_stepped_as_if_alone() {
             opt.set_grad_scale(4.0);
             opt.set_non_finite(NonFinite::Skip);
         }
-        full.set_param_groups(&groups).unwrap();
+        full.set_param_groups(groups).unwrap();
         alone.set_param_groups(&[groups[0], groups[2]]).unwrap();
         let mut ws = w0.clone();
         let mut wa = vec![w0[0].clone(), w0[2].clone()];

@@ -45,19 +45,7 @@ fn variants() -> Vec<(String, Build)> {
                 amsgrad: true,
                 ..AdamConfig::adamw()
             });
-            o.set_param_groups(&[
-                ParamGroup::DEFAULT,
-                ParamGroup::NO_WEIGHT_DECAY,
-                ParamGroup {
-                    lr_scale: 0.5,
-                    weight_decay: None,
-                },
-                ParamGroup {
-                    lr_scale: 2.0,
-                    weight_decay: Some(0.2),
-                },
-            ])
-            .unwrap();
+            o.set_param_groups(&GROUPS).unwrap();
             Box::new(o)
         }),
     ));

@@ -1,7 +1,9 @@
 //! Helpers shared by the measuring examples (`perf`, `tune`) and the criterion benches: sizes,
-//! medians, data, model layouts, and the same-stream reference ([`roofline`]).
+//! medians, data, model layouts, the same-stream reference ([`roofline`]), and tensors behind
+//! locks for fed steps ([`locked`]).
 #![allow(dead_code)]
 
+pub mod locked;
 pub mod roofline;
 
 /// Parses a parameter count such as `4096`, `64K` or `16M` (K = 1024, M = 1024²).

@@ -168,11 +168,14 @@ impl Engine {
         self.state.layout.as_ref().map(Layout::lens)
     }
 
-    /// The number of tensors per-tensor settings must match: the layout's, once there is state.
-    fn fixed_tensors(&self) -> Option<usize> {
-        self.layout()
-            .filter(|_| !self.state.buffers.is_empty())
-            .map(<[usize]>::len)
+    /// The layout's tensor count, when the optimizer holds state and `given` per-tensor settings
+    /// (0: none) do not match it.
+    fn count_mismatch(&self, given: usize) -> Option<usize> {
+        let tensors = self
+            .layout()
+            .filter(|_| !self.state.buffers.is_empty())?
+            .len();
+        (given != 0 && given != tensors).then_some(tensors)
     }
 
     /// Sets per-tensor overrides (empty: none). Checked in full before anything changes.
@@ -181,14 +184,9 @@ impl Engine {
     /// [`StepError::InvalidGroup`], or [`StepError::GroupCount`] against an existing layout.
     pub(crate) fn set_param_groups(&mut self, groups: &[ParamGroup]) -> Result<(), StepError> {
         check_groups(groups)?;
-        if let Some(tensors) = self.fixed_tensors()
-            && !groups.is_empty()
-            && tensors != groups.len()
-        {
-            return Err(StepError::GroupCount {
-                groups: groups.len(),
-                tensors,
-            });
+        if let Some(tensors) = self.count_mismatch(groups.len()) {
+            let groups = groups.len();
+            return Err(StepError::GroupCount { groups, tensors });
         }
         self.groups = Groups::new(groups);
         Ok(())
@@ -206,14 +204,9 @@ impl Engine {
     /// given twice; [`StepError::NameCount`] against an existing layout.
     pub(crate) fn set_tensor_names(&mut self, names: &[&str]) -> Result<(), StepError> {
         check_names(names.iter().copied())?;
-        if let Some(tensors) = self.fixed_tensors()
-            && !names.is_empty()
-            && tensors != names.len()
-        {
-            return Err(StepError::NameCount {
-                names: names.len(),
-                tensors,
-            });
+        if let Some(tensors) = self.count_mismatch(names.len()) {
+            let names = names.len();
+            return Err(StepError::NameCount { names, tensors });
         }
         self.names = names.iter().map(|n| n.to_string()).collect();
         Ok(())

@@ -59,6 +59,21 @@ fn number(config: &OptimizerConfig, name: &str) -> f32 {
     text.parse().unwrap()
 }
 
+/// Parameter groups for tests: the configuration's values, no decay, half the lr, and twice the lr
+/// with a decay of its own.
+pub const GROUPS: [ParamGroup; 4] = [
+    ParamGroup::DEFAULT,
+    ParamGroup::NO_WEIGHT_DECAY,
+    ParamGroup {
+        lr_scale: 0.5,
+        weight_decay: None,
+    },
+    ParamGroup {
+        lr_scale: 2.0,
+        weight_decay: Some(0.3),
+    },
+];
+
 /// splitmix64: a tiny seeded generator, so tests need no extra crate.
 pub struct Rng(pub u64);
 
@@ -266,50 +281,7 @@ impl<F: Float> Reference<F> {
     }
 }
 
-/// A model whose tensors sit behind locks, lent one at a time through `TensorFeed`, as a
-/// framework that owns its tensors lends them.
-pub struct Locked {
-    pub weights: Vec<std::sync::Mutex<Vec<f32>>>,
-    pub grads: Vec<Option<Vec<f32>>>,
-}
-
-impl Locked {
-    pub fn new(weights: &[Vec<f32>], grads: &[Option<Vec<f32>>]) -> Locked {
-        Locked {
-            weights: weights
-                .iter()
-                .map(|w| std::sync::Mutex::new(w.clone()))
-                .collect(),
-            grads: grads.to_vec(),
-        }
-    }
-
-    pub fn weights(&self) -> Vec<Vec<f32>> {
-        self.weights
-            .iter()
-            .map(|w| w.lock().unwrap().clone())
-            .collect()
-    }
-}
-
-impl TensorFeed for Locked {
-    fn tensor_count(&self) -> usize {
-        self.weights.len()
-    }
-    fn tensor_len(&self, tensor: usize) -> usize {
-        self.weights[tensor].lock().unwrap().len()
-    }
-    fn grad(&self, tensor: usize, read: &mut dyn FnMut(Option<&[f32]>)) -> Result<(), FeedError> {
-        read(self.grads[tensor].as_deref());
-        Ok(())
-    }
-    fn update(
-        &self,
-        tensor: usize,
-        update: &mut dyn FnMut(&mut [f32], &[f32]),
-    ) -> Result<(), FeedError> {
-        let grad = self.grads[tensor].as_deref().ok_or("no gradient")?;
-        update(&mut self.weights[tensor].lock().unwrap(), grad);
-        Ok(())
-    }
-}
+#[path = "../../examples/common/locked.rs"]
+mod locked;
+#[allow(unused_imports)]
+pub use locked::Locked;
