@@ -767,12 +767,17 @@ fn read_groups(file: &StateFile<'_>) -> Result<Vec<ParamGroup>, StateError> {
     Ok(groups)
 }
 
-/// The rule's configuration: every field readable, every value in range.
+/// The rule's configuration: every field the file has readable (one it lacks keeps its default),
+/// every value in range.
 fn read_config<R: Rule>(file: &StateFile<'_>) -> Result<R, StateError> {
     let mut config = R::default();
     for (field, value) in config.fields() {
         let key = format!("config.{field}");
-        let text = file.entry(&key)?;
+        // A field added to the rule after the file was written keeps its default, which is
+        // what the rule did before the field existed (momentum's `form`).
+        let Some(text) = file.metadata.get(&key) else {
+            continue;
+        };
         value
             .parse(text)
             .map_err(|_| file.bad(format!("{key} = {text:?} is not readable")))?;

@@ -10,6 +10,7 @@ use crate::optim::sgd::SgdConfig;
 use crate::optim::{FieldError, Fused, Rule, field_texts, set_field};
 use crate::optimizer::Optimizer;
 use crate::types::StepError;
+use core::any::Any;
 use core::fmt;
 use core::str::FromStr;
 
@@ -253,6 +254,79 @@ impl fmt::Display for OptimizerConfig {
             write!(f, "{}{field}={value}", if i == 0 { ':' } else { ',' })?;
         }
         Ok(())
+    }
+}
+
+/// `config` as an [`OptimizerConfig`] if it is one of the rule configurations.
+fn from_any(config: &dyn Any) -> Option<OptimizerConfig> {
+    macro_rules! try_each {
+        ($($ty:ty),*) => {$(
+            if let Some(c) = config.downcast_ref::<$ty>() {
+                return Some(OptimizerConfig::from(*c));
+            }
+        )*};
+    }
+    try_each!(
+        SgdConfig,
+        MomentumConfig,
+        NagConfig,
+        AdaGradConfig,
+        RmsPropConfig,
+        AdamConfig
+    );
+    None
+}
+
+/// Writes `new` into `slot` if `slot` holds an `R`.
+fn put<R: Rule>(slot: &mut dyn Any, new: R) -> bool {
+    slot.downcast_mut::<R>().map(|c| *c = new).is_some()
+}
+
+/// Reading and replacing a boxed optimizer's hyperparameters.
+impl dyn Optimizer + '_ {
+    /// The optimizer's hyperparameters, as an [`OptimizerConfig`].
+    ///
+    /// ```
+    /// use fusedopt::OptimizerConfig;
+    /// let opt = "adam:lr=0.01".parse::<OptimizerConfig>()?.build();
+    /// assert_eq!(opt.config().to_string(), "adam:lr=0.01,beta1=0.9,beta2=0.999,eps=0.0000001,weight_decay=0,maximize=false,decoupled_weight_decay=false,amsgrad=false,eps_mode=seed");
+    /// # Ok::<(), fusedopt::ParseConfigError>(())
+    /// ```
+    pub fn config(&self) -> OptimizerConfig {
+        // Every optimizer is a `Fused<R>` of one of the six rules, whose configuration is a
+        // variant of `OptimizerConfig`.
+        from_any(self.rule_config()).expect("every rule has an OptimizerConfig variant")
+    }
+
+    /// Replaces the optimizer's hyperparameters between steps, keeping its state: what a
+    /// trainer does when a schedule changes `beta1` or `momentum`. The configuration must be of
+    /// the same optimizer.
+    ///
+    /// ```
+    /// use fusedopt::OptimizerConfig;
+    /// let mut opt = "momentum".parse::<OptimizerConfig>()?.build();
+    /// let mut w = vec![1.0f32; 4];
+    /// opt.step(&mut w, &[1.0; 4])?;
+    /// opt.set_config("momentum:lr=0.1,momentum=0.5".parse()?)?;
+    /// assert_eq!((opt.lr(), opt.steps()), (0.1, 1));
+    /// assert!(opt.set_config("adam".parse()?).is_err());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`StepError::RuleMismatch`] for another optimizer's configuration and
+    /// [`StepError::InvalidConfig`] for a value out of range; then nothing changes.
+    pub fn set_config(&mut self, config: OptimizerConfig) -> Result<(), StepError> {
+        config.validate()?;
+        let slot = self.rule_config_mut();
+        if with_rule!(config, c => put(slot, c)) {
+            Ok(())
+        } else {
+            Err(StepError::RuleMismatch {
+                optimizer: self.name(),
+                config: config.name(),
+            })
+        }
     }
 }
 

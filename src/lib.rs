@@ -158,7 +158,7 @@ pub use config::{OPTIMIZER_NAMES, OptimizerConfig, ParseConfigError, optimizer_b
 pub use engine::{FeedError, TensorFeed};
 pub use optim::adagrad::{AdaGrad, AdaGradConfig};
 pub use optim::adam::{Adam, AdamConfig, EpsMode};
-pub use optim::momentum::{Momentum, MomentumConfig, Nag, NagConfig, VelocityConfig};
+pub use optim::momentum::{Momentum, MomentumConfig, MomentumForm, Nag, NagConfig, VelocityConfig};
 pub use optim::rmsprop::{RmsProp, RmsPropConfig};
 pub use optim::sgd::{Sgd, SgdConfig};
 pub use optim::{Fused, Rule};

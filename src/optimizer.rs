@@ -6,6 +6,7 @@ use crate::checkpoint::{self, StateError};
 use crate::engine::{Lists, Pairs, PartialLists, TensorFeed, TensorSource};
 use crate::optim::{Fused, Rule};
 use crate::types::{Backend, NonFinite, ParamGroup, StepError, StepReport};
+use core::any::Any;
 use std::path::Path;
 
 /// An optimizer: updates weights in place from their gradients, keeping its own state.
@@ -533,12 +534,22 @@ pub(crate) mod sealed {
     pub trait Sealed {
         /// One step over the tensors of `source`: [`step_all`](dyn Optimizer::step_all).
         fn step_source(&mut self, source: &mut dyn TensorSource) -> Result<StepReport, StepError>;
+        /// The rule's configuration (`R` of `Fused<R>`), for `OptimizerConfig` to read.
+        fn rule_config(&self) -> &dyn Any;
+        /// The rule's configuration, for `OptimizerConfig` to replace.
+        fn rule_config_mut(&mut self) -> &mut dyn Any;
     }
 }
 
 impl<R: Rule> sealed::Sealed for Fused<R> {
     fn step_source(&mut self, source: &mut dyn TensorSource) -> Result<StepReport, StepError> {
         Fused::step_source(self, source)
+    }
+    fn rule_config(&self) -> &dyn Any {
+        &self.config
+    }
+    fn rule_config_mut(&mut self) -> &mut dyn Any {
+        &mut self.config
     }
 }
 

@@ -210,6 +210,14 @@ pub enum StepError {
         /// Why it failed.
         message: String,
     },
+    /// A configuration of another optimizer was given to
+    /// [`set_config`](crate::Optimizer#method.set_config).
+    RuleMismatch {
+        /// The optimizer's name.
+        optimizer: &'static str,
+        /// The configuration's.
+        config: &'static str,
+    },
     /// The optimizer state could not be allocated.
     OutOfMemory {
         /// Number of `f32` elements of the buffer that failed.
@@ -287,6 +295,10 @@ impl fmt::Display for StepError {
             StepError::ThreadPool { threads, message } => {
                 write!(f, "could not start a pool of {threads} threads: {message}")
             }
+            StepError::RuleMismatch { optimizer, config } => write!(
+                f,
+                "a {config} configuration cannot be set on a {optimizer} optimizer"
+            ),
             StepError::OutOfMemory { elements } => {
                 write!(
                     f,

@@ -35,6 +35,15 @@ fn option_sets(config: OptimizerConfig) -> Vec<(&'static str, OptimizerConfig)> 
         ("maximize", "maximize=true"),
         ("weight_decay+maximize", "weight_decay=0.1,maximize=true"),
     ];
+    if matches!(config.name(), "momentum" | "nag") {
+        sets.extend([
+            ("buffer form", "form=buffer"),
+            (
+                "buffer form+weight_decay+maximize",
+                "form=buffer,weight_decay=0.1,maximize=true",
+            ),
+        ]);
+    }
     if config.name() == "adam" {
         sets.extend([
             (
@@ -385,5 +394,47 @@ fn many_distinct_groups_match_one_optimizer_per_tensor() {
             }
             assert_same_as(&ws, &singles, &format!("{config}, {tensors} groups"));
         }
+    }
+}
+
+/// Under a changing learning rate the buffer form applies each step's `lr` to the whole buffer
+/// (torch's SGD), the velocity form only to the new gradient: both match their references on
+/// every tier, and they differ from each other.
+#[test]
+fn momentum_forms_follow_their_formulas_under_a_changing_lr() {
+    for name in ["momentum", "nag"] {
+        let mut finals = Vec::new();
+        for form in ["velocity", "buffer"] {
+            let config = with(
+                unusual(OptimizerConfig::default_for(name).unwrap()),
+                &format!("form={form}"),
+            );
+            for backend in [Backend::Scalar]
+                .into_iter()
+                .chain(SimdLevel::available().map(Backend::Level))
+            {
+                let mut rng = Rng(5);
+                let mut w = rng.vec(N, 1.0);
+                let mut w32 = w.clone();
+                let mut opt = config.build();
+                opt.set_backend(backend);
+                let mut reference = Reference::<f32>::new(config, N);
+                for step in 0..STEPS {
+                    let lr = 0.05 * 0.8f32.powi(step as i32);
+                    opt.set_lr(lr);
+                    reference.config = with(config, &format!("lr={lr}"));
+                    let g = grads(&mut rng, N, step);
+                    opt.step(&mut w, &g).unwrap();
+                    reference.step(&mut w32, &g);
+                    assert_same(&w, &w32, &format!("{name} {form} {backend:?} step {step}"));
+                }
+                finals.push(w);
+            }
+        }
+        assert_ne!(
+            finals.first(),
+            finals.last(),
+            "{name}: the two forms should differ"
+        );
     }
 }

@@ -1,9 +1,11 @@
 //! Classical momentum and Nesterov's accelerated gradient, in the velocity convention:
-//! `v ← μ·v − lr·g`, then `w ← w + v` (momentum) or `w ← w + μ·v − lr·g` (NAG). One
-//! configuration type and one kernel serve both; `NESTEROV` tells them apart.
+//! `v ← μ·v − lr·g`, then `w ← w + v` (momentum) or `w ← w + μ·v − lr·g` (NAG), or in PyTorch's
+//! buffer convention ([`MomentumForm::Buffer`]). One configuration type and one kernel serve
+//! both optimizers; `NESTEROV` tells them apart.
 
 use super::{
-    Fused, StateBuffer, check_lr, check_unit, check_weight_decay, config_fields, sealed::RuleImpl,
+    FieldValue, Fused, StateBuffer, check_lr, check_unit, check_weight_decay, config_fields,
+    sealed::RuleImpl,
 };
 use crate::engine::{CommonConfig, StepRunner};
 use crate::simd::{Kernel, Lane};
@@ -13,8 +15,8 @@ use crate::types::{StepError, StepReport};
 /// `v ← μ·v − lr·g; w ← w + v`, with `v` starting at zero.
 ///
 /// At constant `lr` this is PyTorch's `SGD(momentum=μ)` (dampening 0), whose buffer is
-/// `b = −v / lr`. Under a changing `lr` the two differ slightly: torch rescales the whole buffer
-/// by the new `lr`, while `v` keeps each step's own.
+/// `b = −v / lr`. Under a changing `lr` the two differ: torch applies the new `lr` to the whole
+/// buffer, while `v` keeps each step's own. [`MomentumForm::Buffer`] is torch's form.
 ///
 /// ```
 /// use fusedopt::{Momentum, MomentumConfig, Optimizer};
@@ -31,8 +33,8 @@ pub type Momentum = Fused<MomentumConfig>;
 ///
 /// This is Nesterov's look-ahead step written with the same velocity as [`Momentum`]; at
 /// constant `lr` it equals PyTorch's `SGD(momentum=μ, nesterov=True)`, whose buffer is
-/// `b = −v / lr`. Under a changing `lr` the two differ slightly: torch rescales the whole buffer
-/// by the new `lr`, while `v` keeps each step's own.
+/// `b = −v / lr`. Under a changing `lr` the two differ: torch applies the new `lr` to the whole
+/// buffer, while `v` keeps each step's own. [`MomentumForm::Buffer`] is torch's form.
 ///
 /// ```
 /// use fusedopt::{Nag, NagConfig, Optimizer};
@@ -48,6 +50,7 @@ pub type Nag = Fused<NagConfig>;
 /// ```
 /// let c = fusedopt::MomentumConfig::default();
 /// assert_eq!((c.lr, c.momentum, c.weight_decay, c.maximize), (0.01, 0.9, 0.0, false));
+/// assert_eq!(c.form, fusedopt::MomentumForm::Velocity);
 /// ```
 pub type MomentumConfig = VelocityConfig<false>;
 
@@ -71,6 +74,52 @@ pub struct VelocityConfig<const NESTEROV: bool> {
     pub weight_decay: f32,
     /// Ascend instead of descend (default false): `g ← −g` before anything else.
     pub maximize: bool,
+    /// Where the learning rate is applied (default [`MomentumForm::Velocity`]).
+    pub form: MomentumForm,
+}
+
+/// Where [`Momentum`] and [`Nag`] apply the learning rate. The two forms agree while `lr` is
+/// constant (up to rounding: the buffer is `b = −v / lr`) and differ when it changes.
+///
+/// ```
+/// use fusedopt::{Momentum, MomentumConfig, MomentumForm, Optimizer};
+/// let config = MomentumConfig { lr: 0.5, momentum: 0.5, form: MomentumForm::Buffer, ..Default::default() };
+/// let mut opt = Momentum::new(config);
+/// let mut w = [0.0f32];
+/// opt.step(&mut w, &[1.0])?; // b = 1; w = 0 − 0.5·1
+/// opt.set_lr(0.25);
+/// opt.step(&mut w, &[1.0])?; // b = 0.5·1 + 1; w = −0.5 − 0.25·1.5
+/// assert_eq!(w, [-0.875]);
+/// # Ok::<(), fusedopt::StepError>(())
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MomentumForm {
+    /// The velocity keeps each step's learning rate: `v ← μ·v − lr·g; w ← w + v`
+    /// (NAG: `w ← w + μ·v − lr·g`). The reference formulas; state files call it `velocity`.
+    #[default]
+    Velocity,
+    /// PyTorch's `SGD` (dampening 0): the buffer sums raw gradients and the current learning
+    /// rate applies to all of it, `b ← μ·b + g; w ← w − lr·b` (nesterov: `w ← w − lr·(g + μ·b)`).
+    /// State files call it `buffer`; the state buffer holds `b`.
+    Buffer,
+}
+
+impl FieldValue for MomentumForm {
+    fn encode(&self) -> String {
+        match self {
+            MomentumForm::Velocity => "velocity",
+            MomentumForm::Buffer => "buffer",
+        }
+        .to_string()
+    }
+    fn parse(&mut self, text: &str) -> Result<(), &'static str> {
+        *self = match text.trim() {
+            "velocity" => MomentumForm::Velocity,
+            "buffer" => MomentumForm::Buffer,
+            _ => return Err("velocity or buffer"),
+        };
+        Ok(())
+    }
 }
 
 impl<const NESTEROV: bool> Default for VelocityConfig<NESTEROV> {
@@ -80,6 +129,7 @@ impl<const NESTEROV: bool> Default for VelocityConfig<NESTEROV> {
             momentum: 0.9,
             weight_decay: 0.0,
             maximize: false,
+            form: MomentumForm::Velocity,
         }
     }
 }
@@ -104,32 +154,47 @@ impl<const NESTEROV: bool> VelocityConfig<NESTEROV> {
     }
 }
 
-/// Per-step scalars of momentum (`NESTEROV = false`) and NAG.
+/// Per-step scalars of momentum (`NESTEROV = false`) and NAG, in the velocity form
+/// (`BUFFER = false`) or the buffer form.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct VelocityStep<const NESTEROV: bool> {
+pub(crate) struct VelocityStep<const NESTEROV: bool, const BUFFER: bool> {
     lr: f32,
     momentum: f32,
 }
 
-impl<const NESTEROV: bool> Kernel<1> for VelocityStep<NESTEROV> {
+impl<const NESTEROV: bool, const BUFFER: bool> Kernel<1> for VelocityStep<NESTEROV, BUFFER> {
     #[inline(always)]
     fn update<V: Lane>(&self, w: V, g: V, [v]: &mut [V; 1]) -> V {
-        let (mu, lr_g) = (V::splat(self.momentum), V::splat(self.lr) * g);
-        *v = mu * *v - lr_g;
-        if NESTEROV { w + mu * *v - lr_g } else { w + *v }
+        let (mu, lr) = (V::splat(self.momentum), V::splat(self.lr));
+        if BUFFER {
+            *v = mu * *v + g;
+            let step = if NESTEROV { g + mu * *v } else { *v };
+            w - lr * step
+        } else {
+            let lr_g = lr * g;
+            *v = mu * *v - lr_g;
+            if NESTEROV { w + mu * *v - lr_g } else { w + *v }
+        }
     }
 }
 
 impl<const NESTEROV: bool> RuleImpl for VelocityConfig<NESTEROV> {
     const NAME: &'static str = if NESTEROV { "nag" } else { "momentum" };
     const BUFFERS: &'static [StateBuffer] = &[StateBuffer::required("v")];
-    config_fields!(lr, momentum, weight_decay, maximize);
+    config_fields!(lr, momentum, weight_decay, maximize, form);
     fn step<X: StepRunner>(&self, x: X) -> Result<StepReport, StepError> {
         let common = CommonConfig::l2(self.lr, self.weight_decay, self.maximize);
-        x.run(common, |h| VelocityStep::<NESTEROV> {
-            lr: h.lr,
-            momentum: self.momentum,
-        })
+        let momentum = self.momentum;
+        match self.form {
+            MomentumForm::Velocity => x.run(common, |h| VelocityStep::<NESTEROV, false> {
+                lr: h.lr,
+                momentum,
+            }),
+            MomentumForm::Buffer => x.run(common, |h| VelocityStep::<NESTEROV, true> {
+                lr: h.lr,
+                momentum,
+            }),
+        }
     }
 }
 
@@ -141,11 +206,17 @@ mod tests {
     fn kernels_match_their_formulas() {
         let (lr, momentum) = (0.5, 0.5);
         let mut v = [2.0f32];
-        let w = VelocityStep::<false> { lr, momentum }.update(1.0f32, 1.0, &mut v);
+        let w = VelocityStep::<false, false> { lr, momentum }.update(1.0f32, 1.0, &mut v);
         assert_eq!((v, w), ([0.5], 1.5)); // v = 0.5·2 − 0.5; w = 1 + v
         let mut v = [2.0f32];
-        let w = VelocityStep::<true> { lr, momentum }.update(1.0f32, 1.0, &mut v);
+        let w = VelocityStep::<true, false> { lr, momentum }.update(1.0f32, 1.0, &mut v);
         assert_eq!((v, w), ([0.5], 0.75)); // the same v; w = 1 + 0.5·0.5 − 0.5
+        let mut b = [2.0f32];
+        let w = VelocityStep::<false, true> { lr, momentum }.update(1.0f32, 1.0, &mut b);
+        assert_eq!((b, w), ([2.0], 0.0)); // b = 0.5·2 + 1; w = 1 − 0.5·b
+        let mut b = [2.0f32];
+        let w = VelocityStep::<true, true> { lr, momentum }.update(1.0f32, 1.0, &mut b);
+        assert_eq!((b, w), ([2.0], 0.0)); // the same b; w = 1 − 0.5·(1 + 0.5·2)
     }
 
     #[test]

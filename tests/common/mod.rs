@@ -203,6 +203,22 @@ impl<F: Float> Reference<F> {
                     w[i] = w[i] - c(h.lr) * gi;
                 }
             }
+            OptimizerConfig::Momentum(h) if h.form == MomentumForm::Buffer => {
+                // torch.optim.SGD(momentum=μ): b ← μ·b + g; w ← w − lr·b.
+                for i in 0..w.len() {
+                    let gi = prep(g[i], w[i], h.maximize, h.weight_decay);
+                    s1[i] = c(h.momentum) * s1[i] + gi;
+                    w[i] = w[i] - c(h.lr) * s1[i];
+                }
+            }
+            OptimizerConfig::Nag(h) if h.form == MomentumForm::Buffer => {
+                // torch.optim.SGD(momentum=μ, nesterov=True): w ← w − lr·(g + μ·b).
+                for i in 0..w.len() {
+                    let gi = prep(g[i], w[i], h.maximize, h.weight_decay);
+                    s1[i] = c(h.momentum) * s1[i] + gi;
+                    w[i] = w[i] - c(h.lr) * (gi + c(h.momentum) * s1[i]);
+                }
+            }
             OptimizerConfig::Momentum(h) => {
                 for i in 0..w.len() {
                     let gi = prep(g[i], w[i], h.maximize, h.weight_decay);
