@@ -1,0 +1,40 @@
+"""fusedopt: fused, multi-threaded, deterministic optimizer steps on the CPU.
+
+The optimizer step of a training loop as fast as the memory bus allows: one pass over the
+weights, gradients and state, with SIMD kernels on every core, bitwise identical for any thread
+count. The engine is the Rust crate ``fusedopt``; this package reaches it from Python.
+
+Two ways in:
+
+* ``fusedopt.SGD``, ``Momentum``, ``Nesterov``, ``AdaGrad``, ``RMSProp`` and ``Adam``: the numpy
+  optimizers of the reference code (same classes, keywords, defaults and in-place ``update``)::
+
+      import numpy as np, fusedopt
+      opt = fusedopt.Adam(learning_rate=0.001)
+      params = {"W1": np.zeros((784, 50), np.float32), "b1": np.zeros(50, np.float32)}
+      grads = {"W1": np.ones((784, 50), np.float32), "b1": np.ones(50, np.float32)}
+      opt.update(params, grads)  # params updated in place
+
+* ``fusedopt.torch``: ``SGD``, ``Adagrad``, ``RMSprop``, ``Adam`` and ``AdamW``, drop-ins for
+  ``torch.optim`` on CPU float32 tensors (imports torch; this module does not).
+
+Threads: every step uses ``get_num_threads()`` threads (all cores unless ``set_num_threads``
+says otherwise) and releases the GIL.
+"""
+
+from ._engine import __version__, get_num_threads, set_num_threads, simd_level
+from ._numpy import SGD, AdaGrad, Adam, Momentum, Nesterov, Optimizer, RMSProp
+
+__all__ = [
+    "__version__",
+    "simd_level",
+    "set_num_threads",
+    "get_num_threads",
+    "Optimizer",
+    "SGD",
+    "Momentum",
+    "Nesterov",
+    "AdaGrad",
+    "RMSProp",
+    "Adam",
+]

@@ -1,0 +1,614 @@
+"""Drop-ins for ``torch.optim`` on CPU float32 tensors, run by the fusedopt engine.
+
+``SGD``, ``Adagrad``, ``RMSprop``, ``Adam`` and ``AdamW`` subclass ``torch.optim.Optimizer`` with
+torch's constructor signatures and defaults, and follow torch's formulas: replacing
+``torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1)`` by
+``fusedopt.torch.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1)`` is the whole change.
+
+* Hyperparameters are read from ``param_groups`` at every step, so ``torch.optim.lr_scheduler``
+  schedulers (which write ``lr``, and for some ``betas``/``momentum``) and hand edits work.
+  ``lr`` and ``weight_decay`` may differ between groups; the other hyperparameters must be
+  the same in every group.
+* Parameters whose ``.grad`` is ``None`` are skipped: their weights and state are left alone
+  and they keep their own step count (Adam's bias correction uses it), as in torch.
+* The whole model, every group, is one engine step, on ``fusedopt.get_num_threads()`` threads,
+  with the GIL released. Weights are updated and gradients read in place, through their own
+  memory.
+* Arguments the engine does not implement (``dampening != 0``, ``centered=True``,
+  ``lr_decay != 0``, ``foreach=True``, ``capturable=True``, ``differentiable=True``, ...) raise
+  ``ValueError`` when the optimizer is built. Tensors must be CPU, float32, dense and
+  contiguous; anything else raises before anything is modified.
+* ``flat_grads=True`` (keyword-only, every class) keeps all gradients as views of one flat
+  buffer, as apex and DeepSpeed do: ``zero_grad()`` zeroes the buffer instead of dropping the
+  gradients, backward accumulates into the views, and a step checks only that each ``.grad``
+  is still its view. It removes most of the per-tensor Python work of a step, which dominates
+  for models of many small tensors. In this mode ``zero_grad`` behaves as
+  ``zero_grad(set_to_none=False)``: every parameter that requires grad has a (zero) gradient
+  and is stepped. A ``.grad`` replaced by other code is copied into the buffer at the next step.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Iterable
+from typing import Any, Callable, Optional, Union
+
+import torch
+from torch.autograd.graph import increment_version
+
+from ._engine import Engine
+
+__all__ = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW"]
+
+_grad_of = operator.attrgetter("grad")
+_layout_of = operator.attrgetter("layout")
+_dtype_of = operator.attrgetter("dtype")
+_is_cpu = operator.attrgetter("is_cpu")
+_data_ptr = torch.Tensor.data_ptr
+_numel = torch.Tensor.numel
+_is_contiguous = torch.Tensor.is_contiguous
+
+Params = Union[Iterable[torch.Tensor], Iterable[dict[str, Any]]]
+
+
+def _encode(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(float(value))
+
+
+def _describe(kind: str, i: int, group: int, t: torch.Tensor) -> str:
+    return f"{kind} {i} (group {group}, shape {tuple(t.shape)})"
+
+
+class _FusedOptimizer(torch.optim.Optimizer):
+    """What the five classes share: the engine, the tensor checks and the step."""
+
+    #: (argument, value the engine implements) pairs checked in every group.
+    _unsupported: tuple[tuple[str, Any], ...] = ()
+    #: Hyperparameters that must be equal in every group (besides lr and weight_decay).
+    _shared: tuple[str, ...] = ()
+
+    def __init__(self, params: Params, defaults: dict[str, Any], flat_grads: bool) -> None:
+        if not isinstance(flat_grads, bool):
+            raise TypeError(f"{type(self).__name__}: flat_grads must be True or False")
+        self._engine: Optional[Engine] = None
+        self._flat = flat_grads
+        self._reset_cache()
+        super().__init__(params, defaults)
+
+    def _reset_cache(self) -> None:
+        self._params: Optional[list[torch.Tensor]] = None
+        self._group_of: list[int] = []
+        self._weight_ptrs: list[int] = []
+        self._lens: list[int] = []
+        self._config: Optional[str] = None
+        self._group_hyper: Optional[tuple[list[float], list[float]]] = None
+        self._buffer: Optional[torch.Tensor] = None
+        self._views: list[Optional[torch.Tensor]] = []
+        self._view_ptrs: list[int] = []
+
+    # -- building ----------------------------------------------------------------------------
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Adds a parameter group, as torch's; refused once the optimizer has state (the
+        engine's layout is fixed at the first step)."""
+        if getattr(self, "_engine", None) is not None and self._engine.layout is not None:
+            raise ValueError(
+                f"{type(self).__name__}: add_param_group after the first step is not "
+                "supported; the parameters are fixed at the first step"
+            )
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        name = type(self).__name__
+        for key, ok in self._unsupported:
+            value = group.get(key, ok)
+            if value != ok and not (ok is None and value is False):
+                raise ValueError(
+                    f"{name}: {key}={value!r} is not implemented by fusedopt (supported: "
+                    f"{key}={ok!r})"
+                )
+        for key in self._shared:
+            first = self.param_groups[0].get(key)
+            if group.get(key) != first:
+                raise ValueError(
+                    f"{name}: {key} differs between parameter groups ({first!r} and "
+                    f"{group.get(key)!r}); fusedopt steps every group with one {key}, only lr "
+                    "and weight_decay may differ"
+                )
+        if hasattr(self, "_params"):
+            self._reset_cache()
+
+    def _config_string(self, group: dict[str, Any]) -> str:
+        """The engine configuration for the shared hyperparameters (lr 1: each group's lr
+        is its scale)."""
+        raise NotImplementedError
+
+    # -- the step ----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+        """Performs one optimization step over every parameter group, and returns the
+        closure's loss if a closure (re-evaluating the model) is given."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        params = self._bind()
+        self._sync_hyper()
+        if self._flat:
+            grad_ptrs = self._flat_grad_ptrs(params)
+        else:
+            grad_ptrs = self._grad_ptrs(params)
+        assert self._engine is not None
+        self._engine.step_bound(grad_ptrs)
+        increment_version(params)
+        return loss
+
+    def _bind(self) -> list[torch.Tensor]:
+        """The parameters, bound to the engine; rechecked when one's memory moved."""
+        params = self._params
+        if params is not None and list(map(_data_ptr, params)) == self._weight_ptrs:
+            return params
+        params, group_of = [], []
+        for k, group in enumerate(self.param_groups):
+            params.extend(group["params"])
+            group_of.extend([k] * len(group["params"]))
+        name = type(self).__name__
+        for i, p in enumerate(params):
+            what = _describe("parameter", i, group_of[i], p)
+            self._check_tensor(name, what, p)
+        ptrs, lens = list(map(_data_ptr, params)), list(map(_numel, params))
+        if self._engine is None:
+            self._engine = Engine(self._config_string(self.param_groups[0]))
+            self._engine.lr = 1.0
+        self._engine.bind_weights(ptrs, lens)
+        self._params, self._group_of, self._weight_ptrs, self._lens = params, group_of, ptrs, lens
+        self._group_hyper = None
+        if self._flat:
+            self._install_views()
+        return params
+
+    @staticmethod
+    def _check_tensor(name: str, what: str, t: Any) -> None:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: {what} is a {type(t).__name__}, not a torch.Tensor")
+        if t.layout != torch.strided:
+            raise ValueError(f"{name}: {what} is {t.layout}; fusedopt steps dense tensors")
+        if t.dtype != torch.float32:
+            raise TypeError(f"{name}: {what} is {t.dtype}; fusedopt.torch steps float32 tensors")
+        if not t.is_cpu:
+            raise ValueError(f"{name}: {what} is on {t.device}; fusedopt.torch steps CPU tensors")
+        if not t.is_contiguous():
+            raise ValueError(f"{name}: {what} is not contiguous; fusedopt steps contiguous tensors")
+
+    def _sync_hyper(self) -> None:
+        """Pushes the groups' hyperparameters to the engine where they changed."""
+        assert self._engine is not None
+        groups = self.param_groups
+        first = groups[0]
+        for group in groups[1:]:
+            for key in self._shared:
+                if group.get(key) != first.get(key):
+                    raise ValueError(
+                        f"{type(self).__name__}: {key} differs between parameter groups "
+                        f"({first.get(key)!r} and {group.get(key)!r}); only lr and "
+                        "weight_decay may differ"
+                    )
+        config = self._config_string(first)
+        if config != self._config:
+            self._engine.set_config(config)
+            self._config = config
+        hyper = (
+            [float(g["lr"]) for g in groups],
+            [float(g.get("weight_decay", 0.0)) for g in groups],
+        )
+        if hyper != self._group_hyper:
+            group_of = self._group_of if self._group_hyper is None else None
+            self._engine.set_groups(group_of, hyper[0], hyper[1])
+            self._group_hyper = hyper
+
+    def _grad_ptrs(self, params: list[torch.Tensor]) -> list[int]:
+        """Every gradient's address (0 for none), after checking them all."""
+        grads = list(map(_grad_of, params))
+        if any(map(operator.is_, grads, [None] * len(grads))):
+            return self._sparse_grad_ptrs(params, grads)
+        if (
+            set(map(_layout_of, grads)) == {torch.strided}
+            and set(map(_dtype_of, grads)) == {torch.float32}
+            and all(map(_is_cpu, grads))
+            and all(map(_is_contiguous, grads))
+            and list(map(_numel, grads)) == self._lens
+        ):
+            return list(map(_data_ptr, grads))
+        return self._sparse_grad_ptrs(params, grads)  # finds and names the bad one
+
+    def _sparse_grad_ptrs(self, params: list[torch.Tensor], grads: list[Any]) -> list[int]:
+        """The same, one gradient at a time (some are None, or one is bad)."""
+        name = type(self).__name__
+        ptrs = []
+        for i, (g, n) in enumerate(zip(grads, self._lens)):
+            if g is None:
+                ptrs.append(0)
+                continue
+            what = "the grad of " + _describe("parameter", i, self._group_of[i], params[i])
+            self._check_tensor(name, what, g)
+            if g.numel() != n:
+                raise ValueError(f"{name}: {what} has {g.numel()} elements, not {n}")
+            ptrs.append(g.data_ptr())
+        return ptrs
+
+    # -- flat gradients ----------------------------------------------------------------------
+
+    def _install_views(self) -> None:
+        """Makes every gradient a view of one flat buffer (flat_grads=True)."""
+        params = self._params
+        assert params is not None
+        total = sum(n for p, n in zip(params, self._lens) if p.requires_grad)
+        if self._buffer is None or self._buffer.numel() != total:
+            self._buffer = torch.zeros(total, dtype=torch.float32)
+        views: list[Optional[torch.Tensor]] = []
+        offset = 0
+        for p, n in zip(params, self._lens):
+            if not p.requires_grad:
+                views.append(None)
+                continue
+            views.append(self._buffer[offset : offset + n].view_as(p))
+            offset += n
+        self._views = views
+        self._view_ptrs = [0 if v is None else v.data_ptr() for v in views]
+        self._attach_views(params)
+
+    def _attach_views(self, params: list[torch.Tensor]) -> list[int]:
+        """Points each ``.grad`` back at its view, copying a gradient other code put there;
+        returns the gradient addresses (0 where a parameter has none)."""
+        ptrs = []
+        name = type(self).__name__
+        for i, (p, v) in enumerate(zip(params, self._views)):
+            g = p.grad
+            if g is v:
+                ptrs.append(0 if v is None else self._view_ptrs[i])
+                continue
+            if g is None or v is None:
+                if g is not None:  # a gradient on a parameter that does not require grad
+                    what = "the grad of " + _describe("parameter", i, self._group_of[i], p)
+                    self._check_tensor(name, what, g)
+                    ptrs.append(g.data_ptr())
+                else:
+                    ptrs.append(0)
+                continue
+            what = "the grad of " + _describe("parameter", i, self._group_of[i], p)
+            self._check_tensor(name, what, g)
+            v.copy_(g)
+            p.grad = v
+            ptrs.append(self._view_ptrs[i])
+        return ptrs
+
+    def _flat_grad_ptrs(self, params: list[torch.Tensor]) -> list[int]:
+        if all(map(operator.is_, map(_grad_of, params), self._views)):
+            return self._view_ptrs
+        return self._attach_views(params)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """As torch's ``zero_grad``. With ``flat_grads=True`` the flat buffer is zeroed and
+        the gradients stay (``set_to_none`` is ignored)."""
+        if not self._flat:
+            super().zero_grad(set_to_none)
+            return
+        params = self._bind()
+        assert self._buffer is not None
+        self._buffer.zero_()
+        self._attach_views(params)
+
+    # -- engine extras -----------------------------------------------------------------------
+
+    @property
+    def steps(self) -> int:
+        """Steps taken by the engine (each parameter's own count is in ``tensor_steps``)."""
+        return 0 if self._engine is None else self._engine.steps
+
+    @property
+    def tensor_steps(self) -> list[int]:
+        """Each parameter's own step count, in group order."""
+        return [] if self._engine is None else self._engine.tensor_steps
+
+
+class SGD(_FusedOptimizer):
+    """``torch.optim.SGD`` on the fusedopt engine: ``b = momentum * b + g`` (dampening 0),
+    ``w -= lr * b`` (nesterov: ``w -= lr * (g + momentum * b)``), L2 ``weight_decay`` and
+    ``maximize`` as torch's. The current ``lr`` applies to the whole buffer, as in torch."""
+
+    _unsupported = (
+        ("dampening", 0),
+        ("foreach", None),
+        ("differentiable", False),
+        ("fused", None),
+    )
+    _shared = ("momentum", "nesterov", "maximize")
+
+    def __init__(
+        self,
+        params: Params,
+        lr: Union[float, torch.Tensor] = 1e-3,
+        momentum: float = 0,
+        dampening: float = 0,
+        weight_decay: Union[float, torch.Tensor] = 0,
+        nesterov: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: Optional[bool] = None,
+        differentiable: bool = False,
+        fused: Optional[bool] = None,
+        flat_grads: bool = False,
+    ) -> None:
+        if float(lr) < 0.0:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if momentum < 0.0:
+            raise ValueError(f"Invalid momentum value: {momentum}")
+        if float(weight_decay) < 0.0:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        if fused is True:
+            fused = None  # fusedopt is fused
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            dampening=dampening,
+            weight_decay=weight_decay,
+            nesterov=nesterov,
+            maximize=maximize,
+            foreach=foreach,
+            differentiable=differentiable,
+            fused=fused,
+        )
+        self._momentum_rule = momentum != 0
+        super().__init__(params, defaults, flat_grads)
+
+    def _config_string(self, group: dict[str, Any]) -> str:
+        momentum = float(group["momentum"])
+        if not self._momentum_rule:
+            if momentum != 0:
+                raise ValueError(
+                    "SGD: momentum changed from 0 after the optimizer was built; build it "
+                    "with the momentum it will use"
+                )
+            return f"sgd:lr=1,maximize={_encode(bool(group['maximize']))}"
+        rule = "nag" if group["nesterov"] else "momentum"
+        return (
+            f"{rule}:lr=1,momentum={_encode(momentum)},form=buffer,"
+            f"maximize={_encode(bool(group['maximize']))}"
+        )
+
+
+class Adagrad(_FusedOptimizer):
+    """``torch.optim.Adagrad`` on the fusedopt engine: ``h += g * g``,
+    ``w -= lr * g / (sqrt(h) + eps)``, L2 ``weight_decay`` and ``maximize`` as torch's
+    (``lr_decay`` and ``initial_accumulator_value`` must be 0)."""
+
+    _unsupported = (
+        ("lr_decay", 0),
+        ("initial_accumulator_value", 0),
+        ("foreach", None),
+        ("differentiable", False),
+        ("fused", None),
+    )
+    _shared = ("eps", "maximize")
+
+    def __init__(
+        self,
+        params: Params,
+        lr: Union[float, torch.Tensor] = 1e-2,
+        lr_decay: float = 0,
+        weight_decay: float = 0,
+        initial_accumulator_value: float = 0,
+        eps: float = 1e-10,
+        foreach: Optional[bool] = None,
+        *,
+        maximize: bool = False,
+        differentiable: bool = False,
+        fused: Optional[bool] = None,
+        flat_grads: bool = False,
+    ) -> None:
+        if float(lr) < 0.0:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if lr_decay < 0.0:
+            raise ValueError(f"Invalid lr_decay value: {lr_decay}")
+        if weight_decay < 0.0:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if initial_accumulator_value < 0.0:
+            raise ValueError(f"Invalid initial_accumulator_value value: {initial_accumulator_value}")
+        if eps < 0.0:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        if fused is True:
+            fused = None
+        defaults = dict(
+            lr=lr,
+            lr_decay=lr_decay,
+            eps=eps,
+            weight_decay=weight_decay,
+            initial_accumulator_value=initial_accumulator_value,
+            foreach=foreach,
+            maximize=maximize,
+            differentiable=differentiable,
+            fused=fused,
+        )
+        super().__init__(params, defaults, flat_grads)
+
+    def _config_string(self, group: dict[str, Any]) -> str:
+        return (
+            f"adagrad:lr=1,eps={_encode(group['eps'])},"
+            f"maximize={_encode(bool(group['maximize']))}"
+        )
+
+
+class RMSprop(_FusedOptimizer):
+    """``torch.optim.RMSprop`` on the fusedopt engine: ``h = alpha * h + (1 - alpha) * g * g``,
+    ``w -= lr * g / (sqrt(h) + eps)``, L2 ``weight_decay`` and ``maximize`` as torch's
+    (``momentum`` must be 0 and ``centered`` False)."""
+
+    _unsupported = (
+        ("momentum", 0),
+        ("centered", False),
+        ("capturable", False),
+        ("foreach", None),
+        ("differentiable", False),
+    )
+    _shared = ("alpha", "eps", "maximize")
+
+    def __init__(
+        self,
+        params: Params,
+        lr: Union[float, torch.Tensor] = 1e-2,
+        alpha: float = 0.99,
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        momentum: float = 0,
+        centered: bool = False,
+        capturable: bool = False,
+        foreach: Optional[bool] = None,
+        maximize: bool = False,
+        differentiable: bool = False,
+        *,
+        flat_grads: bool = False,
+    ) -> None:
+        if float(lr) < 0.0:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if eps < 0.0:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        if momentum < 0.0:
+            raise ValueError(f"Invalid momentum value: {momentum}")
+        if weight_decay < 0.0:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if alpha < 0.0:
+            raise ValueError(f"Invalid alpha value: {alpha}")
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            alpha=alpha,
+            eps=eps,
+            centered=centered,
+            weight_decay=weight_decay,
+            capturable=capturable,
+            foreach=foreach,
+            maximize=maximize,
+            differentiable=differentiable,
+        )
+        super().__init__(params, defaults, flat_grads)
+
+    def _config_string(self, group: dict[str, Any]) -> str:
+        return (
+            f"rmsprop:lr=1,decay_rate={_encode(group['alpha'])},eps={_encode(group['eps'])},"
+            f"maximize={_encode(bool(group['maximize']))}"
+        )
+
+
+class Adam(_FusedOptimizer):
+    """``torch.optim.Adam`` on the fusedopt engine: torch's Adam (eps added to the
+    bias-corrected ``sqrt(v_hat)``), with ``weight_decay`` (L2, or decoupled with
+    ``decoupled_weight_decay=True``), ``amsgrad`` and ``maximize``. ``betas`` are read from
+    the groups at every step (OneCycleLR cycles ``betas[0]``)."""
+
+    _unsupported = (
+        ("foreach", None),
+        ("capturable", False),
+        ("differentiable", False),
+        ("fused", None),
+    )
+    _shared = ("betas", "eps", "amsgrad", "maximize", "decoupled_weight_decay")
+    _decoupled_default = False
+
+    def __init__(
+        self,
+        params: Params,
+        lr: Union[float, torch.Tensor] = 1e-3,
+        betas: tuple[Union[float, torch.Tensor], Union[float, torch.Tensor]] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        amsgrad: bool = False,
+        *,
+        foreach: Optional[bool] = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: Optional[bool] = None,
+        decoupled_weight_decay: bool = False,
+        flat_grads: bool = False,
+    ) -> None:
+        _check_adam(lr, betas, eps, weight_decay)
+        if fused is True:
+            fused = None
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            amsgrad=amsgrad,
+            maximize=maximize,
+            foreach=foreach,
+            capturable=capturable,
+            differentiable=differentiable,
+            fused=fused,
+            decoupled_weight_decay=decoupled_weight_decay,
+        )
+        super().__init__(params, defaults, flat_grads)
+
+    def _config_string(self, group: dict[str, Any]) -> str:
+        beta1, beta2 = group["betas"]
+        return (
+            f"adam:lr=1,beta1={_encode(beta1)},beta2={_encode(beta2)},"
+            f"eps={_encode(group['eps'])},amsgrad={_encode(bool(group['amsgrad']))},"
+            f"maximize={_encode(bool(group['maximize']))},"
+            f"decoupled_weight_decay={_encode(bool(group['decoupled_weight_decay']))},"
+            "eps_mode=sqrt_v_hat"
+        )
+
+
+class AdamW(Adam):
+    """``torch.optim.AdamW`` on the fusedopt engine: Adam with decoupled weight decay,
+    ``w *= 1 - lr * weight_decay`` (default 1e-2)."""
+
+    def __init__(
+        self,
+        params: Params,
+        lr: Union[float, torch.Tensor] = 1e-3,
+        betas: tuple[Union[float, torch.Tensor], Union[float, torch.Tensor]] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: Optional[bool] = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: Optional[bool] = None,
+        flat_grads: bool = False,
+    ) -> None:
+        super().__init__(
+            params,
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            amsgrad=amsgrad,
+            foreach=foreach,
+            maximize=maximize,
+            capturable=capturable,
+            differentiable=differentiable,
+            fused=fused,
+            decoupled_weight_decay=True,
+            flat_grads=flat_grads,
+        )
+
+
+def _check_adam(lr: Any, betas: Any, eps: float, weight_decay: float) -> None:
+    if float(lr) < 0.0:
+        raise ValueError(f"Invalid learning rate: {lr}")
+    if eps < 0.0:
+        raise ValueError(f"Invalid epsilon value: {eps}")
+    if not 0.0 <= float(betas[0]) < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
+    if not 0.0 <= float(betas[1]) < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+    if weight_decay < 0.0:
+        raise ValueError(f"Invalid weight_decay value: {weight_decay}")

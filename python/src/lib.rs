@@ -1,0 +1,635 @@
+//! `fusedopt._engine`: the fusedopt engine for Python, a thin PyO3 layer over the `fusedopt`
+//! crate. The Python package (`fusedopt`, `fusedopt.torch`) is written against this module;
+//! the core crate knows nothing of Python.
+//!
+//! One class, [`Engine`], holds a `Box<dyn Optimizer>` and steps it over either numpy arrays
+//! (borrowed through rust-numpy, which refuses an array passed twice) or memory the caller
+//! vouches for by address (torch tensors, checked by `fusedopt.torch`). Every step releases the
+//! GIL. Errors become Python exceptions that say what was wrong; a refused step modifies nothing.
+
+use fusedopt::{NonFinite, Optimizer, OptimizerConfig, ParamGroup, StateError, StepError};
+use numpy::{
+    BorrowError, PyArrayDyn, PyArrayMethods, PyUntypedArray, PyUntypedArrayMethods,
+};
+use pyo3::exceptions::{
+    PyFileNotFoundError, PyMemoryError, PyOSError, PyRuntimeError, PyTypeError, PyValueError,
+};
+use pyo3::prelude::*;
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// The thread count every engine steps with; 0 until `set_num_threads` is called (all cores).
+static THREADS: AtomicUsize = AtomicUsize::new(0);
+
+/// The number of threads steps use: `set_num_threads`'s value, or every core.
+#[pyfunction]
+fn get_num_threads() -> usize {
+    match THREADS.load(Ordering::Relaxed) {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    }
+}
+
+/// Sets the number of threads every optimizer's step uses from its next step (`n >= 1`).
+#[pyfunction]
+fn set_num_threads(n: usize) -> PyResult<()> {
+    if n == 0 {
+        return Err(PyValueError::new_err(
+            "set_num_threads: n must be at least 1",
+        ));
+    }
+    THREADS.store(n, Ordering::Relaxed);
+    Ok(())
+}
+
+/// The SIMD tier the kernels run on: `"avx2"` or `"portable"`.
+#[pyfunction]
+fn simd_level() -> &'static str {
+    fusedopt::simd_level()
+}
+
+/// A refused step, as the Python exception that fits it.
+fn step_error(e: StepError) -> PyErr {
+    match e {
+        StepError::OutOfMemory { .. } => PyMemoryError::new_err(e.to_string()),
+        StepError::ThreadPool { .. } => PyRuntimeError::new_err(e.to_string()),
+        e => PyValueError::new_err(e.to_string()),
+    }
+}
+
+/// A state file that could not be written or read, as a Python exception.
+fn state_error(e: StateError) -> PyErr {
+    match &e {
+        StateError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+            PyFileNotFoundError::new_err(e.to_string())
+        }
+        StateError::Io { .. } => PyOSError::new_err(e.to_string()),
+        StateError::OutOfMemory { .. } => PyMemoryError::new_err(e.to_string()),
+        _ => PyValueError::new_err(e.to_string()),
+    }
+}
+
+/// The non-finite policy's Python name.
+fn policy_name(policy: NonFinite) -> &'static str {
+    match policy {
+        NonFinite::Skip => "skip",
+        NonFinite::Error => "error",
+        _ => "propagate",
+    }
+}
+
+/// `obj` as a float32 ndarray, or a `TypeError` naming `label` and saying what it is instead.
+fn f32_array<'a, 'py>(
+    obj: &'a Bound<'py, PyAny>,
+    label: &str,
+) -> PyResult<&'a Bound<'py, PyArrayDyn<f32>>> {
+    if let Ok(array) = obj.cast::<PyArrayDyn<f32>>() {
+        return Ok(array);
+    }
+    if let Ok(array) = obj.cast::<PyUntypedArray>() {
+        let dtype = array.dtype().str()?.to_string();
+        return Err(PyTypeError::new_err(format!(
+            "{label} is a {dtype} array, and fusedopt updates float32 arrays: convert it once \
+             with .astype(np.float32) and keep training on the float32 array"
+        )));
+    }
+    let kind = obj.get_type().name()?.to_string();
+    Err(PyTypeError::new_err(format!(
+        "{label} must be a numpy.ndarray of float32, not {kind}"
+    )))
+}
+
+/// A shape as Python prints it: `(3, 4)`, `(5,)`, `()`.
+fn shape_text(shape: &[usize]) -> String {
+    match shape {
+        [n] => format!("({n},)"),
+        _ => format!(
+            "({})",
+            shape
+                .iter()
+                .map(usize::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+}
+
+/// Memory a caller lends by address: `len` f32 values from `addr` (any address when `len` is 0).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Span {
+    addr: usize,
+    len: usize,
+}
+
+impl Span {
+    /// One past the last byte.
+    fn end(self) -> usize {
+        self.addr + self.len * 4
+    }
+}
+
+/// Checks that `addr`/`len` can be a `&[f32]`: not null, aligned, not wrapping the address
+/// space.
+fn check_span(addr: usize, len: usize, what: &dyn Fn() -> String) -> PyResult<Span> {
+    if len == 0 {
+        return Ok(Span { addr: 0, len });
+    }
+    let fits = len
+        .checked_mul(4)
+        .and_then(|bytes| addr.checked_add(bytes))
+        .is_some_and(|end| end <= isize::MAX as usize);
+    if addr == 0 || addr % 4 != 0 || !fits {
+        return Err(PyValueError::new_err(format!(
+            "{}: address {addr:#x} with {len} float32 values is not a valid buffer",
+            what()
+        )));
+    }
+    Ok(Span { addr, len })
+}
+
+/// The fusedopt engine: one optimizer (any of the six, from a configuration string) with its
+/// state, stepped over numpy arrays or over memory lent by address.
+///
+/// This is the layer under `fusedopt`'s numpy classes and `fusedopt.torch`; use those.
+#[pyclass(module = "fusedopt._engine")]
+struct Engine {
+    opt: Mutex<Box<dyn Optimizer>>,
+    /// The thread count the optimizer's pool was last set to (0: not yet).
+    threads: usize,
+    /// The shapes of the numpy arrays of the first successful step, fixed from then on.
+    shapes: Option<Vec<Vec<usize>>>,
+    /// The weights lent by address with `bind_weights`, in tensor order.
+    bound: Vec<Span>,
+    /// The same, non-empty ones only, by address (for overlap checks).
+    by_addr: Vec<(Span, usize)>,
+    /// Each tensor's group (`set_groups`), when there are groups.
+    group_of: Vec<u32>,
+    /// The last step's report: (skipped, grad_norm).
+    last: Option<(bool, Option<f32>)>,
+}
+
+impl Engine {
+    /// The optimizer, borrowed exclusively.
+    fn opt(&mut self) -> &mut Box<dyn Optimizer> {
+        self.opt.get_mut().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Applies the global thread count if it changed since the last step.
+    fn sync_threads(&mut self) -> PyResult<()> {
+        let want = get_num_threads();
+        if want != self.threads {
+            self.opt().set_threads(want).map_err(step_error)?;
+            self.threads = want;
+        }
+        Ok(())
+    }
+}
+
+#[pymethods]
+impl Engine {
+    /// Builds the optimizer from a configuration string, `name[:field=value,...]`
+    /// (for example `"adam:lr=3e-4,weight_decay=0.1"`).
+    #[new]
+    fn new(config: &str) -> PyResult<Self> {
+        let config: OptimizerConfig = config
+            .parse()
+            .map_err(|e: fusedopt::ParseConfigError| PyValueError::new_err(e.to_string()))?;
+        config.validate().map_err(step_error)?;
+        Ok(Engine {
+            opt: Mutex::new(config.build()),
+            threads: 0,
+            shapes: None,
+            bound: Vec::new(),
+            by_addr: Vec::new(),
+            group_of: Vec::new(),
+            last: None,
+        })
+    }
+
+    /// The optimizer's name: `"sgd"`, `"momentum"`, `"nag"`, `"adagrad"`, `"rmsprop"` or
+    /// `"adam"`.
+    #[getter]
+    fn name(&mut self) -> &'static str {
+        self.opt().name()
+    }
+
+    /// The configuration, as a string that `Engine(...)` and `set_config` read.
+    #[getter]
+    fn config(&mut self) -> String {
+        self.opt().config().to_string()
+    }
+
+    /// Replaces the hyperparameters (same optimizer), keeping the state.
+    fn set_config(&mut self, config: &str) -> PyResult<()> {
+        let config: OptimizerConfig = config
+            .parse()
+            .map_err(|e: fusedopt::ParseConfigError| PyValueError::new_err(e.to_string()))?;
+        self.opt().set_config(config).map_err(step_error)
+    }
+
+    /// The learning rate.
+    #[getter]
+    fn get_lr(&mut self) -> f32 {
+        self.opt().lr()
+    }
+
+    /// Sets the learning rate (finite and >= 0).
+    #[setter]
+    fn set_lr(&mut self, lr: f32) -> PyResult<()> {
+        if !(lr.is_finite() && lr >= 0.0) {
+            return Err(PyValueError::new_err(format!(
+                "lr = {lr} is invalid, expected finite and >= 0"
+            )));
+        }
+        self.opt().set_lr(lr);
+        Ok(())
+    }
+
+    /// Steps taken (not counting skipped ones).
+    #[getter]
+    fn steps(&mut self) -> u64 {
+        self.opt().steps()
+    }
+
+    /// Each tensor's own step count.
+    #[getter]
+    fn tensor_steps(&mut self) -> Vec<u64> {
+        self.opt().tensor_steps().to_vec()
+    }
+
+    /// The tensor lengths the state was created for, or `None` before the first step.
+    #[getter]
+    fn layout(&mut self) -> Option<Vec<usize>> {
+        self.opt().layout().map(<[usize]>::to_vec)
+    }
+
+    /// The gradient norm the last step computed (with clipping or a non-finite check on), else
+    /// `None`.
+    #[getter]
+    fn last_grad_norm(&self) -> Option<f32> {
+        self.last.and_then(|(_, norm)| norm)
+    }
+
+    /// Whether the last step was skipped for a non-finite gradient.
+    #[getter]
+    fn last_skipped(&self) -> bool {
+        self.last.is_some_and(|(skipped, _)| skipped)
+    }
+
+    /// The loss scale gradients are divided by.
+    #[getter]
+    fn get_grad_scale(&mut self) -> f32 {
+        self.opt().grad_scale()
+    }
+
+    /// Sets the loss scale (finite and > 0).
+    #[setter]
+    fn set_grad_scale(&mut self, scale: f32) -> PyResult<()> {
+        if !(scale.is_finite() && scale > 0.0) {
+            return Err(PyValueError::new_err(format!(
+                "grad_scale = {scale} is invalid, expected finite and > 0"
+            )));
+        }
+        self.opt().set_grad_scale(scale);
+        Ok(())
+    }
+
+    /// The global gradient norm gradients are clipped to, or `None`.
+    #[getter]
+    fn get_max_grad_norm(&mut self) -> Option<f32> {
+        self.opt().max_grad_norm()
+    }
+
+    /// Sets the clipping norm (finite and > 0), or `None` for no clipping.
+    #[setter]
+    fn set_max_grad_norm(&mut self, max: Option<f32>) -> PyResult<()> {
+        if let Some(m) = max.filter(|m| !(m.is_finite() && *m > 0.0)) {
+            return Err(PyValueError::new_err(format!(
+                "max_grad_norm = {m} is invalid, expected finite and > 0, or None"
+            )));
+        }
+        self.opt().set_max_grad_norm(max);
+        Ok(())
+    }
+
+    /// What a NaN or infinite gradient does: `"propagate"`, `"skip"` or `"error"`.
+    #[getter]
+    fn get_non_finite(&mut self) -> &'static str {
+        policy_name(self.opt().non_finite())
+    }
+
+    /// Sets the non-finite policy.
+    #[setter]
+    fn set_non_finite(&mut self, policy: &str) -> PyResult<()> {
+        let policy = match policy {
+            "propagate" => NonFinite::Propagate,
+            "skip" => NonFinite::Skip,
+            "error" => NonFinite::Error,
+            other => {
+                return Err(PyValueError::new_err(format!(
+                    "non_finite = {other:?} is invalid, expected 'propagate', 'skip' or 'error'"
+                )));
+            }
+        };
+        self.opt().set_non_finite(policy);
+        Ok(())
+    }
+
+    /// Gives each tensor its group's learning rate and weight decay: `group_of[i]` is tensor
+    /// `i`'s group (kept from the last call when `None`), `lr[k]` and `weight_decay[k]` group
+    /// `k`'s values. The optimizer's own `lr` multiplies them (set it to 1 for absolute rates).
+    #[pyo3(signature = (group_of, lr, weight_decay))]
+    fn set_groups(
+        &mut self,
+        group_of: Option<Vec<u32>>,
+        lr: Vec<f32>,
+        weight_decay: Vec<Option<f32>>,
+    ) -> PyResult<()> {
+        if lr.len() != weight_decay.len() {
+            return Err(PyValueError::new_err(format!(
+                "set_groups: {} learning rates but {} weight decays",
+                lr.len(),
+                weight_decay.len()
+            )));
+        }
+        let group_of = group_of.unwrap_or_else(|| self.group_of.clone());
+        let groups = group_of
+            .iter()
+            .enumerate()
+            .map(|(i, &k)| {
+                let k = k as usize;
+                match (lr.get(k), weight_decay.get(k)) {
+                    (Some(&lr_scale), Some(&weight_decay)) => Ok(ParamGroup {
+                        lr_scale,
+                        weight_decay,
+                    }),
+                    _ => Err(PyValueError::new_err(format!(
+                        "set_groups: tensor {i} is in group {k}, but there are {} groups",
+                        lr.len()
+                    ))),
+                }
+            })
+            .collect::<PyResult<Vec<_>>>()?;
+        self.opt().set_param_groups(&groups).map_err(step_error)?;
+        self.group_of = group_of;
+        Ok(())
+    }
+
+    /// Names the tensors; state files then refuse a model whose tensors differ.
+    fn set_tensor_names(&mut self, names: Vec<String>) -> PyResult<()> {
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        self.opt().set_tensor_names(&names).map_err(step_error)
+    }
+
+    /// The tensor names (empty if none were set).
+    #[getter]
+    fn tensor_names(&mut self) -> Vec<String> {
+        self.opt().tensor_names().to_vec()
+    }
+
+    /// Writes the optimizer state to `path` (atomically; the Rust crate's state file).
+    fn save_state(&mut self, py: Python<'_>, path: PathBuf) -> PyResult<()> {
+        let opt = self.opt();
+        py.detach(move || opt.save_state(&path)).map_err(state_error)
+    }
+
+    /// Reads the optimizer state from `path`; on error nothing changes.
+    fn load_state(&mut self, py: Python<'_>, path: PathBuf) -> PyResult<()> {
+        let opt = self.opt();
+        py.detach(move || opt.load_state(&path)).map_err(state_error)
+    }
+
+    /// Forgets the state, the step counts and the layout.
+    fn reset(&mut self) {
+        self.opt().reset();
+        self.shapes = None;
+        self.last = None;
+    }
+
+    /// One step over numpy arrays: `weights[i]` (C-contiguous, writable float32) is updated in
+    /// place from `grads[i]` (float32, the same shape). `labels[i]` names the pair in messages.
+    /// The shapes of the first successful step are fixed from then on.
+    fn step_arrays(
+        &mut self,
+        py: Python<'_>,
+        weights: Vec<Bound<'_, PyAny>>,
+        grads: Vec<Bound<'_, PyAny>>,
+        labels: Vec<(String, String)>,
+    ) -> PyResult<()> {
+        if weights.len() != grads.len() || weights.len() != labels.len() {
+            return Err(PyValueError::new_err(format!(
+                "step_arrays: {} weights, {} grads and {} labels",
+                weights.len(),
+                grads.len(),
+                labels.len()
+            )));
+        }
+        // Types, dtypes, contiguity and shapes, before borrowing anything.
+        let mut pairs = Vec::with_capacity(weights.len());
+        for ((w, g), (wl, gl)) in weights.iter().zip(&grads).zip(&labels) {
+            let (w, g) = (f32_array(w, wl)?, f32_array(g, gl)?);
+            for (a, label) in [(w.as_untyped(), wl), (g.as_untyped(), gl)] {
+                if !a.is_c_contiguous() {
+                    return Err(PyValueError::new_err(format!(
+                        "{label} is not C-contiguous: fusedopt reads and writes arrays in \
+                         place, so pass a contiguous array (np.ascontiguousarray) and keep it"
+                    )));
+                }
+            }
+            if w.shape() != g.shape() {
+                return Err(PyValueError::new_err(format!(
+                    "{wl} has shape {} but {gl} has shape {}",
+                    shape_text(w.shape()),
+                    shape_text(g.shape())
+                )));
+            }
+            pairs.push((w, g));
+        }
+        if let Some(shapes) = &self.shapes {
+            if shapes.len() != pairs.len() {
+                return Err(PyValueError::new_err(format!(
+                    "the layout changed: the optimizer state holds {} arrays, this update \
+                     passed {}",
+                    shapes.len(),
+                    pairs.len()
+                )));
+            }
+            for ((w, _), (shape, (wl, _))) in pairs.iter().zip(shapes.iter().zip(&labels)) {
+                if w.shape() != shape.as_slice() {
+                    return Err(PyValueError::new_err(format!(
+                        "the layout changed: {wl} has shape {}, the optimizer state was \
+                         created for {}",
+                        shape_text(w.shape()),
+                        shape_text(shape)
+                    )));
+                }
+            }
+        }
+        // Borrow every weight for writing, then every gradient for reading: rust-numpy refuses
+        // an array (or an overlapping view of one) already borrowed for writing.
+        let mut ws = Vec::with_capacity(pairs.len());
+        for ((w, _), (wl, _)) in pairs.iter().zip(&labels) {
+            ws.push(w.try_readwrite().map_err(|e| borrow_error(e, wl))?);
+        }
+        let mut gs = Vec::with_capacity(pairs.len());
+        for ((_, g), (_, gl)) in pairs.iter().zip(&labels) {
+            gs.push(g.try_readonly().map_err(|e| borrow_error(e, gl))?);
+        }
+        let mut w_slices: Vec<&mut [f32]> = ws
+            .iter_mut()
+            .map(|w| w.as_slice_mut().expect("checked C-contiguous"))
+            .collect();
+        let g_slices: Vec<&[f32]> = gs
+            .iter()
+            .map(|g| g.as_slice().expect("checked C-contiguous"))
+            .collect();
+        self.sync_threads()?;
+        let opt = self.opt();
+        let report = py
+            .detach(|| opt.step_all(&mut w_slices, &g_slices))
+            .map_err(step_error)?;
+        self.last = Some((report.skipped, report.grad_norm));
+        if self.shapes.is_none() {
+            self.shapes = Some(pairs.iter().map(|(w, _)| w.shape().to_vec()).collect());
+        }
+        Ok(())
+    }
+
+    /// Lends the weights by address for `step_bound`: tensor `i` is `lens[i]` float32 values
+    /// at `addrs[i]`. Refuses null or misaligned addresses, weights that share memory, and
+    /// lengths other than the state's.
+    ///
+    /// The caller vouches that the memory stays valid, float32 and not otherwise accessed
+    /// during each `step_bound`, as `fusedopt.torch` does for CPU tensors it has checked.
+    fn bind_weights(&mut self, addrs: Vec<usize>, lens: Vec<usize>) -> PyResult<()> {
+        if addrs.len() != lens.len() {
+            return Err(PyValueError::new_err(format!(
+                "bind_weights: {} addresses but {} lengths",
+                addrs.len(),
+                lens.len()
+            )));
+        }
+        let bound = addrs
+            .iter()
+            .zip(&lens)
+            .enumerate()
+            .map(|(i, (&a, &n))| check_span(a, n, &|| format!("parameter {i}")))
+            .collect::<PyResult<Vec<_>>>()?;
+        let mut by_addr: Vec<(Span, usize)> = bound
+            .iter()
+            .copied()
+            .enumerate()
+            .filter(|(_, s)| s.len > 0)
+            .map(|(i, s)| (s, i))
+            .collect();
+        by_addr.sort_unstable_by_key(|(s, _)| s.addr);
+        if let Some(pair) = by_addr.windows(2).find(|p| p[0].0.end() > p[1].0.addr) {
+            let (a, b) = (pair[0].1.min(pair[1].1), pair[0].1.max(pair[1].1));
+            return Err(PyValueError::new_err(format!(
+                "parameters {a} and {b} share memory: each parameter must own its memory"
+            )));
+        }
+        if let Some(layout) = self.opt().layout()
+            && layout != lens.as_slice()
+        {
+            return Err(PyValueError::new_err(format!(
+                "the layout changed: the optimizer state holds {} tensors of lengths \
+                 {layout:?}, the parameters now have {lens:?}",
+                layout.len()
+            )));
+        }
+        self.bound = bound;
+        self.by_addr = by_addr;
+        Ok(())
+    }
+
+    /// One step over the bound weights: `grads[i]` is the address of tensor `i`'s float32
+    /// gradient (its bound length), or 0 when it has none this step (its weights, state and
+    /// step count are left alone). Refuses a gradient that overlaps a weight.
+    ///
+    /// The caller vouches for the gradients as for the weights (`bind_weights`).
+    fn step_bound(&mut self, py: Python<'_>, grads: Vec<usize>) -> PyResult<()> {
+        if grads.len() != self.bound.len() {
+            return Err(PyValueError::new_err(format!(
+                "step_bound: {} gradients for {} bound parameters",
+                grads.len(),
+                self.bound.len()
+            )));
+        }
+        let mut g_spans = Vec::with_capacity(grads.len());
+        for (i, (&addr, w)) in grads.iter().zip(&self.bound).enumerate() {
+            if addr == 0 {
+                g_spans.push(None);
+                continue;
+            }
+            let g = check_span(addr, w.len, &|| format!("the gradient of parameter {i}"))?;
+            if g.len > 0 {
+                // The last weight starting before the gradient's end is the only candidate.
+                let k = self.by_addr.partition_point(|(s, _)| s.addr < g.end());
+                if let Some(&(s, j)) = k.checked_sub(1).map(|k| &self.by_addr[k])
+                    && s.end() > g.addr
+                {
+                    return Err(PyValueError::new_err(format!(
+                        "the gradient of parameter {i} shares memory with parameter {j}"
+                    )));
+                }
+            }
+            g_spans.push(Some(g));
+        }
+        let mut w_slices: Vec<&mut [f32]> = self
+            .bound
+            .iter()
+            .map(|s| match s.len {
+                0 => &mut [][..],
+                // SAFETY: `bind_weights` checked the span is non-null, aligned and disjoint from
+                // every other bound weight; the caller vouches that it is live float32 memory
+                // that nothing else accesses during this call.
+                n => unsafe { std::slice::from_raw_parts_mut(s.addr as *mut f32, n) },
+            })
+            .collect();
+        let g_slices: Vec<Option<&[f32]>> = g_spans
+            .iter()
+            .map(|g| {
+                g.map(|g| match g.len {
+                    0 => &[][..],
+                    // SAFETY: checked non-null, aligned and disjoint from every weight above;
+                    // the caller vouches that it is live float32 memory not written during
+                    // this call.
+                    n => unsafe { std::slice::from_raw_parts(g.addr as *const f32, n) },
+                })
+            })
+            .collect();
+        self.sync_threads()?;
+        let opt = self.opt.get_mut().unwrap_or_else(|e| e.into_inner());
+        let report = py
+            .detach(|| opt.step_partial(&mut w_slices, &g_slices))
+            .map_err(step_error)?;
+        self.last = Some((report.skipped, report.grad_norm));
+        Ok(())
+    }
+
+    fn __repr__(&mut self) -> String {
+        format!("Engine({:?})", self.opt().config().to_string())
+    }
+}
+
+/// A refused borrow of an array, as a `ValueError` naming it.
+fn borrow_error(e: BorrowError, label: &str) -> PyErr {
+    let why = match e {
+        BorrowError::NotWriteable => "is read-only (its WRITEABLE flag is off)",
+        _ => "shares memory with another array of this update: pass each array once",
+    };
+    PyValueError::new_err(format!("{label} {why}"))
+}
+
+/// The module: `Engine`, the thread count and the SIMD level.
+#[pymodule]
+fn _engine(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add_class::<Engine>()?;
+    m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(simd_level, m)?)?;
+    Ok(())
+}
