@@ -64,8 +64,8 @@ def _describe(kind: str, i: int, group: int, t: torch.Tensor) -> str:
 class _FusedOptimizer(torch.optim.Optimizer):
     """What the five classes share: the engine, the tensor checks and the step."""
 
-    #: (argument, value the engine implements) pairs checked in every group.
-    _unsupported: tuple[tuple[str, Any], ...] = ()
+    #: (argument, the values the engine implements) pairs checked in every group.
+    _unsupported: tuple[tuple[str, tuple[Any, ...]], ...] = ()
     #: Hyperparameters that must be equal in every group (besides lr and weight_decay).
     _shared: tuple[str, ...] = ()
 
@@ -76,6 +76,8 @@ class _FusedOptimizer(torch.optim.Optimizer):
         self._flat = flat_grads
         self._reset_cache()
         super().__init__(params, defaults)
+        if flat_grads:
+            self._bind()  # the views exist before the first backward, which fills them
 
     def _reset_cache(self) -> None:
         self._params: Optional[list[torch.Tensor]] = None
@@ -102,11 +104,11 @@ class _FusedOptimizer(torch.optim.Optimizer):
         group = self.param_groups[-1]
         name = type(self).__name__
         for key, ok in self._unsupported:
-            value = group.get(key, ok)
-            if value != ok and not (ok is None and value is False):
+            value = group.get(key, ok[0])
+            if not any(value is v if v is None else value == v for v in ok):
+                shown = " or ".join(f"{key}={v!r}" for v in ok)
                 raise ValueError(
-                    f"{name}: {key}={value!r} is not implemented by fusedopt (supported: "
-                    f"{key}={ok!r})"
+                    f"{name}: {key}={value!r} is not implemented by fusedopt (supported: {shown})"
                 )
         for key in self._shared:
             first = self.param_groups[0].get(key)
@@ -260,8 +262,9 @@ class _FusedOptimizer(torch.optim.Optimizer):
         self._attach_views(params)
 
     def _attach_views(self, params: list[torch.Tensor]) -> list[int]:
-        """Points each ``.grad`` back at its view, copying a gradient other code put there;
-        returns the gradient addresses (0 where a parameter has none)."""
+        """Points each ``.grad`` back at its view, copying a gradient other code put there
+        (and zeroing the view of one it dropped); returns the gradient addresses (0 where a
+        parameter has none this step)."""
         ptrs = []
         name = type(self).__name__
         for i, (p, v) in enumerate(zip(params, self._views)):
@@ -269,13 +272,18 @@ class _FusedOptimizer(torch.optim.Optimizer):
             if g is v:
                 ptrs.append(0 if v is None else self._view_ptrs[i])
                 continue
-            if g is None or v is None:
-                if g is not None:  # a gradient on a parameter that does not require grad
-                    what = "the grad of " + _describe("parameter", i, self._group_of[i], p)
-                    self._check_tensor(name, what, g)
-                    ptrs.append(g.data_ptr())
-                else:
-                    ptrs.append(0)
+            if g is None:
+                # No gradient this step (other code dropped it): skip the parameter, and
+                # give it back a zeroed view for the next backward to fill.
+                if v is not None:
+                    v.zero_()
+                    p.grad = v
+                ptrs.append(0)
+                continue
+            if v is None:  # a gradient on a parameter that does not require grad
+                what = "the grad of " + _describe("parameter", i, self._group_of[i], p)
+                self._check_tensor(name, what, g)
+                ptrs.append(g.data_ptr())
                 continue
             what = "the grad of " + _describe("parameter", i, self._group_of[i], p)
             self._check_tensor(name, what, g)
@@ -319,10 +327,10 @@ class SGD(_FusedOptimizer):
     ``maximize`` as torch's. The current ``lr`` applies to the whole buffer, as in torch."""
 
     _unsupported = (
-        ("dampening", 0),
-        ("foreach", None),
-        ("differentiable", False),
-        ("fused", None),
+        ("dampening", (0,)),
+        ("foreach", (None, False)),
+        ("differentiable", (False,)),
+        ("fused", (None,)),
     )
     _shared = ("momentum", "nesterov", "maximize")
 
@@ -387,11 +395,11 @@ class Adagrad(_FusedOptimizer):
     (``lr_decay`` and ``initial_accumulator_value`` must be 0)."""
 
     _unsupported = (
-        ("lr_decay", 0),
-        ("initial_accumulator_value", 0),
-        ("foreach", None),
-        ("differentiable", False),
-        ("fused", None),
+        ("lr_decay", (0,)),
+        ("initial_accumulator_value", (0,)),
+        ("foreach", (None, False)),
+        ("differentiable", (False,)),
+        ("fused", (None,)),
     )
     _shared = ("eps", "maximize")
 
@@ -448,11 +456,11 @@ class RMSprop(_FusedOptimizer):
     (``momentum`` must be 0 and ``centered`` False)."""
 
     _unsupported = (
-        ("momentum", 0),
-        ("centered", False),
-        ("capturable", False),
-        ("foreach", None),
-        ("differentiable", False),
+        ("momentum", (0,)),
+        ("centered", (False,)),
+        ("capturable", (False,)),
+        ("foreach", (None, False)),
+        ("differentiable", (False,)),
     )
     _shared = ("alpha", "eps", "maximize")
 
@@ -510,10 +518,10 @@ class Adam(_FusedOptimizer):
     the groups at every step (OneCycleLR cycles ``betas[0]``)."""
 
     _unsupported = (
-        ("foreach", None),
-        ("capturable", False),
-        ("differentiable", False),
-        ("fused", None),
+        ("foreach", (None, False)),
+        ("capturable", (False,)),
+        ("differentiable", (False,)),
+        ("fused", (None,)),
     )
     _shared = ("betas", "eps", "amsgrad", "maximize", "decoupled_weight_decay")
     _decoupled_default = False
