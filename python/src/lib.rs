@@ -2,15 +2,13 @@
 //! crate. The Python package (`fusedopt`, `fusedopt.torch`) is written against this module;
 //! the core crate knows nothing of Python.
 //!
-//! One class, [`Engine`], holds a `Box<dyn Optimizer>` and steps it over either numpy arrays
+//! One class, `Engine`, holds a `Box<dyn Optimizer>` and steps it over either numpy arrays
 //! (borrowed through rust-numpy, which refuses an array passed twice) or memory the caller
 //! vouches for by address (torch tensors, checked by `fusedopt.torch`). Every step releases the
 //! GIL. Errors become Python exceptions that say what was wrong; a refused step modifies nothing.
 
 use fusedopt::{NonFinite, Optimizer, OptimizerConfig, ParamGroup, StateError, StepError};
-use numpy::{
-    BorrowError, PyArrayDyn, PyArrayMethods, PyUntypedArray, PyUntypedArrayMethods,
-};
+use numpy::{BorrowError, PyArrayDyn, PyArrayMethods, PyUntypedArray, PyUntypedArrayMethods};
 use pyo3::exceptions::{
     PyFileNotFoundError, PyMemoryError, PyOSError, PyRuntimeError, PyTypeError, PyValueError,
 };
@@ -139,7 +137,7 @@ fn check_span(addr: usize, len: usize, what: &dyn Fn() -> String) -> PyResult<Sp
         .checked_mul(4)
         .and_then(|bytes| addr.checked_add(bytes))
         .is_some_and(|end| end <= isize::MAX as usize);
-    if addr == 0 || addr % 4 != 0 || !fits {
+    if addr == 0 || !addr.is_multiple_of(4) || !fits {
         return Err(PyValueError::new_err(format!(
             "{}: address {addr:#x} with {len} float32 values is not a valid buffer",
             what()
@@ -391,13 +389,15 @@ impl Engine {
     /// Writes the optimizer state to `path` (atomically; the Rust crate's state file).
     fn save_state(&mut self, py: Python<'_>, path: PathBuf) -> PyResult<()> {
         let opt = self.opt();
-        py.detach(move || opt.save_state(&path)).map_err(state_error)
+        py.detach(move || opt.save_state(&path))
+            .map_err(state_error)
     }
 
     /// Reads the optimizer state from `path`; on error nothing changes.
     fn load_state(&mut self, py: Python<'_>, path: PathBuf) -> PyResult<()> {
         let opt = self.opt();
-        py.detach(move || opt.load_state(&path)).map_err(state_error)
+        py.detach(move || opt.load_state(&path))
+            .map_err(state_error)
     }
 
     /// Forgets the state, the step counts and the layout.

@@ -1,0 +1,64 @@
+"""Type stubs for ``fusedopt._engine``, the Rust extension under ``fusedopt`` and
+``fusedopt.torch``."""
+
+from typing import Optional, Sequence
+
+import numpy as np
+
+__version__: str
+
+def get_num_threads() -> int:
+    """The number of threads steps use: ``set_num_threads``'s value, or every core."""
+
+def set_num_threads(n: int) -> None:
+    """Sets the number of threads every optimizer's step uses from its next step (n >= 1)."""
+
+def simd_level() -> str:
+    """The SIMD tier the kernels run on: ``"avx2"`` or ``"portable"``."""
+
+class Engine:
+    """One engine optimizer (any of the six, from a configuration string) with its state."""
+
+    def __init__(self, config: str) -> None:
+        """Builds the optimizer from ``name[:field=value,...]``, e.g. ``"adam:lr=3e-4"``."""
+    @property
+    def name(self) -> str: ...
+    @property
+    def config(self) -> str: ...
+    def set_config(self, config: str) -> None:
+        """Replaces the hyperparameters (same optimizer), keeping the state."""
+    lr: float
+    grad_scale: float
+    max_grad_norm: Optional[float]
+    non_finite: str
+    @property
+    def steps(self) -> int: ...
+    @property
+    def tensor_steps(self) -> list[int]: ...
+    @property
+    def layout(self) -> Optional[list[int]]: ...
+    @property
+    def last_grad_norm(self) -> Optional[float]: ...
+    @property
+    def last_skipped(self) -> bool: ...
+    @property
+    def tensor_names(self) -> list[str]: ...
+    def set_groups(
+        self, group_of: Optional[Sequence[int]], lr: Sequence[float], weight_decay: Sequence[Optional[float]]
+    ) -> None:
+        """Gives each tensor its group's learning rate (times ``lr``) and weight decay."""
+    def set_tensor_names(self, names: Sequence[str]) -> None: ...
+    def save_state(self, path: str) -> None: ...
+    def load_state(self, path: str) -> None: ...
+    def reset(self) -> None: ...
+    def step_arrays(
+        self,
+        weights: Sequence[np.ndarray],
+        grads: Sequence[np.ndarray],
+        labels: Sequence[tuple[str, str]],
+    ) -> None:
+        """One step over numpy arrays, updated in place; ``labels`` name them in errors."""
+    def bind_weights(self, addrs: Sequence[int], lens: Sequence[int]) -> None:
+        """Lends the weights by address (float32 memory the caller vouches for)."""
+    def step_bound(self, grads: Sequence[int]) -> None:
+        """One step over the bound weights; ``grads[i]`` is an address, or 0 for none."""

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Every test of the project: the Rust crate's (unit, integration, doc) and the Python package's.
+#
+# The Python tests run in a virtual environment outside the clone, made on first use and reused
+# afterwards (torch is a ~5 GB install): $FUSEDOPT_VENV, by default ~/.cache/fusedopt/venv.
+# The package is rebuilt from this tree (`pip install ./python`) on every run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+echo "== Rust: cargo test --release --all-features"
+cargo test --release --all-features
+
+venv="${FUSEDOPT_VENV:-$HOME/.cache/fusedopt/venv}"
+if [[ ! -f "$venv/.complete" ]] || ! "$venv/bin/python" -c "import maturin, pytest, numpy, torch" 2>/dev/null; then
+    echo "== Python: creating $venv (numpy, pytest, maturin, torch from PyPI; the first time takes minutes)"
+    rm -rf "$venv"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install --quiet --upgrade pip
+    "$venv/bin/pip" install --quiet "maturin>=1.7,<2" pytest numpy torch
+    touch "$venv/.complete"
+fi
+
+echo "== Python: pip install ./python"
+"$venv/bin/pip" install --quiet --no-build-isolation --force-reinstall --no-deps ./python
+
+echo "== Python: pytest python/tests"
+# From the repository root, so that the installed package (not ./python/fusedopt) is imported.
+"$venv/bin/python" -m pytest -q python/tests
