@@ -60,5 +60,8 @@ class Engine:
         """One step over numpy arrays, updated in place; ``labels`` name them in errors."""
     def bind_weights(self, addrs: Sequence[int], lens: Sequence[int]) -> None:
         """Lends the weights by address (float32 memory the caller vouches for)."""
-    def step_bound(self, grads: Sequence[int]) -> None:
-        """One step over the bound weights; ``grads[i]`` is an address, or 0 for none."""
+    def bind_grads(self, grads: Sequence[int]) -> None:
+        """Lends gradient addresses for every later ``step_bound(None)``."""
+    def step_bound(self, grads: Optional[Sequence[int]]) -> None:
+        """One step over the bound weights; ``grads[i]`` is an address, or 0 for none;
+        ``None`` uses the gradients of ``bind_grads``."""

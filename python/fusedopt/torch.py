@@ -21,8 +21,9 @@ torch's constructor signatures and defaults, and follow torch's formulas: replac
 * ``flat_grads=True`` (keyword-only, every class) keeps all gradients as views of one flat
   buffer, as apex and DeepSpeed do: ``zero_grad()`` zeroes the buffer instead of dropping the
   gradients, backward accumulates into the views, and a step checks only that each ``.grad``
-  is still its view. It removes most of the per-tensor Python work of a step, which dominates
-  for models of many small tensors. In this mode ``zero_grad`` behaves as
+  is still its view (the parameters' addresses are checked by ``zero_grad``, and their memory
+  is held). It removes most of the per-tensor Python work of a step, which dominates for
+  models of many small tensors. In this mode ``zero_grad`` behaves as
   ``zero_grad(set_to_none=False)``: every parameter that requires grad has a (zero) gradient
   and is stepped. A ``.grad`` replaced by other code is copied into the buffer at the next step.
 """
@@ -41,9 +42,7 @@ from ._engine import Engine
 __all__ = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW"]
 
 _grad_of = operator.attrgetter("grad")
-_layout_of = operator.attrgetter("layout")
 _dtype_of = operator.attrgetter("dtype")
-_is_cpu = operator.attrgetter("is_cpu")
 _data_ptr = torch.Tensor.data_ptr
 _numel = torch.Tensor.numel
 _is_contiguous = torch.Tensor.is_contiguous
@@ -136,12 +135,19 @@ class _FusedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        params = self._bind()
-        self._sync_hyper()
-        if self._flat:
-            grad_ptrs = self._flat_grad_ptrs(params)
+        if self._flat and self._params is not None:
+            # flat_grads: the weights' addresses are checked by zero_grad and whenever a
+            # gradient is not its view; their storages are held, so memory stays valid.
+            params = self._params
+            if all(map(operator.is_, map(_grad_of, params), self._views)):
+                grad_ptrs = None  # the views, bound to the engine once
+            else:
+                params = self._bind()
+                grad_ptrs = self._attach_views(params)
         else:
-            grad_ptrs = self._grad_ptrs(params)
+            params = self._bind()
+            grad_ptrs = self._flat_grad_ptrs(params) if self._flat else self._grad_ptrs(params)
+        self._sync_hyper()
         assert self._engine is not None
         self._engine.step_bound(grad_ptrs)
         increment_version(params)
@@ -166,6 +172,8 @@ class _FusedOptimizer(torch.optim.Optimizer):
             self._engine.lr = 1.0
         self._engine.bind_weights(ptrs, lens)
         self._params, self._group_of, self._weight_ptrs, self._lens = params, group_of, ptrs, lens
+        if self._flat:
+            self._storages = [p.untyped_storage() for p in params]
         self._group_hyper = None
         if self._flat:
             self._install_views()
@@ -215,13 +223,20 @@ class _FusedOptimizer(torch.optim.Optimizer):
         grads = list(map(_grad_of, params))
         if any(map(operator.is_, grads, [None] * len(grads))):
             return self._sparse_grad_ptrs(params, grads)
-        if (
-            set(map(_layout_of, grads)) == {torch.strided}
-            and set(map(_dtype_of, grads)) == {torch.float32}
-            and all(map(_is_cpu, grads))
-            and all(map(_is_contiguous, grads))
-            and list(map(_numel, grads)) == self._lens
-        ):
+        # One C-level pass per property, the fewest that make every address safe to read:
+        # torch keeps a .grad on its parameter's device (the setter and AccumulateGrad check
+        # it), is_contiguous raises for a sparse gradient, and numel catches a .grad.data
+        # of another size. When anything is off, the one-at-a-time path checks everything and
+        # names the gradient.
+        try:
+            ok = (
+                set(map(_dtype_of, grads)) == {torch.float32}
+                and all(map(_is_contiguous, grads))
+                and list(map(_numel, grads)) == self._lens
+            )
+        except RuntimeError:  # a sparse gradient
+            ok = False
+        if ok:
             return list(map(_data_ptr, grads))
         return self._sparse_grad_ptrs(params, grads)  # finds and names the bad one
 
@@ -259,6 +274,8 @@ class _FusedOptimizer(torch.optim.Optimizer):
             offset += n
         self._views = views
         self._view_ptrs = [0 if v is None else v.data_ptr() for v in views]
+        assert self._engine is not None
+        self._engine.bind_grads(self._view_ptrs)
         self._attach_views(params)
 
     def _attach_views(self, params: list[torch.Tensor]) -> list[int]:
@@ -292,9 +309,9 @@ class _FusedOptimizer(torch.optim.Optimizer):
             ptrs.append(self._view_ptrs[i])
         return ptrs
 
-    def _flat_grad_ptrs(self, params: list[torch.Tensor]) -> list[int]:
+    def _flat_grad_ptrs(self, params: list[torch.Tensor]) -> Optional[list[int]]:
         if all(map(operator.is_, map(_grad_of, params), self._views)):
-            return self._view_ptrs
+            return None  # the views, bound to the engine once
         return self._attach_views(params)
 
     def zero_grad(self, set_to_none: bool = True) -> None:

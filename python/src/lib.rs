@@ -161,6 +161,8 @@ struct Engine {
     bound: Vec<Span>,
     /// The same, non-empty ones only, by address (for overlap checks).
     by_addr: Vec<(Span, usize)>,
+    /// The gradients lent by address with `bind_grads`, in tensor order (`None`: no gradient).
+    bound_grads: Vec<Option<Span>>,
     /// Each tensor's group (`set_groups`), when there are groups.
     group_of: Vec<u32>,
     /// The last step's report: (skipped, grad_norm).
@@ -200,6 +202,7 @@ impl Engine {
             shapes: None,
             bound: Vec::new(),
             by_addr: Vec::new(),
+            bound_grads: Vec::new(),
             group_of: Vec::new(),
             last: None,
         })
@@ -541,18 +544,86 @@ impl Engine {
         }
         self.bound = bound;
         self.by_addr = by_addr;
+        self.bound_grads.clear();
+        Ok(())
+    }
+
+    /// Lends gradients by address for every later `step_bound(None)` (one flat buffer's views,
+    /// which stay the same): checked as `step_bound` checks them, once.
+    fn bind_grads(&mut self, grads: Vec<usize>) -> PyResult<()> {
+        self.bound_grads = self.grad_spans(&grads)?;
         Ok(())
     }
 
     /// One step over the bound weights: `grads[i]` is the address of tensor `i`'s float32
     /// gradient (its bound length), or 0 when it has none this step (its weights, state and
-    /// step count are left alone). Refuses a gradient that overlaps a weight.
+    /// step count are left alone); `None` steps with the gradients of `bind_grads`. Refuses a
+    /// gradient that overlaps a weight.
     ///
     /// The caller vouches for the gradients as for the weights (`bind_weights`).
-    fn step_bound(&mut self, py: Python<'_>, grads: Vec<usize>) -> PyResult<()> {
+    #[pyo3(signature = (grads))]
+    fn step_bound(&mut self, py: Python<'_>, grads: Option<Vec<usize>>) -> PyResult<()> {
+        let fresh;
+        let g_spans = match &grads {
+            Some(grads) => {
+                fresh = self.grad_spans(grads)?;
+                &fresh
+            }
+            None if self.bound_grads.len() == self.bound.len() => &self.bound_grads,
+            None => {
+                return Err(PyValueError::new_err(
+                    "step_bound: no gradients bound for these parameters (bind_grads)",
+                ));
+            }
+        };
+        let mut w_slices: Vec<&mut [f32]> = self
+            .bound
+            .iter()
+            .map(|s| match s.len {
+                0 => &mut [][..],
+                // SAFETY: `bind_weights` checked the span is non-null, aligned and disjoint from
+                // every other bound weight; the caller vouches that it is live float32 memory
+                // that nothing else accesses during this call.
+                n => unsafe { std::slice::from_raw_parts_mut(s.addr as *mut f32, n) },
+            })
+            .collect();
+        let g_slices: Vec<Option<&[f32]>> = g_spans
+            .iter()
+            .map(|g| {
+                g.map(|g| match g.len {
+                    0 => &[][..],
+                    // SAFETY: `grad_spans` checked it non-null, aligned and disjoint from every
+                    // bound weight; the caller vouches that it is live float32 memory not
+                    // written during this call.
+                    n => unsafe { std::slice::from_raw_parts(g.addr as *const f32, n) },
+                })
+            })
+            .collect();
+        let want = get_num_threads();
+        let opt = self.opt.get_mut().unwrap_or_else(|e| e.into_inner());
+        if want != self.threads {
+            opt.set_threads(want).map_err(step_error)?;
+            self.threads = want;
+        }
+        let report = py
+            .detach(|| opt.step_partial(&mut w_slices, &g_slices))
+            .map_err(step_error)?;
+        self.last = Some((report.skipped, report.grad_norm));
+        Ok(())
+    }
+
+    fn __repr__(&mut self) -> String {
+        format!("Engine({:?})", self.opt().config().to_string())
+    }
+}
+
+impl Engine {
+    /// Checks gradient addresses against the bound weights: one per weight, of its length,
+    /// non-null, aligned and disjoint from every weight (0: no gradient).
+    fn grad_spans(&self, grads: &[usize]) -> PyResult<Vec<Option<Span>>> {
         if grads.len() != self.bound.len() {
             return Err(PyValueError::new_err(format!(
-                "step_bound: {} gradients for {} bound parameters",
+                "{} gradients for {} bound parameters",
                 grads.len(),
                 self.bound.len()
             )));
@@ -577,40 +648,7 @@ impl Engine {
             }
             g_spans.push(Some(g));
         }
-        let mut w_slices: Vec<&mut [f32]> = self
-            .bound
-            .iter()
-            .map(|s| match s.len {
-                0 => &mut [][..],
-                // SAFETY: `bind_weights` checked the span is non-null, aligned and disjoint from
-                // every other bound weight; the caller vouches that it is live float32 memory
-                // that nothing else accesses during this call.
-                n => unsafe { std::slice::from_raw_parts_mut(s.addr as *mut f32, n) },
-            })
-            .collect();
-        let g_slices: Vec<Option<&[f32]>> = g_spans
-            .iter()
-            .map(|g| {
-                g.map(|g| match g.len {
-                    0 => &[][..],
-                    // SAFETY: checked non-null, aligned and disjoint from every weight above;
-                    // the caller vouches that it is live float32 memory not written during
-                    // this call.
-                    n => unsafe { std::slice::from_raw_parts(g.addr as *const f32, n) },
-                })
-            })
-            .collect();
-        self.sync_threads()?;
-        let opt = self.opt.get_mut().unwrap_or_else(|e| e.into_inner());
-        let report = py
-            .detach(|| opt.step_partial(&mut w_slices, &g_slices))
-            .map_err(step_error)?;
-        self.last = Some((report.skipped, report.grad_norm));
-        Ok(())
-    }
-
-    fn __repr__(&mut self) -> String {
-        format!("Engine({:?})", self.opt().config().to_string())
+        Ok(g_spans)
     }
 }
 
