@@ -20,6 +20,9 @@ if [[ ! -f "$venv/.complete" ]] || ! "$venv/bin/python" -c "import maturin, pyte
     touch "$venv/.complete"
 fi
 
+# maturin's build hook runs the `maturin` executable by name: the venv's.
+export PATH="$venv/bin:$PATH"
+
 echo "== Python: pip install ./python"
 "$venv/bin/pip" install --quiet --no-build-isolation --force-reinstall --no-deps ./python
 
