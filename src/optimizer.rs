@@ -54,6 +54,11 @@ use std::path::Path;
 /// #   fn threads(&self) -> usize { 0 }
 /// #   fn step_feed(&mut self, _: &dyn TensorFeed) -> Result<StepReport, StepError> { todo!() }
 /// #   fn state_buffers(&self) -> usize { 0 }
+/// #   fn state_names(&self) -> Vec<&'static str> { Vec::new() }
+/// #   fn tensor_state(&self, _: &str, _: usize) -> Option<&[f32]> { None }
+/// #   fn tensor_state_mut(&mut self, _: &str, _: usize) -> Option<&mut [f32]> { None }
+/// #   fn init_state(&mut self, _: &[usize]) -> Result<(), StepError> { Ok(()) }
+/// #   fn set_tensor_steps(&mut self, _: &[u64]) -> Result<(), StepError> { Ok(()) }
 /// #   fn lr(&self) -> f32 { 0.0 }
 /// #   fn set_lr(&mut self, _: f32) {}
 /// #   fn set_param_groups(&mut self, _: &[ParamGroup]) -> Result<(), StepError> { Ok(()) }
@@ -227,6 +232,93 @@ pub trait Optimizer: sealed::Sealed + Send {
     /// assert_eq!(Adam::new(AdamConfig::default()).state_buffers(), 2);
     /// ```
     fn state_buffers(&self) -> usize;
+
+    /// The names of the state buffers the optimizer holds, in order, as state files name them:
+    /// `m`, `v` (and `v_max` once AMSGrad has run) for Adam, `v` for Momentum and NAG (the
+    /// velocity, or torch's momentum buffer with `MomentumForm::Buffer`), `h` for AdaGrad and
+    /// RMSProp, none for SGD. Empty before the first step or [`init_state`](Optimizer::init_state).
+    ///
+    /// ```
+    /// use fusedopt::{Adam, AdamConfig, Optimizer};
+    /// let mut opt = Adam::new(AdamConfig::default());
+    /// assert!(opt.state_names().is_empty());
+    /// opt.step(&mut [0.0; 3], &[1.0; 3])?;
+    /// assert_eq!(opt.state_names(), ["m", "v"]);
+    /// # Ok::<(), fusedopt::StepError>(())
+    /// ```
+    fn state_names(&self) -> Vec<&'static str>;
+
+    /// Tensor `tensor`'s values in the state buffer called `buffer` (see
+    /// [`state_names`](Optimizer::state_names)), or `None` if the optimizer holds no such
+    /// buffer or tensor. Read it to export the state to another framework.
+    ///
+    /// ```
+    /// use fusedopt::{Adam, AdamConfig, Optimizer};
+    /// let mut opt = Adam::new(AdamConfig::default());
+    /// opt.step(&mut [0.0; 2], &[1.0; 2])?;
+    /// let m = opt.tensor_state("m", 0).unwrap(); // (1 - β1) · g
+    /// assert!(m.len() == 2 && m.iter().all(|&x| (x - 0.1).abs() < 1e-6));
+    /// assert_eq!(opt.tensor_state("m", 1), None);
+    /// assert_eq!(opt.tensor_state("h", 0), None);
+    /// # Ok::<(), fusedopt::StepError>(())
+    /// ```
+    fn tensor_state(&self, buffer: &str, tensor: usize) -> Option<&[f32]>;
+
+    /// [`tensor_state`](Optimizer::tensor_state), to write: import state from another
+    /// framework after [`init_state`](Optimizer::init_state), then set the step counts with
+    /// [`set_tensor_steps`](Optimizer::set_tensor_steps).
+    ///
+    /// ```
+    /// use fusedopt::{Momentum, MomentumConfig, Optimizer};
+    /// let mut opt = Momentum::new(MomentumConfig::default());
+    /// opt.init_state(&[2])?;
+    /// opt.tensor_state_mut("v", 0).unwrap().copy_from_slice(&[-1.0, 1.0]);
+    /// let mut w = [0.0f32; 2];
+    /// opt.step(&mut w, &[0.0; 2])?; // v = 0.9 v - lr g; w += v
+    /// assert_eq!(w, [-0.9, 0.9]);
+    /// # Ok::<(), fusedopt::StepError>(())
+    /// ```
+    fn tensor_state_mut(&mut self, buffer: &str, tensor: usize) -> Option<&mut [f32]>;
+
+    /// Creates the state a first step over tensors of lengths `lens` would create (the layout,
+    /// and zeroed buffers, every tensor at step 0) without stepping, so that state from
+    /// elsewhere can be written into it. Buffers already held for this layout are kept.
+    ///
+    /// ```
+    /// use fusedopt::{Adam, AdamConfig, Optimizer};
+    /// let mut opt = Adam::new(AdamConfig::default());
+    /// opt.init_state(&[3, 5])?;
+    /// assert_eq!((opt.layout(), opt.steps()), (Some(&[3, 5][..]), 0));
+    /// assert_eq!(opt.tensor_state("v", 1), Some(&[0.0f32; 5][..]));
+    /// assert!(opt.init_state(&[3, 4]).is_err()); // it holds state for [3, 5]
+    /// # Ok::<(), fusedopt::StepError>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`StepError::TensorCount`] or [`StepError::TensorLen`] if the optimizer holds state for
+    /// another layout; [`StepError::GroupCount`] or [`StepError::NameCount`] if parameter groups
+    /// or names were set for another tensor count; [`StepError::OutOfMemory`]. Nothing changes
+    /// on error.
+    fn init_state(&mut self, lens: &[usize]) -> Result<(), StepError>;
+
+    /// Sets each tensor's step count, for state imported from elsewhere; the optimizer's
+    /// [`steps`](Optimizer::steps) becomes the largest. Adam's bias correction uses each
+    /// tensor's count.
+    ///
+    /// ```
+    /// use fusedopt::{Adam, AdamConfig, Optimizer};
+    /// let mut opt = Adam::new(AdamConfig::default());
+    /// opt.init_state(&[1, 1])?;
+    /// opt.set_tensor_steps(&[4, 7])?;
+    /// assert_eq!((opt.tensor_steps(), opt.steps()), (&[4, 7][..], 7));
+    /// assert!(opt.set_tensor_steps(&[1]).is_err());
+    /// # Ok::<(), fusedopt::StepError>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`StepError::TensorCount`] unless `steps` has one count per tensor of the layout (none
+    /// before the state exists); nothing changes on error.
+    fn set_tensor_steps(&mut self, steps: &[u64]) -> Result<(), StepError>;
 
     /// The learning rate of the next step (the configuration's `lr`).
     ///
@@ -598,6 +690,24 @@ impl<R: Rule> Optimizer for Fused<R> {
     }
     fn state_buffers(&self) -> usize {
         self.config.state_buffers()
+    }
+    fn state_names(&self) -> Vec<&'static str> {
+        let held = self.engine.state().buffers.len().min(R::BUFFERS.len());
+        R::BUFFERS[..held].iter().map(|b| b.name).collect()
+    }
+    fn tensor_state(&self, buffer: &str, tensor: usize) -> Option<&[f32]> {
+        let b = R::BUFFERS.iter().position(|b| b.name == buffer)?;
+        self.engine.state_slice(b, tensor)
+    }
+    fn tensor_state_mut(&mut self, buffer: &str, tensor: usize) -> Option<&mut [f32]> {
+        let b = R::BUFFERS.iter().position(|b| b.name == buffer)?;
+        self.engine.state_slice_mut(b, tensor)
+    }
+    fn init_state(&mut self, lens: &[usize]) -> Result<(), StepError> {
+        self.engine.init_state(lens, self.config.state_buffers())
+    }
+    fn set_tensor_steps(&mut self, steps: &[u64]) -> Result<(), StepError> {
+        self.engine.set_tensor_steps(steps)
     }
     fn lr(&self) -> f32 {
         self.config.lr()

@@ -226,6 +226,71 @@ impl Engine {
         self.names = names;
     }
 
+    /// Creates the state a first step over tensors of `lens` would (the layout, and `buffers`
+    /// zeroed buffers, every tensor at step 0) without stepping; buffers already held for this
+    /// layout are kept. Checked in full before anything changes.
+    ///
+    /// # Errors
+    /// [`StepError::TensorCount`] or [`StepError::TensorLen`] against a layout the optimizer
+    /// holds state for, [`StepError::GroupCount`] or [`StepError::NameCount`] against the
+    /// per-tensor settings, [`StepError::OutOfMemory`].
+    pub(crate) fn init_state(&mut self, lens: &[usize], buffers: usize) -> Result<(), StepError> {
+        self.check_tensors(lens.iter().copied(), buffers)?;
+        let groups = self.groups.per_tensor().len();
+        if groups != 0 && groups != lens.len() {
+            let tensors = lens.len();
+            return Err(StepError::GroupCount { groups, tensors });
+        }
+        if prepare_state(&mut self.state, lens.iter().copied(), buffers)? {
+            self.plan = None;
+            self.feed_plan = None;
+        }
+        Ok(())
+    }
+
+    /// Sets each tensor's step count (the optimizer's count becomes the largest).
+    ///
+    /// # Errors
+    /// [`StepError::TensorCount`] unless there is one count per tensor of the layout (none
+    /// before the state exists).
+    pub(crate) fn set_tensor_steps(&mut self, steps: &[u64]) -> Result<(), StepError> {
+        let expected = self.layout().map_or(0, <[usize]>::len);
+        if steps.len() != expected {
+            return Err(StepError::TensorCount {
+                expected,
+                found: steps.len(),
+            });
+        }
+        if expected > 0 {
+            self.state.tensor_steps = steps.to_vec();
+            self.state.steps = steps.iter().copied().max().unwrap_or(0);
+        }
+        Ok(())
+    }
+
+    /// Tensor `t`'s slice of state buffer `b`, to read and write; `None` if the optimizer holds
+    /// no such buffer or tensor.
+    pub(crate) fn state_slice_mut(&mut self, b: usize, t: usize) -> Option<&mut [f32]> {
+        let range = self
+            .state
+            .layout
+            .as_ref()
+            .filter(|l| t < l.lens().len())?
+            .range(t);
+        Some(&mut self.state.buffers.get_mut(b)?[range])
+    }
+
+    /// Tensor `t`'s slice of state buffer `b`; `None` if there is no such buffer or tensor.
+    pub(crate) fn state_slice(&self, b: usize, t: usize) -> Option<&[f32]> {
+        let range = self
+            .state
+            .layout
+            .as_ref()
+            .filter(|l| t < l.lens().len())?
+            .range(t);
+        Some(&self.state.buffers.get(b)?[range])
+    }
+
     /// Drops all state and the step counts; settings, groups and names are kept.
     pub(crate) fn reset(&mut self) {
         self.state = State::default();
