@@ -14,6 +14,14 @@ torch's constructor signatures and defaults, and follow torch's formulas: replac
 * The whole model, every group, is one engine step, on ``fusedopt.get_num_threads()`` threads,
   with the GIL released. Weights are updated and gradients read in place, through their own
   memory.
+* ``state_dict()`` has torch's structure and keys (``step``, ``exp_avg``, ``exp_avg_sq``,
+  ``max_exp_avg_sq``; ``momentum_buffer``; ``sum``; ``square_avg``) and its tensors view the
+  engine's memory (no copy per call); ``optimizer.state[p]`` gives the same views.
+  ``load_state_dict()`` takes a dict written by this class or by the same ``torch.optim``
+  class (and ``torch.optim`` loads ours); a dict that does not fit raises and changes nothing.
+  ``add_param_group`` works before and after the first step (the new parameters start fresh).
+  ``torch.distributed.optim.ZeroRedundancyOptimizer(..., optimizer_class=fusedopt.torch.AdamW)``
+  shards the state across processes.
 * Arguments the engine does not implement (``dampening != 0``, ``centered=True``,
   ``lr_decay != 0``, ``foreach=True``, ``capturable=True``, ``differentiable=True``, ...) raise
   ``ValueError`` when the optimizer is built. Tensors must be CPU, float32, dense and
@@ -30,8 +38,10 @@ torch's constructor signatures and defaults, and follow torch's formulas: replac
 
 from __future__ import annotations
 
+import copy
+import math
 import operator
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping
 from typing import Any, Callable, Optional, Union
 
 import torch
@@ -60,6 +70,57 @@ def _describe(kind: str, i: int, group: int, t: torch.Tensor) -> str:
     return f"{kind} {i} (group {group}, shape {tuple(t.shape)})"
 
 
+class _EngineState(MutableMapping):
+    """``optimizer.state`` of the fusedopt.torch classes: each parameter's state as torch
+    keeps it (``step`` and the class's buffers), its tensors viewing the engine's memory.
+    Reading builds the dict; assigning ``state[p] = {...}`` loads one parameter's state
+    (checked as ``load_state_dict`` checks it); ``del state[p]`` starts it afresh."""
+
+    def __init__(self, optimizer: "_FusedOptimizer") -> None:
+        self._opt = optimizer
+
+    def _index(self, p: Any) -> int:
+        for i, q in enumerate(self._opt._param_list()):
+            if q is p:
+                return i
+        raise KeyError(p)
+
+    def __getitem__(self, p: torch.Tensor) -> dict[str, Any]:
+        i = self._index(p)
+        state = self._opt._param_state(i, p)
+        if state is None:
+            raise KeyError(p)
+        return state
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        opt = self._opt
+        params = opt._param_list()
+        engine = opt._engine
+        if opt._eager_state:
+            return iter(params)
+        if engine is None or engine.layout is None or not opt._state_keys(opt.param_groups[0]):
+            return iter(())
+        steps = engine.tensor_steps
+        return iter([p for p, s in zip(params, steps) if s > 0])
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    def __contains__(self, p: object) -> bool:
+        return any(q is p for q in self)
+
+    def __setitem__(self, p: torch.Tensor, value: Mapping[str, Any]) -> None:
+        self._opt._set_param_state(self._index(p), value)
+
+    def __delitem__(self, p: torch.Tensor) -> None:
+        if p not in self:
+            raise KeyError(p)
+        self._opt._set_param_state(self._index(p), {})
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({len(self)} parameters with state)"
+
+
 class _FusedOptimizer(torch.optim.Optimizer):
     """What the five classes share: the engine, the tensor checks and the step."""
 
@@ -75,6 +136,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
         self._flat = flat_grads
         self._reset_cache()
         super().__init__(params, defaults)
+        self.state = _EngineState(self)  # type: ignore[assignment]
         if flat_grads:
             self._bind()  # the views exist before the first backward, which fills them
 
@@ -92,15 +154,24 @@ class _FusedOptimizer(torch.optim.Optimizer):
     # -- building ----------------------------------------------------------------------------
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Adds a parameter group, as torch's; refused once the optimizer has state (the
-        engine's layout is fixed at the first step)."""
-        if getattr(self, "_engine", None) is not None and self._engine.layout is not None:
-            raise ValueError(
-                f"{type(self).__name__}: add_param_group after the first step is not "
-                "supported; the parameters are fixed at the first step"
-            )
+        """Adds a parameter group, as torch's. Once the optimizer holds state, the state of
+        the parameters it had is kept and the new parameters start fresh."""
+        stateful = getattr(self, "_engine", None) is not None and self._engine.layout is not None
+        kept = self._collect_state() if stateful else {}
         super().add_param_group(param_group)
-        group = self.param_groups[-1]
+        try:
+            self._check_group(self.param_groups[-1], self.param_groups[0])
+            if stateful:
+                self._install(self.param_groups, kept)
+        except BaseException:
+            self.param_groups.pop()
+            raise
+        if hasattr(self, "_params") and not stateful:
+            self._reset_cache()
+
+    def _check_group(self, group: dict[str, Any], first: dict[str, Any]) -> None:
+        """Refuses a group with an argument the engine does not implement, or whose shared
+        hyperparameters differ from ``first``'s."""
         name = type(self).__name__
         for key, ok in self._unsupported:
             value = group.get(key, ok[0])
@@ -110,15 +181,12 @@ class _FusedOptimizer(torch.optim.Optimizer):
                     f"{name}: {key}={value!r} is not implemented by fusedopt (supported: {shown})"
                 )
         for key in self._shared:
-            first = self.param_groups[0].get(key)
-            if group.get(key) != first:
+            if group.get(key) != first.get(key):
                 raise ValueError(
-                    f"{name}: {key} differs between parameter groups ({first!r} and "
+                    f"{name}: {key} differs between parameter groups ({first.get(key)!r} and "
                     f"{group.get(key)!r}); fusedopt steps every group with one {key}, only lr "
                     "and weight_decay may differ"
                 )
-        if hasattr(self, "_params"):
-            self._reset_cache()
 
     def _config_string(self, group: dict[str, Any]) -> str:
         """The engine configuration for the shared hyperparameters (lr 1: each group's lr
@@ -325,6 +393,266 @@ class _FusedOptimizer(torch.optim.Optimizer):
         self._buffer.zero_()
         self._attach_views(params)
 
+    # -- state ---------------------------------------------------------------------------------
+
+    #: torch's per-parameter state keys besides ``step``, each with the engine buffer it is
+    #: (set per class by ``_state_keys``).
+    _keeps_step = True
+    #: Whether torch creates the state of every parameter at construction (Adagrad).
+    _eager_state = False
+    #: The hyperparameters every group of this class has (to recognise another class's dict).
+    _group_keys: tuple[str, ...] = ()
+
+    def _state_keys(self, group: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
+        """(torch key, engine buffer) pairs of a parameter's state under ``group``'s settings."""
+        raise NotImplementedError
+
+    def _param_list(self) -> list[torch.Tensor]:
+        return [p for g in self.param_groups for p in g["params"]]
+
+    def _param_state(self, i: int, p: torch.Tensor) -> Optional[dict[str, Any]]:
+        """Parameter ``i``'s state as torch keeps it, its tensors viewing the engine's buffers;
+        ``None`` when it has none."""
+        engine = self._engine
+        keys = self._state_keys(self.param_groups[0])
+        if engine is None or engine.layout is None:
+            if not self._eager_state:
+                return None
+            state: dict[str, Any] = {"step": torch.tensor(0.0)}
+            state.update((key, torch.zeros_like(p)) for key, _ in keys)
+            return state
+        step = engine.tensor_steps[i]
+        if step == 0 and not self._eager_state:
+            return None
+        state = {"step": torch.tensor(float(step))} if self._keeps_step else {}
+        held = engine.state_names
+        for key, buffer in keys:
+            if buffer in held:
+                state[key] = torch.from_numpy(engine.state_array(buffer, i)).view(p.shape)
+            else:  # a buffer the engine creates at its next step (AMSGrad turned on)
+                state[key] = torch.zeros_like(p)
+        return state or None
+
+    def _collect_state(self) -> dict[int, tuple[int, dict[str, torch.Tensor]]]:
+        """Every parameter's state, by index: (step, {engine buffer: tensor})."""
+        out = {}
+        for i, p in enumerate(self._param_list()):
+            state = self._param_state(i, p)
+            if state is None:
+                continue
+            step = int(state.get("step", 1))
+            buffers = {b: state[k] for k, b in self._state_keys(self.param_groups[0])}
+            out[i] = (step, buffers)
+        return out
+
+    def _install(
+        self,
+        groups: list[dict[str, Any]],
+        states: Mapping[int, tuple[int, Mapping[str, torch.Tensor]]],
+    ) -> None:
+        """Builds an engine for ``groups`` holding ``states`` (parameter index: (step, {engine
+        buffer: values})), and makes it the optimizer's. Everything that can fail happens
+        before the switch; the old engine stays alive as long as views of it do."""
+        name = type(self).__name__
+        params, group_of = [], []
+        for k, group in enumerate(groups):
+            params.extend(group["params"])
+            group_of.extend([k] * len(group["params"]))
+        for i, p in enumerate(params):
+            self._check_tensor(name, _describe("parameter", i, group_of[i], p), p)
+        lens = list(map(_numel, params))
+        engine = Engine(self._config_string(groups[0]))
+        engine.lr = 1.0
+        engine.bind_weights(list(map(_data_ptr, params)), lens)
+        engine.set_groups(
+            group_of,
+            [float(g["lr"]) for g in groups],
+            [float(g.get("weight_decay", 0.0)) for g in groups],
+        )
+        engine.init_state(lens)
+        steps = [0] * len(params)
+        for i, (step, buffers) in states.items():
+            for buffer, values in buffers.items():
+                torch.from_numpy(engine.state_array(buffer, i)).copy_(values.reshape(-1))
+            steps[i] = step
+        engine.set_tensor_steps(steps)
+        # Switch.
+        self._engine = engine
+        self._params = None  # rebinds (and reattaches flat gradients) at the next step
+        self._config = None
+        self._group_hyper = None
+        if self._flat:
+            self._bind()
+
+    @torch._disable_dynamo
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Loads a state dict written by ``state_dict()`` of this class or of the same
+        ``torch.optim`` class: the hyperparameters of every group, and each parameter's state
+        (``step`` and the class's buffers). Everything is checked before anything changes: a
+        dict of another class, another number or shape of parameters, missing or extra keys,
+        another dtype or device raise ``ValueError`` or ``TypeError`` and leave the optimizer
+        as it was."""
+        name = type(self).__name__
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"{name}: a state dict is a dict, not {type(state_dict).__name__}")
+        state_dict = dict(state_dict)
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        for key in ("state", "param_groups"):
+            if key not in state_dict:
+                raise ValueError(f"{name}: the state dict has no {key!r} entry")
+        saved_groups = state_dict["param_groups"]
+        saved_state = state_dict["state"]
+        if not isinstance(saved_groups, list) or not all(
+            isinstance(g, Mapping) and isinstance(g.get("params"), list) for g in saved_groups
+        ):
+            raise ValueError(f"{name}: 'param_groups' must be a list of dicts with 'params'")
+        if not isinstance(saved_state, Mapping):
+            raise ValueError(f"{name}: 'state' must be a dict")
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"{name}: the state dict has {len(saved_groups)} parameter groups, the "
+                f"optimizer {len(self.param_groups)}"
+            )
+        for k, (g, sg) in enumerate(zip(self.param_groups, saved_groups)):
+            if len(g["params"]) != len(sg["params"]):
+                raise ValueError(
+                    f"{name}: parameter group {k} of the state dict has {len(sg['params'])} "
+                    f"parameters, the optimizer's has {len(g['params'])}"
+                )
+        # The groups to install: the saved hyperparameters, with this optimizer's parameters.
+        groups = []
+        for g, sg in zip(self.param_groups, saved_groups):
+            missing = [key for key in self._group_keys if key not in sg]
+            if missing:
+                raise ValueError(
+                    f"{name}: the state dict's parameter groups lack {', '.join(missing)}: it "
+                    f"was not written by {name} or torch.optim.{name}"
+                )
+            group = {key: copy.deepcopy(v) for key, v in sg.items() if key != "params"}
+            for key, default in self.defaults.items():
+                group.setdefault(key, default)
+            self._fix_loaded_group(group)
+            group["params"] = g["params"]
+            if "param_names" in g and "param_names" not in sg:
+                group["param_names"] = g["param_names"]
+            groups.append(group)
+        for group in groups:
+            self._check_group(group, groups[0])
+        # Each saved index is a position in the saved groups, as torch maps them.
+        index_of: dict[Any, int] = {}
+        for position, key in enumerate(k for sg in saved_groups for k in sg["params"]):
+            index_of[key] = position
+        params = [p for g in groups for p in g["params"]]
+        states: dict[int, tuple[int, dict[str, torch.Tensor]]] = {}
+        for key, value in saved_state.items():
+            if key not in index_of:
+                raise ValueError(
+                    f"{name}: the state dict has state for parameter {key!r}, which none of "
+                    "its parameter groups lists"
+                )
+            i = index_of[key]
+            checked = self._check_param_state(key, value, params[i], groups[0])
+            if checked is not None:
+                states[i] = checked
+        self._install(groups, states)
+        self.param_groups = groups
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _check_param_state(
+        self, key: Any, value: Any, p: torch.Tensor, group: Mapping[str, Any]
+    ) -> Optional[tuple[int, dict[str, torch.Tensor]]]:
+        """A parameter's loaded state, checked against ``p`` and the settings of ``group``:
+        (step, {engine buffer: tensor}), or ``None`` for no state yet."""
+        name = type(self).__name__
+        keys = self._state_keys(group)
+        expected = ({"step"} if self._keeps_step else set()) | {k for k, _ in keys}
+        if not isinstance(value, Mapping):
+            raise ValueError(f"{name}: the state of parameter {key!r} is not a dict")
+        if not value or (not self._keeps_step and value.get("momentum_buffer") is None):
+            if set(value) - {"momentum_buffer"}:
+                extra = sorted(set(value) - {"momentum_buffer"})
+                raise ValueError(
+                    f"{name}: the state of parameter {key!r} has {', '.join(extra)}, which "
+                    f"{name} does not keep"
+                )
+            return None  # no state yet
+        found = set(value)
+        if found != expected:
+            parts = []
+            if expected - found:
+                parts.append("lacks " + ", ".join(sorted(expected - found)))
+            if found - expected:
+                parts.append("has " + ", ".join(sorted(found - expected)))
+            raise ValueError(
+                f"{name}: the state of parameter {key!r} {' and '.join(parts)}: {name} with "
+                f"these settings keeps {', '.join(sorted(expected)) or 'no state'}"
+            )
+        step = self._loaded_step(name, key, value.get("step", 1))
+        buffers = {}
+        for state_key, buffer in keys:
+            t = value[state_key]
+            what = f"state {state_key!r} of parameter {key!r}"
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name}: {what} is a {type(t).__name__}, not a tensor")
+            if t.dtype != torch.float32:
+                raise TypeError(f"{name}: {what} is {t.dtype}, fusedopt keeps float32 state")
+            if not t.is_cpu or t.layout != torch.strided:
+                raise ValueError(
+                    f"{name}: {what} is a {t.layout} tensor on {t.device}; fusedopt keeps "
+                    "dense CPU state (load with map_location='cpu')"
+                )
+            if t.shape != p.shape:
+                raise ValueError(
+                    f"{name}: {what} has shape {tuple(t.shape)}, its parameter "
+                    f"{tuple(p.shape)}"
+                )
+            buffers[buffer] = t
+        return step, buffers
+
+    def _set_param_state(self, i: int, value: Mapping[str, Any]) -> None:
+        """``state[p] = value``: loads parameter ``i``'s state (``{}``: starts it afresh)."""
+        params = self._param_list()
+        checked = self._check_param_state(i, value, params[i], self.param_groups[0])
+        step, buffers = checked if checked is not None else (0, {})
+        engine = self._engine
+        if engine is None or engine.layout is None:
+            self._install(self.param_groups, {i: (step, buffers)} if buffers or step else {})
+            return
+        self._bind()
+        engine.init_state(self._lens)
+        for _, buffer in self._state_keys(self.param_groups[0]):
+            view = torch.from_numpy(engine.state_array(buffer, i))
+            if buffer in buffers:
+                view.copy_(buffers[buffer].reshape(-1))
+            else:
+                view.zero_()
+        steps = engine.tensor_steps
+        steps[i] = step
+        engine.set_tensor_steps(steps)
+
+    @staticmethod
+    def _loaded_step(name: str, key: Any, step: Any) -> int:
+        if isinstance(step, torch.Tensor):
+            if step.numel() != 1:
+                raise ValueError(f"{name}: the step of parameter {key!r} is not one number")
+            step = step.item()
+        try:
+            value = float(step)
+        except (TypeError, ValueError):
+            raise TypeError(
+                f"{name}: the step of parameter {key!r} is a {type(step).__name__}"
+            ) from None
+        if not (math.isfinite(value) and value >= 0 and value == int(value)):
+            raise ValueError(f"{name}: the step of parameter {key!r} is {step!r}")
+        return int(value)
+
+    def _fix_loaded_group(self, group: dict[str, Any]) -> None:
+        """Adjusts a loaded group as torch's ``__setstate__`` does for this class."""
+
     # -- engine extras -----------------------------------------------------------------------
 
     @property
@@ -347,9 +675,11 @@ class SGD(_FusedOptimizer):
         ("dampening", (0,)),
         ("foreach", (None, False)),
         ("differentiable", (False,)),
-        ("fused", (None,)),
+        ("fused", (None, True)),
     )
     _shared = ("momentum", "nesterov", "maximize")
+    _keeps_step = False
+    _group_keys = ("lr", "momentum", "dampening", "weight_decay", "nesterov")
 
     def __init__(
         self,
@@ -405,6 +735,23 @@ class SGD(_FusedOptimizer):
             f"maximize={_encode(bool(group['maximize']))}"
         )
 
+    def _state_keys(self, group: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
+        return (("momentum_buffer", "v"),) if float(group["momentum"]) != 0 else ()
+
+    def _install(
+        self,
+        groups: list[dict[str, Any]],
+        states: Mapping[int, tuple[int, Mapping[str, torch.Tensor]]],
+    ) -> None:
+        # A loaded state dict may bring momentum to an SGD built without it, or take it away.
+        before = self._momentum_rule
+        self._momentum_rule = float(groups[0]["momentum"]) != 0
+        try:
+            super()._install(groups, states)
+        except BaseException:
+            self._momentum_rule = before
+            raise
+
 
 class Adagrad(_FusedOptimizer):
     """``torch.optim.Adagrad`` on the fusedopt engine: ``h += g * g``,
@@ -416,9 +763,11 @@ class Adagrad(_FusedOptimizer):
         ("initial_accumulator_value", (0,)),
         ("foreach", (None, False)),
         ("differentiable", (False,)),
-        ("fused", (None,)),
+        ("fused", (None, True)),
     )
     _shared = ("eps", "maximize")
+    _eager_state = True
+    _group_keys = ("lr", "lr_decay", "eps", "weight_decay", "initial_accumulator_value")
 
     def __init__(
         self,
@@ -466,6 +815,9 @@ class Adagrad(_FusedOptimizer):
             f"maximize={_encode(bool(group['maximize']))}"
         )
 
+    def _state_keys(self, group: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
+        return (("sum", "h"),)
+
 
 class RMSprop(_FusedOptimizer):
     """``torch.optim.RMSprop`` on the fusedopt engine: ``h = alpha * h + (1 - alpha) * g * g``,
@@ -480,6 +832,7 @@ class RMSprop(_FusedOptimizer):
         ("differentiable", (False,)),
     )
     _shared = ("alpha", "eps", "maximize")
+    _group_keys = ("lr", "alpha", "eps", "weight_decay", "momentum", "centered")
 
     def __init__(
         self,
@@ -527,6 +880,9 @@ class RMSprop(_FusedOptimizer):
             f"maximize={_encode(bool(group['maximize']))}"
         )
 
+    def _state_keys(self, group: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
+        return (("square_avg", "h"),)
+
 
 class Adam(_FusedOptimizer):
     """``torch.optim.Adam`` on the fusedopt engine: torch's Adam (eps added to the
@@ -538,9 +894,10 @@ class Adam(_FusedOptimizer):
         ("foreach", (None, False)),
         ("capturable", (False,)),
         ("differentiable", (False,)),
-        ("fused", (None,)),
+        ("fused", (None, True)),
     )
     _shared = ("betas", "eps", "amsgrad", "maximize", "decoupled_weight_decay")
+    _group_keys = ("lr", "betas", "eps", "weight_decay", "amsgrad")
     _decoupled_default = False
 
     def __init__(
@@ -588,6 +945,10 @@ class Adam(_FusedOptimizer):
             "eps_mode=sqrt_v_hat"
         )
 
+    def _state_keys(self, group: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
+        keys = (("exp_avg", "m"), ("exp_avg_sq", "v"))
+        return keys + (("max_exp_avg_sq", "v_max"),) if group["amsgrad"] else keys
+
 
 class AdamW(Adam):
     """``torch.optim.AdamW`` on the fusedopt engine: Adam with decoupled weight decay,
@@ -624,6 +985,9 @@ class AdamW(Adam):
             decoupled_weight_decay=True,
             flat_grads=flat_grads,
         )
+
+    def _fix_loaded_group(self, group: dict[str, Any]) -> None:
+        group["decoupled_weight_decay"] = True  # as torch.optim.AdamW
 
 
 def _check_adam(lr: Any, betas: Any, eps: float, weight_decay: float) -> None:

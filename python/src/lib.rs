@@ -8,11 +8,15 @@
 //! GIL. Errors become Python exceptions that say what was wrong; a refused step modifies nothing.
 
 use fusedopt::{NonFinite, Optimizer, OptimizerConfig, ParamGroup, StateError, StepError};
-use numpy::{BorrowError, PyArrayDyn, PyArrayMethods, PyUntypedArray, PyUntypedArrayMethods};
+use numpy::ndarray::ArrayView1;
+use numpy::{
+    BorrowError, PyArray1, PyArrayDyn, PyArrayMethods, PyUntypedArray, PyUntypedArrayMethods,
+};
 use pyo3::exceptions::{
     PyFileNotFoundError, PyMemoryError, PyOSError, PyRuntimeError, PyTypeError, PyValueError,
 };
 use pyo3::prelude::*;
+use pyo3::types::{PyWeakrefMethods, PyWeakrefReference};
 use std::path::PathBuf;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -167,9 +171,34 @@ struct Engine {
     group_of: Vec<u32>,
     /// The last step's report: (skipped, grad_norm).
     last: Option<(bool, Option<f32>)>,
+    /// A weak reference to the owner of the arrays `state_array` lent, while any is alive.
+    owner: Option<Py<PyWeakrefReference>>,
+}
+
+/// The base object of the arrays `Engine.state_array` returns: it keeps the engine, and so the
+/// state buffers the arrays view, alive.
+#[pyclass(module = "fusedopt._engine", weakref, frozen)]
+struct StateOwner {
+    _engine: Py<Engine>,
 }
 
 impl Engine {
+    /// Refuses to `what` (which would free the state buffers) while arrays from `state_array`
+    /// are alive.
+    fn check_unshared(&self, py: Python<'_>, what: &str) -> PyResult<()> {
+        if self
+            .owner
+            .as_ref()
+            .is_some_and(|w| w.bind(py).upgrade().is_some())
+        {
+            return Err(PyRuntimeError::new_err(format!(
+                "cannot {what}: arrays returned by state_array() (a state_dict()) still view the \
+                 state buffers; drop them first"
+            )));
+        }
+        Ok(())
+    }
+
     /// The optimizer, borrowed exclusively.
     fn opt(&mut self) -> &mut Box<dyn Optimizer> {
         self.opt.get_mut().unwrap_or_else(|e| e.into_inner())
@@ -205,6 +234,7 @@ impl Engine {
             bound_grads: Vec::new(),
             group_of: Vec::new(),
             last: None,
+            owner: None,
         })
     }
 
@@ -396,18 +426,87 @@ impl Engine {
             .map_err(state_error)
     }
 
-    /// Reads the optimizer state from `path`; on error nothing changes.
+    /// Reads the optimizer state from `path`; on error nothing changes. Refused while arrays
+    /// from `state_array` are alive.
     fn load_state(&mut self, py: Python<'_>, path: PathBuf) -> PyResult<()> {
+        self.check_unshared(py, "load a state file")?;
         let opt = self.opt();
         py.detach(move || opt.load_state(&path))
             .map_err(state_error)
     }
 
-    /// Forgets the state, the step counts and the layout.
-    fn reset(&mut self) {
+    /// Forgets the state, the step counts and the layout. Refused while arrays from
+    /// `state_array` are alive.
+    fn reset(&mut self, py: Python<'_>) -> PyResult<()> {
+        self.check_unshared(py, "reset")?;
         self.opt().reset();
         self.shapes = None;
         self.last = None;
+        Ok(())
+    }
+
+    /// The names of the state buffers held, in order (`m`, `v`, `v_max` for Adam, `v` for
+    /// Momentum and NAG, `h` for AdaGrad and RMSProp); empty before the first step.
+    #[getter]
+    fn state_names(&mut self) -> Vec<&'static str> {
+        self.opt().state_names()
+    }
+
+    /// Creates the state a first step over tensors of lengths `lens` creates (zeroed, every
+    /// tensor at step 0) without stepping; kept as it is if it exists for this layout.
+    fn init_state(&mut self, lens: Vec<usize>) -> PyResult<()> {
+        self.opt().init_state(&lens).map_err(step_error)
+    }
+
+    /// Sets each tensor's step count (the engine's `steps` becomes the largest).
+    fn set_tensor_steps(&mut self, steps: Vec<u64>) -> PyResult<()> {
+        self.opt().set_tensor_steps(&steps).map_err(step_error)
+    }
+
+    /// Tensor `tensor`'s slice of state buffer `name`, as a writable 1-D float32 array that
+    /// views the engine's memory (no copy): later steps change it, and writing it changes the
+    /// state. The array keeps the engine alive; while one is alive, `reset` and `load_state`
+    /// are refused.
+    fn state_array<'py>(
+        slf: &Bound<'py, Self>,
+        name: &str,
+        tensor: usize,
+    ) -> PyResult<Bound<'py, PyArray1<f32>>> {
+        let py = slf.py();
+        let mut this = slf.borrow_mut();
+        let (ptr, len) = match this.opt().tensor_state_mut(name, tensor) {
+            Some(values) => (values.as_mut_ptr(), values.len()),
+            None => {
+                let held = this.opt().state_names();
+                return Err(PyValueError::new_err(format!(
+                    "no state buffer {name:?} for tensor {tensor} (buffers held: {held:?}, \
+                     tensors: {})",
+                    this.opt().layout().map_or(0, <[usize]>::len)
+                )));
+            }
+        };
+        let live = this.owner.as_ref().and_then(|w| w.bind(py).upgrade());
+        let owner = match live {
+            Some(owner) => owner,
+            None => {
+                let owner = Bound::new(
+                    py,
+                    StateOwner {
+                        _engine: slf.clone().unbind(),
+                    },
+                )?
+                .into_any();
+                this.owner = Some(PyWeakrefReference::new(&owner)?.unbind());
+                owner
+            }
+        };
+        // SAFETY: `ptr` and `len` are tensor `tensor`'s slice of a state buffer, live memory the
+        // engine owns; buffers are freed only by `reset` and `load_state` (refused while the
+        // owner is alive) or with the engine, which the owner keeps alive, so the memory
+        // outlives the array whose base the owner becomes.
+        let view = unsafe { ArrayView1::from_shape_ptr(len, ptr.cast_const()) };
+        // SAFETY: as above: the memory stays allocated as long as `owner`, the array's base.
+        Ok(unsafe { PyArray1::borrow_from_array(&view, owner) })
     }
 
     /// One step over numpy arrays: `weights[i]` (C-contiguous, writable float32) is updated in
@@ -666,6 +765,7 @@ fn borrow_error(e: BorrowError, label: &str) -> PyErr {
 fn _engine(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_class::<Engine>()?;
+    m.add_class::<StateOwner>()?;
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(simd_level, m)?)?;

@@ -294,3 +294,33 @@ def test_results_do_not_depend_on_threads():
     finally:
         fusedopt.set_num_threads(old)
     assert all(np.array_equal(results[0], r) for r in results[1:])
+
+
+def test_engine_state_arrays_view_the_state_and_keep_it_alive():
+    from fusedopt._engine import Engine
+
+    engine = Engine("adam:lr=0.1")
+    assert engine.state_names == []
+    with pytest.raises(ValueError, match="no state buffer"):
+        engine.state_array("m", 0)
+    w, g = np.ones(5, np.float32), np.full(5, 0.5, np.float32)
+    engine.step_arrays([w], [g], [("w", "g")])
+    assert engine.state_names == ["m", "v"]
+    m = engine.state_array("m", 0)
+    assert m.dtype == np.float32 and m.shape == (5,) and m.flags.writeable
+    np.testing.assert_allclose(m, 0.05, rtol=1e-6)
+    engine.step_arrays([w], [g], [("w", "g")])
+    np.testing.assert_allclose(m, 0.095, rtol=1e-6)  # a view: the live state
+    with pytest.raises(RuntimeError, match="state_array"):
+        engine.reset()  # would free the memory m views
+    del engine  # m keeps the engine alive
+    np.testing.assert_allclose(m, 0.095, rtol=1e-6)
+    fresh = Engine("adam")
+    fresh.init_state([2, 3])
+    assert fresh.layout == [2, 3] and fresh.tensor_steps == [0, 0]
+    fresh.set_tensor_steps([4, 5])
+    assert fresh.steps == 5
+    arr = fresh.state_array("v", 1)
+    del arr
+    fresh.reset()  # no view left
+    assert fresh.layout is None

@@ -239,16 +239,21 @@ def test_bad_parameters_raise():
     assert torch.equal(p.data, torch.ones(4))
 
 
-def test_add_param_group_before_the_first_step_only():
+def test_add_param_group_refused_after_steps_changes_nothing():
     model = mlp()
     params = list(model.parameters())
     opt = ft.Adam(params[:2], lr=0.01)
-    opt.add_param_group({"params": params[2:], "lr": 0.001})
-    ours, _, _ = train(ft.Adam, dict(lr=0.01), steps=1)
+    opt.add_param_group({"params": params[2:4], "lr": 0.001})  # before the first step
     ((model(X) - Y) ** 2).mean().backward()
     opt.step()
-    with pytest.raises(ValueError, match="add_param_group"):
-        opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(2))]})
+    steps = opt.tensor_steps
+    with pytest.raises(TypeError, match="float64"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(2, dtype=torch.float64))]})
+    with pytest.raises(ValueError, match="betas differs"):
+        opt.add_param_group({"params": params[4:], "betas": (0.5, 0.5)})
+    assert len(opt.param_groups) == 2 and opt.tensor_steps == steps
+    opt.add_param_group({"params": params[4:]})  # after the first step: state kept
+    assert opt.tensor_steps == steps + [0, 0]
 
 
 def test_results_do_not_depend_on_threads():
