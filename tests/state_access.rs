@@ -51,9 +51,9 @@ fn state_copied_into_a_fresh_optimizer_continues_bitwise() {
         second.init_state(&LENS).unwrap();
         assert_eq!(second.state_names(), first.state_names(), "{config}");
         for name in first.state_names() {
-            for t in 0..LENS.len() {
+            for (t, &len) in LENS.iter().enumerate() {
                 let values = first.tensor_state(name, t).unwrap().to_vec();
-                assert_eq!(values.len(), LENS[t]);
+                assert_eq!(values.len(), len);
                 second
                     .tensor_state_mut(name, t)
                     .unwrap()
