@@ -55,6 +55,7 @@ use std::path::Path;
 /// #   fn step_feed(&mut self, _: &dyn TensorFeed) -> Result<StepReport, StepError> { todo!() }
 /// #   fn state_buffers(&self) -> usize { 0 }
 /// #   fn state_names(&self) -> Vec<&'static str> { Vec::new() }
+/// #   fn state_bytes(&self) -> usize { 0 }
 /// #   fn tensor_state(&self, _: &str, _: usize) -> Option<&[f32]> { None }
 /// #   fn tensor_state_mut(&mut self, _: &str, _: usize) -> Option<&mut [f32]> { None }
 /// #   fn init_state(&mut self, _: &[usize]) -> Result<(), StepError> { Ok(()) }
@@ -247,6 +248,19 @@ pub trait Optimizer: sealed::Sealed + Send {
     /// # Ok::<(), fusedopt::StepError>(())
     /// ```
     fn state_names(&self) -> Vec<&'static str>;
+
+    /// The bytes of memory the state buffers hold (every buffer, padding included); 0 before
+    /// the first step.
+    ///
+    /// ```
+    /// use fusedopt::{Adam, AdamConfig, Optimizer};
+    /// let mut opt = Adam::new(AdamConfig::default());
+    /// assert_eq!(opt.state_bytes(), 0);
+    /// opt.step(&mut [0.0; 1024], &[1.0; 1024])?;
+    /// assert_eq!(opt.state_bytes(), 2 * 1024 * 4); // m and v
+    /// # Ok::<(), fusedopt::StepError>(())
+    /// ```
+    fn state_bytes(&self) -> usize;
 
     /// Tensor `tensor`'s values in the state buffer called `buffer` (see
     /// [`state_names`](Optimizer::state_names)), or `None` if the optimizer holds no such
@@ -694,6 +708,10 @@ impl<R: Rule> Optimizer for Fused<R> {
     fn state_names(&self) -> Vec<&'static str> {
         let held = self.engine.state().buffers.len().min(R::BUFFERS.len());
         R::BUFFERS[..held].iter().map(|b| b.name).collect()
+    }
+    fn state_bytes(&self) -> usize {
+        let buffers = &self.engine.state().buffers;
+        buffers.iter().map(|b| b.len() * size_of::<f32>()).sum()
     }
     fn tensor_state(&self, buffer: &str, tensor: usize) -> Option<&[f32]> {
         let b = R::BUFFERS.iter().position(|b| b.name == buffer)?;

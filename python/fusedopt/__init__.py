@@ -18,8 +18,10 @@ Two ways in:
 * ``fusedopt.torch``: ``SGD``, ``Adagrad``, ``RMSprop``, ``Adam`` and ``AdamW``, drop-ins for
   ``torch.optim`` on CPU float32 tensors (imports torch; this module does not).
 
-Threads: every step uses ``get_num_threads()`` threads (all cores unless ``set_num_threads``
-says otherwise) and releases the GIL.
+Threads: every step uses ``get_num_threads()`` threads and releases the GIL. The default is
+every core, shared out among the processes of a machine when ``LOCAL_WORLD_SIZE`` says how
+many there are (``torchrun`` sets it): each of N ranks gets cores/N. ``set_num_threads``
+overrides it.
 """
 
 from ._engine import __version__, get_num_threads, set_num_threads, simd_level

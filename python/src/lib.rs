@@ -24,11 +24,21 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 /// The thread count every engine steps with; 0 until `set_num_threads` is called (all cores).
 static THREADS: AtomicUsize = AtomicUsize::new(0);
 
-/// The number of threads steps use: `set_num_threads`'s value, or every core.
+/// The number of threads steps use: `set_num_threads`'s value; by default the cores shared
+/// among the processes of this machine when a launcher says how many there are
+/// (`LOCAL_WORLD_SIZE`, set by `torchrun`), else every core.
 #[pyfunction]
 fn get_num_threads() -> usize {
     match THREADS.load(Ordering::Relaxed) {
-        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        0 => {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let ranks = std::env::var("LOCAL_WORLD_SIZE")
+                .ok()
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .filter(|&n| n > 0)
+                .unwrap_or(1);
+            (cores / ranks).max(1)
+        }
         n => n,
     }
 }
@@ -450,6 +460,12 @@ impl Engine {
     #[getter]
     fn state_names(&mut self) -> Vec<&'static str> {
         self.opt().state_names()
+    }
+
+    /// The bytes of memory the state buffers hold (padding included); 0 before the first step.
+    #[getter]
+    fn state_bytes(&mut self) -> usize {
+        self.opt().state_bytes()
     }
 
     /// Creates the state a first step over tensors of lengths `lens` creates (zeroed, every
