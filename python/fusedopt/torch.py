@@ -80,10 +80,10 @@ class _EngineState(MutableMapping):
         self._opt = optimizer
 
     def _index(self, p: Any) -> int:
-        for i, q in enumerate(self._opt._param_list()):
-            if q is p:
-                return i
-        raise KeyError(p)
+        i = self._opt._index_of().get(id(p))
+        if i is None:
+            raise KeyError(p)
+        return i
 
     def __getitem__(self, p: torch.Tensor) -> dict[str, Any]:
         i = self._index(p)
@@ -92,13 +92,29 @@ class _EngineState(MutableMapping):
             raise KeyError(p)
         return state
 
+    def items(self) -> list[tuple[torch.Tensor, dict[str, Any]]]:  # type: ignore[override]
+        """Every parameter with state and its state, built in one pass."""
+        opt = self._opt
+        engine = opt._engine
+        steps = [] if engine is None else engine.tensor_steps
+        held = [] if engine is None else engine.state_names
+        out = []
+        for i, p in enumerate(opt._param_list()):
+            state = opt._param_state(i, p, steps, held)
+            if state is not None:
+                out.append((p, state))
+        return out
+
+    def values(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        return [state for _, state in self.items()]
+
     def __iter__(self) -> Iterator[torch.Tensor]:
         opt = self._opt
         params = opt._param_list()
         engine = opt._engine
         if opt._eager_state:
             return iter(params)
-        if engine is None or engine.layout is None or not opt._state_keys(opt.param_groups[0]):
+        if engine is None or not opt._state_keys(opt.param_groups[0]):
             return iter(())
         steps = engine.tensor_steps
         return iter([p for p, s in zip(params, steps) if s > 0])
@@ -141,6 +157,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
             self._bind()  # the views exist before the first backward, which fills them
 
     def _reset_cache(self) -> None:
+        self._state_cache: Optional[tuple[Any, list[str], list[Optional[dict[str, Any]]]]] = None
         self._params: Optional[list[torch.Tensor]] = None
         self._group_of: list[int] = []
         self._weight_ptrs: list[int] = []
@@ -410,36 +427,69 @@ class _FusedOptimizer(torch.optim.Optimizer):
     def _param_list(self) -> list[torch.Tensor]:
         return [p for g in self.param_groups for p in g["params"]]
 
-    def _param_state(self, i: int, p: torch.Tensor) -> Optional[dict[str, Any]]:
+    def _index_of(self) -> dict[int, int]:
+        """Each parameter's index (by ``id``), cached while the groups' lists stay the same."""
+        key = [(id(g["params"]), len(g["params"])) for g in self.param_groups]
+        cached = getattr(self, "_index_cache", None)
+        if cached is None or cached[0] != key:
+            cached = (key, {id(p): i for i, p in enumerate(self._param_list())})
+            self._index_cache = cached
+        return cached[1]
+
+    def _param_state(
+        self,
+        i: int,
+        p: torch.Tensor,
+        steps: Optional[list[int]] = None,
+        held: Optional[list[str]] = None,
+    ) -> Optional[dict[str, Any]]:
         """Parameter ``i``'s state as torch keeps it, its tensors viewing the engine's buffers;
-        ``None`` when it has none."""
+        ``None`` when it has none. ``steps`` and ``held``: the engine's ``tensor_steps`` (empty
+        before it has state) and ``state_names``, when the caller has them."""
         engine = self._engine
+        if steps is None:
+            steps = [] if engine is None else engine.tensor_steps
         keys = self._state_keys(self.param_groups[0])
-        if engine is None or engine.layout is None:
+        if engine is None or not steps:
             if not self._eager_state:
                 return None
             state: dict[str, Any] = {"step": torch.tensor(0.0)}
             state.update((key, torch.zeros_like(p)) for key, _ in keys)
             return state
-        step = engine.tensor_steps[i]
+        step = steps[i]
         if step == 0 and not self._eager_state:
             return None
+        held = engine.state_names if held is None else held
+        # The dicts are kept, as torch keeps its state dicts: later calls give the same views
+        # and update the same step tensor.
+        cache = self._state_cache
+        if cache is None or cache[0] is not engine or cache[1] != held or len(cache[2]) != len(steps):
+            cache = (engine, list(held), [None] * len(steps))
+            self._state_cache = cache
+        state = cache[2][i]
+        if state is not None:
+            if self._keeps_step:
+                state["step"].fill_(float(step))
+            return state
         state = {"step": torch.tensor(float(step))} if self._keeps_step else {}
-        held = engine.state_names
+        complete = True
         for key, buffer in keys:
             if buffer in held:
                 state[key] = torch.from_numpy(engine.state_array(buffer, i)).view(p.shape)
             else:  # a buffer the engine creates at its next step (AMSGrad turned on)
                 state[key] = torch.zeros_like(p)
-        return state or None
+                complete = False
+        if not state:
+            return None
+        if complete:
+            cache[2][i] = state
+        return state
 
     def _collect_state(self) -> dict[int, tuple[int, dict[str, torch.Tensor]]]:
         """Every parameter's state, by index: (step, {engine buffer: tensor})."""
         out = {}
-        for i, p in enumerate(self._param_list()):
-            state = self._param_state(i, p)
-            if state is None:
-                continue
+        for p, state in self.state.items():
+            i = self._index_of()[id(p)]
             step = int(state.get("step", 1))
             buffers = {b: state[k] for k, b in self._state_keys(self.param_groups[0])}
             out[i] = (step, buffers)
