@@ -166,7 +166,7 @@ pub use optimizer::Optimizer;
 pub use plan::DEFAULT_CHUNK_LEN;
 pub use simd::{SimdLevel, simd_level};
 pub use tuning::{TUNING_ENV, Tuning, TuningError};
-pub use types::{Backend, NonFinite, ParamGroup, StepError, StepReport};
+pub use types::{Backend, NonFinite, ParamGroup, StateFormat, StepError, StepReport};
 
 /// The README's code blocks, compiled and run as doctests.
 #[cfg(doctest)]

@@ -5,7 +5,7 @@
 use crate::checkpoint::{self, StateError};
 use crate::engine::{Lists, Pairs, PartialLists, TensorFeed, TensorSource};
 use crate::optim::{Fused, Rule};
-use crate::types::{Backend, NonFinite, ParamGroup, StepError, StepReport};
+use crate::types::{Backend, NonFinite, ParamGroup, StateFormat, StepError, StepReport};
 use core::any::Any;
 use std::path::Path;
 
@@ -56,6 +56,8 @@ use std::path::Path;
 /// #   fn state_buffers(&self) -> usize { 0 }
 /// #   fn state_names(&self) -> Vec<&'static str> { Vec::new() }
 /// #   fn state_bytes(&self) -> usize { 0 }
+/// #   fn set_state_format(&mut self, _: StateFormat) -> Result<(), StepError> { Ok(()) }
+/// #   fn state_format(&self) -> StateFormat { StateFormat::F32 }
 /// #   fn tensor_state(&self, _: &str, _: usize) -> Option<&[f32]> { None }
 /// #   fn tensor_state_mut(&mut self, _: &str, _: usize) -> Option<&mut [f32]> { None }
 /// #   fn init_state(&mut self, _: &[usize]) -> Result<(), StepError> { Ok(()) }
@@ -261,6 +263,38 @@ pub trait Optimizer: sealed::Sealed + Send {
     /// # Ok::<(), fusedopt::StepError>(())
     /// ```
     fn state_bytes(&self) -> usize;
+
+    /// Chooses the format of the state buffers, before the first step (or after
+    /// [`reset`](Optimizer::reset)): [`StateFormat::F32`] (the default), [`StateFormat::Bf16`]
+    /// (half the state memory and bytes moved) or [`StateFormat::Q8`] (a quarter). The update
+    /// arithmetic is `f32` in every format; results stay bitwise identical across tiers,
+    /// threads and chunk lengths. [`tensor_state`](Optimizer::tensor_state) reads `f32` state
+    /// only.
+    ///
+    /// ```
+    /// use fusedopt::{Adam, AdamConfig, Optimizer, StateFormat};
+    /// let mut opt = Adam::new(AdamConfig::default());
+    /// opt.set_state_format(StateFormat::Q8)?;
+    /// let (mut w, g) = (vec![1.0f32; 1024], vec![0.5f32; 1024]);
+    /// opt.step(&mut w, &g)?;
+    /// assert!(w.iter().all(|&x| (x - 0.999).abs() < 1e-4));
+    /// assert_eq!(opt.state_bytes(), 2 * (1024 + 4 * 4)); // a byte per element, a scale per 256
+    /// assert!(opt.set_state_format(StateFormat::F32).is_err()); // it holds 8-bit state
+    /// # Ok::<(), fusedopt::StepError>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`StepError::StateFormat`] if the optimizer holds state in another format; nothing
+    /// changes.
+    fn set_state_format(&mut self, format: StateFormat) -> Result<(), StepError>;
+
+    /// The format new state is created in ([`set_state_format`](Optimizer::set_state_format)).
+    ///
+    /// ```
+    /// use fusedopt::{Optimizer, Sgd, SgdConfig, StateFormat};
+    /// assert_eq!(Sgd::new(SgdConfig::default()).state_format(), StateFormat::F32);
+    /// ```
+    fn state_format(&self) -> StateFormat;
 
     /// Tensor `tensor`'s values in the state buffer called `buffer` (see
     /// [`state_names`](Optimizer::state_names)), or `None` if the optimizer holds no such
@@ -712,6 +746,12 @@ impl<R: Rule> Optimizer for Fused<R> {
     fn state_bytes(&self) -> usize {
         let buffers = &self.engine.state().buffers;
         buffers.iter().map(|b| b.len() * size_of::<f32>()).sum()
+    }
+    fn set_state_format(&mut self, format: StateFormat) -> Result<(), StepError> {
+        self.engine.set_state_format(format)
+    }
+    fn state_format(&self) -> StateFormat {
+        self.engine.settings.state_format
     }
     fn tensor_state(&self, buffer: &str, tensor: usize) -> Option<&[f32]> {
         let b = R::BUFFERS.iter().position(|b| b.name == buffer)?;

@@ -29,25 +29,39 @@ fn same_lens(lens: &[usize], other: impl ExactSizeIterator<Item = usize>) -> boo
 pub(crate) struct Layout {
     lens: Vec<usize>,
     offsets: Vec<usize>,
-    /// Length of every state buffer (sum of lengths, each rounded up to [`LINE`]).
+    /// Length of every state buffer (sum of lengths, each rounded up to `unit`).
     total: usize,
+    /// What every slice starts on, in elements: [`LINE`], or a block of 8-bit state.
+    unit: usize,
 }
 
 impl Layout {
     /// The layout of tensors of lengths `lens`, each slice starting on a cache line; `None` if
     /// the buffers could not be addressed (more than `isize::MAX` bytes).
     pub(crate) fn new(lens: Vec<usize>) -> Option<Layout> {
+        Layout::aligned(lens, LINE)
+    }
+
+    /// The same, each slice starting on a multiple of `unit` elements (a multiple of [`LINE`]).
+    pub(crate) fn aligned(lens: Vec<usize>, unit: usize) -> Option<Layout> {
+        debug_assert!(unit > 0 && unit.is_multiple_of(LINE));
         let mut offsets = Vec::with_capacity(lens.len());
         let mut total = 0usize;
         for &len in &lens {
             offsets.push(total);
-            total = total.checked_add(len.checked_next_multiple_of(LINE)?)?;
+            total = total.checked_add(len.checked_next_multiple_of(unit)?)?;
         }
         (total <= isize::MAX as usize / size_of::<f32>()).then_some(Layout {
             lens,
             offsets,
             total,
+            unit,
         })
+    }
+
+    /// What every slice starts on, in elements.
+    pub(crate) fn unit(&self) -> usize {
+        self.unit
     }
 
     /// The tensor lengths.
@@ -100,8 +114,15 @@ const SEGMENT_COST: usize = 64;
 impl Plan {
     /// Cuts tensors of lengths `lens` into tasks of about `chunk_len` elements (a multiple of
     /// [`LINE`]): small tensors are packed together, large ones split on [`LINE`] boundaries.
+    #[cfg(test)]
     pub(crate) fn new(lens: &[usize], chunk_len: usize) -> Plan {
-        debug_assert!(chunk_len > 0 && chunk_len.is_multiple_of(LINE));
+        Plan::cut(lens, chunk_len, LINE)
+    }
+
+    /// The same, cutting inside a tensor only at multiples of `unit` elements (a multiple of
+    /// [`LINE`] that divides `chunk_len`).
+    pub(crate) fn cut(lens: &[usize], chunk_len: usize, unit: usize) -> Plan {
+        debug_assert!(chunk_len > 0 && chunk_len.is_multiple_of(unit) && unit.is_multiple_of(LINE));
         let mut segments = Vec::new();
         let mut bounds = vec![0];
         let mut room = chunk_len;
@@ -112,12 +133,12 @@ impl Plan {
                 let open = segments.len() - bounds.last().expect("starts with 0");
                 let take = if open == 0 {
                     // An empty task takes a whole chunk, or the rest of the tensor. `chunk_len` is
-                    // a multiple of LINE, so cuts inside a tensor stay on LINE boundaries.
+                    // a multiple of `unit`, so cuts inside a tensor stay on `unit` boundaries.
                     left.min(chunk_len)
                 } else if left + SEGMENT_COST <= room {
                     left
                 } else {
-                    room.saturating_sub(SEGMENT_COST) / LINE * LINE
+                    room.saturating_sub(SEGMENT_COST) / unit * unit
                 };
                 if take == 0 {
                     // Not enough room left for a useful piece: close the task.
@@ -321,6 +342,21 @@ mod tests {
         for s in &plan.segments {
             assert_eq!(s.start % LINE, 0);
         }
+    }
+
+    #[test]
+    fn block_plans_cut_tensors_on_blocks() {
+        let lens = [1000, 3, 70_000, 256, 257];
+        for chunk in [256, 512, 4096, DEFAULT_CHUNK_LEN] {
+            let plan = Plan::cut(&lens, chunk, 256);
+            covered(&plan, &lens);
+            assert!(plan.segments.iter().all(|s| s.start % 256 == 0));
+        }
+        let l = Layout::aligned(vec![3, 0, 300], 256).unwrap();
+        assert_eq!(
+            (l.offsets(), l.total(), l.unit()),
+            (&[0, 256, 256][..], 768, 256)
+        );
     }
 
     #[test]

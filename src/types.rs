@@ -103,6 +103,75 @@ impl Default for ParamGroup {
     }
 }
 
+/// How an optimizer stores its state buffers (momentum, moments, sums of squares). Chosen before
+/// the first step ([`set_state_format`](crate::Optimizer::set_state_format)); the arithmetic is
+/// `f32` in every format, only the stored values differ.
+///
+/// | format | bytes per state element | rounding |
+/// |---|---|---|
+/// | [`F32`](StateFormat::F32) | 4 | none |
+/// | [`Bf16`](StateFormat::Bf16) | 2 | stochastic, driven by a hash of (step, buffer, element) |
+/// | [`Q8`](StateFormat::Q8) | 1 + 4/256 | to the nearest code of a block-wise 8-bit map |
+///
+/// Results stay bitwise identical across tiers, thread counts and chunk lengths in every
+/// format.
+///
+/// ```
+/// use fusedopt::StateFormat;
+/// assert_eq!("q8".parse::<StateFormat>(), Ok(StateFormat::Q8));
+/// assert_eq!(StateFormat::Bf16.to_string(), "bf16");
+/// assert_eq!(StateFormat::default(), StateFormat::F32);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum StateFormat {
+    /// Single precision, as the parameters.
+    #[default]
+    F32,
+    /// bfloat16 (8 significant bits) with stochastic rounding: round-to-nearest would freeze
+    /// slowly changing state such as Adam's second moment.
+    Bf16,
+    /// 8-bit block-wise quantization (Dettmers et al., 2022): blocks of 256 elements, each with
+    /// an `f32` absmax scale; a signed non-linear map for first moments and momentum, an unsigned
+    /// one for second moments and sums of squares. A block holding a NaN or an infinity becomes
+    /// all NaN.
+    Q8,
+}
+
+impl StateFormat {
+    /// Every format.
+    pub const ALL: [StateFormat; 3] = [StateFormat::F32, StateFormat::Bf16, StateFormat::Q8];
+
+    /// Its name: `"f32"`, `"bf16"` or `"q8"`.
+    ///
+    /// ```
+    /// assert_eq!(fusedopt::StateFormat::Q8.name(), "q8");
+    /// ```
+    pub fn name(self) -> &'static str {
+        match self {
+            StateFormat::F32 => "f32",
+            StateFormat::Bf16 => "bf16",
+            StateFormat::Q8 => "q8",
+        }
+    }
+}
+
+impl fmt::Display for StateFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl core::str::FromStr for StateFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        StateFormat::ALL
+            .into_iter()
+            .find(|f| f.name() == s.trim())
+            .ok_or_else(|| format!("unknown state format {s:?}, expected f32, bf16 or q8"))
+    }
+}
+
 /// Why a step was refused. A refused step modifies neither the weights nor the optimizer state.
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
@@ -218,6 +287,14 @@ pub enum StepError {
         /// The configuration's.
         config: &'static str,
     },
+    /// [`set_state_format`](crate::Optimizer::set_state_format) was asked for another format
+    /// than the one the optimizer's state is held in.
+    StateFormat {
+        /// The format of the state held.
+        held: StateFormat,
+        /// The format asked for.
+        requested: StateFormat,
+    },
     /// The optimizer state could not be allocated.
     OutOfMemory {
         /// Number of `f32` elements of the buffer that failed.
@@ -299,6 +376,11 @@ impl fmt::Display for StepError {
                 f,
                 "a {config} configuration cannot be set on a {optimizer} optimizer"
             ),
+            StepError::StateFormat { held, requested } => write!(
+                f,
+                "the optimizer state is held in {held}; it cannot become {requested} (choose \
+                 the format before the first step, or reset)"
+            ),
             StepError::OutOfMemory { elements } => {
                 write!(
                     f,
@@ -352,6 +434,8 @@ pub(crate) struct Settings {
     pub non_finite: NonFinite,
     /// Threads of the optimizer's own pool; 0 runs steps on the caller's rayon pool.
     pub threads: usize,
+    /// The format new state is created in.
+    pub state_format: StateFormat,
 }
 
 impl Default for Settings {
@@ -363,6 +447,7 @@ impl Default for Settings {
             max_grad_norm: None,
             non_finite: NonFinite::Propagate,
             threads: 0,
+            state_format: StateFormat::F32,
         }
     }
 }

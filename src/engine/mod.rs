@@ -46,9 +46,9 @@ pub use tensors::{FeedError, TensorFeed};
 pub(crate) use tensors::{Lists, Pairs, PartialLists, TensorList, TensorRef, TensorSource};
 
 use crate::plan::{FeedPlan, Layout, Plan, effective_chunk_len};
-use crate::simd::{self, GradPrep, Kernel, Span, Tier};
+use crate::simd::{self, BLOCK, CompactState, GradPrep, Kernel, Map, Span, Tier};
 use crate::tuning;
-use crate::types::{ParamGroup, Settings, StepError, StepReport};
+use crate::types::{ParamGroup, Settings, StateFormat, StepError, StepReport};
 use groups::{GroupKernels, Groups, KernelClasses, Kernels, StepNumbers};
 use hygiene::{GradCheck, GradScale, NormPass};
 use par::Par;
@@ -78,6 +78,8 @@ pub struct Engine {
     captured: Vec<TensorRef>,
     /// What the gradient phase of a fed step learnt of each tensor.
     fed: Vec<Fed>,
+    /// Each state buffer's map in 8-bit format (signed or not), in the rule's order.
+    maps: Vec<Map>,
 }
 
 /// One tensor of a fed step.
@@ -92,8 +94,9 @@ struct Fed {
 }
 
 impl Engine {
-    /// An engine for the optimizer called `name`, with default settings and no state.
-    pub(crate) fn new(name: &'static str) -> Self {
+    /// An engine for the optimizer called `name`, with default settings and no state; `signed`
+    /// says of each state buffer of the rule whether its values take both signs.
+    pub(crate) fn new(name: &'static str, signed: Vec<bool>) -> Self {
         Engine {
             name,
             settings: Settings::default(),
@@ -107,15 +110,40 @@ impl Engine {
             classes: KernelClasses::default(),
             captured: Vec::new(),
             fed: Vec::new(),
+            maps: signed
+                .into_iter()
+                .map(|s| if s { Map::Signed } else { Map::Unsigned })
+                .collect(),
         }
     }
 
-    /// The chunk length steps use: the one set, or the (tuned) default.
+    /// The chunk length steps use: the one set, or the (tuned) default; for 8-bit state,
+    /// rounded up to whole blocks.
     pub(crate) fn chunk_len(&self) -> usize {
-        match self.settings.chunk_len {
+        let len = match self.settings.chunk_len {
             0 => tuning::default_chunk_len(self.name),
             n => n,
+        };
+        let unit = state::unit(self.settings.state_format);
+        len.checked_next_multiple_of(unit)
+            .unwrap_or(len / unit * unit)
+    }
+
+    /// Sets the format new state is created in.
+    ///
+    /// # Errors
+    /// [`StepError::StateFormat`] if the optimizer holds state in another format.
+    pub(crate) fn set_state_format(&mut self, format: StateFormat) -> Result<(), StepError> {
+        if !self.state.buffers.is_empty() && self.state.format != format {
+            return Err(StepError::StateFormat {
+                held: self.state.format,
+                requested: format,
+            });
         }
+        self.settings.state_format = format;
+        self.plan = None;
+        self.feed_plan = None;
+        Ok(())
     }
 
     /// `0` selects the (tuned) default; other values are rounded up to a multiple of 16.
@@ -241,7 +269,8 @@ impl Engine {
             let tensors = lens.len();
             return Err(StepError::GroupCount { groups, tensors });
         }
-        if prepare_state(&mut self.state, lens.iter().copied(), buffers)? {
+        let format = self.settings.state_format;
+        if prepare_state(&mut self.state, lens.iter().copied(), buffers, format)? {
             self.plan = None;
             self.feed_plan = None;
         }
@@ -271,6 +300,9 @@ impl Engine {
     /// Tensor `t`'s slice of state buffer `b`, to read and write; `None` if the optimizer holds
     /// no such buffer or tensor.
     pub(crate) fn state_slice_mut(&mut self, b: usize, t: usize) -> Option<&mut [f32]> {
+        if self.state.format != StateFormat::F32 {
+            return None;
+        }
         let range = self
             .state
             .layout
@@ -282,6 +314,9 @@ impl Engine {
 
     /// Tensor `t`'s slice of state buffer `b`; `None` if there is no such buffer or tensor.
     pub(crate) fn state_slice(&self, b: usize, t: usize) -> Option<&[f32]> {
+        if self.state.format != StateFormat::F32 {
+            return None;
+        }
         let range = self
             .state
             .layout
@@ -360,17 +395,19 @@ impl Engine {
             GradCheck::Apply { scale, grad_norm } => (scale, grad_norm),
             GradCheck::Skip { grad_norm } => return Ok(skipped(&self.state, grad_norm)),
         };
-        if prepare_state(&mut self.state, tensors.lens(), N)? {
+        let format = self.settings.state_format;
+        if prepare_state(&mut self.state, tensors.lens(), N, format)? {
             self.plan = None;
             self.feed_plan = None;
         }
+        let compact = CompactRun::new(&mut self.state, &self.maps);
         let layout = self.state.layout.as_ref().expect("prepared");
         if self
             .plan
             .as_ref()
             .is_none_or(|p| p.chunk_len() != chunk_len)
         {
-            self.plan = Some(Plan::new(layout.lens(), chunk_len));
+            self.plan = Some(Plan::cut(layout.lens(), chunk_len, layout.unit()));
         }
         let run = Run {
             tier,
@@ -378,6 +415,7 @@ impl Engine {
             kernels,
             state: StatePtrs::new(&mut self.state.buffers),
             offsets: layout.offsets(),
+            compact,
         };
         let plan = self.plan.as_ref().expect("prepared");
         let refs = tensors.refs();
@@ -491,15 +529,18 @@ impl Engine {
             GradCheck::Apply { scale, grad_norm } => (scale, grad_norm),
             GradCheck::Skip { grad_norm } => return Ok(skipped(&self.state, grad_norm)),
         };
-        if prepare_state(&mut self.state, fed.iter().map(|f| f.len), N)? {
+        let format = self.settings.state_format;
+        if prepare_state(&mut self.state, fed.iter().map(|f| f.len), N, format)? {
             self.plan = None;
         }
+        let compact = CompactRun::new(&mut self.state, &self.maps);
         let run = Run {
             tier,
             scale,
             kernels,
             state: StatePtrs::new(&mut self.state.buffers),
             offsets: self.state.layout.as_ref().expect("prepared").offsets(),
+            compact,
         };
 
         // The update phase: after an error, the tensors not yet started are left alone.
@@ -713,15 +754,23 @@ fn prepare_state(
     state: &mut State,
     lens: impl ExactSizeIterator<Item = usize> + Clone,
     buffers: usize,
+    format: StateFormat,
 ) -> Result<bool, StepError> {
+    // Buffers held keep their format (`set_state_format` refuses another).
+    let format = if state.buffers.is_empty() {
+        format
+    } else {
+        state.format
+    };
+    let unit = state::unit(format);
     let new_layout = !state
         .layout
         .as_ref()
-        .is_some_and(|l| l.matches(lens.clone()));
+        .is_some_and(|l| l.matches(lens.clone()) && l.unit() == unit);
     if new_layout {
         // First step, or a stateless optimizer seeing another layout: every tensor starts from
         // the steps taken so far.
-        let layout = Layout::new(lens.collect()).ok_or(StepError::OutOfMemory {
+        let layout = Layout::aligned(lens.collect(), unit).ok_or(StepError::OutOfMemory {
             elements: usize::MAX,
         })?;
         state.tensor_steps = vec![state.steps; layout.lens().len()];
@@ -730,10 +779,12 @@ fn prepare_state(
     let layout = state.layout.as_ref().expect("set above");
     if state.buffers.len() < buffers {
         // All or nothing: the state changes only once every new buffer is allocated.
+        let words = state::words(format, layout.total());
         let fresh = (state.buffers.len()..buffers)
-            .map(|_| state::zeroed_buffer(layout.total()))
+            .map(|_| state::zeroed_buffer(words))
             .collect::<Result<Vec<_>, _>>()?;
         state.buffers.extend(fresh);
+        state.format = format;
     }
     Ok(new_layout)
 }
@@ -772,6 +823,8 @@ struct Run<'a, K, const N: usize> {
     state: StatePtrs<N>,
     /// Where each tensor's slice starts in every state buffer.
     offsets: &'a [usize],
+    /// Where compact state lives, when the state is not `f32`.
+    compact: Option<CompactRun<N>>,
 }
 
 impl<K: Kernel<N>, const N: usize> Run<'_, K, N> {
@@ -790,18 +843,89 @@ impl<K: Kernel<N>, const N: usize> Run<'_, K, N> {
             wd: *wd,
         };
         let at = self.offsets[tensor] + start;
-        // SAFETY: the caller's contract; the state pointers are offset to the tensor's slice.
+        // SAFETY: the caller's contract; the state pointers are offset to the tensor's slice
+        // (of `f32` state; compact state is reached through `compact`, at the same element).
         unsafe {
+            let compact = self.compact.map(|c| c.at(at));
             let span = Span {
                 w: t.w.add(start),
                 g: t.g.add(start),
-                s: core::array::from_fn(|j| self.state.0[j].add(at)),
+                s: match compact {
+                    None => core::array::from_fn(|j| self.state.0[j].add(at)),
+                    Some(_) => [core::ptr::null_mut(); N],
+                },
                 len,
             };
-            simd::update_span(self.tier, kernel, prep, span);
+            simd::update_span(self.tier, kernel, prep, span, compact);
         }
     }
 }
+
+/// Compact state of one step: each buffer's memory and map, and the seeds of stochastic
+/// rounding.
+#[derive(Clone, Copy)]
+struct CompactRun<const N: usize> {
+    format: StateFormat,
+    /// Each buffer's memory, as bytes.
+    bases: [*mut u8; N],
+    /// Each buffer's block scales (8-bit state: after the codes).
+    scales: [*mut f32; N],
+    maps: [Map; N],
+    /// Each buffer's seed for this step (bf16 state).
+    seeds: [u32; N],
+}
+
+impl<const N: usize> CompactRun<N> {
+    /// The compact state of `state`'s first `N` buffers (prepared), or `None` for `f32` state.
+    fn new(state: &mut State, maps: &[Map]) -> Option<Self> {
+        if state.format == StateFormat::F32 || N == 0 {
+            return None;
+        }
+        let total = state.layout.as_ref().expect("prepared").total();
+        let step = state.steps + 1;
+        let mut it = state.buffers.iter_mut();
+        let bases: [*mut u8; N] =
+            core::array::from_fn(|_| it.next().expect("prepared").as_mut_ptr().cast());
+        Some(CompactRun {
+            format: state.format,
+            bases,
+            // SAFETY (of the pointer arithmetic): an 8-bit buffer holds `total` bytes of codes,
+            // then the scales; for other formats the pointer is not used (`wrapping_add`).
+            scales: bases.map(|b| b.wrapping_add(total).cast()),
+            maps: core::array::from_fn(|j| maps.get(j).copied().unwrap_or(Map::Signed)),
+            seeds: core::array::from_fn(|j| simd::compact::seed(step, j, 0)),
+        })
+    }
+
+    /// The compact state of the span starting at layout element `at` (for 8-bit state, on a
+    /// block boundary).
+    ///
+    /// # Safety
+    /// `at` must lie inside the layout.
+    unsafe fn at(self, at: usize) -> CompactState<N> {
+        // SAFETY: the caller's contract; the buffers hold every layout element in their format.
+        unsafe {
+            match self.format {
+                StateFormat::Q8 => CompactState::Q8 {
+                    codes: self.bases.map(|b| b.add(at)),
+                    scales: self.scales.map(|s| s.add(at / BLOCK)),
+                    maps: self.maps,
+                },
+                _ => CompactState::Bf16 {
+                    s: self.bases.map(|b| b.cast::<u16>().add(at)),
+                    seeds: self.seeds,
+                    index: at as u32,
+                },
+            }
+        }
+    }
+}
+
+// SAFETY: only dereferenced by the tasks of one step, which touch disjoint elements (and, for
+// 8-bit state, disjoint blocks), while the step holds `&mut` of the state buffers.
+unsafe impl<const N: usize> Send for CompactRun<N> {}
+// SAFETY: as above.
+unsafe impl<const N: usize> Sync for CompactRun<N> {}
 
 /// The state buffers' base pointers, shared by the tasks of one step.
 #[derive(Clone, Copy)]

@@ -3,11 +3,33 @@
 //! save and restore.
 
 use crate::plan::Layout;
-use crate::types::StepError;
+use crate::simd::BLOCK;
+use crate::types::{StateFormat, StepError};
 use aligned_vec::{AVec, ConstAlign};
 
-/// One state buffer: every tensor's slice, each starting on a 64-byte boundary.
+/// One state buffer: every tensor's slice, each starting on a 64-byte boundary. In `f32`
+/// format, element `i` of the layout is word `i`; compact formats use the memory as bytes
+/// ([`words`]).
 pub(crate) type StateBuf = AVec<f32, ConstAlign<64>>;
+
+/// The 4-byte words a buffer of `elements` layout elements takes in `format`: `f32` one each,
+/// bf16 half of one, 8-bit a byte each, then one `f32` scale per block of [`BLOCK`] (the layout
+/// of 8-bit state is cut in whole blocks).
+pub(crate) fn words(format: StateFormat, elements: usize) -> usize {
+    match format {
+        StateFormat::Bf16 => elements.div_ceil(2),
+        StateFormat::Q8 => elements.div_ceil(4) + elements.div_ceil(BLOCK),
+        _ => elements,
+    }
+}
+
+/// The layout unit (what every tensor's slice starts on, in elements) of state in `format`.
+pub(crate) fn unit(format: StateFormat) -> usize {
+    match format {
+        StateFormat::Q8 => BLOCK,
+        _ => crate::plan::LINE,
+    }
+}
 
 /// An optimizer's state: step counts, layout and state buffers (momentum, moments, ...).
 #[derive(Debug, Default)]
@@ -18,8 +40,10 @@ pub(crate) struct State {
     pub tensor_steps: Vec<u64>,
     /// The layout, fixed by the first step; `None` before it.
     pub layout: Option<Layout>,
-    /// The state buffers, each `layout.total()` long, padding zeroed.
+    /// The state buffers, each [`words`]`(format, layout.total())` long, padding zeroed.
     pub buffers: Vec<StateBuf>,
+    /// The format of the buffers.
+    pub format: StateFormat,
 }
 
 impl State {
@@ -42,6 +66,7 @@ impl State {
             tensor_steps,
             layout: Some(layout),
             buffers,
+            format: StateFormat::F32,
         })
     }
 
@@ -53,8 +78,9 @@ impl State {
         }
     }
 
-    /// Tensor `t`'s slice of buffer `b`.
+    /// Tensor `t`'s slice of `f32` buffer `b`.
     pub(crate) fn tensor(&self, b: usize, t: usize) -> &[f32] {
+        debug_assert_eq!(self.format, StateFormat::F32);
         let layout = self
             .layout
             .as_ref()
@@ -62,8 +88,9 @@ impl State {
         &self.buffers[b][layout.range(t)]
     }
 
-    /// Tensor `t`'s slice of buffer `b`, to fill.
+    /// Tensor `t`'s slice of `f32` buffer `b`, to fill.
     pub(crate) fn tensor_mut(&mut self, b: usize, t: usize) -> &mut [f32] {
+        debug_assert_eq!(self.format, StateFormat::F32);
         let layout = self
             .layout
             .as_ref()

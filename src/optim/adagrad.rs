@@ -82,7 +82,7 @@ impl Kernel<1> for AdaGradStep {
 
 impl RuleImpl for AdaGradConfig {
     const NAME: &'static str = "adagrad";
-    const BUFFERS: &'static [StateBuffer] = &[StateBuffer::required("h")];
+    const BUFFERS: &'static [StateBuffer] = &[StateBuffer::unsigned("h")];
     config_fields!(lr, eps, weight_decay, maximize);
     fn step<X: StepRunner>(&self, x: X) -> Result<StepReport, StepError> {
         let common = CommonConfig::l2(self.lr, self.weight_decay, self.maximize);

@@ -259,11 +259,12 @@ impl<const HAT: bool> Kernel<3> for AmsGrad<HAT> {
 impl RuleImpl for AdamConfig {
     const NAME: &'static str = "adam";
     const BUFFERS: &'static [StateBuffer] = &[
-        StateBuffer::required("m"),
-        StateBuffer::required("v"),
+        StateBuffer::signed("m"),
+        StateBuffer::unsigned("v"),
         StateBuffer {
             name: "v_max",
             optional: true,
+            signed: false,
         },
     ];
     config_fields!(

@@ -101,14 +101,28 @@ pub struct StateBuffer {
     /// Kept only when a setting asks for it (AMSGrad's running maximum): a state of this rule
     /// may lack it, and it starts from zero when it first appears.
     pub optional: bool,
+    /// Whether its values take both signs (first moments, momentum), which decides the map of
+    /// 8-bit state ([`StateFormat::Q8`](crate::StateFormat::Q8)); non-negative otherwise
+    /// (second moments, sums of squares).
+    pub signed: bool,
 }
 
 impl StateBuffer {
-    /// A buffer every stepped state holds.
-    pub(crate) const fn required(name: &'static str) -> Self {
+    /// A buffer every stepped state holds, of values of both signs.
+    pub(crate) const fn signed(name: &'static str) -> Self {
         StateBuffer {
             name,
             optional: false,
+            signed: true,
+        }
+    }
+
+    /// A buffer every stepped state holds, of non-negative values.
+    pub(crate) const fn unsigned(name: &'static str) -> Self {
+        StateBuffer {
+            name,
+            optional: false,
+            signed: false,
         }
     }
 }
@@ -208,7 +222,7 @@ impl<R: Rule> Fused<R> {
     pub fn new(config: R) -> Self {
         Fused {
             config,
-            engine: Engine::new(R::NAME),
+            engine: Engine::new(R::NAME, R::BUFFERS.iter().map(|b| b.signed).collect()),
         }
     }
 

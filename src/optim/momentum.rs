@@ -180,7 +180,7 @@ impl<const NESTEROV: bool, const BUFFER: bool> Kernel<1> for VelocityStep<NESTER
 
 impl<const NESTEROV: bool> RuleImpl for VelocityConfig<NESTEROV> {
     const NAME: &'static str = if NESTEROV { "nag" } else { "momentum" };
-    const BUFFERS: &'static [StateBuffer] = &[StateBuffer::required("v")];
+    const BUFFERS: &'static [StateBuffer] = &[StateBuffer::signed("v")];
     config_fields!(lr, momentum, weight_decay, maximize, form);
     fn step<X: StepRunner>(&self, x: X) -> Result<StepReport, StepError> {
         let common = CommonConfig::l2(self.lr, self.weight_decay, self.maximize);

@@ -105,7 +105,7 @@ impl Kernel<1> for RmsPropStep {
 
 impl RuleImpl for RmsPropConfig {
     const NAME: &'static str = "rmsprop";
-    const BUFFERS: &'static [StateBuffer] = &[StateBuffer::required("h")];
+    const BUFFERS: &'static [StateBuffer] = &[StateBuffer::unsigned("h")];
     config_fields!(lr, decay_rate, eps, weight_decay, maximize);
     fn step<X: StepRunner>(&self, x: X) -> Result<StepReport, StepError> {
         let common = CommonConfig::l2(self.lr, self.weight_decay, self.maximize);

@@ -16,9 +16,12 @@
 use core::ops::{Add, Div, Mul, Neg, Sub};
 use std::sync::atomic::{AtomicU8, Ordering};
 
+pub(crate) mod compact;
 mod portable;
 #[cfg(target_arch = "x86_64")]
 mod x86_avx2;
+
+pub(crate) use compact::{BLOCK, CompactState, Map};
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) use x86_avx2::Avx2;
@@ -323,6 +326,26 @@ unsafe fn span_loop<K: Kernel<N>, V: Lane, const N: usize>(k: &K, span: Span<N>)
     }
 }
 
+/// The one body every tier instantiates: the span loop over `f32` state, or the block loop over
+/// compact state.
+///
+/// # Safety
+/// The pointer contract of [`span_loop`], or of [`compact::compact_loop`] with `compact`.
+#[inline(always)]
+unsafe fn span_body<K: Kernel<N>, V: Lane, const N: usize>(
+    k: &K,
+    span: Span<N>,
+    compact: Option<CompactState<N>>,
+) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        match compact {
+            None => span_loop::<K, V, N>(k, span),
+            Some(state) => compact::compact_loop::<K, V, N>(k, span, state),
+        }
+    }
+}
+
 /// How a kernel reads its gradients, shared by every optimizer: `g ← g / div` (a loss scale that
 /// is not a power of two), `g ← g·factor` (maximize, a power-of-two loss scale, clipping), then
 /// `g ← g + wd·w` (L2 weight decay).
@@ -367,16 +390,18 @@ impl<K: Kernel<N>, const N: usize, const DIV: bool, const SCALE: bool, const L2:
     }
 }
 
-/// Runs kernel `k` over `span` on `tier`, with gradients read through `prep`.
+/// Runs kernel `k` over `span` on `tier`, with gradients read through `prep`, and the state in
+/// `f32` (`compact` is `None`, the state pointers of `span`) or in a compact format.
 ///
 /// # Safety
-/// The pointer contract of [`span_loop`].
+/// The pointer contract of [`span_loop`], or of [`compact::compact_loop`] with `compact`.
 #[inline]
 pub(crate) unsafe fn update_span<K: Kernel<N>, const N: usize>(
     tier: Tier,
     k: &K,
     prep: GradPrep,
     span: Span<N>,
+    compact: Option<CompactState<N>>,
 ) {
     macro_rules! prepped {
         ($div:literal, $scale:literal, $l2:literal) => {
@@ -384,13 +409,14 @@ pub(crate) unsafe fn update_span<K: Kernel<N>, const N: usize>(
                 tier,
                 &Prepped::<K, $div, $scale, $l2> { kernel: k, prep },
                 span,
+                compact,
             )
         };
     }
     // SAFETY: forwarded from the caller.
     unsafe {
         match (prep.div != 1.0, prep.factor != 1.0, prep.wd != 0.0) {
-            (false, false, false) => update_span_on(tier, k, span),
+            (false, false, false) => update_span_on(tier, k, span, compact),
             (false, true, false) => prepped!(false, true, false),
             (false, false, true) => prepped!(false, false, true),
             (false, true, true) => prepped!(false, true, true),
@@ -405,17 +431,22 @@ pub(crate) unsafe fn update_span<K: Kernel<N>, const N: usize>(
 /// Runs kernel `k` over `span`, instantiating the one body for `tier`.
 ///
 /// # Safety
-/// The pointer contract of [`span_loop`].
+/// The pointer contract of [`span_body`].
 #[inline]
-unsafe fn update_span_on<K: Kernel<N>, const N: usize>(tier: Tier, k: &K, span: Span<N>) {
+unsafe fn update_span_on<K: Kernel<N>, const N: usize>(
+    tier: Tier,
+    k: &K,
+    span: Span<N>,
+    compact: Option<CompactState<N>>,
+) {
     // SAFETY: forwarded from the caller; each arm instantiates the same body for one tier, and
     // the AVX2 arm holds the token that proves the CPU has AVX2.
     unsafe {
         match tier {
-            Tier::Scalar => span_loop::<K, f32, N>(k, span),
-            Tier::Portable => portable::update_span(k, span),
+            Tier::Scalar => span_body::<K, f32, N>(k, span, compact),
+            Tier::Portable => portable::update_span(k, span, compact),
             #[cfg(target_arch = "x86_64")]
-            Tier::Avx2(token) => x86_avx2::update_span(token, k, span),
+            Tier::Avx2(token) => x86_avx2::update_span(token, k, span, compact),
         }
     }
 }

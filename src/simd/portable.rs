@@ -1,6 +1,6 @@
 //! The portable tier: `wide::f32x8`, compiled for whatever target features the build has.
 
-use super::{Kernel, Lane, Span, span_loop};
+use super::{CompactState, Kernel, Lane, Span, span_body};
 use wide::{Select, f32x8};
 
 impl Lane for f32x8 {
@@ -42,8 +42,12 @@ impl Lane for f32x8 {
 /// targets.
 ///
 /// # Safety
-/// The pointer contract of [`span_loop`].
-pub(super) unsafe fn update_span<K: Kernel<N>, const N: usize>(k: &K, span: Span<N>) {
+/// The pointer contract of [`span_body`].
+pub(super) unsafe fn update_span<K: Kernel<N>, const N: usize>(
+    k: &K,
+    span: Span<N>,
+    compact: Option<CompactState<N>>,
+) {
     // SAFETY: forwarded from the caller.
-    unsafe { span_loop::<K, f32x8, N>(k, span) }
+    unsafe { span_body::<K, f32x8, N>(k, span, compact) }
 }

@@ -12,7 +12,7 @@
 //! [`Ymm`] is private to this module and instantiated only inside [`update_span`], so its
 //! arithmetic, which uses AVX2 without a check, never runs without that proof.
 
-use super::{Kernel, Lane, SimdLevel, Span, span_loop, sum_squares_body};
+use super::{CompactState, Kernel, Lane, SimdLevel, Span, span_body, sum_squares_body};
 use core::arch::x86_64::*;
 use core::ops::{Add, Div, Mul, Neg, Sub};
 
@@ -104,19 +104,28 @@ impl Lane for Ymm {
 /// Runs kernel `k` over `span` with AVX2.
 ///
 /// # Safety
-/// The pointer contract of [`span_loop`].
+/// The pointer contract of [`span_body`].
 #[inline]
-pub(super) unsafe fn update_span<K: Kernel<N>, const N: usize>(_: Avx2, k: &K, span: Span<N>) {
+pub(super) unsafe fn update_span<K: Kernel<N>, const N: usize>(
+    _: Avx2,
+    k: &K,
+    span: Span<N>,
+    compact: Option<CompactState<N>>,
+) {
     // SAFETY: the token proves AVX2 and FMA; the pointer contract is forwarded.
-    unsafe { update_span_avx2(k, span) }
+    unsafe { update_span_avx2(k, span, compact) }
 }
 
 /// # Safety
-/// The pointer contract of [`span_loop`], and the CPU must support AVX2 and FMA.
+/// The pointer contract of [`span_body`], and the CPU must support AVX2 and FMA.
 #[target_feature(enable = "avx2,fma")]
-unsafe fn update_span_avx2<K: Kernel<N>, const N: usize>(k: &K, span: Span<N>) {
+unsafe fn update_span_avx2<K: Kernel<N>, const N: usize>(
+    k: &K,
+    span: Span<N>,
+    compact: Option<CompactState<N>>,
+) {
     // SAFETY: forwarded from the caller; AVX2 is enabled for this function's body.
-    unsafe { span_loop::<K, Ymm, N>(k, span) }
+    unsafe { span_body::<K, Ymm, N>(k, span, compact) }
 }
 
 /// [`sum_squares_body`] compiled for AVX2.
