@@ -399,31 +399,25 @@ mod tests {
             h = mix32(h.wrapping_add(0x9E37_79B9));
             f64::from(h) / f64::from(u32::MAX)
         };
-        let mut blocks: Vec<(&str, Vec<f32>)> = vec![];
         // Normal-ish (sum of uniforms), heavy-tailed (Cauchy-like), tiny, and mixed scales.
-        blocks.push((
-            "normal",
-            (0..BLOCK)
-                .map(|_| ((0..4).map(|_| next()).sum::<f64>() - 2.0) as f32)
-                .collect(),
-        ));
-        blocks.push((
-            "heavy",
-            (0..BLOCK)
-                .map(|_| ((next() - 0.5) * std::f64::consts::PI).tan() as f32)
-                .collect(),
-        ));
-        blocks.push((
-            "tiny",
-            (0..BLOCK).map(|_| (next() * 1e-30) as f32).collect(),
-        ));
-        blocks.push((
-            "spread",
-            (0..BLOCK)
-                .map(|i| (10f64.powi(-(i as i32 % 12)) * next()) as f32)
-                .collect(),
-        ));
-        blocks.push(("short", (0..37).map(|_| (next() - 0.3) as f32).collect()));
+        let normal: Vec<f32> = (0..BLOCK)
+            .map(|_| ((0..4).map(|_| next()).sum::<f64>() - 2.0) as f32)
+            .collect();
+        let heavy: Vec<f32> = (0..BLOCK)
+            .map(|_| ((next() - 0.5) * std::f64::consts::PI).tan() as f32)
+            .collect();
+        let tiny: Vec<f32> = (0..BLOCK).map(|_| (next() * 1e-30) as f32).collect();
+        let spread: Vec<f32> = (0..BLOCK)
+            .map(|i| (10f64.powi(-(i as i32 % 12)) * next()) as f32)
+            .collect();
+        let short: Vec<f32> = (0..37).map(|_| (next() - 0.3) as f32).collect();
+        let blocks = [
+            ("normal", normal),
+            ("heavy", heavy),
+            ("tiny", tiny),
+            ("spread", spread),
+            ("short", short),
+        ];
         for (what, x) in &blocks {
             for map in [Map::Signed, Map::Unsigned] {
                 let x: Vec<f32> = match map {
