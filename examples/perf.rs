@@ -54,6 +54,10 @@ struct Args {
     /// check, and against AdamW + AMSGrad.
     #[arg(long)]
     hygiene: bool,
+    /// Instead: Adam with compact state and half-precision gradients at each `--sizes` (64M by
+    /// default), against the all-f32 step.
+    #[arg(long)]
+    formats: bool,
     /// Instead: the cost of choosing the thread count on a small (4,550-parameter) step:
     /// `pool.install` around each step against the optimizer's own pool (`set_threads`).
     #[arg(long)]
@@ -78,6 +82,13 @@ fn main() {
         pool.install(models);
     } else if args.overhead {
         overhead(pool.current_num_threads());
+    } else if args.formats {
+        let sizes = if args.sizes == Args::parse_from(["perf"]).sizes {
+            vec![64 << 20]
+        } else {
+            args.sizes.iter().map(|s| parse_size(s).unwrap()).collect()
+        };
+        pool.install(|| formats(&sizes));
     } else if args.hygiene {
         let sizes = if args.sizes == Args::parse_from(["perf"]).sizes {
             vec![64 << 20]
@@ -236,6 +247,50 @@ fn alternate(reps: usize, mut a: impl FnMut(), mut b: impl FnMut()) -> (f64, f64
         }
     }
     (median(ta), median(tb))
+}
+
+/// Adam with bf16 and 8-bit state against f32 state, all steps timed in rotation.
+fn formats(sizes: &[usize]) {
+    println!(
+        "Adam state formats vs f32 state: {} threads, {} kernels; medians of rotating runs",
+        rayon::current_num_threads(),
+        simd_level()
+    );
+    for &n in sizes {
+        let reps = if n >= 16 << 20 { 21 } else { 101 };
+        let (w0, g) = data(n);
+        let mut opts: Vec<(StateFormat, Adam, Vec<f32>)> = StateFormat::ALL
+            .into_iter()
+            .map(|f| {
+                let mut o = Adam::new(AdamConfig::default());
+                o.set_state_format(f).unwrap();
+                (f, o, w0.clone())
+            })
+            .collect();
+        let mut runs: Vec<Box<dyn FnMut()>> = opts
+            .iter_mut()
+            .map(|(_, o, w)| {
+                let g = &g;
+                Box::new(move || {
+                    o.step(w, g).unwrap();
+                }) as Box<dyn FnMut()>
+            })
+            .collect();
+        let mut refs: Vec<&mut dyn FnMut()> = runs
+            .iter_mut()
+            .map(|r| r.as_mut() as &mut dyn FnMut())
+            .collect();
+        let times = rotate(reps, &mut refs);
+        for (f, t) in StateFormat::ALL.iter().zip(&times) {
+            println!(
+                "{:>5} state {:<5} {:>8.2} ms  {:.2}x the f32-state step",
+                label(n),
+                f.name(),
+                t * 1e3,
+                times[0] / t
+            );
+        }
+    }
 }
 
 /// A plain read-only pass over `g` on the current pool, one contiguous part per thread.

@@ -18,6 +18,11 @@
 //!   [`ParamGroup`]s as `lr_scale/weight_decay` with `-` for no override, comma-separated; empty
 //!   when none), every hyperparameter as `config.<field>`, and `checksum`.
 //!
+//! Compact state ([`StateFormat`]) is saved as stored: the metadata entry `state_format` names
+//! the format (`f32` when absent), a bf16 buffer is a `BF16` tensor, an 8-bit buffer a `U8`
+//! tensor of codes `<buffer>.<tensor>` followed by an `F32` tensor of its blocks' scales,
+//! `<buffer>.<tensor>.scale`. A file loads only into an optimizer set to its format.
+//!
 //! Version 1 files (without `tensor_steps` and `names`) still load: every tensor has then taken
 //! `steps` steps, and the tensors have no names.
 //!
@@ -34,10 +39,10 @@
 //! buffers, layout, steps, groups, hyperparameters) and [`fit`] (the buffers in the engine's
 //! layout).
 
-use crate::engine::{State, check_groups, check_names};
+use crate::engine::{State, check_groups, check_names, state_bytes_per_element, state_unit};
 use crate::optim::{FieldValue, Rule, field_texts};
 use crate::plan::Layout;
-use crate::types::{ParamGroup, StepError};
+use crate::types::{ParamGroup, StateFormat, StepError};
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors, View};
 use std::borrow::Cow;
@@ -129,6 +134,16 @@ pub enum StateError {
         /// The problem, as a step would report it.
         error: StepError,
     },
+    /// The file holds state in another format than the optimizer is set to
+    /// ([`set_state_format`](crate::Optimizer::set_state_format)).
+    StateFormat {
+        /// The file.
+        path: PathBuf,
+        /// The optimizer's format.
+        expected: StateFormat,
+        /// The file's.
+        found: StateFormat,
+    },
     /// The state buffers could not be allocated.
     OutOfMemory {
         /// Number of `f32` elements of the buffer that failed.
@@ -170,6 +185,16 @@ impl fmt::Display for StateError {
             } => write!(
                 f,
                 "{}: holds the state of a {found} optimizer, not {expected}",
+                path.display()
+            ),
+            StateError::StateFormat {
+                path,
+                expected,
+                found,
+            } => write!(
+                f,
+                "{}: holds {found} state, but the optimizer is set to {expected} state \
+                 (set_state_format before loading)",
                 path.display()
             ),
             StateError::Layout {
@@ -246,6 +271,83 @@ impl View for F32View<'_> {
     }
     fn data_len(&self) -> usize {
         self.data.len() * 4
+    }
+}
+
+/// A tensor of stored bytes (compact state): bf16 values, 8-bit codes, or block scales.
+struct RawView {
+    dtype: Dtype,
+    /// Little-endian bytes.
+    data: Vec<u8>,
+    shape: [usize; 1],
+}
+
+impl View for RawView {
+    fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        Cow::Borrowed(&self.data)
+    }
+    fn data_len(&self) -> usize {
+        self.data.len()
+    }
+}
+
+/// A state tensor to save: `f32` values, or stored bytes.
+enum SaveView<'a> {
+    F32(F32View<'a>),
+    Raw(RawView),
+}
+
+impl View for SaveView<'_> {
+    fn dtype(&self) -> Dtype {
+        match self {
+            SaveView::F32(v) => v.dtype(),
+            SaveView::Raw(v) => v.dtype(),
+        }
+    }
+    fn shape(&self) -> &[usize] {
+        match self {
+            SaveView::F32(v) => v.shape(),
+            SaveView::Raw(v) => v.shape(),
+        }
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        match self {
+            SaveView::F32(v) => v.data(),
+            SaveView::Raw(v) => v.data(),
+        }
+    }
+    fn data_len(&self) -> usize {
+        match self {
+            SaveView::F32(v) => v.data_len(),
+            SaveView::Raw(v) => v.data_len(),
+        }
+    }
+}
+
+/// Native-order bytes of `width`-byte numbers as little-endian bytes.
+fn to_le(bytes: &[u8], width: usize) -> Vec<u8> {
+    if cfg!(target_endian = "little") {
+        bytes.to_vec()
+    } else {
+        bytes
+            .chunks_exact(width)
+            .flat_map(|c| c.iter().rev().copied())
+            .collect()
+    }
+}
+
+/// The dtype a buffer of `format` is saved as.
+fn value_dtype(format: StateFormat) -> Dtype {
+    match format {
+        StateFormat::Bf16 => Dtype::BF16,
+        StateFormat::Q8 => Dtype::U8,
+        _ => Dtype::F32,
     }
 }
 
@@ -354,6 +456,7 @@ pub(crate) fn save<R: Rule>(
     metadata.insert("names".to_string(), names.join(","));
     metadata.insert("buffers".to_string(), buffers.join(","));
     metadata.insert("groups".to_string(), encode_groups(groups));
+    metadata.insert("state_format".to_string(), state.format.name().to_string());
     for (field, value) in field_texts(config) {
         metadata.insert(format!("config.{field}"), value);
     }
@@ -361,14 +464,33 @@ pub(crate) fn save<R: Rule>(
     let mut tensors = Vec::new();
     for (b, buffer) in buffers.iter().enumerate() {
         for t in 0..tensors_per_buffer {
-            let data = state.tensor(b, t);
+            let name = format!("{buffer}.{t}");
+            if state.format == StateFormat::F32 {
+                let data = state.tensor(b, t);
+                let shape = [data.len()];
+                tensors.push((name, SaveView::F32(F32View { data, shape })));
+                continue;
+            }
+            let (values, scales) = state.tensor_raw(b, t);
+            let size = state_bytes_per_element(state.format);
             tensors.push((
-                format!("{buffer}.{t}"),
-                F32View {
-                    data,
-                    shape: [data.len()],
-                },
+                name.clone(),
+                SaveView::Raw(RawView {
+                    dtype: value_dtype(state.format),
+                    data: to_le(values, size),
+                    shape: [values.len() / size],
+                }),
             ));
+            if state.format == StateFormat::Q8 {
+                tensors.push((
+                    format!("{name}.scale"),
+                    SaveView::Raw(RawView {
+                        dtype: Dtype::F32,
+                        data: to_le(scales, 4),
+                        shape: [scales.len() / 4],
+                    }),
+                ));
+            }
         }
     }
     let sum = checksum(
@@ -430,15 +552,23 @@ pub(crate) struct Loaded<R> {
 }
 
 /// Reads the state file at `path` for an optimizer of rule `R` that holds a state of layout
-/// `current` (`None`: no state yet) and names its tensors `names` (empty: no names), checking
-/// everything before returning it.
+/// `current` (`None`: no state yet), names its tensors `names` (empty: no names) and keeps its
+/// state in `format`, checking everything before returning it.
 pub(crate) fn load<R: Rule>(
     path: &Path,
     current: Option<&[usize]>,
     names: &[String],
+    format: StateFormat,
 ) -> Result<Loaded<R>, StateError> {
     let bytes = fs::read(path).map_err(io_err(path, "read"))?;
     let file = parse(path, &bytes)?;
+    if !file.buffers.is_empty() && file.format != format {
+        return Err(StateError::StateFormat {
+            path: path.to_path_buf(),
+            expected: format,
+            found: file.format,
+        });
+    }
     let verified = verify::<R>(&file, current, names)?;
     let state = fit(
         &file,
@@ -473,6 +603,10 @@ struct StateFile<'a> {
     lens: Option<Vec<usize>>,
     /// `tensors[b * lens.len() + t]` is buffer `b` of tensor `t`.
     tensors: Vec<TensorView<'a>>,
+    /// The format of the buffers.
+    format: StateFormat,
+    /// For 8-bit state, `scales[b * lens.len() + t]` is the block scales of `tensors[..]`.
+    scales: Vec<TensorView<'a>>,
 }
 
 impl StateFile<'_> {
@@ -540,38 +674,58 @@ fn parse<'a>(path: &'a Path, bytes: &'a [u8]) -> Result<StateFile<'a>, StateErro
     let lens = decode_layout(layout_text)
         .ok_or_else(|| bad(format!("unreadable layout {layout_text:?}")))?;
     let count = lens.as_ref().map_or(0, Vec::len);
+    let format = match metadata.get("state_format") {
+        None => StateFormat::F32,
+        Some(text) => text
+            .parse()
+            .map_err(|_| bad(format!("unknown state_format {text:?}")))?,
+    };
     let mut names = Vec::with_capacity(buffers.len() * count);
+    let mut views = Vec::with_capacity(buffers.len() * count);
     let mut tensors = Vec::with_capacity(buffers.len() * count);
+    let mut scales = Vec::new();
+    let read = |name: &str, dtype: Dtype, len: usize| {
+        let view = safetensors
+            .tensor(name)
+            .map_err(|_| bad(format!("missing tensor {name:?}")))?;
+        if view.dtype() != dtype || view.shape() != [len] {
+            return Err(bad(format!(
+                "tensor {name:?} is {:?} {:?}, expected {dtype:?} [{len}]",
+                view.dtype(),
+                view.shape()
+            )));
+        }
+        Ok(view)
+    };
     for buffer in &buffers {
         for t in 0..count {
             let name = format!("{buffer}.{t}");
-            let view = safetensors
-                .tensor(&name)
-                .map_err(|_| bad(format!("missing tensor {name:?}")))?;
             let len = lens.as_ref().map_or(0, |l| l[t]);
-            if view.dtype() != Dtype::F32 || view.shape() != [len] {
-                return Err(bad(format!(
-                    "tensor {name:?} is {:?} {:?}, expected F32 [{len}]",
-                    view.dtype(),
-                    view.shape()
-                )));
-            }
-            names.push(name);
+            let view = read(&name, value_dtype(format), len)?;
+            names.push(name.clone());
+            views.push(view.clone());
             tensors.push(view);
+            if format == StateFormat::Q8 {
+                let name = format!("{name}.scale");
+                let view = read(&name, Dtype::F32, len.div_ceil(crate::simd::BLOCK))?;
+                names.push(name);
+                views.push(view.clone());
+                scales.push(view);
+            }
         }
     }
-    if safetensors.len() != tensors.len() {
+    if safetensors.len() != views.len() {
         return Err(bad(format!(
             "{} tensors, expected {}",
             safetensors.len(),
-            tensors.len()
+            views.len()
         )));
     }
     let computed = checksum(
         &metadata,
         names
             .into_iter()
-            .zip(&tensors)
+            .zip(&views)
             .map(|(n, v)| (n, Cow::Borrowed(v.data()))),
     );
     if computed != stored {
@@ -587,6 +741,8 @@ fn parse<'a>(path: &'a Path, bytes: &'a [u8]) -> Result<StateFile<'a>, StateErro
         buffers,
         lens,
         tensors,
+        format,
+        scales,
     })
 }
 
@@ -732,10 +888,12 @@ fn verify_layout<R: Rule>(
         });
     }
     // Lengths no buffer can have (only possible without buffers backing them, as for SGD).
+    let unit = state_unit(file.format);
     file.lens
         .clone()
         .map(|lens| {
-            Layout::new(lens).ok_or_else(|| file.bad(format!("impossible layout {layout_text:?}")))
+            Layout::aligned(lens, unit)
+                .ok_or_else(|| file.bad(format!("impossible layout {layout_text:?}")))
         })
         .transpose()
 }
@@ -800,15 +958,26 @@ fn fit(
         });
     };
     let count = layout.lens().len();
-    let zeroed = State::zeroed(layout, file.buffers.len(), steps, tensor_steps);
+    let zeroed = State::zeroed(layout, file.buffers.len(), file.format, steps, tensor_steps);
     let mut state = zeroed.map_err(|e| match e {
         StepError::OutOfMemory { elements } => StateError::OutOfMemory { elements },
         error => config_error(file, error),
     })?;
+    if file.format == StateFormat::F32 {
+        for (i, view) in file.tensors.iter().enumerate() {
+            let out = state.tensor_mut(i / count, i % count);
+            for (x, b) in out.iter_mut().zip(view.data().chunks_exact(4)) {
+                *x = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            }
+        }
+        return Ok(state);
+    }
+    let size = state_bytes_per_element(file.format);
     for (i, view) in file.tensors.iter().enumerate() {
-        let out = state.tensor_mut(i / count, i % count);
-        for (x, b) in out.iter_mut().zip(view.data().chunks_exact(4)) {
-            *x = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        let (values, scales) = state.tensor_raw_mut(i / count, i % count);
+        values.copy_from_slice(&to_le(view.data(), size));
+        if let Some(s) = file.scales.get(i) {
+            scales.copy_from_slice(&to_le(s.data(), 4));
         }
     }
     Ok(state)

@@ -804,7 +804,8 @@ impl<R: Rule> Optimizer for Fused<R> {
     }
     fn load_state(&mut self, path: &Path) -> Result<(), StateError> {
         let engine = &self.engine;
-        let loaded = checkpoint::load::<R>(path, engine.layout(), engine.tensor_names())?;
+        let format = engine.settings.state_format;
+        let loaded = checkpoint::load::<R>(path, engine.layout(), engine.tensor_names(), format)?;
         // Everything is checked: apply.
         self.config = loaded.config;
         self.engine

@@ -38,6 +38,7 @@ pub(crate) struct Layout {
 impl Layout {
     /// The layout of tensors of lengths `lens`, each slice starting on a cache line; `None` if
     /// the buffers could not be addressed (more than `isize::MAX` bytes).
+    #[cfg(test)]
     pub(crate) fn new(lens: Vec<usize>) -> Option<Layout> {
         Layout::aligned(lens, LINE)
     }

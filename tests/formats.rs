@@ -221,3 +221,59 @@ fn compact_state_trains_a_quadratic_like_f32() {
         );
     }
 }
+
+#[test]
+fn compact_state_files_resume_bitwise_and_refuse_another_format() {
+    let dir = std::env::temp_dir();
+    for config in variants() {
+        for format in COMPACT {
+            let path = dir.join(format!(
+                "fusedopt-formats-{}-{format}.safetensors",
+                std::process::id()
+            ));
+            let (w0, grads) = model(2);
+            let mut whole = build(config, format);
+            let mut w_whole = w0.clone();
+            for g in &grads {
+                whole.step_all(&mut w_whole, g).unwrap();
+            }
+            let mut first = build(config, format);
+            let mut w = w0.clone();
+            for g in &grads[..2] {
+                first.step_all(&mut w, g).unwrap();
+            }
+            first.save_state(&path).unwrap();
+            // Another format refuses the file and keeps its own (empty) state.
+            for other in StateFormat::ALL.into_iter().filter(|&f| f != format) {
+                let mut wrong = build(config, other);
+                match wrong.load_state(&path) {
+                    Err(StateError::StateFormat {
+                        expected, found, ..
+                    }) => {
+                        assert_eq!((expected, found), (other, format));
+                    }
+                    other => panic!("{config} {format}: {other:?}"),
+                }
+                assert_eq!((wrong.steps(), wrong.layout()), (0, None));
+            }
+            let mut second = build(config, format);
+            second.load_state(&path).unwrap();
+            assert_eq!(second.state_bytes(), first.state_bytes());
+            for g in &grads[2..] {
+                second.step_all(&mut w, g).unwrap();
+            }
+            assert_eq!(bits(&w), bits(&w_whole), "{config} {format}");
+            // A damaged file is refused.
+            let mut bytes = std::fs::read(&path).unwrap();
+            let at = bytes.len() - 3;
+            bytes[at] ^= 0x40;
+            std::fs::write(&path, &bytes).unwrap();
+            let mut third = build(config, format);
+            assert!(matches!(
+                third.load_state(&path),
+                Err(StateError::Checksum { .. })
+            ));
+            std::fs::remove_file(&path).unwrap();
+        }
+    }
+}

@@ -42,6 +42,7 @@ mod tensors;
 
 pub(crate) use groups::{CommonConfig, GroupHyper, check_groups};
 pub(crate) use state::State;
+pub(crate) use state::{bytes_per_element as state_bytes_per_element, unit as state_unit};
 pub use tensors::{FeedError, TensorFeed};
 pub(crate) use tensors::{Lists, Pairs, PartialLists, TensorList, TensorRef, TensorSource};
 

@@ -23,6 +23,15 @@ pub(crate) fn words(format: StateFormat, elements: usize) -> usize {
     }
 }
 
+/// The bytes one element's value takes in `format` (8-bit state adds its blocks' scales).
+pub(crate) fn bytes_per_element(format: StateFormat) -> usize {
+    match format {
+        StateFormat::Bf16 => 2,
+        StateFormat::Q8 => 1,
+        _ => 4,
+    }
+}
+
 /// The layout unit (what every tensor's slice starts on, in elements) of state in `format`.
 pub(crate) fn unit(format: StateFormat) -> usize {
     match format {
@@ -55,19 +64,56 @@ impl State {
     pub(crate) fn zeroed(
         layout: Layout,
         buffers: usize,
+        format: StateFormat,
         steps: u64,
         tensor_steps: Vec<u64>,
     ) -> Result<State, StepError> {
+        debug_assert_eq!(layout.unit(), unit(format));
         let buffers = (0..buffers)
-            .map(|_| zeroed_buffer(layout.total()))
+            .map(|_| zeroed_buffer(words(format, layout.total())))
             .collect::<Result<_, _>>()?;
         Ok(State {
             steps,
             tensor_steps,
             layout: Some(layout),
             buffers,
-            format: StateFormat::F32,
+            format,
         })
+    }
+
+    /// Tensor `t`'s bytes in buffer `b`, as stored (native byte order): its values, and for
+    /// 8-bit state its blocks' scales (empty otherwise).
+    pub(crate) fn tensor_raw(&self, b: usize, t: usize) -> (&[u8], &[u8]) {
+        let (values, scales) = self.raw_ranges(t);
+        let bytes: &[u8] = bytemuck::cast_slice(&self.buffers[b]);
+        (&bytes[values], &bytes[scales])
+    }
+
+    /// The same, to fill.
+    pub(crate) fn tensor_raw_mut(&mut self, b: usize, t: usize) -> (&mut [u8], &mut [u8]) {
+        let (values, scales) = self.raw_ranges(t);
+        let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut self.buffers[b]);
+        // The values end before the scales start.
+        let (head, tail) = bytes.split_at_mut(scales.start);
+        (&mut head[values], &mut tail[..scales.len()])
+    }
+
+    /// The byte ranges of tensor `t`'s values and scales in a buffer.
+    fn raw_ranges(&self, t: usize) -> (core::ops::Range<usize>, core::ops::Range<usize>) {
+        let layout = self
+            .layout
+            .as_ref()
+            .expect("buffers exist only with a layout");
+        let (offset, len) = (layout.offsets()[t], layout.lens()[t]);
+        let size = bytes_per_element(self.format);
+        let values = offset * size..(offset + len) * size;
+        let scales = if self.format == StateFormat::Q8 {
+            let first = layout.total() + offset / BLOCK * 4;
+            first..first + len.div_ceil(BLOCK) * 4
+        } else {
+            values.end..values.end
+        };
+        (values, scales)
     }
 
     /// The step every tensor takes next, if they all take the same one.

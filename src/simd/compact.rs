@@ -94,10 +94,14 @@ pub(crate) fn seed(step: u64, buffer: usize, high: u32) -> u32 {
     mix32(high ^ b.rotate_left(13) ^ 0xC2B2_AE35)
 }
 
-/// The random number of the element at layout index `index` under `seed`.
+/// The 16-bit random number of the element at layout index `index` under `seed`: the top half
+/// of a Weyl sequence (`seed + index·φ·2^32`) keyed by the hashed step and buffer. For a fixed
+/// element the number is uniform over steps (the seed is a hash of the step), which is what
+/// makes the rounding unbiased; within a step neighbouring elements get evenly spread numbers.
+/// One multiply-add per element, which the compiler strength-reduces to an add.
 #[inline(always)]
 pub(crate) fn random(seed: u32, index: u32) -> u32 {
-    mix32(index.wrapping_add(seed))
+    seed.wrapping_add(index.wrapping_mul(0x9E37_79B9)) >> 16
 }
 
 /// A quantization map of 8-bit state.
@@ -109,59 +113,20 @@ pub(crate) enum Map {
     Unsigned,
 }
 
-/// The values of the signed map's 128 magnitude codes (121..=127 are never produced).
-const SIGNED_MAGNITUDES: [f32; 128] = magnitudes::<128>(15, 17);
-/// The values of the unsigned map's 256 codes (249..=255 are never produced).
-const UNSIGNED_VALUES: [f32; 256] = magnitudes::<256>(31, 33);
-
-/// `(1 + m/8)·2^(e−bias)` for code `8e + m` (`e ≥ 1`), `m·2^-sub` for `e = 0`.
-const fn magnitudes<const K: usize>(bias: i32, sub: i32) -> [f32; K] {
-    let mut out = [0f32; K];
-    let mut code = 0;
-    while code < K {
-        let (e, m) = ((code >> 3) as i32, (code & 7) as f32);
-        out[code] = if e == 0 {
-            m * pow2(-sub)
-        } else {
-            (1.0 + m / 8.0) * pow2(e - bias)
-        };
-        code += 1;
-    }
-    out
-}
-
 /// `2^k` for `-126 <= k <= 127`, exactly.
 const fn pow2(k: i32) -> f32 {
     f32::from_bits(((k + 127) as u32) << 23)
 }
 
+#[cfg(test)]
 impl Map {
     /// The code of `y`, a value divided by its block's absmax (so `|y| <= 1`): the nearest
     /// value of the map, ties to the even mantissa.
     #[inline(always)]
     pub(crate) fn encode(self, y: f32) -> u8 {
-        let (bias, sub) = match self {
-            Map::Signed => (112u32, 131_072.0f32),        // 2^17
-            Map::Unsigned => (96u32, 8_589_934_592.0f32), // 2^33
-        };
-        let a = y.abs();
-        let bits = a.to_bits();
-        // Normal range: round the mantissa to 3 bits on the f32 bits (a carry moves into the
-        // exponent, which is the next code), and rebase the exponent.
-        let rounded = (bits + 0x7FFFF + ((bits >> 20) & 1)) >> 20;
-        let normal = rounded.wrapping_sub(bias << 3);
-        // Sub-normal range: a·2^sub is exact and below 8.5; adding and removing 2^23 rounds it
-        // to the nearest integer, ties to even.
-        let scaled = a * sub;
-        let small = ((scaled + 8_388_608.0) - 8_388_608.0) as u32;
-        let magnitude = if bits >= (bias + 1) << 23 {
-            normal
-        } else {
-            small
-        };
         match self {
-            Map::Signed => (magnitude as u8) | (((y.to_bits() >> 31) as u8) << 7),
-            Map::Unsigned => magnitude as u8,
+            Map::Signed => encode::<true>(y),
+            Map::Unsigned => encode::<false>(y),
         }
     }
 
@@ -169,36 +134,86 @@ impl Map {
     #[inline(always)]
     pub(crate) fn decode(self, code: u8) -> f32 {
         match self {
-            Map::Signed => {
-                let m = SIGNED_MAGNITUDES[usize::from(code & 0x7F)];
-                if code & 0x80 != 0 { -m } else { m }
-            }
-            Map::Unsigned => UNSIGNED_VALUES[usize::from(code)],
+            Map::Signed => decode::<true>(code),
+            Map::Unsigned => decode::<false>(code),
         }
     }
+}
+
+/// The exponent bias of the map's normal codes, as an `f32` exponent field: code `8e + m`
+/// (`e >= 1`) is the `f32` with exponent field `e + BIAS` and mantissa `m/8`.
+const fn bias(signed: bool) -> u32 {
+    if signed { 112 } else { 96 }
+}
+
+/// The weight of one step of the sub-normal codes (`e = 0`): `2^-17` signed, `2^-33` unsigned.
+const fn sub_step(signed: bool) -> f32 {
+    if signed { pow2(-17) } else { pow2(-33) }
+}
+
+/// [`Map::encode`], branch-free, for the compiler to vectorize.
+#[inline(always)]
+fn encode<const SIGNED: bool>(y: f32) -> u8 {
+    let bits = y.to_bits() & 0x7FFF_FFFF;
+    // Normal range: round the mantissa to 3 bits on the f32 bits (a carry moves into the
+    // exponent, which is the next code), and rebase the exponent.
+    let rounded = (bits + 0x7FFFF + ((bits >> 20) & 1)) >> 20;
+    let normal = rounded.wrapping_sub(bias(SIGNED) << 3);
+    // Sub-normal range: |y|/step is exact and below 8.5; adding 2^23 rounds it to the nearest
+    // integer, ties to even, which is then the low bits of the sum (no float-to-int conversion,
+    // which AVX2 lacks for unsigned integers).
+    let scaled = f32::from_bits(bits) * (1.0 / sub_step(SIGNED));
+    let small = (scaled + 8_388_608.0).to_bits() - 0x4B00_0000;
+    let magnitude = if bits >= (bias(SIGNED) + 1) << 23 {
+        normal
+    } else {
+        small
+    };
+    if SIGNED {
+        (magnitude | ((y.to_bits() >> 31) << 7)) as u8
+    } else {
+        magnitude as u8
+    }
+}
+
+/// [`Map::decode`], branch-free, for the compiler to vectorize.
+#[inline(always)]
+fn decode<const SIGNED: bool>(code: u8) -> f32 {
+    let c = u32::from(code);
+    let magnitude = if SIGNED { c & 0x7F } else { c };
+    let normal = (magnitude + (bias(SIGNED) << 3)) << 20;
+    // `magnitude` as an f32, exactly, without an int-to-float conversion.
+    let small =
+        ((f32::from_bits(0x4B00_0000 | magnitude) - 8_388_608.0) * sub_step(SIGNED)).to_bits();
+    let bits = if magnitude >= 8 { normal } else { small };
+    let sign = if SIGNED { (c & 0x80) << 24 } else { 0 };
+    f32::from_bits(bits | sign)
 }
 
 /// Quantizes `x` (at most [`BLOCK`] elements) into `codes`, returning the block's scale: its
 /// absmax, 0 for a block of zeros, NaN for a block holding a NaN or an infinity.
 #[inline(always)]
 pub(crate) fn quantize(map: Map, x: &[f32], codes: &mut [u8]) -> f32 {
-    let mut absmax = 0f32;
-    let mut finite = true;
-    for &v in x {
-        let a = v.abs();
-        finite &= a <= f32::MAX;
-        absmax = if a > absmax { a } else { absmax };
+    match map {
+        Map::Signed => quantize_with::<true>(x, codes),
+        Map::Unsigned => quantize_with::<false>(x, codes),
     }
-    if !finite {
+}
+
+#[inline(always)]
+fn quantize_with<const SIGNED: bool>(x: &[f32], codes: &mut [u8]) -> f32 {
+    // The largest magnitude, on the bits: for magnitudes, integer order is value order, and
+    // anything above f32::MAX's bits is an infinity or a NaN.
+    let top = x.iter().fold(0u32, |m, v| m.max(v.to_bits() & 0x7FFF_FFFF));
+    if top > f32::MAX.to_bits() || top == 0 {
         codes.iter_mut().for_each(|c| *c = 0);
-        return f32::NAN;
+        return if top == 0 { 0.0 } else { f32::NAN };
     }
-    if absmax == 0.0 {
-        codes.iter_mut().for_each(|c| *c = 0);
-        return 0.0;
-    }
+    let absmax = f32::from_bits(top);
+    let inv = 1.0 / absmax;
     for (c, &v) in codes.iter_mut().zip(x) {
-        *c = map.encode(v / absmax);
+        // `v·(1/absmax)` may exceed 1 by an ulp, which still rounds to the code of 1.
+        *c = encode::<SIGNED>(v * inv);
     }
     absmax
 }
@@ -206,8 +221,17 @@ pub(crate) fn quantize(map: Map, x: &[f32], codes: &mut [u8]) -> f32 {
 /// Expands `codes` with scale `scale` into `x`.
 #[inline(always)]
 pub(crate) fn dequantize(map: Map, codes: &[u8], scale: f32, x: &mut [f32]) {
-    for (v, &c) in x.iter_mut().zip(codes) {
-        *v = map.decode(c) * scale;
+    match map {
+        Map::Signed => {
+            for (v, &c) in x.iter_mut().zip(codes) {
+                *v = decode::<true>(c) * scale;
+            }
+        }
+        Map::Unsigned => {
+            for (v, &c) in x.iter_mut().zip(codes) {
+                *v = decode::<false>(c) * scale;
+            }
+        }
     }
 }
 
@@ -282,8 +306,10 @@ pub(crate) unsafe fn compact_loop<K: Kernel<N>, V: Lane, const N: usize>(
                     let first = index.wrapping_add(start as u32);
                     for j in 0..N {
                         let dst = core::slice::from_raw_parts_mut(s[j].add(start), len);
-                        for (i, (d, &x)) in dst.iter_mut().zip(&scratch[j][..len]).enumerate() {
-                            *d = bf16_stochastic(x, random(seeds[j], first.wrapping_add(i as u32)));
+                        let mut at = first;
+                        for (d, &x) in dst.iter_mut().zip(&scratch[j][..len]) {
+                            *d = bf16_stochastic(x, random(seeds[j], at));
+                            at = at.wrapping_add(1);
                         }
                     }
                 }
