@@ -156,6 +156,7 @@ pub mod schedule;
 pub use checkpoint::StateError;
 pub use config::{OPTIMIZER_NAMES, OptimizerConfig, ParseConfigError, optimizer_by_name};
 pub use engine::{FeedError, TensorFeed};
+pub use half;
 pub use optim::adagrad::{AdaGrad, AdaGradConfig};
 pub use optim::adam::{Adam, AdamConfig, EpsMode};
 pub use optim::momentum::{Momentum, MomentumConfig, MomentumForm, Nag, NagConfig, VelocityConfig};
@@ -166,7 +167,9 @@ pub use optimizer::Optimizer;
 pub use plan::DEFAULT_CHUNK_LEN;
 pub use simd::{SimdLevel, simd_level};
 pub use tuning::{TUNING_ENV, Tuning, TuningError};
-pub use types::{Backend, NonFinite, ParamGroup, StateFormat, StepError, StepReport};
+pub use types::{
+    Backend, Dtype, Element, NonFinite, ParamGroup, StateFormat, StepError, StepReport,
+};
 
 /// The README's code blocks, compiled and run as doctests.
 #[cfg(doctest)]

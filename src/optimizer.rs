@@ -3,10 +3,13 @@
 //! [`crate::engine`] and [`crate::types`].
 
 use crate::checkpoint::{self, StateError};
-use crate::engine::{Lists, Pairs, PartialLists, TensorFeed, TensorSource};
+use crate::engine::{
+    Lists, Pairs, PartialLists, TensorFeed, TensorSource, TypedLists, TypedPartialLists,
+};
 use crate::optim::{Fused, Rule};
-use crate::types::{Backend, NonFinite, ParamGroup, StateFormat, StepError, StepReport};
+use crate::types::{Backend, Element, NonFinite, ParamGroup, StateFormat, StepError, StepReport};
 use core::any::Any;
+use core::marker::PhantomData;
 use std::path::Path;
 
 /// An optimizer: updates weights in place from their gradients, keeping its own state.
@@ -865,5 +868,85 @@ impl dyn Optimizer + '_ {
         grads: &[Option<G>],
     ) -> Result<StepReport, StepError> {
         sealed::Sealed::step_source(self, &mut PartialLists { weights, grads })
+    }
+
+    /// [`Fused::step_typed`] for a `dyn Optimizer`: weights and gradients of any [`Element`]
+    /// type (half-precision gradients; half-precision weights with `f32` master weights).
+    ///
+    /// ```
+    /// use fusedopt::{Optimizer, OptimizerConfig, half::bf16};
+    /// let mut opt: Box<dyn Optimizer> = "sgd:lr=0.5".parse::<OptimizerConfig>()?.build();
+    /// let mut w = [bf16::ONE; 2];
+    /// opt.step_typed(&mut w, &[bf16::ONE; 2])?;
+    /// assert_eq!(w, [bf16::from_f32(0.5); 2]);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    /// As [`Optimizer::step`].
+    pub fn step_typed<E: Element, F: Element>(
+        &mut self,
+        weights: &mut [E],
+        grads: &[F],
+    ) -> Result<StepReport, StepError> {
+        self.step_all_typed(&mut [weights], &[grads])
+    }
+
+    /// [`Fused::step_all_typed`] for a `dyn Optimizer`.
+    ///
+    /// ```
+    /// use fusedopt::{Optimizer, OptimizerConfig, half::f16};
+    /// let mut opt: Box<dyn Optimizer> = "momentum:lr=0.1".parse::<OptimizerConfig>()?.build();
+    /// let mut weights = vec![vec![1.0f32; 4]];
+    /// opt.step_all_typed(&mut weights, &[vec![f16::ONE; 4]])?;
+    /// assert_eq!(weights, [vec![0.9f32; 4]]);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    /// As [`Fused::step_all`].
+    pub fn step_all_typed<E: Element, F: Element, W: AsMut<[E]>, G: AsRef<[F]>>(
+        &mut self,
+        weights: &mut [W],
+        grads: &[G],
+    ) -> Result<StepReport, StepError> {
+        let types = PhantomData;
+        sealed::Sealed::step_source(
+            self,
+            &mut TypedLists {
+                weights,
+                grads,
+                types,
+            },
+        )
+    }
+
+    /// [`Fused::step_partial_typed`] for a `dyn Optimizer`.
+    ///
+    /// ```
+    /// use fusedopt::{Optimizer, OptimizerConfig, half::bf16};
+    /// let mut opt: Box<dyn Optimizer> = "sgd:lr=0.5".parse::<OptimizerConfig>()?.build();
+    /// let mut weights = [vec![bf16::ONE; 2], vec![bf16::ONE; 2]];
+    /// opt.step_partial_typed(&mut weights, &[None, Some([bf16::ONE; 2])])?;
+    /// assert_eq!(weights[1], [bf16::from_f32(0.5); 2]);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    /// As [`Fused::step_all`].
+    pub fn step_partial_typed<E: Element, F: Element, W: AsMut<[E]>, G: AsRef<[F]>>(
+        &mut self,
+        weights: &mut [W],
+        grads: &[Option<G>],
+    ) -> Result<StepReport, StepError> {
+        let types = PhantomData;
+        sealed::Sealed::step_source(
+            self,
+            &mut TypedPartialLists {
+                weights,
+                grads,
+                types,
+            },
+        )
     }
 }

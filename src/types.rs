@@ -103,6 +103,73 @@ impl Default for ParamGroup {
     }
 }
 
+/// The floating-point format of a tensor's weights or gradients.
+///
+/// `f32` is the native format. Gradients may be bfloat16 or IEEE half precision (read exactly
+/// as `f32`). Half-precision weights are *master-weight* training: the optimizer keeps an `f32`
+/// copy as part of its state, updates it, and writes it back rounded to nearest-even.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum Dtype {
+    /// IEEE single precision.
+    #[default]
+    F32,
+    /// bfloat16 ([`half::bf16`]).
+    Bf16,
+    /// IEEE half precision ([`half::f16`]).
+    F16,
+}
+
+impl Dtype {
+    /// Its name: `"f32"`, `"bf16"` or `"f16"`.
+    ///
+    /// ```
+    /// assert_eq!(fusedopt::Dtype::Bf16.name(), "bf16");
+    /// ```
+    pub fn name(self) -> &'static str {
+        match self {
+            Dtype::F32 => "f32",
+            Dtype::Bf16 => "bf16",
+            Dtype::F16 => "f16",
+        }
+    }
+}
+
+impl fmt::Display for Dtype {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+pub(crate) mod sealed {
+    /// Keeps [`Element`](super::Element) implemented by this crate alone.
+    pub trait Element {}
+    impl Element for f32 {}
+    impl Element for half::bf16 {}
+    impl Element for half::f16 {}
+}
+
+/// An element type of weights and gradients: `f32`, [`half::bf16`] or [`half::f16`]. Sealed.
+///
+/// ```
+/// use fusedopt::{Dtype, Element};
+/// assert_eq!(<half::bf16 as Element>::DTYPE, Dtype::Bf16);
+/// ```
+pub trait Element: sealed::Element + Copy + Send + Sync + 'static {
+    /// Its format.
+    const DTYPE: Dtype;
+}
+
+impl Element for f32 {
+    const DTYPE: Dtype = Dtype::F32;
+}
+impl Element for half::bf16 {
+    const DTYPE: Dtype = Dtype::Bf16;
+}
+impl Element for half::f16 {
+    const DTYPE: Dtype = Dtype::F16;
+}
+
 /// How an optimizer stores its state buffers (momentum, moments, sums of squares). Chosen before
 /// the first step ([`set_state_format`](crate::Optimizer::set_state_format)); the arithmetic is
 /// `f32` in every format, only the stored values differ.

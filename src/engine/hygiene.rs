@@ -4,9 +4,18 @@
 //! on threads, chunk length, or whether the gradients came in one list or one at a time.
 
 use super::par::Par;
+use super::tensors::GradView;
 use crate::plan::NormPlan;
-use crate::simd::{self, Tier};
-use crate::types::{NonFinite, Settings, StepError};
+use crate::simd::{self, Half, Tier};
+use crate::types::{Dtype, NonFinite, Settings, StepError};
+
+/// The kernels' half-precision format for a half-precision [`Dtype`].
+pub(crate) fn half_of(dtype: Dtype) -> Half {
+    match dtype {
+        Dtype::F16 => Half::F16,
+        _ => Half::Bf16,
+    }
+}
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// How the update pass reads every gradient: `(g / div)·factor`.
@@ -86,7 +95,7 @@ impl NormPass {
         tier: Tier,
         par: Par<'_>,
         chunk_len: usize,
-        grads: impl Fn(usize) -> Option<&'g [f32]> + Sync,
+        grads: impl Fn(usize) -> Option<GradView<'g>> + Sync,
     ) {
         let slices = self.plan.slices();
         // One contiguous run of slices per thread: a read stream that jumps between distant
@@ -95,7 +104,12 @@ impl NormPass {
         let inline = self.plan.elements() <= chunk_len;
         par.for_each_mut(&mut self.sums, per_thread, inline, |i, sum| {
             let (t, start, len) = slices[i];
-            let s = grads(t).map_or(0.0, |g| simd::sum_squares(tier, &g[start..start + len]));
+            let s = grads(t).map_or(0.0, |g| match g {
+                GradView::F32(g) => simd::sum_squares(tier, &g[start..start + len]),
+                GradView::Half(kind, g) => {
+                    simd::sum_squares_half(half_of(kind), &g[start..start + len])
+                }
+            });
             *sum.get_mut() = s.to_bits();
         });
     }

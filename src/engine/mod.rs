@@ -44,12 +44,14 @@ pub(crate) use groups::{CommonConfig, GroupHyper, check_groups};
 pub(crate) use state::State;
 pub(crate) use state::{bytes_per_element as state_bytes_per_element, unit as state_unit};
 pub use tensors::{FeedError, TensorFeed};
-pub(crate) use tensors::{Lists, Pairs, PartialLists, TensorList, TensorRef, TensorSource};
+pub(crate) use tensors::{
+    Lists, Pairs, PartialLists, TensorList, TensorRef, TensorSource, TypedLists, TypedPartialLists,
+};
 
 use crate::plan::{FeedPlan, Layout, Plan, effective_chunk_len};
-use crate::simd::{self, BLOCK, CompactState, GradPrep, Kernel, Map, Span, Tier};
+use crate::simd::{self, BLOCK, CompactState, Formats, GradPrep, Kernel, Map, Span, Tier};
 use crate::tuning;
-use crate::types::{ParamGroup, Settings, StateFormat, StepError, StepReport};
+use crate::types::{Dtype, ParamGroup, Settings, StateFormat, StepError, StepReport};
 use groups::{GroupKernels, Groups, KernelClasses, Kernels, StepNumbers};
 use hygiene::{GradCheck, GradScale, NormPass};
 use par::Par;
@@ -401,7 +403,14 @@ impl Engine {
             self.plan = None;
             self.feed_plan = None;
         }
+        prepare_master(&mut self.state, tensors.refs(), &stepping)?;
         let compact = CompactRun::new(&mut self.state, &self.maps);
+        let master = MasterPtr(
+            self.state
+                .master
+                .as_mut()
+                .map_or(core::ptr::null_mut(), |m| m.as_mut_ptr()),
+        );
         let layout = self.state.layout.as_ref().expect("prepared");
         if self
             .plan
@@ -417,6 +426,7 @@ impl Engine {
             state: StatePtrs::new(&mut self.state.buffers),
             offsets: layout.offsets(),
             compact,
+            master,
         };
         let plan = self.plan.as_ref().expect("prepared");
         let refs = tensors.refs();
@@ -542,6 +552,7 @@ impl Engine {
             state: StatePtrs::new(&mut self.state.buffers),
             offsets: self.state.layout.as_ref().expect("prepared").offsets(),
             compact,
+            master: MasterPtr(core::ptr::null_mut()),
         };
 
         // The update phase: after an error, the tensors not yet started are left alone.
@@ -568,6 +579,8 @@ impl Engine {
                         w_len: len,
                         g: g.as_ptr(),
                         g_len: len,
+                        w_dtype: Dtype::F32,
+                        g_dtype: Dtype::F32,
                     };
                     par.for_each(len.div_ceil(chunk_len), |s| {
                         let start = s * chunk_len;
@@ -770,7 +783,9 @@ fn prepare_state(
         .is_some_and(|l| l.matches(lens.clone()) && l.unit() == unit);
     if new_layout {
         // First step, or a stateless optimizer seeing another layout: every tensor starts from
-        // the steps taken so far.
+        // the steps taken so far (and takes its master weights afresh).
+        state.master = None;
+        state.master_ready.clear();
         let layout = Layout::aligned(lens.collect(), unit).ok_or(StepError::OutOfMemory {
             elements: usize::MAX,
         })?;
@@ -788,6 +803,41 @@ fn prepare_state(
         state.format = format;
     }
     Ok(new_layout)
+}
+
+/// Makes master weights ready for every tensor `stepping` that has half-precision weights: the
+/// master buffer exists, and a tensor's first such step copies its weights into it (exactly).
+///
+/// # Errors
+/// [`StepError::OutOfMemory`] if the master buffer cannot be allocated; nothing changes then.
+fn prepare_master(
+    state: &mut State,
+    tensors: &[TensorRef],
+    stepping: &impl Fn(usize) -> bool,
+) -> Result<(), StepError> {
+    let half = |(i, t): &(usize, &TensorRef)| t.w_dtype != Dtype::F32 && stepping(*i);
+    if !tensors.iter().enumerate().any(|p| half(&p)) {
+        return Ok(());
+    }
+    let layout = state.layout.as_ref().expect("prepared");
+    if state.master.is_none() {
+        state.master = Some(state::zeroed_buffer(layout.total())?);
+        state.master_ready = vec![false; tensors.len()];
+    }
+    let master = state.master.as_mut().expect("set above");
+    for (i, t) in tensors.iter().enumerate() {
+        if !half(&(i, t)) || state.master_ready[i] {
+            continue;
+        }
+        let kind = hygiene::half_of(t.w_dtype);
+        // SAFETY: `t.w` points to `t.w_len` 16-bit elements borrowed for this step.
+        let bits = unsafe { core::slice::from_raw_parts(t.w.cast::<u16>(), t.w_len) };
+        for (m, &b) in master[layout.range(i)].iter_mut().zip(bits) {
+            *m = kind.to_f32(b);
+        }
+        state.master_ready[i] = true;
+    }
+    Ok(())
 }
 
 /// Checks tensor names: non-empty, without commas or line breaks (the state file lists them),
@@ -826,7 +876,20 @@ struct Run<'a, K, const N: usize> {
     offsets: &'a [usize],
     /// Where compact state lives, when the state is not `f32`.
     compact: Option<CompactRun<N>>,
+    /// The master weights (laid out as a state buffer), or null when no tensor has
+    /// half-precision weights.
+    master: MasterPtr,
 }
+
+/// The master weights' base pointer, shared by the tasks of one step.
+#[derive(Clone, Copy)]
+struct MasterPtr(*mut f32);
+
+// SAFETY: only dereferenced by the tasks of one step, which touch disjoint elements, while the
+// step holds `&mut` of the state.
+unsafe impl Send for MasterPtr {}
+// SAFETY: as above.
+unsafe impl Sync for MasterPtr {}
 
 impl<K: Kernel<N>, const N: usize> Run<'_, K, N> {
     /// Updates elements `start..start + len` of tensor `tensor`, whose weights and gradients are
@@ -845,19 +908,32 @@ impl<K: Kernel<N>, const N: usize> Run<'_, K, N> {
         };
         let at = self.offsets[tensor] + start;
         // SAFETY: the caller's contract; the state pointers are offset to the tensor's slice
-        // (of `f32` state; compact state is reached through `compact`, at the same element).
+        // (of `f32` state; compact state is reached through `compact`, at the same element);
+        // half-precision weights and gradients hold 16-bit elements; a tensor with
+        // half-precision weights has master weights (`prepare_master`).
         unsafe {
-            let compact = self.compact.map(|c| c.at(at));
+            let half = |d: Dtype| (d != Dtype::F32).then(|| hygiene::half_of(d));
+            let formats = Formats {
+                state: self.compact.map(|c| c.at(at)),
+                grads: half(t.g_dtype).map(|k| (k, t.g.cast::<u16>().add(start))),
+                weights: half(t.w_dtype).map(|k| (k, t.w.cast::<u16>().add(start))),
+            };
             let span = Span {
-                w: t.w.add(start),
-                g: t.g.add(start),
-                s: match compact {
+                w: match formats.weights {
+                    None => t.w.add(start),
+                    Some(_) => self.master.0.add(at),
+                },
+                g: match formats.grads {
+                    None => t.g.add(start),
+                    Some(_) => core::ptr::null(),
+                },
+                s: match formats.state {
                     None => core::array::from_fn(|j| self.state.0[j].add(at)),
                     Some(_) => [core::ptr::null_mut(); N],
                 },
                 len,
             };
-            simd::update_span(self.tier, kernel, prep, span, compact);
+            simd::update_span(self.tier, kernel, prep, span, formats);
         }
     }
 }

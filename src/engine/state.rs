@@ -53,6 +53,12 @@ pub(crate) struct State {
     pub buffers: Vec<StateBuf>,
     /// The format of the buffers.
     pub format: StateFormat,
+    /// The `f32` master weights of tensors whose trainer weights are half precision (laid out
+    /// as a state buffer), once a step has seen such a tensor.
+    pub master: Option<StateBuf>,
+    /// Which tensors' master weights hold their values (taken from the trainer's weights at
+    /// the tensor's first step in half precision).
+    pub master_ready: Vec<bool>,
 }
 
 impl State {
@@ -78,6 +84,8 @@ impl State {
             layout: Some(layout),
             buffers,
             format,
+            master: None,
+            master_ready: Vec::new(),
         })
     }
 

@@ -1,17 +1,28 @@
 //! A step's input: the caller's weight and gradient slices, captured once each at the start of
 //! the step ([`TensorList`]), or lent one tensor at a time ([`TensorFeed`]).
 
-use crate::types::StepError;
+use crate::types::{Dtype, Element, StepError};
 use core::marker::PhantomData;
 
-/// One tensor of a step: its weights and gradients as pointer and length, taken from the
-/// caller's borrows. `g` is null where the tensor has no gradient this step.
+/// One tensor of a step: its weights and gradients as pointer and length (in elements of their
+/// dtypes), taken from the caller's borrows. `g` is null where the tensor has no gradient this
+/// step. The pointers are typed `f32` but point to elements of `w_dtype` and `g_dtype`.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct TensorRef {
     pub w: *mut f32,
     pub w_len: usize,
     pub g: *const f32,
     pub g_len: usize,
+    pub w_dtype: Dtype,
+    pub g_dtype: Dtype,
+}
+
+/// A tensor's gradients as the norm pass reads them.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum GradView<'a> {
+    F32(&'a [f32]),
+    /// Half-precision bits and their format.
+    Half(Dtype, &'a [u16]),
 }
 
 impl TensorRef {
@@ -35,7 +46,7 @@ unsafe impl Sync for TensorRef {}
 #[derive(Debug)]
 pub struct TensorList<'a> {
     tensors: Vec<TensorRef>,
-    _borrows: PhantomData<(&'a mut [f32], &'a [f32])>,
+    _borrows: PhantomData<(&'a mut [u8], &'a [u8])>,
 }
 
 impl<'a> TensorList<'a> {
@@ -54,11 +65,21 @@ impl<'a> TensorList<'a> {
         &mut self,
         tensors: impl Iterator<Item = (&'a mut [f32], Option<&'a [f32]>)>,
     ) {
+        self.extend_typed(tensors);
+    }
+
+    /// Appends tensors of any element types, `None` for one without a gradient.
+    pub(crate) fn extend_typed<W: Element, G: Element>(
+        &mut self,
+        tensors: impl Iterator<Item = (&'a mut [W], Option<&'a [G]>)>,
+    ) {
         self.tensors.extend(tensors.map(|(w, g)| TensorRef {
-            w: w.as_mut_ptr(),
+            w: w.as_mut_ptr().cast(),
             w_len: w.len(),
-            g: g.map_or(core::ptr::null(), <[f32]>::as_ptr),
-            g_len: g.map_or(0, <[f32]>::len),
+            g: g.map_or(core::ptr::null(), |g| g.as_ptr().cast()),
+            g_len: g.map_or(0, <[G]>::len),
+            w_dtype: W::DTYPE,
+            g_dtype: G::DTYPE,
         }));
     }
 
@@ -84,14 +105,19 @@ impl<'a> TensorList<'a> {
     }
 
     /// Tensor `t`'s gradients, if it has any.
-    pub(crate) fn grads(&self, t: usize) -> Option<&[f32]> {
+    pub(crate) fn grads(&self, t: usize) -> Option<GradView<'_>> {
         let r = self.tensors[t];
         if !r.has_grad() {
             return None;
         }
-        // SAFETY: a non-null `g` and `g_len` come from a `&'a [f32]` (`extend`), which outlives
-        // `self`.
-        Some(unsafe { core::slice::from_raw_parts(r.g, r.g_len) })
+        // SAFETY: a non-null `g` and `g_len` come from a `&'a [G]` of `g_dtype` elements
+        // (`extend_typed`), which outlives `self`; half-precision types are 16-bit numbers.
+        Some(unsafe {
+            match r.g_dtype {
+                Dtype::F32 => GradView::F32(core::slice::from_raw_parts(r.g, r.g_len)),
+                kind => GradView::Half(kind, core::slice::from_raw_parts(r.g.cast(), r.g_len)),
+            }
+        })
     }
 }
 
@@ -154,6 +180,42 @@ impl<W: AsMut<[f32]>, G: AsRef<[f32]>> TensorSource for PartialLists<'_, W, G> {
         check_counts(self.weights.len(), self.grads.len())?;
         let pairs = self.weights.iter_mut().zip(self.grads);
         list.extend(pairs.map(|(w, g)| (w.as_mut(), g.as_ref().map(AsRef::as_ref))));
+        Ok(())
+    }
+}
+
+/// [`Lists`] of any element types: weights of `E`, gradients of `F`.
+pub(crate) struct TypedLists<'a, E, F, W, G> {
+    pub weights: &'a mut [W],
+    pub grads: &'a [G],
+    pub types: PhantomData<(E, F)>,
+}
+
+impl<E: Element, F: Element, W: AsMut<[E]>, G: AsRef<[F]>> TensorSource
+    for TypedLists<'_, E, F, W, G>
+{
+    fn capture<'s>(&'s mut self, list: &mut TensorList<'s>) -> Result<(), StepError> {
+        check_counts(self.weights.len(), self.grads.len())?;
+        let pairs = self.weights.iter_mut().zip(self.grads);
+        list.extend_typed(pairs.map(|(w, g)| (w.as_mut(), Some(g.as_ref()))));
+        Ok(())
+    }
+}
+
+/// [`PartialLists`] of any element types.
+pub(crate) struct TypedPartialLists<'a, E, F, W, G> {
+    pub weights: &'a mut [W],
+    pub grads: &'a [Option<G>],
+    pub types: PhantomData<(E, F)>,
+}
+
+impl<E: Element, F: Element, W: AsMut<[E]>, G: AsRef<[F]>> TensorSource
+    for TypedPartialLists<'_, E, F, W, G>
+{
+    fn capture<'s>(&'s mut self, list: &mut TensorList<'s>) -> Result<(), StepError> {
+        check_counts(self.weights.len(), self.grads.len())?;
+        let pairs = self.weights.iter_mut().zip(self.grads);
+        list.extend_typed(pairs.map(|(w, g)| (w.as_mut(), g.as_ref().map(AsRef::as_ref))));
         Ok(())
     }
 }

@@ -16,9 +16,11 @@ pub mod sgd;
 
 use crate::engine::{
     Engine, FeedStep, ListStep, Lists, PartialLists, StepRunner, TensorFeed, TensorSource,
+    TypedLists, TypedPartialLists,
 };
-use crate::types::{StepError, StepReport};
+use crate::types::{Element, StepError, StepReport};
 use core::fmt::Debug;
+use core::marker::PhantomData;
 
 /// An optimizer's update rule, implemented by its configuration type: [`SgdConfig`],
 /// [`MomentumConfig`], [`NagConfig`], [`AdaGradConfig`], [`RmsPropConfig`] and [`AdamConfig`].
@@ -307,6 +309,96 @@ impl<R: Rule> Fused<R> {
         grads: &[Option<G>],
     ) -> Result<StepReport, StepError> {
         self.step_source(&mut PartialLists { weights, grads })
+    }
+
+    /// [`step`](crate::Optimizer::step) with weights and gradients of any [`Element`] type:
+    /// bfloat16 or half-precision gradients are read as their exact `f32` values (bitwise the
+    /// step over `f32` copies of them). Half-precision weights are *master-weight* training: the
+    /// optimizer keeps an `f32` copy of them in its state (taken from them at the tensor's first
+    /// step), updates it, and writes it back rounded to nearest even, in the same pass.
+    ///
+    /// ```
+    /// use fusedopt::{Adam, AdamConfig, Optimizer, half::bf16};
+    /// let mut opt = Adam::new(AdamConfig { lr: 1e-4, ..AdamConfig::default() });
+    /// let mut w = vec![bf16::from_f32(1.0); 4];
+    /// let g = vec![bf16::from_f32(0.5); 4];
+    /// for _ in 0..3 {
+    ///     opt.step_typed(&mut w, &g)?;
+    /// }
+    /// // Each step moves the master weights by 1e-4, far below a bf16 ulp under 1.0 (2^-8): the
+    /// // bf16 weights round back to 1.0 while the master weights keep every step.
+    /// assert_eq!(w[0], bf16::from_f32(1.0));
+    /// for _ in 0..27 {
+    ///     opt.step_typed(&mut w, &g)?;
+    /// }
+    /// assert_eq!(w[0], bf16::from_f32(0.99609375)); // 1 - 3e-3, rounded to a bf16
+    /// # Ok::<(), fusedopt::StepError>(())
+    /// ```
+    ///
+    /// # Errors
+    /// As [`step`](crate::Optimizer::step).
+    pub fn step_typed<E: Element, F: Element>(
+        &mut self,
+        weights: &mut [E],
+        grads: &[F],
+    ) -> Result<StepReport, StepError> {
+        self.step_all_typed(&mut [weights], &[grads])
+    }
+
+    /// [`step_all`](Fused::step_all) with weights and gradients of any [`Element`] type (see
+    /// [`step_typed`](Fused::step_typed)); tensors may mix them.
+    ///
+    /// ```
+    /// use fusedopt::{Adam, AdamConfig, half::f16};
+    /// let mut opt = Adam::new(AdamConfig::default());
+    /// let mut weights = vec![vec![1.0f32; 3], vec![1.0f32; 5]];
+    /// let grads = vec![vec![f16::from_f32(0.5); 3], vec![f16::from_f32(-0.5); 5]];
+    /// opt.step_all_typed(&mut weights, &grads)?;
+    /// assert!(weights[0][0] < 1.0 && weights[1][0] > 1.0);
+    /// # Ok::<(), fusedopt::StepError>(())
+    /// ```
+    ///
+    /// # Errors
+    /// As [`step_all`](Fused::step_all).
+    pub fn step_all_typed<E: Element, F: Element, W: AsMut<[E]>, G: AsRef<[F]>>(
+        &mut self,
+        weights: &mut [W],
+        grads: &[G],
+    ) -> Result<StepReport, StepError> {
+        let types = PhantomData;
+        self.step_source(&mut TypedLists {
+            weights,
+            grads,
+            types,
+        })
+    }
+
+    /// [`step_partial`](Fused::step_partial) with weights and gradients of any [`Element`]
+    /// type (see [`step_typed`](Fused::step_typed)).
+    ///
+    /// ```
+    /// use fusedopt::{Optimizer, Sgd, SgdConfig, half::bf16};
+    /// let mut opt = Sgd::new(SgdConfig { lr: 0.5, ..SgdConfig::default() });
+    /// let mut weights = vec![vec![bf16::ONE; 2], vec![bf16::ONE; 2]];
+    /// opt.step_partial_typed(&mut weights, &[None, Some(vec![bf16::ONE; 2])])?;
+    /// assert_eq!(weights[1], [bf16::from_f32(0.5); 2]);
+    /// assert_eq!(weights[0], [bf16::ONE; 2]);
+    /// # Ok::<(), fusedopt::StepError>(())
+    /// ```
+    ///
+    /// # Errors
+    /// As [`step_all`](Fused::step_all).
+    pub fn step_partial_typed<E: Element, F: Element, W: AsMut<[E]>, G: AsRef<[F]>>(
+        &mut self,
+        weights: &mut [W],
+        grads: &[Option<G>],
+    ) -> Result<StepReport, StepError> {
+        let types = PhantomData;
+        self.step_source(&mut TypedPartialLists {
+            weights,
+            grads,
+            types,
+        })
     }
 
     /// One step over the tensors of `source` (a concrete source, or `dyn TensorSource`).

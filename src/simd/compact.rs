@@ -235,6 +235,56 @@ pub(crate) fn dequantize(map: Map, codes: &[u8], scale: f32, x: &mut [f32]) {
     }
 }
 
+/// A half-precision format of weights or gradients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Half {
+    /// bfloat16.
+    Bf16,
+    /// IEEE binary16.
+    F16,
+}
+
+impl Half {
+    /// The value of `bits`, exactly.
+    #[inline(always)]
+    pub(crate) fn to_f32(self, bits: u16) -> f32 {
+        match self {
+            Half::Bf16 => bf16_to_f32(bits),
+            Half::F16 => half::f16::from_bits(bits).to_f32(),
+        }
+    }
+
+    /// `x` rounded to nearest, ties to even (NaN stays NaN; beyond the range, infinity).
+    #[inline(always)]
+    pub(crate) fn round(self, x: f32) -> u16 {
+        match self {
+            Half::Bf16 => half::bf16::from_f32(x).to_bits(),
+            Half::F16 => half::f16::from_f32(x).to_bits(),
+        }
+    }
+}
+
+/// What a span reads and writes besides `f32` weights, gradients and state: compact state,
+/// half-precision gradients, and half-precision trainer weights behind `f32` master weights.
+#[derive(Clone, Copy)]
+pub(crate) struct Formats<const N: usize> {
+    /// The span's compact state; `None`: the `f32` state pointers of the span.
+    pub state: Option<CompactState<N>>,
+    /// The span's half-precision gradients (element 0); `None`: the span's `f32` gradients.
+    pub grads: Option<(Half, *const u16)>,
+    /// The trainer's half-precision weights of the span: the span updates the `f32` master
+    /// weights (its `w`) and writes them here rounded to nearest even.
+    pub weights: Option<(Half, *mut u16)>,
+}
+
+impl<const N: usize> Formats<N> {
+    /// Whether everything is `f32` (the plain span loop).
+    #[inline(always)]
+    pub(crate) fn all_f32(&self) -> bool {
+        self.state.is_none() && self.grads.is_none() && self.weights.is_none()
+    }
+}
+
 /// Where the compact state of one span lives, and how to read and write it.
 #[derive(Clone, Copy)]
 pub(crate) enum CompactState<const N: usize> {
@@ -254,27 +304,33 @@ pub(crate) enum CompactState<const N: usize> {
     },
 }
 
-/// Runs kernel `k` over a span whose state is compact, block by block, with lane type `V`.
+/// Runs kernel `k` over a span with compact state or half-precision weights or gradients, block
+/// by block, with lane type `V`: each block's compact state and half gradients are expanded to
+/// `f32` scratch arrays, the one kernel body runs over the block, the state is written back
+/// compact and the master weights rounded into the trainer's.
 ///
 /// # Safety
-/// `span.w` and `span.g` as in [`span_loop`] (`span.s` is ignored); every pointer of `state`
-/// valid for reads and writes of the span's elements (and, for 8-bit state, of its blocks'
-/// scales), not overlapping each other or the weights and gradients.
+/// `span.w` valid for reads and writes and `span.g` (unless `formats.grads`) for reads of the
+/// span's elements, and `span.s` (unless `formats.state`) as in [`span_loop`]; every pointer of
+/// `formats` valid for the span's elements (and, for 8-bit state, its blocks' scales); no two
+/// written ranges overlapping each other or a read one.
 #[inline(always)]
-pub(crate) unsafe fn compact_loop<K: Kernel<N>, V: Lane, const N: usize>(
+pub(crate) unsafe fn block_loop<K: Kernel<N>, V: Lane, const N: usize>(
     k: &K,
     span: Span<N>,
-    state: CompactState<N>,
+    formats: Formats<N>,
 ) {
     let mut scratch = [[0f32; BLOCK]; N];
+    let mut grads = [0f32; BLOCK];
     let mut start = 0;
     while start < span.len {
         let len = BLOCK.min(span.len - start);
         // SAFETY: `start + len <= span.len`, inside every range the caller vouched for; the
         // scratch arrays hold BLOCK elements.
         unsafe {
-            match state {
-                CompactState::Bf16 { s, .. } => {
+            match formats.state {
+                None => {}
+                Some(CompactState::Bf16 { s, .. }) => {
                     for j in 0..N {
                         let src = core::slice::from_raw_parts(s[j].add(start), len);
                         for (d, &b) in scratch[j][..len].iter_mut().zip(src) {
@@ -282,11 +338,11 @@ pub(crate) unsafe fn compact_loop<K: Kernel<N>, V: Lane, const N: usize>(
                         }
                     }
                 }
-                CompactState::Q8 {
+                Some(CompactState::Q8 {
                     codes,
                     scales,
                     maps,
-                } => {
+                }) => {
                     for j in 0..N {
                         let src = core::slice::from_raw_parts(codes[j].add(start), len);
                         let scale = *scales[j].add(start / BLOCK);
@@ -294,15 +350,38 @@ pub(crate) unsafe fn compact_loop<K: Kernel<N>, V: Lane, const N: usize>(
                     }
                 }
             }
+            let g = match formats.grads {
+                None => span.g.add(start),
+                Some((kind, p)) => {
+                    let src = core::slice::from_raw_parts(p.add(start), len);
+                    match kind {
+                        Half::Bf16 => {
+                            for (d, &b) in grads[..len].iter_mut().zip(src) {
+                                *d = bf16_to_f32(b);
+                            }
+                        }
+                        Half::F16 => {
+                            for (d, &b) in grads[..len].iter_mut().zip(src) {
+                                *d = Half::F16.to_f32(b);
+                            }
+                        }
+                    }
+                    grads.as_ptr()
+                }
+            };
             let block = Span {
                 w: span.w.add(start),
-                g: span.g.add(start),
-                s: core::array::from_fn(|j| scratch[j].as_mut_ptr()),
+                g,
+                s: match formats.state {
+                    None => span.s.map(|p| p.add(start)),
+                    Some(_) => core::array::from_fn(|j| scratch[j].as_mut_ptr()),
+                },
                 len,
             };
             span_loop::<K, V, N>(k, block);
-            match state {
-                CompactState::Bf16 { s, seeds, index } => {
+            match formats.state {
+                None => {}
+                Some(CompactState::Bf16 { s, seeds, index }) => {
                     let first = index.wrapping_add(start as u32);
                     for j in 0..N {
                         let dst = core::slice::from_raw_parts_mut(s[j].add(start), len);
@@ -313,14 +392,30 @@ pub(crate) unsafe fn compact_loop<K: Kernel<N>, V: Lane, const N: usize>(
                         }
                     }
                 }
-                CompactState::Q8 {
+                Some(CompactState::Q8 {
                     codes,
                     scales,
                     maps,
-                } => {
+                }) => {
                     for j in 0..N {
                         let dst = core::slice::from_raw_parts_mut(codes[j].add(start), len);
                         *scales[j].add(start / BLOCK) = quantize(maps[j], &scratch[j][..len], dst);
+                    }
+                }
+            }
+            if let Some((kind, p)) = formats.weights {
+                let master = core::slice::from_raw_parts(span.w.add(start), len);
+                let dst = core::slice::from_raw_parts_mut(p.add(start), len);
+                match kind {
+                    Half::Bf16 => {
+                        for (d, &x) in dst.iter_mut().zip(master) {
+                            *d = Half::Bf16.round(x);
+                        }
+                    }
+                    Half::F16 => {
+                        for (d, &x) in dst.iter_mut().zip(master) {
+                            *d = Half::F16.round(x);
+                        }
                     }
                 }
             }

@@ -21,7 +21,7 @@ mod portable;
 #[cfg(target_arch = "x86_64")]
 mod x86_avx2;
 
-pub(crate) use compact::{BLOCK, CompactState, Map};
+pub(crate) use compact::{BLOCK, CompactState, Formats, Half, Map};
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) use x86_avx2::Avx2;
@@ -326,22 +326,23 @@ unsafe fn span_loop<K: Kernel<N>, V: Lane, const N: usize>(k: &K, span: Span<N>)
     }
 }
 
-/// The one body every tier instantiates: the span loop over `f32` state, or the block loop over
-/// compact state.
+/// The one body every tier instantiates: the span loop when everything is `f32`, else the
+/// block loop over compact state and half-precision weights or gradients.
 ///
 /// # Safety
-/// The pointer contract of [`span_loop`], or of [`compact::compact_loop`] with `compact`.
+/// The pointer contract of [`span_loop`], or of [`compact::block_loop`] with `formats`.
 #[inline(always)]
 unsafe fn span_body<K: Kernel<N>, V: Lane, const N: usize>(
     k: &K,
     span: Span<N>,
-    compact: Option<CompactState<N>>,
+    formats: Formats<N>,
 ) {
     // SAFETY: forwarded from the caller.
     unsafe {
-        match compact {
-            None => span_loop::<K, V, N>(k, span),
-            Some(state) => compact::compact_loop::<K, V, N>(k, span, state),
+        if formats.all_f32() {
+            span_loop::<K, V, N>(k, span)
+        } else {
+            compact::block_loop::<K, V, N>(k, span, formats)
         }
     }
 }
@@ -391,17 +392,17 @@ impl<K: Kernel<N>, const N: usize, const DIV: bool, const SCALE: bool, const L2:
 }
 
 /// Runs kernel `k` over `span` on `tier`, with gradients read through `prep`, and the state in
-/// `f32` (`compact` is `None`, the state pointers of `span`) or in a compact format.
+/// `f32` or compact, weights and gradients in `f32` or half precision (`formats`).
 ///
 /// # Safety
-/// The pointer contract of [`span_loop`], or of [`compact::compact_loop`] with `compact`.
+/// The pointer contract of [`span_loop`], or of [`compact::block_loop`] with `formats`.
 #[inline]
 pub(crate) unsafe fn update_span<K: Kernel<N>, const N: usize>(
     tier: Tier,
     k: &K,
     prep: GradPrep,
     span: Span<N>,
-    compact: Option<CompactState<N>>,
+    formats: Formats<N>,
 ) {
     macro_rules! prepped {
         ($div:literal, $scale:literal, $l2:literal) => {
@@ -409,14 +410,14 @@ pub(crate) unsafe fn update_span<K: Kernel<N>, const N: usize>(
                 tier,
                 &Prepped::<K, $div, $scale, $l2> { kernel: k, prep },
                 span,
-                compact,
+                formats,
             )
         };
     }
     // SAFETY: forwarded from the caller.
     unsafe {
         match (prep.div != 1.0, prep.factor != 1.0, prep.wd != 0.0) {
-            (false, false, false) => update_span_on(tier, k, span, compact),
+            (false, false, false) => update_span_on(tier, k, span, formats),
             (false, true, false) => prepped!(false, true, false),
             (false, false, true) => prepped!(false, false, true),
             (false, true, true) => prepped!(false, true, true),
@@ -437,16 +438,16 @@ unsafe fn update_span_on<K: Kernel<N>, const N: usize>(
     tier: Tier,
     k: &K,
     span: Span<N>,
-    compact: Option<CompactState<N>>,
+    formats: Formats<N>,
 ) {
     // SAFETY: forwarded from the caller; each arm instantiates the same body for one tier, and
     // the AVX2 arm holds the token that proves the CPU has AVX2.
     unsafe {
         match tier {
-            Tier::Scalar => span_body::<K, f32, N>(k, span, compact),
-            Tier::Portable => portable::update_span(k, span, compact),
+            Tier::Scalar => span_body::<K, f32, N>(k, span, formats),
+            Tier::Portable => portable::update_span(k, span, formats),
             #[cfg(target_arch = "x86_64")]
-            Tier::Avx2(token) => x86_avx2::update_span(token, k, span, compact),
+            Tier::Avx2(token) => x86_avx2::update_span(token, k, span, formats),
         }
     }
 }
@@ -465,10 +466,34 @@ pub(crate) fn sum_squares(tier: Tier, g: &[f32]) -> f64 {
     }
 }
 
+/// [`sum_squares`] of half-precision gradients: each element read as its exact `f32` value, the
+/// squares added in the same order as [`sum_squares`] adds those of an `f32` slice, so the
+/// result equals the sum over the converted gradients bit for bit.
+pub(crate) fn sum_squares_half(kind: Half, g: &[u16]) -> f64 {
+    let mut acc = [0f64; 8];
+    let mut buf = [0f32; BLOCK];
+    // Blocks of BLOCK (a multiple of 8) keep element i on accumulator i % 8.
+    for block in g.chunks(BLOCK) {
+        for (d, &b) in buf.iter_mut().zip(block) {
+            *d = kind.to_f32(b);
+        }
+        accumulate(&mut acc, &buf[..block.len()]);
+    }
+    combine(&acc)
+}
+
 /// The one body of [`sum_squares`], inlined into each tier.
 #[inline(always)]
 fn sum_squares_body(g: &[f32]) -> f64 {
     let mut acc = [0f64; 8];
+    accumulate(&mut acc, g);
+    combine(&acc)
+}
+
+/// Adds the squares of `g` into `acc`: element `i` (counted from the start of `g`) into
+/// `acc[i % 8]`, in order.
+#[inline(always)]
+fn accumulate(acc: &mut [f64; 8], g: &[f32]) {
     let mut add = |row: &[f32]| {
         for (a, &x) in acc.iter_mut().zip(row) {
             let x = f64::from(x);
@@ -486,6 +511,11 @@ fn sum_squares_body(g: &[f32]) -> f64 {
     let (full, tail) = rest.split_at(rest.len() / 8 * 8);
     full.chunks_exact(8).for_each(&mut add);
     add(tail);
+}
+
+/// The accumulators' sum, pairwise.
+#[inline(always)]
+fn combine(acc: &[f64; 8]) -> f64 {
     ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))
 }
 

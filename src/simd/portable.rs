@@ -1,6 +1,6 @@
 //! The portable tier: `wide::f32x8`, compiled for whatever target features the build has.
 
-use super::{CompactState, Kernel, Lane, Span, span_body};
+use super::{Formats, Kernel, Lane, Span, span_body};
 use wide::{Select, f32x8};
 
 impl Lane for f32x8 {
@@ -46,8 +46,8 @@ impl Lane for f32x8 {
 pub(super) unsafe fn update_span<K: Kernel<N>, const N: usize>(
     k: &K,
     span: Span<N>,
-    compact: Option<CompactState<N>>,
+    formats: Formats<N>,
 ) {
     // SAFETY: forwarded from the caller.
-    unsafe { span_body::<K, f32x8, N>(k, span, compact) }
+    unsafe { span_body::<K, f32x8, N>(k, span, formats) }
 }

@@ -12,7 +12,7 @@
 //! [`Ymm`] is private to this module and instantiated only inside [`update_span`], so its
 //! arithmetic, which uses AVX2 without a check, never runs without that proof.
 
-use super::{CompactState, Kernel, Lane, SimdLevel, Span, span_body, sum_squares_body};
+use super::{Formats, Kernel, Lane, SimdLevel, Span, span_body, sum_squares_body};
 use core::arch::x86_64::*;
 use core::ops::{Add, Div, Mul, Neg, Sub};
 
@@ -110,10 +110,10 @@ pub(super) unsafe fn update_span<K: Kernel<N>, const N: usize>(
     _: Avx2,
     k: &K,
     span: Span<N>,
-    compact: Option<CompactState<N>>,
+    formats: Formats<N>,
 ) {
     // SAFETY: the token proves AVX2 and FMA; the pointer contract is forwarded.
-    unsafe { update_span_avx2(k, span, compact) }
+    unsafe { update_span_avx2(k, span, formats) }
 }
 
 /// # Safety
@@ -122,10 +122,10 @@ pub(super) unsafe fn update_span<K: Kernel<N>, const N: usize>(
 unsafe fn update_span_avx2<K: Kernel<N>, const N: usize>(
     k: &K,
     span: Span<N>,
-    compact: Option<CompactState<N>>,
+    formats: Formats<N>,
 ) {
     // SAFETY: forwarded from the caller; AVX2 is enabled for this function's body.
-    unsafe { span_body::<K, Ymm, N>(k, span, compact) }
+    unsafe { span_body::<K, Ymm, N>(k, span, formats) }
 }
 
 /// [`sum_squares_body`] compiled for AVX2.
