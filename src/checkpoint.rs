@@ -23,6 +23,10 @@
 //! tensor of codes `<buffer>.<tensor>` followed by an `F32` tensor of its blocks' scales,
 //! `<buffer>.<tensor>.scale`. A file loads only into an optimizer set to its format.
 //!
+//! The `f32` master weights of tensors trained with half-precision weights are saved as `F32`
+//! tensors `master.<tensor>`; the metadata entry `master` lists those tensors (comma-separated;
+//! empty or absent when none).
+//!
 //! Version 1 files (without `tensor_steps` and `names`) still load: every tensor has then taken
 //! `steps` steps, and the tensors have no names.
 //!
@@ -39,7 +43,9 @@
 //! buffers, layout, steps, groups, hyperparameters) and [`fit`] (the buffers in the engine's
 //! layout).
 
-use crate::engine::{State, check_groups, check_names, state_bytes_per_element, state_unit};
+use crate::engine::{
+    State, check_groups, check_names, state_bytes_per_element, state_unit, zeroed_buffer,
+};
 use crate::optim::{FieldValue, Rule, field_texts};
 use crate::plan::Layout;
 use crate::types::{ParamGroup, StateFormat, StepError};
@@ -457,6 +463,20 @@ pub(crate) fn save<R: Rule>(
     metadata.insert("buffers".to_string(), buffers.join(","));
     metadata.insert("groups".to_string(), encode_groups(groups));
     metadata.insert("state_format".to_string(), state.format.name().to_string());
+    let masters: Vec<usize> = match &state.master {
+        Some(_) => (0..state.master_ready.len())
+            .filter(|&t| state.master_ready[t])
+            .collect(),
+        None => Vec::new(),
+    };
+    metadata.insert(
+        "master".to_string(),
+        masters
+            .iter()
+            .map(usize::to_string)
+            .collect::<Vec<_>>()
+            .join(","),
+    );
     for (field, value) in field_texts(config) {
         metadata.insert(format!("config.{field}"), value);
     }
@@ -492,6 +512,14 @@ pub(crate) fn save<R: Rule>(
                 ));
             }
         }
+    }
+    for &t in &masters {
+        let data = state.master_tensor(t);
+        let shape = [data.len()];
+        tensors.push((
+            format!("master.{t}"),
+            SaveView::F32(F32View { data, shape }),
+        ));
     }
     let sum = checksum(
         &metadata,
@@ -607,6 +635,8 @@ struct StateFile<'a> {
     format: StateFormat,
     /// For 8-bit state, `scales[b * lens.len() + t]` is the block scales of `tensors[..]`.
     scales: Vec<TensorView<'a>>,
+    /// The master weights: (tensor, values).
+    masters: Vec<(usize, TensorView<'a>)>,
 }
 
 impl StateFile<'_> {
@@ -714,6 +744,22 @@ fn parse<'a>(path: &'a Path, bytes: &'a [u8]) -> Result<StateFile<'a>, StateErro
             }
         }
     }
+    let master_list = metadata.get("master").map_or("", String::as_str);
+    let mut masters = Vec::new();
+    if !master_list.is_empty() {
+        for text in master_list.split(',') {
+            let t: usize = text
+                .parse()
+                .ok()
+                .filter(|&t| t < count && masters.iter().all(|(m, _)| *m < t))
+                .ok_or_else(|| bad(format!("unreadable master list {master_list:?}")))?;
+            let name = format!("master.{t}");
+            let view = read(&name, Dtype::F32, lens.as_ref().map_or(0, |l| l[t]))?;
+            names.push(name);
+            views.push(view.clone());
+            masters.push((t, view));
+        }
+    }
     if safetensors.len() != views.len() {
         return Err(bad(format!(
             "{} tensors, expected {}",
@@ -743,6 +789,7 @@ fn parse<'a>(path: &'a Path, bytes: &'a [u8]) -> Result<StateFile<'a>, StateErro
         tensors,
         format,
         scales,
+        masters,
     })
 }
 
@@ -944,6 +991,11 @@ fn read_config<R: Rule>(file: &StateFile<'_>) -> Result<R, StateError> {
     Ok(config)
 }
 
+/// The length of a state buffer of `state`'s layout.
+fn layout_total(state: &State) -> usize {
+    state.layout.as_ref().map_or(0, Layout::total)
+}
+
 /// Stage 3: the file's buffers copied into a [`State`] laid out as the engine keeps it.
 fn fit(
     file: &StateFile<'_>,
@@ -963,6 +1015,25 @@ fn fit(
         StepError::OutOfMemory { elements } => StateError::OutOfMemory { elements },
         error => config_error(file, error),
     })?;
+    if !file.masters.is_empty() {
+        let mut master = zeroed_buffer(layout_total(&state)).map_err(|e| match e {
+            StepError::OutOfMemory { elements } => StateError::OutOfMemory { elements },
+            error => config_error(file, error),
+        })?;
+        let layout = state.layout.as_ref().expect("zeroed with a layout");
+        let mut ready = vec![false; count];
+        for (t, view) in &file.masters {
+            for (x, b) in master[layout.range(*t)]
+                .iter_mut()
+                .zip(view.data().chunks_exact(4))
+            {
+                *x = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            }
+            ready[*t] = true;
+        }
+        state.master = Some(master);
+        state.master_ready = ready;
+    }
     if file.format == StateFormat::F32 {
         for (i, view) in file.tensors.iter().enumerate() {
             let out = state.tensor_mut(i / count, i % count);

@@ -211,3 +211,45 @@ fn non_finite_half_gradients_follow_the_policy() {
     opt.step_typed(&mut w, &[f16::ONE; 4]).unwrap();
     assert!(w.iter().all(|x| x.to_f32() < 1.0));
 }
+
+#[test]
+fn master_weights_survive_a_state_file() {
+    let dir = std::env::temp_dir();
+    for config in variants() {
+        for format in StateFormat::ALL {
+            let path = dir.join(format!(
+                "fusedopt-half-{}-{format}.safetensors",
+                std::process::id()
+            ));
+            let (w0, grads) = data(3);
+            let start: Vec<Vec<f16>> = to(&w0, f16::from_f32);
+            let mut whole = config.build();
+            whole.set_state_format(format).unwrap();
+            let mut w_whole = start.clone();
+            for g in &grads {
+                whole
+                    .step_all_typed(&mut w_whole, &to(g, bf16::from_f32))
+                    .unwrap();
+            }
+            let mut first = config.build();
+            first.set_state_format(format).unwrap();
+            let mut w = start.clone();
+            for g in &grads[..2] {
+                first
+                    .step_all_typed(&mut w, &to(g, bf16::from_f32))
+                    .unwrap();
+            }
+            first.save_state(&path).unwrap();
+            let mut second = config.build();
+            second.set_state_format(format).unwrap();
+            second.load_state(&path).unwrap();
+            for g in &grads[2..] {
+                second
+                    .step_all_typed(&mut w, &to(g, bf16::from_f32))
+                    .unwrap();
+            }
+            assert_eq!(w, w_whole, "{config} {format}");
+            std::fs::remove_file(&path).unwrap();
+        }
+    }
+}

@@ -42,7 +42,9 @@ mod tensors;
 
 pub(crate) use groups::{CommonConfig, GroupHyper, check_groups};
 pub(crate) use state::State;
-pub(crate) use state::{bytes_per_element as state_bytes_per_element, unit as state_unit};
+pub(crate) use state::{
+    bytes_per_element as state_bytes_per_element, unit as state_unit, zeroed_buffer,
+};
 pub use tensors::{FeedError, TensorFeed};
 pub(crate) use tensors::{
     Lists, Pairs, PartialLists, TensorList, TensorRef, TensorSource, TypedLists, TypedPartialLists,
@@ -770,11 +772,14 @@ fn prepare_state(
     buffers: usize,
     format: StateFormat,
 ) -> Result<bool, StepError> {
-    // Buffers held keep their format (`set_state_format` refuses another).
-    let format = if state.buffers.is_empty() {
-        format
-    } else {
+    // Buffers held keep their format (`set_state_format` refuses another); a rule without
+    // buffers keeps its layout in the plain unit whatever the setting.
+    let format = if !state.buffers.is_empty() {
         state.format
+    } else if buffers == 0 {
+        StateFormat::F32
+    } else {
+        format
     };
     let unit = state::unit(format);
     let new_layout = !state

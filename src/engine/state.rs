@@ -142,6 +142,15 @@ impl State {
         &self.buffers[b][layout.range(t)]
     }
 
+    /// Tensor `t`'s master weights (it must have some).
+    pub(crate) fn master_tensor(&self, t: usize) -> &[f32] {
+        let layout = self
+            .layout
+            .as_ref()
+            .expect("master weights exist only with a layout");
+        &self.master.as_ref().expect("checked by the caller")[layout.range(t)]
+    }
+
     /// Tensor `t`'s slice of `f32` buffer `b`, to fill.
     pub(crate) fn tensor_mut(&mut self, b: usize, t: usize) -> &mut [f32] {
         debug_assert_eq!(self.format, StateFormat::F32);
