@@ -73,7 +73,7 @@ fn loss_and_grad(p: &[Vec<f32>], xs: &[[f32; IN]], ys: &[f32]) -> (f32, Vec<Vec<
                 d_out * p[4][k] * (1.0 - h2[k] * h2[k])
             })
             .collect();
-        let mut d1 = vec![0.0; H];
+        let mut d1 = [0.0; H];
         for j in 0..H {
             for k in 0..H {
                 g[2][j * H + k] += h1[j] * d2[k];
