@@ -249,47 +249,104 @@ fn alternate(reps: usize, mut a: impl FnMut(), mut b: impl FnMut()) -> (f64, f64
     (median(ta), median(tb))
 }
 
-/// Adam with bf16 and 8-bit state against f32 state, all steps timed in rotation.
+/// Adam with bf16 and 8-bit state, bf16 gradients, and bf16 master-weight training, against
+/// the all-f32 step, all timed in rotation; and the master-weight step against a same-stream
+/// pass over its bytes.
 fn formats(sizes: &[usize]) {
+    use fusedopt::half::bf16;
     println!(
-        "Adam state formats vs f32 state: {} threads, {} kernels; medians of rotating runs",
+        "Adam state formats and half precision vs the all-f32 step: {} threads, {} kernels; \
+         medians of rotating runs",
         rayon::current_num_threads(),
         simd_level()
     );
     for &n in sizes {
         let reps = if n >= 16 << 20 { 21 } else { 101 };
         let (w0, g) = data(n);
-        let mut opts: Vec<(StateFormat, Adam, Vec<f32>)> = StateFormat::ALL
-            .into_iter()
-            .map(|f| {
-                let mut o = Adam::new(AdamConfig::default());
-                o.set_state_format(f).unwrap();
-                (f, o, w0.clone())
-            })
-            .collect();
-        let mut runs: Vec<Box<dyn FnMut()>> = opts
-            .iter_mut()
-            .map(|(_, o, w)| {
-                let g = &g;
-                Box::new(move || {
-                    o.step(w, g).unwrap();
-                }) as Box<dyn FnMut()>
-            })
-            .collect();
-        let mut refs: Vec<&mut dyn FnMut()> = runs
-            .iter_mut()
-            .map(|r| r.as_mut() as &mut dyn FnMut())
-            .collect();
-        let times = rotate(reps, &mut refs);
-        for (f, t) in StateFormat::ALL.iter().zip(&times) {
+        let g16: Vec<bf16> = g.iter().map(|&x| bf16::from_f32(x)).collect();
+        let adam = |format: StateFormat| {
+            let mut o = Adam::new(AdamConfig::default());
+            o.set_state_format(format).unwrap();
+            o
+        };
+        let (mut o_f32, mut o_bf16, mut o_q8) = (
+            adam(StateFormat::F32),
+            adam(StateFormat::Bf16),
+            adam(StateFormat::Q8),
+        );
+        let (mut o_g16q8, mut o_master) = (adam(StateFormat::Q8), adam(StateFormat::F32));
+        let (mut w1, mut w2, mut w3, mut w4) = (w0.clone(), w0.clone(), w0.clone(), w0.clone());
+        let mut wh: Vec<bf16> = w0.iter().map(|&x| bf16::from_f32(x)).collect();
+        let mut ws = wh.clone();
+        let mut stream = HalfStream::new(n);
+        let mut runs: [&mut dyn FnMut(); 6] = [
+            &mut || drop(o_f32.step(&mut w1, &g).unwrap()),
+            &mut || drop(o_bf16.step(&mut w2, &g).unwrap()),
+            &mut || drop(o_q8.step(&mut w3, &g).unwrap()),
+            &mut || drop(o_g16q8.step_typed(&mut w4, &g16).unwrap()),
+            &mut || drop(o_master.step_typed(&mut wh, &g16).unwrap()),
+            &mut || stream.pass(&mut ws, &g16),
+        ];
+        let times = rotate(reps, &mut runs);
+        let names = [
+            ("f32 weights, grads, state", 28.0),
+            ("bf16 state", 20.0),
+            ("q8 state", 16.0 + 16.0 / 256.0),
+            ("bf16 grads, q8 state", 14.0 + 16.0 / 256.0),
+            ("bf16 weights+grads, f32 master", 30.0),
+        ];
+        for ((name, bytes), t) in names.iter().zip(&times) {
             println!(
-                "{:>5} state {:<5} {:>8.2} ms  {:.2}x the f32-state step",
+                "{:>5} {name:<32} {:>8.2} ms  {:.2}x the f32 step  {bytes:>5.2} B/param  {:>6.1} GB/s",
                 label(n),
-                f.name(),
                 t * 1e3,
-                times[0] / t
+                times[0] / t,
+                bytes * n as f64 / t / 1e9
             );
         }
+        println!(
+            "{:>5} master-weight step at {:.2} of its same-stream pass ({:.2} ms)",
+            label(n),
+            times[5] / times[4],
+            times[5] * 1e3
+        );
+    }
+}
+
+/// The streams of a bf16 master-weight Adam step with trivial arithmetic: read bf16 weights and
+/// gradients and f32 master, m and v; write all but the gradients (30 bytes per parameter).
+struct HalfStream {
+    master: Vec<f32>,
+    m: Vec<f32>,
+    v: Vec<f32>,
+}
+
+impl HalfStream {
+    fn new(n: usize) -> Self {
+        HalfStream {
+            master: vec![0.0; n],
+            m: vec![0.0; n],
+            v: vec![0.0; n],
+        }
+    }
+
+    fn pass(&mut self, w: &mut [fusedopt::half::bf16], g: &[fusedopt::half::bf16]) {
+        use rayon::prelude::*;
+        const CHUNK: usize = 1 << 16;
+        w.par_chunks_mut(CHUNK)
+            .zip(g.par_chunks(CHUNK))
+            .zip(self.master.par_chunks_mut(CHUNK))
+            .zip(self.m.par_chunks_mut(CHUNK))
+            .zip(self.v.par_chunks_mut(CHUNK))
+            .for_each(|((((w, g), ms), m), v)| {
+                for i in 0..w.len() {
+                    let gi = f32::from_bits(u32::from(g[i].to_bits()) << 16);
+                    m[i] += gi;
+                    v[i] += gi;
+                    ms[i] += gi + f32::from_bits(u32::from(w[i].to_bits()) << 16);
+                    w[i] = fusedopt::half::bf16::from_bits((ms[i].to_bits() >> 16) as u16);
+                }
+            });
     }
 }
 

@@ -5,6 +5,7 @@
 //! cargo run --release --example train -- --optimizer momentum:lr=0.05,momentum=0.9 --epochs 30
 //! cargo run --release --example train -- --optimizer adamw:lr=0.01,weight_decay=0.01 \
 //!     --schedule warmup-cosine
+//! cargo run --release --example train -- --optimizer adam --state-format q8
 //! ```
 //!
 //! `--optimizer` takes a configuration string, `name[:field=value,...]` (see
@@ -43,6 +44,10 @@ struct Args {
     /// Clip every step by the global gradient norm (torch.nn.utils.clip_grad_norm_'s rule).
     #[arg(long)]
     max_grad_norm: Option<f32>,
+    /// How the optimizer stores its state: f32, bf16 (stochastic rounding) or q8 (8-bit
+    /// block-wise).
+    #[arg(long, default_value = "f32")]
+    state_format: StateFormat,
     /// Learning-rate schedule over the whole run.
     #[arg(long, value_enum, default_value = "constant")]
     schedule: Lr,
@@ -246,6 +251,7 @@ fn train(args: &Args, threads: usize) -> Result<(), Box<dyn std::error::Error + 
     let mut model = Mlp::new(args.hidden, &mut rng);
     let mut opt = args.optimizer.build();
     opt.set_max_grad_norm(args.max_grad_norm);
+    opt.set_state_format(args.state_format)?;
     // W1, b1, W2, b2: no weight decay on the biases.
     let decay = ParamGroup::DEFAULT;
     opt.set_param_groups(&[
