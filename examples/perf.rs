@@ -280,11 +280,21 @@ fn formats(sizes: &[usize]) {
         let mut ws = wh.clone();
         let mut stream = HalfStream::new(n);
         let mut runs: [&mut dyn FnMut(); 6] = [
-            &mut || drop(o_f32.step(&mut w1, &g).unwrap()),
-            &mut || drop(o_bf16.step(&mut w2, &g).unwrap()),
-            &mut || drop(o_q8.step(&mut w3, &g).unwrap()),
-            &mut || drop(o_g16q8.step_typed(&mut w4, &g16).unwrap()),
-            &mut || drop(o_master.step_typed(&mut wh, &g16).unwrap()),
+            &mut || {
+                o_f32.step(&mut w1, &g).unwrap();
+            },
+            &mut || {
+                o_bf16.step(&mut w2, &g).unwrap();
+            },
+            &mut || {
+                o_q8.step(&mut w3, &g).unwrap();
+            },
+            &mut || {
+                o_g16q8.step_typed(&mut w4, &g16).unwrap();
+            },
+            &mut || {
+                o_master.step_typed(&mut wh, &g16).unwrap();
+            },
             &mut || stream.pass(&mut ws, &g16),
         ];
         let times = rotate(reps, &mut runs);
