@@ -254,8 +254,8 @@ pub trait Optimizer: sealed::Sealed + Send {
     /// ```
     fn state_names(&self) -> Vec<&'static str>;
 
-    /// The bytes of memory the state buffers hold (every buffer, padding included); 0 before
-    /// the first step.
+    /// The bytes of memory the state holds: every state buffer, padding included, and the
+    /// `f32` master weights of half-precision weights; 0 before the first step.
     ///
     /// ```
     /// use fusedopt::{Adam, AdamConfig, Optimizer};
@@ -747,8 +747,10 @@ impl<R: Rule> Optimizer for Fused<R> {
         R::BUFFERS[..held].iter().map(|b| b.name).collect()
     }
     fn state_bytes(&self) -> usize {
-        let buffers = &self.engine.state().buffers;
-        buffers.iter().map(|b| b.len() * size_of::<f32>()).sum()
+        let state = self.engine.state();
+        let master = state.master.as_ref().map_or(0, |m| m.len());
+        let words: usize = state.buffers.iter().map(|b| b.len()).sum();
+        (words + master) * size_of::<f32>()
     }
     fn set_state_format(&mut self, format: StateFormat) -> Result<(), StepError> {
         self.engine.set_state_format(format)
