@@ -202,6 +202,18 @@ pub trait Lane:
     /// # Safety
     /// `p` must be valid for writes of `WIDTH` `f32`s.
     unsafe fn store(self, p: *mut f32);
+    /// Loads `WIDTH` bfloat16 values from `p` (exactly).
+    ///
+    /// # Safety
+    /// `p` must be valid for reads of `WIDTH` `u16`s.
+    unsafe fn load_bf16(p: *const u16) -> Self;
+    /// Stores every lane to `p` as bfloat16, rounded stochastically
+    /// ([`compact::bf16_stochastic`]) with lane `l`'s random number
+    /// [`compact::random`]`(seed, index + l)`.
+    ///
+    /// # Safety
+    /// `p` must be valid for writes of `WIDTH` `u16`s.
+    unsafe fn store_bf16(self, p: *mut u16, seed: u32, index: u32);
     /// Hints that the cache line holding `p` will be read soon. `p` may point anywhere (a
     /// prefetch never faults); tiers without a prefetch instruction do nothing.
     #[inline(always)]
@@ -239,6 +251,74 @@ impl Lane for f32 {
     unsafe fn store(self, p: *mut f32) {
         // SAFETY: the caller guarantees `p` is valid for one write.
         unsafe { p.write(self) }
+    }
+    #[inline(always)]
+    unsafe fn load_bf16(p: *const u16) -> Self {
+        // SAFETY: the caller guarantees one readable element.
+        compact::bf16_to_f32(unsafe { p.read() })
+    }
+    #[inline(always)]
+    unsafe fn store_bf16(self, p: *mut u16, seed: u32, index: u32) {
+        // SAFETY: the caller guarantees one writable element.
+        unsafe { p.write(compact::bf16_stochastic(self, compact::random(seed, index))) }
+    }
+}
+
+/// Updates the `V::WIDTH` elements at `i` of a span whose state is bf16 at `s`.
+///
+/// # Safety
+/// The pointer contract of [`span_loop`] for `w` and `g`, and `s[j]` valid for `i + V::WIDTH`
+/// elements, with `i + V::WIDTH <= span.len`.
+#[inline(always)]
+unsafe fn update_vector_bf16<K: Kernel<N>, V: Lane, const N: usize>(
+    k: &K,
+    span: &Span<N>,
+    s: &[*mut u16; N],
+    seeds: &[u32; N],
+    index: u32,
+    i: usize,
+) {
+    // SAFETY: elements `i..i + V::WIDTH` lie inside every range (caller's contract).
+    unsafe {
+        let mut st = [V::splat(0.0); N];
+        for (v, p) in st.iter_mut().zip(s) {
+            *v = V::load_bf16(p.add(i));
+        }
+        let nw = k.update(V::load(span.w.add(i)), V::load(span.g.add(i)), &mut st);
+        nw.store(span.w.add(i));
+        let at = index.wrapping_add(i as u32);
+        for ((v, p), &seed) in st.into_iter().zip(s).zip(seeds) {
+            v.store_bf16(p.add(i), seed, at);
+        }
+    }
+}
+
+/// The span loop over bf16 state (f32 weights and gradients): the state converted in registers.
+///
+/// # Safety
+/// As [`update_vector_bf16`] over the whole span.
+#[inline(always)]
+unsafe fn span_loop_bf16<K: Kernel<N>, V: Lane, const N: usize>(
+    k: &K,
+    span: Span<N>,
+    s: [*mut u16; N],
+    seeds: [u32; N],
+    index: u32,
+) {
+    let mut i = 0;
+    // SAFETY: `i + V::WIDTH <= len` in the vector loop and `i < len` in the tail.
+    unsafe {
+        while i + 2 * V::WIDTH <= span.len {
+            V::prefetch(span.w.wrapping_add(i + PREFETCH_AHEAD));
+            V::prefetch(span.g.wrapping_add(i + PREFETCH_AHEAD));
+            update_vector_bf16::<K, V, N>(k, &span, &s, &seeds, index, i);
+            update_vector_bf16::<K, V, N>(k, &span, &s, &seeds, index, i + V::WIDTH);
+            i += 2 * V::WIDTH;
+        }
+        while i < span.len {
+            update_vector_bf16::<K, f32, N>(k, &span, &s, &seeds, index, i);
+            i += 1;
+        }
     }
 }
 
@@ -341,6 +421,10 @@ unsafe fn span_body<K: Kernel<N>, V: Lane, const N: usize>(
     unsafe {
         if formats.all_f32() {
             span_loop::<K, V, N>(k, span)
+        } else if let (Some(CompactState::Bf16 { s, seeds, index }), None, None) =
+            (formats.state, formats.grads, formats.weights)
+        {
+            span_loop_bf16::<K, V, N>(k, span, s, seeds, index)
         } else {
             compact::block_loop::<K, V, N>(k, span, formats)
         }

@@ -29,6 +29,22 @@ impl Lane for f32x8 {
         unsafe { p.cast::<[f32; 8]>().write_unaligned(self.to_array()) }
     }
     #[inline(always)]
+    unsafe fn load_bf16(p: *const u16) -> Self {
+        // SAFETY: the caller guarantees 8 readable elements.
+        let b = unsafe { p.cast::<[u16; 8]>().read_unaligned() };
+        f32x8::new(b.map(super::compact::bf16_to_f32))
+    }
+    #[inline(always)]
+    unsafe fn store_bf16(self, p: *mut u16, seed: u32, index: u32) {
+        let x = self.to_array();
+        let out: [u16; 8] = core::array::from_fn(|l| {
+            let r = super::compact::random(seed, index.wrapping_add(l as u32));
+            super::compact::bf16_stochastic(x[l], r)
+        });
+        // SAFETY: the caller guarantees 8 writable elements.
+        unsafe { p.cast::<[u16; 8]>().write_unaligned(out) }
+    }
+    #[inline(always)]
     fn prefetch(_p: *const f32) {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: SSE is part of x86-64; a prefetch is only a hint and never faults.

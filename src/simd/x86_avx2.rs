@@ -95,6 +95,42 @@ impl Lane for Ymm {
         unsafe { _mm256_storeu_ps(p, self.0) }
     }
     #[inline(always)]
+    unsafe fn load_bf16(p: *const u16) -> Self {
+        // SAFETY: type invariant for AVX2; the caller guarantees 8 readable elements. Widening
+        // each 16-bit pattern and shifting it into the high half is the exact bf16 value.
+        unsafe {
+            let b = _mm_loadu_si128(p.cast());
+            Ymm(_mm256_castsi256_ps(_mm256_slli_epi32::<16>(
+                _mm256_cvtepu16_epi32(b),
+            )))
+        }
+    }
+    #[inline(always)]
+    unsafe fn store_bf16(self, p: *mut u16, seed: u32, index: u32) {
+        // SAFETY: type invariant for AVX2; the caller guarantees 8 writable elements. The same
+        // integer steps as `bf16_stochastic` and `random`, lane by lane.
+        unsafe {
+            let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+            let at = _mm256_add_epi32(_mm256_set1_epi32(index as i32), lanes);
+            let weyl = _mm256_add_epi32(
+                _mm256_set1_epi32(seed as i32),
+                _mm256_mullo_epi32(at, _mm256_set1_epi32(0x9E37_79B9_u32 as i32)),
+            );
+            let r = _mm256_srli_epi32::<16>(weyl);
+            let bits = _mm256_castps_si256(self.0);
+            let rounded = _mm256_srli_epi32::<16>(_mm256_add_epi32(bits, r));
+            let quiet = _mm256_or_si256(_mm256_srli_epi32::<16>(bits), _mm256_set1_epi32(0x0040));
+            let nan = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_UNORD_Q>(self.0, self.0));
+            let out = _mm256_blendv_epi8(rounded, quiet, nan);
+            // Every lane is below 2^16: packing with unsigned saturation keeps it.
+            let packed = _mm_packus_epi32(
+                _mm256_castsi256_si128(out),
+                _mm256_extracti128_si256::<1>(out),
+            );
+            _mm_storeu_si128(p.cast(), packed);
+        }
+    }
+    #[inline(always)]
     fn prefetch(p: *const f32) {
         // SAFETY: a prefetch is only a hint: it never faults, whatever the address.
         unsafe { _mm_prefetch::<_MM_HINT_T0>(p.cast()) }
