@@ -63,6 +63,8 @@ use std::path::Path;
 /// #   fn state_format(&self) -> StateFormat { StateFormat::F32 }
 /// #   fn tensor_state(&self, _: &str, _: usize) -> Option<&[f32]> { None }
 /// #   fn tensor_state_mut(&mut self, _: &str, _: usize) -> Option<&mut [f32]> { None }
+/// #   fn read_tensor_state(&self, _: &str, _: usize) -> Option<Vec<f32>> { None }
+/// #   fn write_tensor_state(&mut self, _: &str, _: usize, _: &[f32]) -> Result<(), StepError> { Ok(()) }
 /// #   fn init_state(&mut self, _: &[usize]) -> Result<(), StepError> { Ok(()) }
 /// #   fn set_tensor_steps(&mut self, _: &[u64]) -> Result<(), StepError> { Ok(()) }
 /// #   fn lr(&self) -> f32 { 0.0 }
@@ -330,6 +332,50 @@ pub trait Optimizer: sealed::Sealed + Send {
     /// # Ok::<(), fusedopt::StepError>(())
     /// ```
     fn tensor_state_mut(&mut self, buffer: &str, tensor: usize) -> Option<&mut [f32]>;
+
+    /// Tensor `tensor`'s values in state buffer `buffer` as `f32`, in every
+    /// [`StateFormat`] (decoded from bf16 or 8-bit state; a copy), or `None` if the optimizer
+    /// holds no such buffer or tensor.
+    ///
+    /// ```
+    /// use fusedopt::{Adam, AdamConfig, Optimizer, StateFormat};
+    /// let (mut q8, mut plain) = (Adam::new(AdamConfig::default()), Adam::new(AdamConfig::default()));
+    /// q8.set_state_format(StateFormat::Q8)?;
+    /// for opt in [&mut q8, &mut plain] {
+    ///     opt.step(&mut [0.0; 3], &[1.0, -2.0, 0.5])?;
+    /// }
+    /// // m = 0.1·g: a half and a quarter of the block's largest value, exact on the 8-bit map.
+    /// assert_eq!(q8.read_tensor_state("m", 0), plain.read_tensor_state("m", 0));
+    /// assert_eq!(q8.read_tensor_state("m", 1), None);
+    /// # Ok::<(), fusedopt::StepError>(())
+    /// ```
+    fn read_tensor_state(&self, buffer: &str, tensor: usize) -> Option<Vec<f32>>;
+
+    /// Sets tensor `tensor`'s values in state buffer `buffer` from `f32`, encoded in the
+    /// optimizer's [`StateFormat`] (bf16 rounded to nearest, 8-bit quantized block by block):
+    /// [`tensor_state_mut`](Optimizer::tensor_state_mut) for every format.
+    ///
+    /// ```
+    /// use fusedopt::{Momentum, MomentumConfig, Optimizer, StateFormat};
+    /// let mut opt = Momentum::new(MomentumConfig::default());
+    /// opt.set_state_format(StateFormat::Bf16)?;
+    /// opt.init_state(&[2])?;
+    /// opt.write_tensor_state("v", 0, &[-1.0, 0.5])?;
+    /// assert_eq!(opt.read_tensor_state("v", 0).unwrap(), [-1.0, 0.5]);
+    /// assert!(opt.write_tensor_state("v", 0, &[1.0]).is_err());
+    /// assert!(opt.write_tensor_state("m", 0, &[1.0, 1.0]).is_err());
+    /// # Ok::<(), fusedopt::StepError>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`StepError::NoState`] if the optimizer holds no such buffer or tensor,
+    /// [`StepError::TensorLen`] if `values` has another length; nothing changes then.
+    fn write_tensor_state(
+        &mut self,
+        buffer: &str,
+        tensor: usize,
+        values: &[f32],
+    ) -> Result<(), StepError>;
 
     /// Creates the state a first step over tensors of lengths `lens` would create (the layout,
     /// and zeroed buffers, every tensor at step 0) without stepping, so that state from
@@ -768,6 +814,22 @@ impl<R: Rule> Optimizer for Fused<R> {
     }
     fn init_state(&mut self, lens: &[usize]) -> Result<(), StepError> {
         self.engine.init_state(lens, self.config.state_buffers())
+    }
+    fn read_tensor_state(&self, buffer: &str, tensor: usize) -> Option<Vec<f32>> {
+        let b = R::BUFFERS.iter().position(|b| b.name == buffer)?;
+        self.engine.read_state(b, tensor)
+    }
+    fn write_tensor_state(
+        &mut self,
+        buffer: &str,
+        tensor: usize,
+        values: &[f32],
+    ) -> Result<(), StepError> {
+        let b = R::BUFFERS
+            .iter()
+            .position(|b| b.name == buffer)
+            .unwrap_or(R::BUFFERS.len());
+        self.engine.write_state(b, tensor, values)
     }
     fn set_tensor_steps(&mut self, steps: &[u64]) -> Result<(), StepError> {
         self.engine.set_tensor_steps(steps)

@@ -362,6 +362,14 @@ pub enum StepError {
         /// The format asked for.
         requested: StateFormat,
     },
+    /// The optimizer holds no state buffer `buffer` for tensor `tensor` (before the first step,
+    /// or a buffer this optimizer does not keep).
+    NoState {
+        /// The buffer's position among the rule's buffers.
+        buffer: usize,
+        /// The tensor.
+        tensor: usize,
+    },
     /// The optimizer state could not be allocated.
     OutOfMemory {
         /// Number of `f32` elements of the buffer that failed.
@@ -447,6 +455,10 @@ impl fmt::Display for StepError {
                 f,
                 "the optimizer state is held in {held}; it cannot become {requested} (choose \
                  the format before the first step, or reset)"
+            ),
+            StepError::NoState { buffer, tensor } => write!(
+                f,
+                "the optimizer holds no state buffer {buffer} for tensor {tensor}"
             ),
             StepError::OutOfMemory { elements } => {
                 write!(

@@ -302,6 +302,89 @@ impl Engine {
         Ok(())
     }
 
+    /// Tensor `t`'s values of state buffer `b` as `f32`, decoded from a compact format; `None`
+    /// if the optimizer holds no such buffer or tensor.
+    pub(crate) fn read_state(&self, b: usize, t: usize) -> Option<Vec<f32>> {
+        let layout = self.state.layout.as_ref().filter(|l| t < l.lens().len())?;
+        if b >= self.state.buffers.len() {
+            return None;
+        }
+        let len = layout.lens()[t];
+        let (values, scales) = self.state.tensor_raw(b, t);
+        Some(match self.state.format {
+            StateFormat::Bf16 => bytemuck::cast_slice::<u8, u16>(values)
+                .iter()
+                .map(|&v| simd::compact::bf16_to_f32(v))
+                .collect(),
+            StateFormat::Q8 => {
+                let scales: &[f32] = bytemuck::cast_slice(scales);
+                let mut out = vec![0f32; len];
+                for ((x, codes), &scale) in
+                    out.chunks_mut(BLOCK).zip(values.chunks(BLOCK)).zip(scales)
+                {
+                    simd::compact::dequantize(self.maps[b], codes, scale, x);
+                }
+                out
+            }
+            _ => bytemuck::cast_slice::<u8, f32>(values).to_vec(),
+        })
+    }
+
+    /// Writes tensor `t`'s values of state buffer `b` from `f32`, encoded in the buffer's
+    /// format (bf16 rounded to nearest, 8-bit quantized block by block).
+    ///
+    /// # Errors
+    /// [`StepError::NoState`] if the optimizer holds no such buffer or tensor,
+    /// [`StepError::TensorLen`] if `values` has another length than the tensor.
+    pub(crate) fn write_state(
+        &mut self,
+        b: usize,
+        t: usize,
+        values: &[f32],
+    ) -> Result<(), StepError> {
+        let Some(layout) = self.state.layout.as_ref().filter(|l| t < l.lens().len()) else {
+            return Err(StepError::NoState {
+                buffer: b,
+                tensor: t,
+            });
+        };
+        if b >= self.state.buffers.len() {
+            return Err(StepError::NoState {
+                buffer: b,
+                tensor: t,
+            });
+        }
+        let expected = layout.lens()[t];
+        if values.len() != expected {
+            return Err(StepError::TensorLen {
+                tensor: t,
+                expected,
+                found: values.len(),
+            });
+        }
+        let (format, map) = (self.state.format, self.maps.get(b).copied());
+        let (raw, scales) = self.state.tensor_raw_mut(b, t);
+        match format {
+            StateFormat::Bf16 => {
+                let out: &mut [u16] = bytemuck::cast_slice_mut(raw);
+                for (o, &v) in out.iter_mut().zip(values) {
+                    *o = simd::Half::Bf16.round(v);
+                }
+            }
+            StateFormat::Q8 => {
+                let scales: &mut [f32] = bytemuck::cast_slice_mut(scales);
+                let map = map.unwrap_or(Map::Signed);
+                for ((x, codes), scale) in
+                    values.chunks(BLOCK).zip(raw.chunks_mut(BLOCK)).zip(scales)
+                {
+                    *scale = simd::compact::quantize(map, x, codes);
+                }
+            }
+            _ => bytemuck::cast_slice_mut::<u8, f32>(raw).copy_from_slice(values),
+        }
+        Ok(())
+    }
+
     /// Tensor `t`'s slice of state buffer `b`, to read and write; `None` if the optimizer holds
     /// no such buffer or tensor.
     pub(crate) fn state_slice_mut(&mut self, b: usize, t: usize) -> Option<&mut [f32]> {
