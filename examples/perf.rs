@@ -253,51 +253,24 @@ fn alternate(reps: usize, mut a: impl FnMut(), mut b: impl FnMut()) -> (f64, f64
 /// the all-f32 step, all timed in rotation; and the master-weight step against a same-stream
 /// pass over its bytes.
 fn formats(sizes: &[usize]) {
-    use fusedopt::half::bf16;
     println!(
         "Adam state formats and half precision vs the all-f32 step: {} threads, {} kernels; \
          medians of rotating runs",
         rayon::current_num_threads(),
         simd_level()
     );
+    // The compute floor: the same steps on 64K parameters (one chunk, L2-resident) on one
+    // thread, per parameter, scaled up and shared perfectly among the threads.
+    const SMALL: usize = 64 << 10;
+    let threads = rayon::current_num_threads();
+    let one = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .expect("a one-thread pool");
+    let small = one.install(|| format_times(SMALL, 4001));
     for &n in sizes {
         let reps = if n >= 16 << 20 { 21 } else { 101 };
-        let (w0, g) = data(n);
-        let g16: Vec<bf16> = g.iter().map(|&x| bf16::from_f32(x)).collect();
-        let adam = |format: StateFormat| {
-            let mut o = Adam::new(AdamConfig::default());
-            o.set_state_format(format).unwrap();
-            o
-        };
-        let (mut o_f32, mut o_bf16, mut o_q8) = (
-            adam(StateFormat::F32),
-            adam(StateFormat::Bf16),
-            adam(StateFormat::Q8),
-        );
-        let (mut o_g16q8, mut o_master) = (adam(StateFormat::Q8), adam(StateFormat::F32));
-        let (mut w1, mut w2, mut w3, mut w4) = (w0.clone(), w0.clone(), w0.clone(), w0.clone());
-        let mut wh: Vec<bf16> = w0.iter().map(|&x| bf16::from_f32(x)).collect();
-        let mut ws = wh.clone();
-        let mut stream = HalfStream::new(n);
-        let mut runs: [&mut dyn FnMut(); 6] = [
-            &mut || {
-                o_f32.step(&mut w1, &g).unwrap();
-            },
-            &mut || {
-                o_bf16.step(&mut w2, &g).unwrap();
-            },
-            &mut || {
-                o_q8.step(&mut w3, &g).unwrap();
-            },
-            &mut || {
-                o_g16q8.step_typed(&mut w4, &g16).unwrap();
-            },
-            &mut || {
-                o_master.step_typed(&mut wh, &g16).unwrap();
-            },
-            &mut || stream.pass(&mut ws, &g16),
-        ];
-        let times = rotate(reps, &mut runs);
+        let times = format_times(n, reps);
         let names = [
             ("f32 weights, grads, state", 28.0),
             ("bf16 state", 20.0),
@@ -305,13 +278,22 @@ fn formats(sizes: &[usize]) {
             ("bf16 grads, q8 state", 14.0 + 16.0 / 256.0),
             ("bf16 weights+grads, f32 master", 30.0),
         ];
-        for ((name, bytes), t) in names.iter().zip(&times) {
+        // The memory floor: the mode's bytes at the f32 step's bandwidth (which runs at the
+        // same-stream roofline at this size).
+        let bandwidth = 28.0 * n as f64 / times[0];
+        for (((name, bytes), t), ts) in names.iter().zip(&times).zip(&small) {
+            let compute = ts * n as f64 / SMALL as f64 / threads as f64;
+            let memory = bytes * n as f64 / bandwidth;
             println!(
-                "{:>5} {name:<32} {:>8.2} ms  {:.2}x the f32 step  {bytes:>5.2} B/param  {:>6.1} GB/s",
+                "{:>5} {name:<32} {:>8.2} ms  {:.2}x the f32 step  {bytes:>5.2} B/param  {:>6.1} GB/s  \
+                 floors: compute {:.2} ms, memory {:.2} ms -> at most {:.2}x",
                 label(n),
                 t * 1e3,
                 times[0] / t,
-                bytes * n as f64 / t / 1e9
+                bytes * n as f64 / t / 1e9,
+                compute * 1e3,
+                memory * 1e3,
+                times[0] / compute.max(memory)
             );
         }
         println!(
@@ -321,6 +303,48 @@ fn formats(sizes: &[usize]) {
             times[5] * 1e3
         );
     }
+}
+
+/// Medians of rotating runs at `n` parameters: the all-f32 Adam step, bf16 state, q8 state, bf16
+/// gradients with q8 state, bf16 master-weight mode, and the master-weight same-stream pass.
+fn format_times(n: usize, reps: usize) -> Vec<f64> {
+    use fusedopt::half::bf16;
+    let (w0, g) = data(n);
+    let g16: Vec<bf16> = g.iter().map(|&x| bf16::from_f32(x)).collect();
+    let adam = |format: StateFormat| {
+        let mut o = Adam::new(AdamConfig::default());
+        o.set_state_format(format).unwrap();
+        o
+    };
+    let (mut o_f32, mut o_bf16, mut o_q8) = (
+        adam(StateFormat::F32),
+        adam(StateFormat::Bf16),
+        adam(StateFormat::Q8),
+    );
+    let (mut o_g16q8, mut o_master) = (adam(StateFormat::Q8), adam(StateFormat::F32));
+    let (mut w1, mut w2, mut w3, mut w4) = (w0.clone(), w0.clone(), w0.clone(), w0.clone());
+    let mut wh: Vec<bf16> = w0.iter().map(|&x| bf16::from_f32(x)).collect();
+    let mut ws = wh.clone();
+    let mut stream = HalfStream::new(n);
+    let mut runs: [&mut dyn FnMut(); 6] = [
+        &mut || {
+            o_f32.step(&mut w1, &g).unwrap();
+        },
+        &mut || {
+            o_bf16.step(&mut w2, &g).unwrap();
+        },
+        &mut || {
+            o_q8.step(&mut w3, &g).unwrap();
+        },
+        &mut || {
+            o_g16q8.step_typed(&mut w4, &g16).unwrap();
+        },
+        &mut || {
+            o_master.step_typed(&mut wh, &g16).unwrap();
+        },
+        &mut || stream.pass(&mut ws, &g16),
+    ];
+    rotate(reps, &mut runs)
 }
 
 /// The streams of a bf16 master-weight Adam step with trivial arithmetic: read bf16 weights and

@@ -118,7 +118,7 @@ pub(crate) enum Map {
 }
 
 /// `2^k` for `-126 <= k <= 127`, exactly.
-const fn pow2(k: i32) -> f32 {
+pub(crate) const fn pow2(k: i32) -> f32 {
     f32::from_bits(((k + 127) as u32) << 23)
 }
 
@@ -146,24 +146,24 @@ impl Map {
 
 /// Mantissa bits of the map's magnitudes: 4 signed (3 exponent bits), 3 unsigned (5 exponent
 /// bits).
-const fn mant(signed: bool) -> u32 {
+pub(crate) const fn mant(signed: bool) -> u32 {
     if signed { 4 } else { 3 }
 }
 
 /// The exponent bias of the map's normal codes, as an `f32` exponent field: code
 /// `e·2^M + m` (`e >= 1`) is the `f32` with exponent field `e + BIAS` and mantissa `m/2^M`.
-const fn bias(signed: bool) -> u32 {
+pub(crate) const fn bias(signed: bool) -> u32 {
     if signed { 120 } else { 96 }
 }
 
 /// The weight of one step of the sub-normal codes (`e = 0`): `2^-10` signed, `2^-33` unsigned.
-const fn sub_step(signed: bool) -> f32 {
+pub(crate) const fn sub_step(signed: bool) -> f32 {
     if signed { pow2(-10) } else { pow2(-33) }
 }
 
 /// [`Map::encode`], branch-free, for the compiler to vectorize.
 #[inline(always)]
-fn encode<const SIGNED: bool>(y: f32) -> u8 {
+pub(crate) fn encode<const SIGNED: bool>(y: f32) -> u8 {
     let bits = y.to_bits() & 0x7FFF_FFFF;
     // Normal range: round the mantissa to 3 bits on the f32 bits (a carry moves into the
     // exponent, which is the next code), and rebase the exponent.
@@ -189,7 +189,7 @@ fn encode<const SIGNED: bool>(y: f32) -> u8 {
 
 /// [`Map::decode`], branch-free, for the compiler to vectorize.
 #[inline(always)]
-fn decode<const SIGNED: bool>(code: u8) -> f32 {
+pub(crate) fn decode<const SIGNED: bool>(code: u8) -> f32 {
     let c = u32::from(code);
     let magnitude = if SIGNED { c & 0x7F } else { c };
     let normal = (magnitude + (bias(SIGNED) << mant(SIGNED))) << (23 - mant(SIGNED));

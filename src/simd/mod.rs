@@ -214,6 +214,28 @@ pub trait Lane:
     /// # Safety
     /// `p` must be valid for writes of `WIDTH` `u16`s.
     unsafe fn store_bf16(self, p: *mut u16, seed: u32, index: u32);
+    /// Loads `WIDTH` 8-bit codes of the signed (`SIGNED`) or unsigned map from `p`, each
+    /// decoded and multiplied by `scale`: lane by lane exactly `compact::decode(c) * scale`.
+    ///
+    /// # Safety
+    /// `p` must be valid for reads of `WIDTH` bytes.
+    #[inline(always)]
+    unsafe fn load_q8<const SIGNED: bool>(p: *const u8, scale: f32) -> Self {
+        let mut x = [0f32; 16];
+        debug_assert!(Self::WIDTH <= x.len());
+        for (l, v) in x.iter_mut().enumerate().take(Self::WIDTH) {
+            // SAFETY: lane `l < WIDTH` is inside the caller's range.
+            *v = compact::decode::<SIGNED>(unsafe { p.add(l).read() }) * scale;
+        }
+        // SAFETY: `x` holds at least `WIDTH` elements.
+        unsafe { Self::load(x.as_ptr()) }
+    }
+    /// Quantizes the block `x` (at most [`BLOCK`] elements) into `codes` and returns its scale:
+    /// exactly [`compact::quantize`], which is the default; a tier may do it faster.
+    #[inline(always)]
+    fn quantize<const SIGNED: bool>(x: &[f32], codes: &mut [u8]) -> f32 {
+        compact::quantize(if SIGNED { Map::Signed } else { Map::Unsigned }, x, codes)
+    }
     /// Hints that the cache line holding `p` will be read soon. `p` may point anywhere (a
     /// prefetch never faults); tiers without a prefetch instruction do nothing.
     #[inline(always)]
@@ -280,15 +302,17 @@ unsafe fn update_vector_bf16<K: Kernel<N>, V: Lane, const N: usize>(
 ) {
     // SAFETY: elements `i..i + V::WIDTH` lie inside every range (caller's contract).
     unsafe {
+        // Index loops over `N` (not iterator chains over the arrays): they unroll completely
+        // and keep the state vectors in registers.
         let mut st = [V::splat(0.0); N];
-        for (v, p) in st.iter_mut().zip(s) {
-            *v = V::load_bf16(p.add(i));
+        for j in 0..N {
+            st[j] = V::load_bf16(s[j].add(i));
         }
         let nw = k.update(V::load(span.w.add(i)), V::load(span.g.add(i)), &mut st);
         nw.store(span.w.add(i));
         let at = index.wrapping_add(i as u32);
-        for ((v, p), &seed) in st.into_iter().zip(s).zip(seeds) {
-            v.store_bf16(p.add(i), seed, at);
+        for j in 0..N {
+            st[j].store_bf16(s[j].add(i), seeds[j], at);
         }
     }
 }
@@ -311,6 +335,9 @@ unsafe fn span_loop_bf16<K: Kernel<N>, V: Lane, const N: usize>(
         while i + 2 * V::WIDTH <= span.len {
             V::prefetch(span.w.wrapping_add(i + PREFETCH_AHEAD));
             V::prefetch(span.g.wrapping_add(i + PREFETCH_AHEAD));
+            for p in s {
+                V::prefetch(p.wrapping_add(i + PREFETCH_AHEAD).cast());
+            }
             update_vector_bf16::<K, V, N>(k, &span, &s, &seeds, index, i);
             update_vector_bf16::<K, V, N>(k, &span, &s, &seeds, index, i + V::WIDTH);
             i += 2 * V::WIDTH;
@@ -318,6 +345,150 @@ unsafe fn span_loop_bf16<K: Kernel<N>, V: Lane, const N: usize>(
         while i < span.len {
             update_vector_bf16::<K, f32, N>(k, &span, &s, &seeds, index, i);
             i += 1;
+        }
+    }
+}
+
+/// Where a span's gradients come from: `f32` (`span.g`), or bfloat16 converted in registers.
+#[derive(Clone, Copy)]
+struct Grads {
+    f32s: *const f32,
+    bf16s: Option<*const u16>,
+}
+
+impl Grads {
+    /// The `V::WIDTH` gradients at `i`.
+    ///
+    /// # Safety
+    /// Elements `i..i + V::WIDTH` must be readable in the active source.
+    #[inline(always)]
+    unsafe fn load<V: Lane>(&self, i: usize) -> V {
+        // SAFETY: the caller's contract.
+        unsafe {
+            match self.bf16s {
+                None => V::load(self.f32s.add(i)),
+                Some(p) => V::load_bf16(p.add(i)),
+            }
+        }
+    }
+}
+
+/// Updates the `V::WIDTH` elements at `i` (of the block at `start`) of a span whose state is
+/// 8-bit: the codes decoded in registers with the block's `scales`, the new state written to the
+/// `f32` block `scratch` for [`Lane::quantize`].
+///
+/// # Safety
+/// The pointer contract of [`span_loop_q8`], with `start + i + V::WIDTH <= span.len` and
+/// `i + V::WIDTH <= BLOCK`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
+unsafe fn update_vector_q8<K: Kernel<N>, V: Lane, const N: usize>(
+    k: &K,
+    span: &Span<N>,
+    grads: Grads,
+    codes: &[*mut u8; N],
+    signed: &[bool; N],
+    scales: &[f32; N],
+    scratch: &mut [[f32; BLOCK]; N],
+    start: usize,
+    i: usize,
+) {
+    let at = start + i;
+    // SAFETY: elements `at..at + V::WIDTH` lie inside every range, and `i..i + V::WIDTH`
+    // inside the scratch block (caller's contract).
+    unsafe {
+        let mut st = [V::splat(0.0); N];
+        for j in 0..N {
+            st[j] = if signed[j] {
+                V::load_q8::<true>(codes[j].add(at), scales[j])
+            } else {
+                V::load_q8::<false>(codes[j].add(at), scales[j])
+            };
+        }
+        let nw = k.update(V::load(span.w.add(at)), grads.load::<V>(at), &mut st);
+        nw.store(span.w.add(at));
+        for j in 0..N {
+            st[j].store(scratch[j].as_mut_ptr().add(i));
+        }
+    }
+}
+
+/// The span loop over 8-bit state (f32 weights; f32 or bf16 gradients), block by block: each
+/// vector's codes decoded in registers, the block's new state gathered in L1 and quantized once
+/// the block is done. Bitwise what [`compact::block_loop`] computes.
+///
+/// # Safety
+/// The pointer contract of [`span_loop`] for `w` (and `g` unless `grads.bf16s`), and every
+/// pointer of `codes` valid for the span's elements and of `scales` for its blocks; the span
+/// starts on a block boundary.
+#[inline(always)]
+unsafe fn span_loop_q8<K: Kernel<N>, V: Lane, const N: usize>(
+    k: &K,
+    span: Span<N>,
+    grads: Grads,
+    codes: [*mut u8; N],
+    scales: [*mut f32; N],
+    maps: [Map; N],
+) {
+    let signed = maps.map(|m| m == Map::Signed);
+    let mut scratch = [[0f32; BLOCK]; N];
+    let mut start = 0;
+    // SAFETY: every block lies inside the span (`start + len <= span.len`), the scale of block
+    // `start / BLOCK` exists, and the vector loops stay inside the block.
+    unsafe {
+        while start < span.len {
+            let len = BLOCK.min(span.len - start);
+            let block_scales: [f32; N] = core::array::from_fn(|j| *scales[j].add(start / BLOCK));
+            let mut i = 0;
+            while i + 2 * V::WIDTH <= len {
+                let ahead = start + i + PREFETCH_AHEAD;
+                V::prefetch(span.w.wrapping_add(ahead));
+                match grads.bf16s {
+                    None => V::prefetch(grads.f32s.wrapping_add(ahead)),
+                    Some(p) => V::prefetch(p.wrapping_add(ahead).cast()),
+                }
+                for p in codes {
+                    V::prefetch(p.wrapping_add(ahead).cast());
+                }
+                for h in [i, i + V::WIDTH] {
+                    update_vector_q8::<K, V, N>(
+                        k,
+                        &span,
+                        grads,
+                        &codes,
+                        &signed,
+                        &block_scales,
+                        &mut scratch,
+                        start,
+                        h,
+                    );
+                }
+                i += 2 * V::WIDTH;
+            }
+            while i < len {
+                update_vector_q8::<K, f32, N>(
+                    k,
+                    &span,
+                    grads,
+                    &codes,
+                    &signed,
+                    &block_scales,
+                    &mut scratch,
+                    start,
+                    i,
+                );
+                i += 1;
+            }
+            for j in 0..N {
+                let dst = core::slice::from_raw_parts_mut(codes[j].add(start), len);
+                let x = &scratch[j][..len];
+                *scales[j].add(start / BLOCK) = if signed[j] {
+                    V::quantize::<true>(x, dst)
+                } else {
+                    V::quantize::<false>(x, dst)
+                };
+            }
+            start += len;
         }
     }
 }
@@ -425,6 +596,21 @@ unsafe fn span_body<K: Kernel<N>, V: Lane, const N: usize>(
             (formats.state, formats.grads, formats.weights)
         {
             span_loop_bf16::<K, V, N>(k, span, s, seeds, index)
+        } else if let (
+            Some(CompactState::Q8 {
+                codes,
+                scales,
+                maps,
+            }),
+            None | Some((Half::Bf16, _)),
+            None,
+        ) = (formats.state, formats.grads, formats.weights)
+        {
+            let grads = Grads {
+                f32s: span.g,
+                bf16s: formats.grads.map(|(_, p)| p),
+            };
+            span_loop_q8::<K, V, N>(k, span, grads, codes, scales, maps)
         } else {
             compact::block_loop::<K, V, N>(k, span, formats)
         }

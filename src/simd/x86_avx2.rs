@@ -12,7 +12,7 @@
 //! [`Ymm`] is private to this module and instantiated only inside [`update_span`], so its
 //! arithmetic, which uses AVX2 without a check, never runs without that proof.
 
-use super::{Formats, Kernel, Lane, SimdLevel, Span, span_body, sum_squares_body};
+use super::{Formats, Kernel, Lane, SimdLevel, Span, compact, span_body, sum_squares_body};
 use core::arch::x86_64::*;
 use core::ops::{Add, Div, Mul, Neg, Sub};
 
@@ -118,10 +118,11 @@ impl Lane for Ymm {
             );
             let r = _mm256_srli_epi32::<16>(weyl);
             let bits = _mm256_castps_si256(self.0);
-            let rounded = _mm256_srli_epi32::<16>(_mm256_add_epi32(bits, r));
-            let quiet = _mm256_or_si256(_mm256_srli_epi32::<16>(bits), _mm256_set1_epi32(0x0040));
+            // A NaN adds nothing and gets the quiet bit: `(bits >> 16) | 0x40`, as the scalar.
             let nan = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_UNORD_Q>(self.0, self.0));
-            let out = _mm256_blendv_epi8(rounded, quiet, nan);
+            let rounded =
+                _mm256_srli_epi32::<16>(_mm256_add_epi32(bits, _mm256_andnot_si256(nan, r)));
+            let out = _mm256_or_si256(rounded, _mm256_and_si256(nan, _mm256_set1_epi32(0x0040)));
             // Every lane is below 2^16: packing with unsigned saturation keeps it.
             let packed = _mm_packus_epi32(
                 _mm256_castsi256_si128(out),
@@ -129,6 +130,53 @@ impl Lane for Ymm {
             );
             _mm_storeu_si128(p.cast(), packed);
         }
+    }
+    #[inline(always)]
+    unsafe fn load_q8<const SIGNED: bool>(p: *const u8, scale: f32) -> Self {
+        let (m, bias) = (compact::mant(SIGNED), compact::bias(SIGNED));
+        // SAFETY: type invariant for AVX2; the caller guarantees 8 readable bytes. The integer
+        // steps of `compact::decode`, with the sub-normal codes `c` taken as the normal value of
+        // exponent field `bias + 1` less that exponent's implicit one: `2^e·(1 + c/2^M) - 2^e`
+        // is exactly `c·step`.
+        unsafe {
+            let c = _mm256_cvtepi8_epi32(_mm_loadl_epi64(p.cast()));
+            let mag = if SIGNED {
+                _mm256_and_si256(c, _mm256_set1_epi32(0x7F))
+            } else {
+                _mm256_and_si256(c, _mm256_set1_epi32(0xFF))
+            };
+            let normal = _mm256_slli_epi32::<0>(_mm256_add_epi32(
+                mag,
+                _mm256_set1_epi32((bias << m) as i32),
+            ));
+            let normal = if SIGNED {
+                _mm256_slli_epi32::<19>(normal)
+            } else {
+                _mm256_slli_epi32::<20>(normal)
+            };
+            let one = compact::pow2(bias as i32 + 1 - 127);
+            let small = _mm256_sub_ps(
+                _mm256_castsi256_ps(_mm256_add_epi32(normal, _mm256_set1_epi32(1 << 23))),
+                _mm256_set1_ps(one),
+            );
+            let is_small = _mm256_cmpgt_epi32(_mm256_set1_epi32(1 << m), mag);
+            let mut v = _mm256_blendv_ps(
+                _mm256_castsi256_ps(normal),
+                small,
+                _mm256_castsi256_ps(is_small),
+            );
+            if SIGNED {
+                // `c` is sign-extended: its top bit is the code's sign bit.
+                let sign = _mm256_and_si256(c, _mm256_set1_epi32(i32::MIN));
+                v = _mm256_or_ps(v, _mm256_castsi256_ps(sign));
+            }
+            Ymm(_mm256_mul_ps(v, _mm256_set1_ps(scale)))
+        }
+    }
+    #[inline(always)]
+    fn quantize<const SIGNED: bool>(x: &[f32], codes: &mut [u8]) -> f32 {
+        // SAFETY: AVX2 is available wherever a `Ymm` exists (type invariant).
+        unsafe { quantize_avx2::<SIGNED>(x, codes) }
     }
     #[inline(always)]
     fn prefetch(p: *const f32) {
@@ -176,4 +224,211 @@ pub(super) fn sum_squares(_: Avx2, g: &[f32]) -> f64 {
 #[target_feature(enable = "avx2,fma")]
 unsafe fn sum_squares_avx2(g: &[f32]) -> f64 {
     sum_squares_body(g)
+}
+
+/// The code of every lane of `y` (a block's values divided by its absmax): the integer steps of
+/// `compact::encode`, lane by lane.
+///
+/// # Safety
+/// The CPU must support AVX2 (callers hold a `Ymm`, whose existence proves it).
+#[inline(always)]
+unsafe fn encode<const SIGNED: bool>(y: __m256) -> __m256i {
+    let (m, bias) = (compact::mant(SIGNED), compact::bias(SIGNED));
+    // SAFETY: AVX2 (the caller's contract); pure register arithmetic.
+    unsafe {
+        let yi = _mm256_castps_si256(y);
+        let bits = _mm256_and_si256(yi, _mm256_set1_epi32(0x7FFF_FFFF));
+        let (shifted, half) = if SIGNED {
+            (_mm256_srli_epi32::<19>(bits), (1 << 18) - 1)
+        } else {
+            (_mm256_srli_epi32::<20>(bits), (1 << 19) - 1)
+        };
+        let odd = _mm256_and_si256(shifted, _mm256_set1_epi32(1));
+        let sum = _mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(half)), odd);
+        let rounded = if SIGNED {
+            _mm256_srli_epi32::<19>(sum)
+        } else {
+            _mm256_srli_epi32::<20>(sum)
+        };
+        let normal = _mm256_sub_epi32(rounded, _mm256_set1_epi32((bias << m) as i32));
+        let scaled = _mm256_mul_ps(
+            _mm256_castsi256_ps(bits),
+            _mm256_set1_ps(1.0 / compact::sub_step(SIGNED)),
+        );
+        let small = _mm256_sub_epi32(
+            _mm256_castps_si256(_mm256_add_ps(scaled, _mm256_set1_ps(8_388_608.0))),
+            _mm256_set1_epi32(0x4B00_0000),
+        );
+        // `bits >= (bias + 1) << 23`, as `bits > ((bias + 1) << 23) - 1` (both non-negative).
+        let is_normal =
+            _mm256_cmpgt_epi32(bits, _mm256_set1_epi32((((bias + 1) << 23) - 1) as i32));
+        let magnitude = _mm256_blendv_epi8(small, normal, is_normal);
+        if SIGNED {
+            let sign = _mm256_slli_epi32::<7>(_mm256_srli_epi32::<31>(yi));
+            _mm256_or_si256(magnitude, sign)
+        } else {
+            magnitude
+        }
+    }
+}
+
+/// `compact::quantize` with AVX2: the absmax on the bits, then 32 codes at a time packed from
+/// four registers; the last `len % 32` codes by the scalar encoder.
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[inline(always)]
+unsafe fn quantize_avx2<const SIGNED: bool>(x: &[f32], codes: &mut [u8]) -> f32 {
+    let n = x.len().min(codes.len());
+    let full = n / 32 * 32;
+    // SAFETY: AVX2 (the caller's contract); every load covers `i..i + 8` with
+    // `i + 8 <= full <= n`, and the stores cover `i..i + 32` with `i + 32 <= full`.
+    unsafe {
+        let magnitude = _mm256_set1_epi32(0x7FFF_FFFF);
+        let mut top = _mm256_setzero_si256();
+        let mut i = 0;
+        while i + 8 <= n {
+            let b = _mm256_loadu_si256(x.as_ptr().add(i).cast());
+            top = _mm256_max_epu32(top, _mm256_and_si256(b, magnitude));
+            i += 8;
+        }
+        let mut lanes = [0u32; 8];
+        _mm256_storeu_si256(lanes.as_mut_ptr().cast(), top);
+        let top = x[i..n]
+            .iter()
+            .fold(lanes.into_iter().fold(0, u32::max), |m, v| {
+                m.max(v.to_bits() & 0x7FFF_FFFF)
+            });
+        if top > f32::MAX.to_bits() || top == 0 {
+            codes[..n].fill(0);
+            return if top == 0 { 0.0 } else { f32::NAN };
+        }
+        let absmax = f32::from_bits(top);
+        let inv = 1.0 / absmax;
+        let vinv = _mm256_set1_ps(inv);
+        let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+        let mut i = 0;
+        while i < full {
+            let p = x.as_ptr().add(i);
+            // Not `array::from_fn`: a closure would not inherit the caller's AVX2.
+            let c = [
+                encode::<SIGNED>(_mm256_mul_ps(_mm256_loadu_ps(p), vinv)),
+                encode::<SIGNED>(_mm256_mul_ps(_mm256_loadu_ps(p.add(8)), vinv)),
+                encode::<SIGNED>(_mm256_mul_ps(_mm256_loadu_ps(p.add(16)), vinv)),
+                encode::<SIGNED>(_mm256_mul_ps(_mm256_loadu_ps(p.add(24)), vinv)),
+            ];
+            // Every code is below 2^8: the saturating packs keep it; the permutation undoes
+            // their per-128-bit-lane interleaving.
+            let words = (
+                _mm256_packus_epi32(c[0], c[1]),
+                _mm256_packus_epi32(c[2], c[3]),
+            );
+            let bytes = _mm256_packus_epi16(words.0, words.1);
+            let ordered = _mm256_permutevar8x32_epi32(bytes, order);
+            _mm256_storeu_si256(codes.as_mut_ptr().add(i).cast(), ordered);
+            i += 32;
+        }
+        for (c, &v) in codes[full..n].iter_mut().zip(&x[full..n]) {
+            *c = compact::encode::<SIGNED>(v * inv);
+        }
+        absmax
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::simd::compact::{Map, decode, mix32, quantize};
+
+    /// Every code decodes in registers exactly as the scalar decoder, for a few scales.
+    #[test]
+    fn load_q8_is_the_scalar_decoder() {
+        if Avx2::detect().is_none() {
+            return;
+        }
+        let codes: Vec<u8> = (0..=255).collect();
+        for scale in [1.0f32, 0.37, 3.0e-20, 1.5e30] {
+            for at in (0..256).step_by(8) {
+                let mut got = [0f32; 8];
+                // SAFETY: AVX2 was detected above; `at + 8 <= 256` codes are readable.
+                unsafe {
+                    Ymm::load_q8::<true>(codes.as_ptr().add(at), scale).store(got.as_mut_ptr());
+                }
+                for l in 0..8 {
+                    let want = decode::<true>(codes[at + l]) * scale;
+                    assert_eq!(
+                        got[l].to_bits(),
+                        want.to_bits(),
+                        "signed {} x {scale}",
+                        at + l
+                    );
+                }
+                // SAFETY: as above.
+                unsafe {
+                    Ymm::load_q8::<false>(codes.as_ptr().add(at), scale).store(got.as_mut_ptr());
+                }
+                for l in 0..8 {
+                    let want = decode::<false>(codes[at + l]) * scale;
+                    assert_eq!(
+                        got[l].to_bits(),
+                        want.to_bits(),
+                        "unsigned {} x {scale}",
+                        at + l
+                    );
+                }
+            }
+        }
+    }
+
+    /// Blocks of every length up to 256, ordinary and special, quantize to the scalar codes and
+    /// scale.
+    #[test]
+    fn quantize_is_the_scalar_quantizer() {
+        if Avx2::detect().is_none() {
+            return;
+        }
+        let mut r = 99u32;
+        let mut x = [0f32; 256];
+        for len in 0..=256 {
+            for kind in 0..5 {
+                for v in x.iter_mut() {
+                    r = mix32(r.wrapping_add(1));
+                    let mag = f32::from_bits(r % 0x3F80_0000) * 4.0;
+                    *v = match kind {
+                        0 => mag,
+                        1 => -mag,
+                        2 if r.is_multiple_of(3) => 0.0,
+                        _ => {
+                            if r & 1 == 0 {
+                                mag
+                            } else {
+                                -mag * 1e-6
+                            }
+                        }
+                    };
+                }
+                if kind == 4 && len > 0 {
+                    x[r as usize % len] = if r & 2 == 0 { f32::NAN } else { f32::INFINITY };
+                }
+                let block = &x[..len];
+                for map in [Map::Signed, Map::Unsigned] {
+                    let (mut a, mut b) = ([7u8; 256], [9u8; 256]);
+                    let want = quantize(map, block, &mut a[..len]);
+                    // SAFETY: AVX2 was detected above.
+                    let got = unsafe {
+                        match map {
+                            Map::Signed => quantize_avx2::<true>(block, &mut b[..len]),
+                            Map::Unsigned => quantize_avx2::<false>(block, &mut b[..len]),
+                        }
+                    };
+                    assert_eq!(
+                        got.to_bits(),
+                        want.to_bits(),
+                        "{map:?} len {len} kind {kind}"
+                    );
+                    assert_eq!(a[..len], b[..len], "{map:?} len {len} kind {kind}");
+                }
+            }
+        }
+    }
 }
