@@ -12,6 +12,11 @@ use core::any::Any;
 use core::marker::PhantomData;
 use std::path::Path;
 
+/// The name under which the state-access methods ([`Optimizer::state_names`],
+/// [`Optimizer::tensor_state`], [`Optimizer::read_tensor_state`], ...) expose the `f32` master
+/// weights of half-precision weights.
+const MASTER: &str = "master";
+
 /// An optimizer: updates weights in place from their gradients, keeping its own state.
 ///
 /// Implemented by [`Sgd`](crate::Sgd), [`Momentum`](crate::Momentum), [`Nag`](crate::Nag),
@@ -246,12 +251,23 @@ pub trait Optimizer: sealed::Sealed + Send {
     /// velocity, or torch's momentum buffer with `MomentumForm::Buffer`), `h` for AdaGrad and
     /// RMSProp, none for SGD. Empty before the first step or [`init_state`](Optimizer::init_state).
     ///
+    /// Last comes `master` once the optimizer keeps `f32` master weights (half-precision
+    /// weights, [`step_typed`](Fused::step_typed)): the state-access methods read and write
+    /// them under that name, always as `f32`, for the tensors that have them.
+    ///
     /// ```
-    /// use fusedopt::{Adam, AdamConfig, Optimizer};
+    /// use fusedopt::{Adam, AdamConfig, Optimizer, half::bf16};
     /// let mut opt = Adam::new(AdamConfig::default());
     /// assert!(opt.state_names().is_empty());
     /// opt.step(&mut [0.0; 3], &[1.0; 3])?;
     /// assert_eq!(opt.state_names(), ["m", "v"]);
+    ///
+    /// let mut half = Adam::new(AdamConfig::default());
+    /// half.step_typed(&mut [bf16::from_f32(1.5)], &[bf16::ONE])?;
+    /// assert_eq!(half.state_names(), ["m", "v", "master"]);
+    /// assert_eq!(half.tensor_state("master", 0), Some(&[1.5 - 0.001][..]));
+    /// half.write_tensor_state("master", 0, &[2.0])?;
+    /// assert_eq!(half.read_tensor_state("master", 0), Some(vec![2.0]));
     /// # Ok::<(), fusedopt::StepError>(())
     /// ```
     fn state_names(&self) -> Vec<&'static str>;
@@ -790,7 +806,11 @@ impl<R: Rule> Optimizer for Fused<R> {
     }
     fn state_names(&self) -> Vec<&'static str> {
         let held = self.engine.state().buffers.len().min(R::BUFFERS.len());
-        R::BUFFERS[..held].iter().map(|b| b.name).collect()
+        let mut names: Vec<_> = R::BUFFERS[..held].iter().map(|b| b.name).collect();
+        if self.engine.state().master.is_some() {
+            names.push(MASTER);
+        }
+        names
     }
     fn state_bytes(&self) -> usize {
         let state = self.engine.state();
@@ -805,10 +825,16 @@ impl<R: Rule> Optimizer for Fused<R> {
         self.engine.settings.state_format
     }
     fn tensor_state(&self, buffer: &str, tensor: usize) -> Option<&[f32]> {
+        if buffer == MASTER {
+            return self.engine.master_slice(tensor);
+        }
         let b = R::BUFFERS.iter().position(|b| b.name == buffer)?;
         self.engine.state_slice(b, tensor)
     }
     fn tensor_state_mut(&mut self, buffer: &str, tensor: usize) -> Option<&mut [f32]> {
+        if buffer == MASTER {
+            return self.engine.master_slice_mut(tensor);
+        }
         let b = R::BUFFERS.iter().position(|b| b.name == buffer)?;
         self.engine.state_slice_mut(b, tensor)
     }
@@ -816,6 +842,9 @@ impl<R: Rule> Optimizer for Fused<R> {
         self.engine.init_state(lens, self.config.state_buffers())
     }
     fn read_tensor_state(&self, buffer: &str, tensor: usize) -> Option<Vec<f32>> {
+        if buffer == MASTER {
+            return self.engine.master_slice(tensor).map(<[f32]>::to_vec);
+        }
         let b = R::BUFFERS.iter().position(|b| b.name == buffer)?;
         self.engine.read_state(b, tensor)
     }
@@ -825,6 +854,11 @@ impl<R: Rule> Optimizer for Fused<R> {
         tensor: usize,
         values: &[f32],
     ) -> Result<(), StepError> {
+        if buffer == MASTER {
+            return self
+                .engine
+                .write_master(tensor, values, R::BUFFERS.len());
+        }
         let b = R::BUFFERS
             .iter()
             .position(|b| b.name == buffer)

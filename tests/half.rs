@@ -253,3 +253,56 @@ fn master_weights_survive_a_state_file() {
         }
     }
 }
+
+/// Every state buffer and the master weights, copied out as `f32` and into a fresh optimizer
+/// (what a framework's state dict does), resume bitwise; a write of the wrong length is refused.
+#[test]
+fn master_weights_read_and_written_as_f32_resume_bitwise() {
+    for config in variants() {
+        for format in StateFormat::ALL {
+            let (w0, grads) = data(4);
+            let start: Vec<Vec<bf16>> = to(&w0, bf16::from_f32);
+            let build = || {
+                let mut o = config.build();
+                o.set_state_format(format).unwrap();
+                o
+            };
+            let (mut whole, mut first) = (build(), build());
+            let (mut w_whole, mut w) = (start.clone(), start.clone());
+            for g in &grads {
+                whole.step_all_typed(&mut w_whole, &to(g, bf16::from_f32)).unwrap();
+            }
+            for g in &grads[..2] {
+                first.step_all_typed(&mut w, &to(g, bf16::from_f32)).unwrap();
+            }
+            assert_eq!(first.state_names().last(), Some(&"master"), "{config}");
+            let mut second = build();
+            second.init_state(&LENS).unwrap();
+            for name in first.state_names() {
+                for t in 0..LENS.len() {
+                    let values = first.read_tensor_state(name, t).unwrap();
+                    second.write_tensor_state(name, t, &values).unwrap();
+                }
+            }
+            second.set_tensor_steps(first.tensor_steps()).unwrap();
+            // The trainer's weights no longer say what the master weights are: the copied
+            // master weights must be what continues.
+            let mut w_rounded = w.clone();
+            for g in &grads[2..] {
+                second
+                    .step_all_typed(&mut w_rounded, &to(g, bf16::from_f32))
+                    .unwrap();
+            }
+            assert_eq!(w_rounded, w_whole, "{config} {format}");
+            assert_eq!(
+                second.read_tensor_state("master", 2),
+                whole.read_tensor_state("master", 2),
+                "{config} {format}"
+            );
+            assert!(matches!(
+                second.write_tensor_state("master", 0, &[0.0; 4]),
+                Err(StepError::TensorLen { .. })
+            ));
+        }
+    }
+}

@@ -414,6 +414,63 @@ impl Engine {
         Some(&self.state.buffers.get(b)?[range])
     }
 
+    /// Tensor `t`'s `f32` master weights; `None` unless it has stepped with half-precision
+    /// weights or had them set ([`write_master`](Engine::write_master)).
+    pub(crate) fn master_slice(&self, t: usize) -> Option<&[f32]> {
+        let layout = self.state.layout.as_ref().filter(|l| t < l.lens().len())?;
+        if !self.state.master_ready.get(t).copied().unwrap_or(false) {
+            return None;
+        }
+        Some(&self.state.master.as_ref()?[layout.range(t)])
+    }
+
+    /// [`master_slice`](Engine::master_slice), to change.
+    pub(crate) fn master_slice_mut(&mut self, t: usize) -> Option<&mut [f32]> {
+        let layout = self.state.layout.as_ref().filter(|l| t < l.lens().len())?;
+        if !self.state.master_ready.get(t).copied().unwrap_or(false) {
+            return None;
+        }
+        let range = layout.range(t);
+        Some(&mut self.state.master.as_mut()?[range])
+    }
+
+    /// Sets tensor `t`'s `f32` master weights (creating the master buffer if needed): its next
+    /// step with half-precision weights continues from them instead of taking the weights.
+    ///
+    /// # Errors
+    /// [`StepError::NoState`] (buffer: the rule's buffer count) before the state exists or for
+    /// a tensor beyond the layout, [`StepError::TensorLen`] for another length,
+    /// [`StepError::OutOfMemory`] if the buffer cannot be allocated; nothing changes on error.
+    pub(crate) fn write_master(
+        &mut self,
+        t: usize,
+        values: &[f32],
+        buffers: usize,
+    ) -> Result<(), StepError> {
+        let Some(layout) = self.state.layout.as_ref().filter(|l| t < l.lens().len()) else {
+            return Err(StepError::NoState {
+                buffer: buffers,
+                tensor: t,
+            });
+        };
+        let expected = layout.lens()[t];
+        if values.len() != expected {
+            return Err(StepError::TensorLen {
+                tensor: t,
+                expected,
+                found: values.len(),
+            });
+        }
+        let range = layout.range(t);
+        if self.state.master.is_none() {
+            self.state.master = Some(state::zeroed_buffer(layout.total())?);
+            self.state.master_ready = vec![false; layout.lens().len()];
+        }
+        self.state.master.as_mut().expect("set above")[range].copy_from_slice(values);
+        self.state.master_ready[t] = true;
+        Ok(())
+    }
+
     /// Drops all state and the step counts; settings, groups and names are kept.
     pub(crate) fn reset(&mut self) {
         self.state = State::default();
