@@ -855,9 +855,7 @@ impl<R: Rule> Optimizer for Fused<R> {
         values: &[f32],
     ) -> Result<(), StepError> {
         if buffer == MASTER {
-            return self
-                .engine
-                .write_master(tensor, values, R::BUFFERS.len());
+            return self.engine.write_master(tensor, values, R::BUFFERS.len());
         }
         let b = R::BUFFERS
             .iter()

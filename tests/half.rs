@@ -270,10 +270,14 @@ fn master_weights_read_and_written_as_f32_resume_bitwise() {
             let (mut whole, mut first) = (build(), build());
             let (mut w_whole, mut w) = (start.clone(), start.clone());
             for g in &grads {
-                whole.step_all_typed(&mut w_whole, &to(g, bf16::from_f32)).unwrap();
+                whole
+                    .step_all_typed(&mut w_whole, &to(g, bf16::from_f32))
+                    .unwrap();
             }
             for g in &grads[..2] {
-                first.step_all_typed(&mut w, &to(g, bf16::from_f32)).unwrap();
+                first
+                    .step_all_typed(&mut w, &to(g, bf16::from_f32))
+                    .unwrap();
             }
             assert_eq!(first.state_names().last(), Some(&"master"), "{config}");
             let mut second = build();

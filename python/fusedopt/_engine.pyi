@@ -58,7 +58,15 @@ class Engine:
     def state_bytes(self) -> int: ...
     def init_state(self, lens: Sequence[int]) -> None: ...
     def set_tensor_steps(self, steps: Sequence[int]) -> None: ...
-    def state_array(self, name: str, tensor: int) -> np.ndarray: ...
+    state_format: str
+    """The state's format: ``"f32"``, ``"bf16"`` or ``"q8"`` (set before the first step)."""
+    def state_array(self, name: str, tensor: int) -> np.ndarray:
+        """A float32 view of tensor ``tensor``'s slice of buffer ``name`` (float32 state, and
+        ``"master"`` in every format)."""
+    def read_state(self, name: str, tensor: int) -> np.ndarray:
+        """A float32 copy of tensor ``tensor``'s values of buffer ``name``, decoded."""
+    def write_state(self, name: str, tensor: int, values: np.ndarray) -> None:
+        """Sets them from a float32 array, encoded in the state format."""
     def step_arrays(
         self,
         weights: Sequence[np.ndarray],
@@ -66,8 +74,9 @@ class Engine:
         labels: Sequence[tuple[str, str]],
     ) -> None:
         """One step over numpy arrays, updated in place; ``labels`` name them in errors."""
-    def bind_weights(self, addrs: Sequence[int], lens: Sequence[int]) -> None:
-        """Lends the weights by address (float32 memory the caller vouches for)."""
+    def bind_weights(self, addrs: Sequence[int], lens: Sequence[int], dtype: str = "float32") -> None:
+        """Lends the weights by address (memory of ``dtype``, ``"float32"``, ``"bfloat16"`` or
+        ``"float16"``, the caller vouches for); gradients have the same dtype."""
     def bind_grads(self, grads: Sequence[int]) -> None:
         """Lends gradient addresses for every later ``step_bound(None)``."""
     def step_bound(self, grads: Optional[Sequence[int]]) -> None:

@@ -86,6 +86,8 @@ class Optimizer:
         grad_scale: float = 1.0,
         max_grad_norm: Optional[float] = None,
         non_finite: str = "propagate",
+        state_format: str = "f32",
+        master_weights: bool = False,
     ) -> None:
         owner = type(self).__name__
         self._hyper: dict[str, Any] = {}
@@ -99,6 +101,12 @@ class Optimizer:
         if not isinstance(non_finite, str):
             raise TypeError(f"{owner}: non_finite must be a str, not {type(non_finite).__name__}")
         self._engine.non_finite = non_finite
+        if not isinstance(state_format, str):
+            raise TypeError(
+                f"{owner}: state_format must be a str, not {type(state_format).__name__}"
+            )
+        self._engine.state_format = state_format
+        self._master = _flag(owner, "master_weights", master_weights)
         self._keys: Optional[tuple[Any, ...]] = None
         self._labels: list[tuple[str, str]] = []
 
@@ -171,9 +179,42 @@ class Optimizer:
                 )
             keys = _SINGLE
             weights, grad_list, labels = [params], [grads], [("weight", "grad")]
+        self._check_master(weights, labels)
         self._engine.step_arrays(weights, grad_list, labels)
         if self._keys is None:
             self._fix_layout(keys, labels)
+
+    def _check_master(self, weights: list[Any], labels: list[tuple[str, str]]) -> None:
+        """float16 weights go with ``master_weights=True``, and it with them."""
+        owner = type(self).__name__
+        for w, (label, _) in zip(weights, labels):
+            half = getattr(w, "dtype", None) == np.float16
+            if half and not self._master:
+                raise TypeError(
+                    f"{owner}: {label} is float16: pass master_weights=True for the optimizer "
+                    "to keep float32 master weights and write the float16 ones rounded"
+                )
+            if self._master and not half and isinstance(w, np.ndarray):
+                raise TypeError(
+                    f"{owner}: {label} is {w.dtype}, and master_weights=True keeps float32 "
+                    "master copies of float16 weights: pass float16 weights, or drop "
+                    "master_weights"
+                )
+
+    @property
+    def state_format(self) -> str:
+        """The format of the optimizer state: ``"f32"``, ``"bf16"`` or ``"q8"``."""
+        return self._engine.state_format
+
+    @property
+    def master_weights(self) -> bool:
+        """Whether the weights are float16 with float32 master weights in the state."""
+        return self._master
+
+    @property
+    def state_bytes(self) -> int:
+        """Bytes of memory the optimizer state holds (master weights included)."""
+        return self._engine.state_bytes
 
     def _dict_keys(self, params: Mapping[Any, Any], grads: Mapping[Any, Any]) -> tuple[Any, ...]:
         """The keys in engine order, after checking both dicts against each other and the
@@ -313,7 +354,10 @@ _COMMON_DOC = """
     Keyword-only options (all optimizers): ``weight_decay`` (L2, ``g += weight_decay * w``),
     ``maximize`` (ascend), ``grad_scale`` (divide gradients by a loss scale), ``max_grad_norm``
     (clip by the global norm of all arrays of an update), ``non_finite`` (``"propagate"``,
-    ``"skip"`` or ``"error"``).
+    ``"skip"`` or ``"error"``); ``state_format`` (``"f32"``, ``"bf16"`` with stochastic
+    rounding, or ``"q8"``, 8-bit block-wise), chosen at construction; ``master_weights``
+    (float16 weight arrays, with float32 master weights kept in the optimizer state and the
+    float16 ones written rounded to nearest). Gradients may be float16 in every mode.
 """
 
 
@@ -337,12 +381,16 @@ class SGD(Optimizer):
         grad_scale: float = 1.0,
         max_grad_norm: Optional[float] = None,
         non_finite: str = "propagate",
+        state_format: str = "f32",
+        master_weights: bool = False,
     ) -> None:
         super().__init__(
             {"learning_rate": learning_rate, "weight_decay": weight_decay, "maximize": maximize},
             grad_scale=grad_scale,
             max_grad_norm=max_grad_norm,
             non_finite=non_finite,
+            state_format=state_format,
+            master_weights=master_weights,
         )
 
 
@@ -369,6 +417,8 @@ class Momentum(Optimizer):
         grad_scale: float = 1.0,
         max_grad_norm: Optional[float] = None,
         non_finite: str = "propagate",
+        state_format: str = "f32",
+        master_weights: bool = False,
     ) -> None:
         super().__init__(
             {
@@ -380,6 +430,8 @@ class Momentum(Optimizer):
             grad_scale=grad_scale,
             max_grad_norm=max_grad_norm,
             non_finite=non_finite,
+            state_format=state_format,
+            master_weights=master_weights,
         )
 
 
@@ -414,6 +466,8 @@ class AdaGrad(Optimizer):
         grad_scale: float = 1.0,
         max_grad_norm: Optional[float] = None,
         non_finite: str = "propagate",
+        state_format: str = "f32",
+        master_weights: bool = False,
     ) -> None:
         super().__init__(
             {
@@ -425,6 +479,8 @@ class AdaGrad(Optimizer):
             grad_scale=grad_scale,
             max_grad_norm=max_grad_norm,
             non_finite=non_finite,
+            state_format=state_format,
+            master_weights=master_weights,
         )
 
 
@@ -455,6 +511,8 @@ class RMSProp(Optimizer):
         grad_scale: float = 1.0,
         max_grad_norm: Optional[float] = None,
         non_finite: str = "propagate",
+        state_format: str = "f32",
+        master_weights: bool = False,
     ) -> None:
         super().__init__(
             {
@@ -467,6 +525,8 @@ class RMSProp(Optimizer):
             grad_scale=grad_scale,
             max_grad_norm=max_grad_norm,
             non_finite=non_finite,
+            state_format=state_format,
+            master_weights=master_weights,
         )
 
 
@@ -512,6 +572,8 @@ class Adam(Optimizer):
         grad_scale: float = 1.0,
         max_grad_norm: Optional[float] = None,
         non_finite: str = "propagate",
+        state_format: str = "f32",
+        master_weights: bool = False,
     ) -> None:
         super().__init__(
             {
@@ -528,6 +590,8 @@ class Adam(Optimizer):
             grad_scale=grad_scale,
             max_grad_norm=max_grad_norm,
             non_finite=non_finite,
+            state_format=state_format,
+            master_weights=master_weights,
         )
 
 

@@ -34,6 +34,14 @@ torch's constructor signatures and defaults, and follow torch's formulas: replac
   models of many small tensors. In this mode ``zero_grad`` behaves as
   ``zero_grad(set_to_none=False)``: every parameter that requires grad has a (zero) gradient
   and is stepped. A ``.grad`` replaced by other code is copied into the buffer at the next step.
+* Low precision (keyword-only, every class): ``state_format="bf16"`` keeps the state in
+  bfloat16 with stochastic rounding, ``state_format="q8"`` in 8 bits per value (blocks of 256
+  with a float32 scale each); ``master_weights=True`` steps bfloat16 or float16 parameters
+  (and gradients), keeping float32 master weights in the state and writing the parameters
+  rounded to nearest. ``state_dict()`` then carries the state decoded to float32 tensors
+  (copies, taken at the call) and the master weights under the key ``"master"``, so
+  ``load_state_dict`` resumes exactly; a dict without ``"master"`` (``torch.optim``'s) starts
+  the master weights from the parameters.
 """
 
 from __future__ import annotations
@@ -58,6 +66,15 @@ _numel = torch.Tensor.numel
 _is_contiguous = torch.Tensor.is_contiguous
 
 Params = Union[Iterable[torch.Tensor], Iterable[dict[str, Any]]]
+
+#: The dtypes the engine steps, by the names it knows them by.
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+_HALF = (torch.bfloat16, torch.float16)
+
+
+def _flat_numpy(t: torch.Tensor) -> Any:
+    """A state tensor's values as a flat, contiguous float32 numpy array."""
+    return t.detach().reshape(-1).contiguous().numpy()
 
 
 def _encode(value: Any) -> str:
@@ -114,7 +131,7 @@ class _EngineState(MutableMapping):
         engine = opt._engine
         if opt._eager_state:
             return iter(params)
-        if engine is None or not opt._state_keys(opt.param_groups[0]):
+        if engine is None or not opt._all_keys(opt.param_groups[0]):
             return iter(())
         steps = engine.tensor_steps
         return iter([p for p, s in zip(params, steps) if s > 0])
@@ -145,9 +162,25 @@ class _FusedOptimizer(torch.optim.Optimizer):
     #: Hyperparameters that must be equal in every group (besides lr and weight_decay).
     _shared: tuple[str, ...] = ()
 
-    def __init__(self, params: Params, defaults: dict[str, Any], flat_grads: bool) -> None:
+    def __init__(
+        self,
+        params: Params,
+        defaults: dict[str, Any],
+        flat_grads: bool,
+        state_format: str = "f32",
+        master_weights: bool = False,
+    ) -> None:
+        name = type(self).__name__
         if not isinstance(flat_grads, bool):
-            raise TypeError(f"{type(self).__name__}: flat_grads must be True or False")
+            raise TypeError(f"{name}: flat_grads must be True or False")
+        if not isinstance(master_weights, bool):
+            raise TypeError(f"{name}: master_weights must be True or False")
+        if not isinstance(state_format, str):
+            raise TypeError(f"{name}: state_format must be a str, not {type(state_format).__name__}")
+        Engine("sgd").state_format = state_format  # ValueError for an unknown format
+        self._state_format = state_format
+        self._master = master_weights
+        self._dtype: Optional[torch.dtype] = None
         self._engine: Optional[Engine] = None
         self._flat = flat_grads
         self._reset_cache()
@@ -247,15 +280,12 @@ class _FusedOptimizer(torch.optim.Optimizer):
         for k, group in enumerate(self.param_groups):
             params.extend(group["params"])
             group_of.extend([k] * len(group["params"]))
-        name = type(self).__name__
-        for i, p in enumerate(params):
-            what = _describe("parameter", i, group_of[i], p)
-            self._check_tensor(name, what, p)
+        dtype = self._param_dtype(params, group_of)
         ptrs, lens = list(map(_data_ptr, params)), list(map(_numel, params))
         if self._engine is None:
-            self._engine = Engine(self._config_string(self.param_groups[0]))
-            self._engine.lr = 1.0
-        self._engine.bind_weights(ptrs, lens)
+            self._engine = self._new_engine(self.param_groups[0])
+        self._engine.bind_weights(ptrs, lens, _DTYPE_NAMES[dtype])
+        self._dtype = dtype
         self._params, self._group_of, self._weight_ptrs, self._lens = params, group_of, ptrs, lens
         if self._flat:
             self._storages = [p.untyped_storage() for p in params]
@@ -264,14 +294,52 @@ class _FusedOptimizer(torch.optim.Optimizer):
             self._install_views()
         return params
 
-    @staticmethod
-    def _check_tensor(name: str, what: str, t: Any) -> None:
+    def _new_engine(self, group: dict[str, Any]) -> Engine:
+        engine = Engine(self._config_string(group))
+        engine.lr = 1.0
+        engine.state_format = self._state_format
+        return engine
+
+    def _param_dtype(self, params: list[torch.Tensor], group_of: list[int]) -> torch.dtype:
+        """Checks every parameter and returns their one dtype: float32, or bfloat16/float16
+        with ``master_weights=True``."""
+        name = type(self).__name__
+        dtype: Optional[torch.dtype] = None
+        for i, p in enumerate(params):
+            what = _describe("parameter", i, group_of[i], p)
+            if isinstance(p, torch.Tensor) and dtype is not None and p.dtype != dtype:
+                raise TypeError(
+                    f"{name}: {what} is {p.dtype} and parameter 0 {dtype}: fusedopt steps "
+                    "parameters of one dtype"
+                )
+            if isinstance(p, torch.Tensor) and p.dtype in _HALF and not self._master:
+                raise TypeError(
+                    f"{name}: {what} is {p.dtype}: pass master_weights=True for the optimizer "
+                    "to keep float32 master weights and write the parameters rounded to nearest"
+                )
+            if isinstance(p, torch.Tensor) and p.dtype == torch.float32 and self._master:
+                raise TypeError(
+                    f"{name}: {what} is float32, and master_weights=True keeps float32 master "
+                    "copies of bfloat16 or float16 parameters: cast the model (model.bfloat16()) "
+                    "or drop master_weights"
+                )
+            self._check_tensor(name, what, p, p.dtype if isinstance(p, torch.Tensor) else None)
+            dtype = p.dtype
+        return torch.float32 if dtype is None else dtype
+
+    def _check_tensor(self, name: str, what: str, t: Any, dtype: Optional[torch.dtype] = None) -> None:
+        """Refuses what the engine cannot step: not a dense, contiguous CPU tensor of
+        ``dtype`` (by default the parameters' dtype)."""
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: {what} is a {type(t).__name__}, not a torch.Tensor")
         if t.layout != torch.strided:
             raise ValueError(f"{name}: {what} is {t.layout}; fusedopt steps dense tensors")
-        if t.dtype != torch.float32:
-            raise TypeError(f"{name}: {what} is {t.dtype}; fusedopt.torch steps float32 tensors")
+        want = dtype or self._dtype or torch.float32
+        if t.dtype != want or want not in _DTYPE_NAMES:
+            raise TypeError(
+                f"{name}: {what} is {t.dtype}; fusedopt.torch steps float32 tensors (bfloat16 "
+                f"or float16 with master_weights=True), here {want}"
+            )
         if not t.is_cpu:
             raise ValueError(f"{name}: {what} is on {t.device}; fusedopt.torch steps CPU tensors")
         if not t.is_contiguous():
@@ -315,7 +383,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
         # names the gradient.
         try:
             ok = (
-                set(map(_dtype_of, grads)) == {torch.float32}
+                set(map(_dtype_of, grads)) == {self._dtype}
                 and all(map(_is_contiguous, grads))
                 and list(map(_numel, grads)) == self._lens
             )
@@ -347,8 +415,8 @@ class _FusedOptimizer(torch.optim.Optimizer):
         params = self._params
         assert params is not None
         total = sum(n for p, n in zip(params, self._lens) if p.requires_grad)
-        if self._buffer is None or self._buffer.numel() != total:
-            self._buffer = torch.zeros(total, dtype=torch.float32)
+        if self._buffer is None or self._buffer.numel() != total or self._buffer.dtype != self._dtype:
+            self._buffer = torch.zeros(total, dtype=self._dtype)
         views: list[Optional[torch.Tensor]] = []
         offset = 0
         for p, n in zip(params, self._lens):
@@ -424,6 +492,11 @@ class _FusedOptimizer(torch.optim.Optimizer):
         """(torch key, engine buffer) pairs of a parameter's state under ``group``'s settings."""
         raise NotImplementedError
 
+    def _all_keys(self, group: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
+        """``_state_keys`` and, with master weights, ``("master", "master")``."""
+        keys = self._state_keys(group)
+        return keys + (("master", "master"),) if self._master else keys
+
     def _param_list(self) -> list[torch.Tensor]:
         return [p for g in self.param_groups for p in g["params"]]
 
@@ -449,12 +522,14 @@ class _FusedOptimizer(torch.optim.Optimizer):
         engine = self._engine
         if steps is None:
             steps = [] if engine is None else engine.tensor_steps
-        keys = self._state_keys(self.param_groups[0])
+        keys = self._all_keys(self.param_groups[0])
         if engine is None or not steps:
             if not self._eager_state:
                 return None
             state: dict[str, Any] = {"step": torch.tensor(0.0)}
-            state.update((key, torch.zeros_like(p)) for key, _ in keys)
+            state.update(
+                (key, torch.zeros_like(p, dtype=torch.float32)) for key, _ in keys
+            )
             return state
         step = steps[i]
         if step == 0 and not self._eager_state:
@@ -472,12 +547,15 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 state["step"].fill_(float(step))
             return state
         state = {"step": torch.tensor(float(step))} if self._keeps_step else {}
-        complete = True
+        # float32 state is viewed; compact state is decoded into new tensors at every call.
+        complete = self._state_format == "f32"
         for key, buffer in keys:
-            if buffer in held:
+            if buffer in held and (complete or buffer == "master"):
                 state[key] = torch.from_numpy(engine.state_array(buffer, i)).view(p.shape)
+            elif buffer in held:
+                state[key] = torch.from_numpy(engine.read_state(buffer, i)).view(p.shape)
             else:  # a buffer the engine creates at its next step (AMSGrad turned on)
-                state[key] = torch.zeros_like(p)
+                state[key] = torch.zeros_like(p, dtype=torch.float32)
                 complete = False
         if not state:
             return None
@@ -491,7 +569,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
         for p, state in self.state.items():
             i = self._index_of()[id(p)]
             step = int(state.get("step", 1))
-            buffers = {b: state[k] for k, b in self._state_keys(self.param_groups[0])}
+            buffers = {b: state[k] for k, b in self._all_keys(self.param_groups[0]) if k in state}
             out[i] = (step, buffers)
         return out
 
@@ -508,12 +586,10 @@ class _FusedOptimizer(torch.optim.Optimizer):
         for k, group in enumerate(groups):
             params.extend(group["params"])
             group_of.extend([k] * len(group["params"]))
-        for i, p in enumerate(params):
-            self._check_tensor(name, _describe("parameter", i, group_of[i], p), p)
+        dtype = self._param_dtype(params, group_of)
         lens = list(map(_numel, params))
-        engine = Engine(self._config_string(groups[0]))
-        engine.lr = 1.0
-        engine.bind_weights(list(map(_data_ptr, params)), lens)
+        engine = self._new_engine(groups[0])
+        engine.bind_weights(list(map(_data_ptr, params)), lens, _DTYPE_NAMES[dtype])
         engine.set_groups(
             group_of,
             [float(g["lr"]) for g in groups],
@@ -523,11 +599,12 @@ class _FusedOptimizer(torch.optim.Optimizer):
         steps = [0] * len(params)
         for i, (step, buffers) in states.items():
             for buffer, values in buffers.items():
-                torch.from_numpy(engine.state_array(buffer, i)).copy_(values.reshape(-1))
+                engine.write_state(buffer, i, _flat_numpy(values))
             steps[i] = step
         engine.set_tensor_steps(steps)
         # Switch.
         self._engine = engine
+        self._dtype = dtype
         self._params = None  # rebinds (and reattaches flat gradients) at the next step
         self._config = None
         self._group_hyper = None
@@ -618,11 +695,19 @@ class _FusedOptimizer(torch.optim.Optimizer):
         """A parameter's loaded state, checked against ``p`` and the settings of ``group``:
         (step, {engine buffer: tensor}), or ``None`` for no state yet."""
         name = type(self).__name__
-        keys = self._state_keys(group)
+        keys = self._all_keys(group)
         expected = ({"step"} if self._keeps_step else set()) | {k for k, _ in keys}
+        if self._master and "master" not in value:
+            # A dict without master weights (torch.optim's): they start from the parameters.
+            keys = self._state_keys(group)
+            expected.discard("master")
         if not isinstance(value, Mapping):
             raise ValueError(f"{name}: the state of parameter {key!r} is not a dict")
-        if not value or (not self._keeps_step and value.get("momentum_buffer") is None):
+        if not value or (
+            not self._keeps_step
+            and value.get("momentum_buffer") is None
+            and value.get("master") is None
+        ):
             if set(value) - {"momentum_buffer"}:
                 extra = sorted(set(value) - {"momentum_buffer"})
                 raise ValueError(
@@ -674,12 +759,14 @@ class _FusedOptimizer(torch.optim.Optimizer):
             return
         self._bind()
         engine.init_state(self._lens)
-        for _, buffer in self._state_keys(self.param_groups[0]):
-            view = torch.from_numpy(engine.state_array(buffer, i))
+        for _, buffer in self._all_keys(self.param_groups[0]):
             if buffer in buffers:
-                view.copy_(buffers[buffer].reshape(-1))
+                engine.write_state(buffer, i, _flat_numpy(buffers[buffer]))
+            elif buffer == "master":
+                params_i = params[i].detach().reshape(-1).float()
+                engine.write_state(buffer, i, params_i.numpy())
             else:
-                view.zero_()
+                engine.write_state(buffer, i, torch.zeros(self._lens[i]).numpy())
         steps = engine.tensor_steps
         steps[i] = step
         engine.set_tensor_steps(steps)
@@ -745,6 +832,8 @@ class SGD(_FusedOptimizer):
         differentiable: bool = False,
         fused: Optional[bool] = None,
         flat_grads: bool = False,
+        state_format: str = "f32",
+        master_weights: bool = False,
     ) -> None:
         if float(lr) < 0.0:
             raise ValueError(f"Invalid learning rate: {lr}")
@@ -768,7 +857,7 @@ class SGD(_FusedOptimizer):
             fused=fused,
         )
         self._momentum_rule = momentum != 0
-        super().__init__(params, defaults, flat_grads)
+        super().__init__(params, defaults, flat_grads, state_format, master_weights)
 
     def _config_string(self, group: dict[str, Any]) -> str:
         momentum = float(group["momentum"])
@@ -833,6 +922,8 @@ class Adagrad(_FusedOptimizer):
         differentiable: bool = False,
         fused: Optional[bool] = None,
         flat_grads: bool = False,
+        state_format: str = "f32",
+        master_weights: bool = False,
     ) -> None:
         if float(lr) < 0.0:
             raise ValueError(f"Invalid learning rate: {lr}")
@@ -857,7 +948,7 @@ class Adagrad(_FusedOptimizer):
             differentiable=differentiable,
             fused=fused,
         )
-        super().__init__(params, defaults, flat_grads)
+        super().__init__(params, defaults, flat_grads, state_format, master_weights)
 
     def _config_string(self, group: dict[str, Any]) -> str:
         return (
@@ -899,6 +990,8 @@ class RMSprop(_FusedOptimizer):
         differentiable: bool = False,
         *,
         flat_grads: bool = False,
+        state_format: str = "f32",
+        master_weights: bool = False,
     ) -> None:
         if float(lr) < 0.0:
             raise ValueError(f"Invalid learning rate: {lr}")
@@ -922,7 +1015,7 @@ class RMSprop(_FusedOptimizer):
             maximize=maximize,
             differentiable=differentiable,
         )
-        super().__init__(params, defaults, flat_grads)
+        super().__init__(params, defaults, flat_grads, state_format, master_weights)
 
     def _config_string(self, group: dict[str, Any]) -> str:
         return (
@@ -966,6 +1059,8 @@ class Adam(_FusedOptimizer):
         fused: Optional[bool] = None,
         decoupled_weight_decay: bool = False,
         flat_grads: bool = False,
+        state_format: str = "f32",
+        master_weights: bool = False,
     ) -> None:
         _check_adam(lr, betas, eps, weight_decay)
         if fused is True:
@@ -983,7 +1078,7 @@ class Adam(_FusedOptimizer):
             fused=fused,
             decoupled_weight_decay=decoupled_weight_decay,
         )
-        super().__init__(params, defaults, flat_grads)
+        super().__init__(params, defaults, flat_grads, state_format, master_weights)
 
     def _config_string(self, group: dict[str, Any]) -> str:
         beta1, beta2 = group["betas"]
@@ -1019,6 +1114,8 @@ class AdamW(Adam):
         differentiable: bool = False,
         fused: Optional[bool] = None,
         flat_grads: bool = False,
+        state_format: str = "f32",
+        master_weights: bool = False,
     ) -> None:
         super().__init__(
             params,
@@ -1034,6 +1131,8 @@ class AdamW(Adam):
             fused=fused,
             decoupled_weight_decay=True,
             flat_grads=flat_grads,
+            state_format=state_format,
+            master_weights=master_weights,
         )
 
     def _fix_loaded_group(self, group: dict[str, Any]) -> None:

@@ -7,10 +7,14 @@
 //! vouches for by address (torch tensors, checked by `fusedopt.torch`). Every step releases the
 //! GIL. Errors become Python exceptions that say what was wrong; a refused step modifies nothing.
 
-use fusedopt::{NonFinite, Optimizer, OptimizerConfig, ParamGroup, StateError, StepError};
+use fusedopt::{
+    Element, NonFinite, Optimizer, OptimizerConfig, ParamGroup, StateError, StateFormat, StepError,
+};
+use half::{bf16, f16};
 use numpy::ndarray::ArrayView1;
 use numpy::{
-    BorrowError, PyArray1, PyArrayDyn, PyArrayMethods, PyUntypedArray, PyUntypedArrayMethods,
+    BorrowError, PyArray1, PyArrayDyn, PyArrayMethods, PyReadonlyArray1, PyUntypedArray,
+    PyUntypedArrayMethods,
 };
 use pyo3::exceptions::{
     PyFileNotFoundError, PyMemoryError, PyOSError, PyRuntimeError, PyTypeError, PyValueError,
@@ -91,25 +95,71 @@ fn policy_name(policy: NonFinite) -> &'static str {
     }
 }
 
-/// `obj` as a float32 ndarray, or a `TypeError` naming `label` and saying what it is instead.
-fn f32_array<'a, 'py>(
-    obj: &'a Bound<'py, PyAny>,
-    label: &str,
-) -> PyResult<&'a Bound<'py, PyArrayDyn<f32>>> {
+/// A numpy array the engine steps: float32 or float16.
+enum FloatArray<'a, 'py> {
+    F32(&'a Bound<'py, PyArrayDyn<f32>>),
+    F16(&'a Bound<'py, PyArrayDyn<f16>>),
+}
+
+impl FloatArray<'_, '_> {
+    fn untyped(&self) -> &Bound<'_, PyUntypedArray> {
+        match self {
+            FloatArray::F32(a) => a.as_untyped(),
+            FloatArray::F16(a) => a.as_untyped(),
+        }
+    }
+
+    fn is_f32(&self) -> bool {
+        matches!(self, FloatArray::F32(_))
+    }
+}
+
+/// `obj` as a float32 or float16 ndarray, or a `TypeError` naming `label` and saying what it
+/// is instead.
+fn float_array<'a, 'py>(obj: &'a Bound<'py, PyAny>, label: &str) -> PyResult<FloatArray<'a, 'py>> {
     if let Ok(array) = obj.cast::<PyArrayDyn<f32>>() {
-        return Ok(array);
+        return Ok(FloatArray::F32(array));
+    }
+    if let Ok(array) = obj.cast::<PyArrayDyn<f16>>() {
+        return Ok(FloatArray::F16(array));
     }
     if let Ok(array) = obj.cast::<PyUntypedArray>() {
         let dtype = array.dtype().str()?.to_string();
         return Err(PyTypeError::new_err(format!(
-            "{label} is a {dtype} array, and fusedopt updates float32 arrays: convert it once \
-             with .astype(np.float32) and keep training on the float32 array"
+            "{label} is a {dtype} array, and fusedopt updates float32 arrays (float16 with \
+             master_weights=True): convert it once with .astype(np.float32) and keep training \
+             on the float32 array"
         )));
     }
     let kind = obj.get_type().name()?.to_string();
     Err(PyTypeError::new_err(format!(
         "{label} must be a numpy.ndarray of float32, not {kind}"
     )))
+}
+
+/// A dtype of memory lent by address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dtype {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl Dtype {
+    fn parse(name: &str) -> PyResult<Dtype> {
+        match name {
+            "float32" => Ok(Dtype::F32),
+            "bfloat16" => Ok(Dtype::Bf16),
+            "float16" => Ok(Dtype::F16),
+            _ => Err(PyValueError::new_err(format!(
+                "dtype {name:?}: fusedopt steps float32, bfloat16 or float16 memory"
+            ))),
+        }
+    }
+
+    fn size(self) -> usize {
+        if self == Dtype::F32 { 4 } else { 2 }
+    }
 }
 
 /// A shape as Python prints it: `(3, 4)`, `(5,)`, `()`.
@@ -127,37 +177,72 @@ fn shape_text(shape: &[usize]) -> String {
     }
 }
 
-/// Memory a caller lends by address: `len` f32 values from `addr` (any address when `len` is 0).
+/// Memory a caller lends by address: `len` values of `size` bytes from `addr` (any address
+/// when `len` is 0).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Span {
     addr: usize,
     len: usize,
+    size: usize,
 }
 
 impl Span {
     /// One past the last byte.
     fn end(self) -> usize {
-        self.addr + self.len * 4
+        self.addr + self.len * self.size
     }
 }
 
-/// Checks that `addr`/`len` can be a `&[f32]`: not null, aligned, not wrapping the address
-/// space.
-fn check_span(addr: usize, len: usize, what: &dyn Fn() -> String) -> PyResult<Span> {
+/// Checks that `addr`/`len` can be a slice of `dtype`: not null, aligned, not wrapping the
+/// address space.
+fn check_span(addr: usize, len: usize, dtype: Dtype, what: &dyn Fn() -> String) -> PyResult<Span> {
+    let size = dtype.size();
     if len == 0 {
-        return Ok(Span { addr: 0, len });
+        return Ok(Span { addr: 0, len, size });
     }
     let fits = len
-        .checked_mul(4)
+        .checked_mul(size)
         .and_then(|bytes| addr.checked_add(bytes))
         .is_some_and(|end| end <= isize::MAX as usize);
-    if addr == 0 || !addr.is_multiple_of(4) || !fits {
+    if addr == 0 || !addr.is_multiple_of(size) || !fits {
         return Err(PyValueError::new_err(format!(
-            "{}: address {addr:#x} with {len} float32 values is not a valid buffer",
+            "{}: address {addr:#x} with {len} {dtype:?} values is not a valid buffer",
             what()
         )));
     }
-    Ok(Span { addr, len })
+    Ok(Span { addr, len, size })
+}
+
+/// The weights and gradients of one `step_bound`, as slices of `E` (the caller vouches for the
+/// memory, see `Engine::step_bound`).
+///
+/// # Safety
+/// Every non-empty span must be live, aligned memory of `len` values of `E`, the weight spans
+/// disjoint from each other and from every gradient span, not otherwise accessed during the
+/// returned borrows' lifetime.
+unsafe fn bound_slices<'a, E: Element>(
+    weights: &[Span],
+    grads: &[Option<Span>],
+) -> (Vec<&'a mut [E]>, Vec<Option<&'a [E]>>) {
+    let w = weights
+        .iter()
+        .map(|s| match s.len {
+            0 => &mut [][..],
+            // SAFETY: the caller's contract.
+            n => unsafe { std::slice::from_raw_parts_mut(s.addr as *mut E, n) },
+        })
+        .collect();
+    let g = grads
+        .iter()
+        .map(|g| {
+            g.map(|g| match g.len {
+                0 => &[][..],
+                // SAFETY: the caller's contract.
+                n => unsafe { std::slice::from_raw_parts(g.addr as *const E, n) },
+            })
+        })
+        .collect();
+    (w, g)
 }
 
 /// The fusedopt engine: one optimizer (any of the six, from a configuration string) with its
@@ -177,6 +262,8 @@ struct Engine {
     by_addr: Vec<(Span, usize)>,
     /// The gradients lent by address with `bind_grads`, in tensor order (`None`: no gradient).
     bound_grads: Vec<Option<Span>>,
+    /// The dtype of the bound weights and of the gradients `step_bound` reads.
+    dtype: Dtype,
     /// Each tensor's group (`set_groups`), when there are groups.
     group_of: Vec<u32>,
     /// The last step's report: (skipped, grad_norm).
@@ -238,6 +325,7 @@ impl Engine {
         Ok(Engine {
             opt: Mutex::new(config.build()),
             threads: 0,
+            dtype: Dtype::F32,
             shapes: None,
             bound: Vec::new(),
             by_addr: Vec::new(),
@@ -479,6 +567,62 @@ impl Engine {
         self.opt().set_tensor_steps(&steps).map_err(step_error)
     }
 
+    /// The format of the optimizer state: `"f32"`, `"bf16"` or `"q8"`.
+    #[getter]
+    fn get_state_format(&mut self) -> String {
+        self.opt().state_format().to_string()
+    }
+
+    /// Chooses the format of the state, before the first step: `"f32"`, `"bf16"` (stochastic
+    /// rounding) or `"q8"` (8-bit, block-wise).
+    #[setter]
+    fn set_state_format(&mut self, format: &str) -> PyResult<()> {
+        let format: StateFormat = format.parse().map_err(|_| {
+            PyValueError::new_err(format!(
+                "state_format {format:?}: choose one of {}",
+                StateFormat::ALL
+                    .iter()
+                    .map(|f| format!("{:?}", f.name()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+        })?;
+        self.opt().set_state_format(format).map_err(step_error)
+    }
+
+    /// Tensor `tensor`'s values of state buffer `name` (or `"master"`, the float32 master
+    /// weights) as a new float32 array, decoded from the state format.
+    fn read_state<'py>(
+        &mut self,
+        py: Python<'py>,
+        name: &str,
+        tensor: usize,
+    ) -> PyResult<Bound<'py, PyArray1<f32>>> {
+        match self.opt().read_tensor_state(name, tensor) {
+            Some(values) => Ok(PyArray1::from_vec(py, values)),
+            None => Err(self.no_state(name, tensor)),
+        }
+    }
+
+    /// Sets tensor `tensor`'s values of state buffer `name` (or `"master"`) from a float32
+    /// array of its length, encoded in the state format.
+    fn write_state(
+        &mut self,
+        name: &str,
+        tensor: usize,
+        values: PyReadonlyArray1<'_, f32>,
+    ) -> PyResult<()> {
+        let values = values.as_slice().map_err(|_| {
+            PyValueError::new_err("write_state: the values must be a contiguous float32 array")
+        })?;
+        if name != "master" && !self.opt().state_names().contains(&name) {
+            return Err(self.no_state(name, tensor));
+        }
+        self.opt()
+            .write_tensor_state(name, tensor, values)
+            .map_err(step_error)
+    }
+
     /// Tensor `tensor`'s slice of state buffer `name`, as a writable 1-D float32 array that
     /// views the engine's memory (no copy): later steps change it, and writing it changes the
     /// state. The array keeps the engine alive; while one is alive, `reset` and `load_state`
@@ -490,16 +634,20 @@ impl Engine {
     ) -> PyResult<Bound<'py, PyArray1<f32>>> {
         let py = slf.py();
         let mut this = slf.borrow_mut();
-        let (ptr, len) = match this.opt().tensor_state_mut(name, tensor) {
-            Some(values) => (values.as_mut_ptr(), values.len()),
-            None => {
-                let held = this.opt().state_names();
+        let found = this
+            .opt()
+            .tensor_state_mut(name, tensor)
+            .map(|values| (values.as_mut_ptr(), values.len()));
+        let (ptr, len) = match found {
+            Some(found) => found,
+            None if name != "master" && this.opt().state_format() != StateFormat::F32 => {
                 return Err(PyValueError::new_err(format!(
-                    "no state buffer {name:?} for tensor {tensor} (buffers held: {held:?}, \
-                     tensors: {})",
-                    this.opt().layout().map_or(0, <[usize]>::len)
+                    "state buffer {name:?} is kept as {}, which no float32 array can view: \
+                     use read_state / write_state",
+                    this.opt().state_format()
                 )));
             }
+            None => return Err(this.no_state(name, tensor)),
         };
         let live = this.owner.as_ref().and_then(|w| w.bind(py).upgrade());
         let owner = match live {
@@ -546,8 +694,8 @@ impl Engine {
         // Types, dtypes, contiguity and shapes, before borrowing anything.
         let mut pairs = Vec::with_capacity(weights.len());
         for ((w, g), (wl, gl)) in weights.iter().zip(&grads).zip(&labels) {
-            let (w, g) = (f32_array(w, wl)?, f32_array(g, gl)?);
-            for (a, label) in [(w.as_untyped(), wl), (g.as_untyped(), gl)] {
+            let (w, g) = (float_array(w, wl)?, float_array(g, gl)?);
+            for (a, label) in [(w.untyped(), wl), (g.untyped(), gl)] {
                 if !a.is_c_contiguous() {
                     return Err(PyValueError::new_err(format!(
                         "{label} is not C-contiguous: fusedopt reads and writes arrays in \
@@ -555,61 +703,97 @@ impl Engine {
                     )));
                 }
             }
-            if w.shape() != g.shape() {
+            if w.untyped().shape() != g.untyped().shape() {
                 return Err(PyValueError::new_err(format!(
                     "{wl} has shape {} but {gl} has shape {}",
-                    shape_text(w.shape()),
-                    shape_text(g.shape())
+                    shape_text(w.untyped().shape()),
+                    shape_text(g.untyped().shape())
                 )));
             }
             pairs.push((w, g));
         }
-        if let Some(shapes) = &self.shapes {
-            if shapes.len() != pairs.len() {
+        for (k, kind) in [(0, "weights"), (1, "gradients")] {
+            let is_f32 =
+                |p: &(FloatArray, FloatArray)| if k == 0 { p.0.is_f32() } else { p.1.is_f32() };
+            if let Some(first) = pairs.first()
+                && let Some(other) = pairs.iter().position(|p| is_f32(p) != is_f32(first))
+            {
+                let label = if k == 0 {
+                    &labels[other].0
+                } else {
+                    &labels[other].1
+                };
+                return Err(PyTypeError::new_err(format!(
+                    "{label} is {} and the first of the {kind} {}: the {kind} of one update \
+                     share one dtype",
+                    if is_f32(&pairs[other]) {
+                        "float32"
+                    } else {
+                        "float16"
+                    },
+                    if is_f32(first) { "float32" } else { "float16" },
+                )));
+            }
+        }
+        let shapes: Vec<Vec<usize>> = pairs
+            .iter()
+            .map(|(w, _)| w.untyped().shape().to_vec())
+            .collect();
+        if let Some(held) = &self.shapes {
+            if held.len() != shapes.len() {
                 return Err(PyValueError::new_err(format!(
                     "the layout changed: the optimizer state holds {} arrays, this update \
                      passed {}",
-                    shapes.len(),
-                    pairs.len()
+                    held.len(),
+                    shapes.len()
                 )));
             }
-            for ((w, _), (shape, (wl, _))) in pairs.iter().zip(shapes.iter().zip(&labels)) {
-                if w.shape() != shape.as_slice() {
+            for (shape, (held, (wl, _))) in shapes.iter().zip(held.iter().zip(&labels)) {
+                if shape != held {
                     return Err(PyValueError::new_err(format!(
                         "the layout changed: {wl} has shape {}, the optimizer state was \
                          created for {}",
-                        shape_text(w.shape()),
-                        shape_text(shape)
+                        shape_text(shape),
+                        shape_text(held)
                     )));
                 }
             }
         }
-        // Borrow every weight for writing, then every gradient for reading: rust-numpy refuses
-        // an array (or an overlapping view of one) already borrowed for writing.
-        let mut ws = Vec::with_capacity(pairs.len());
-        for ((w, _), (wl, _)) in pairs.iter().zip(&labels) {
-            ws.push(w.try_readwrite().map_err(|e| borrow_error(e, wl))?);
-        }
-        let mut gs = Vec::with_capacity(pairs.len());
-        for ((_, g), (_, gl)) in pairs.iter().zip(&labels) {
-            gs.push(g.try_readonly().map_err(|e| borrow_error(e, gl))?);
-        }
-        let mut w_slices: Vec<&mut [f32]> = ws
-            .iter_mut()
-            .map(|w| w.as_slice_mut().expect("checked C-contiguous"))
-            .collect();
-        let g_slices: Vec<&[f32]> = gs
-            .iter()
-            .map(|g| g.as_slice().expect("checked C-contiguous"))
-            .collect();
         self.sync_threads()?;
-        let opt = self.opt();
-        let report = py
-            .detach(|| opt.step_all(&mut w_slices, &g_slices))
-            .map_err(step_error)?;
+        let opt = self.opt.get_mut().unwrap_or_else(|e| e.into_inner());
+        let wl: Vec<&str> = labels.iter().map(|l| l.0.as_str()).collect();
+        let gl: Vec<&str> = labels.iter().map(|l| l.1.as_str()).collect();
+        macro_rules! typed {
+            ($w:ident, $g:ident) => {{
+                let ws: Vec<_> = pairs
+                    .iter()
+                    .map(|p| match &p.0 {
+                        FloatArray::$w(a) => *a,
+                        _ => unreachable!("checked above"),
+                    })
+                    .collect();
+                let gs: Vec<_> = pairs
+                    .iter()
+                    .map(|p| match &p.1 {
+                        FloatArray::$g(a) => *a,
+                        _ => unreachable!("checked above"),
+                    })
+                    .collect();
+                step_borrowed(py, opt, &ws, &gs, &wl, &gl)
+            }};
+        }
+        let kinds = pairs
+            .first()
+            .map_or((true, true), |p| (p.0.is_f32(), p.1.is_f32()));
+        let report = match kinds {
+            (true, true) => typed!(F32, F32),
+            (true, false) => typed!(F32, F16),
+            (false, true) => typed!(F16, F32),
+            (false, false) => typed!(F16, F16),
+        }?;
         self.last = Some((report.skipped, report.grad_norm));
         if self.shapes.is_none() {
-            self.shapes = Some(pairs.iter().map(|(w, _)| w.shape().to_vec()).collect());
+            self.shapes = Some(shapes);
         }
         Ok(())
     }
@@ -620,7 +804,9 @@ impl Engine {
     ///
     /// The caller vouches that the memory stays valid, float32 and not otherwise accessed
     /// during each `step_bound`, as `fusedopt.torch` does for CPU tensors it has checked.
-    fn bind_weights(&mut self, addrs: Vec<usize>, lens: Vec<usize>) -> PyResult<()> {
+    #[pyo3(signature = (addrs, lens, dtype = "float32"))]
+    fn bind_weights(&mut self, addrs: Vec<usize>, lens: Vec<usize>, dtype: &str) -> PyResult<()> {
+        let dtype = Dtype::parse(dtype)?;
         if addrs.len() != lens.len() {
             return Err(PyValueError::new_err(format!(
                 "bind_weights: {} addresses but {} lengths",
@@ -632,7 +818,7 @@ impl Engine {
             .iter()
             .zip(&lens)
             .enumerate()
-            .map(|(i, (&a, &n))| check_span(a, n, &|| format!("parameter {i}")))
+            .map(|(i, (&a, &n))| check_span(a, n, dtype, &|| format!("parameter {i}")))
             .collect::<PyResult<Vec<_>>>()?;
         let mut by_addr: Vec<(Span, usize)> = bound
             .iter()
@@ -659,6 +845,7 @@ impl Engine {
         }
         self.bound = bound;
         self.by_addr = by_addr;
+        self.dtype = dtype;
         self.bound_grads.clear();
         Ok(())
     }
@@ -691,38 +878,31 @@ impl Engine {
                 ));
             }
         };
-        let mut w_slices: Vec<&mut [f32]> = self
-            .bound
-            .iter()
-            .map(|s| match s.len {
-                0 => &mut [][..],
-                // SAFETY: `bind_weights` checked the span is non-null, aligned and disjoint from
-                // every other bound weight; the caller vouches that it is live float32 memory
-                // that nothing else accesses during this call.
-                n => unsafe { std::slice::from_raw_parts_mut(s.addr as *mut f32, n) },
-            })
-            .collect();
-        let g_slices: Vec<Option<&[f32]>> = g_spans
-            .iter()
-            .map(|g| {
-                g.map(|g| match g.len {
-                    0 => &[][..],
-                    // SAFETY: `grad_spans` checked it non-null, aligned and disjoint from every
-                    // bound weight; the caller vouches that it is live float32 memory not
-                    // written during this call.
-                    n => unsafe { std::slice::from_raw_parts(g.addr as *const f32, n) },
-                })
-            })
-            .collect();
         let want = get_num_threads();
         let opt = self.opt.get_mut().unwrap_or_else(|e| e.into_inner());
         if want != self.threads {
             opt.set_threads(want).map_err(step_error)?;
             self.threads = want;
         }
-        let report = py
-            .detach(|| opt.step_partial(&mut w_slices, &g_slices))
-            .map_err(step_error)?;
+        // SAFETY (each arm): `bind_weights` checked every weight span non-null, aligned for the
+        // bound dtype and disjoint from every other; `grad_spans` checked every gradient span
+        // the same way and disjoint from every weight; the caller vouches that they are live
+        // memory of that dtype that nothing else accesses during this call.
+        let report = match self.dtype {
+            Dtype::F32 => {
+                let (mut w, g) = unsafe { bound_slices::<f32>(&self.bound, g_spans) };
+                py.detach(|| opt.step_partial(&mut w, &g))
+            }
+            Dtype::Bf16 => {
+                let (mut w, g) = unsafe { bound_slices::<bf16>(&self.bound, g_spans) };
+                py.detach(|| opt.step_partial_typed(&mut w, &g))
+            }
+            Dtype::F16 => {
+                let (mut w, g) = unsafe { bound_slices::<f16>(&self.bound, g_spans) };
+                py.detach(|| opt.step_partial_typed(&mut w, &g))
+            }
+        }
+        .map_err(step_error)?;
         self.last = Some((report.skipped, report.grad_norm));
         Ok(())
     }
@@ -733,6 +913,15 @@ impl Engine {
 }
 
 impl Engine {
+    /// The error for a state buffer or tensor the optimizer does not hold.
+    fn no_state(&mut self, name: &str, tensor: usize) -> PyErr {
+        let held = self.opt().state_names();
+        PyValueError::new_err(format!(
+            "no state buffer {name:?} for tensor {tensor} (buffers held: {held:?}, tensors: {})",
+            self.opt().layout().map_or(0, <[usize]>::len)
+        ))
+    }
+
     /// Checks gradient addresses against the bound weights: one per weight, of its length,
     /// non-null, aligned and disjoint from every weight (0: no gradient).
     fn grad_spans(&self, grads: &[usize]) -> PyResult<Vec<Option<Span>>> {
@@ -749,7 +938,9 @@ impl Engine {
                 g_spans.push(None);
                 continue;
             }
-            let g = check_span(addr, w.len, &|| format!("the gradient of parameter {i}"))?;
+            let g = check_span(addr, w.len, self.dtype, &|| {
+                format!("the gradient of parameter {i}")
+            })?;
             if g.len > 0 {
                 // The last weight starting before the gradient's end is the only candidate.
                 let k = self.by_addr.partition_point(|(s, _)| s.addr < g.end());
@@ -765,6 +956,41 @@ impl Engine {
         }
         Ok(g_spans)
     }
+}
+
+/// Borrows every weight for writing, then every gradient for reading (rust-numpy refuses an
+/// array, or an overlapping view of one, already borrowed for writing), and steps them all
+/// without the GIL.
+fn step_borrowed<E, F>(
+    py: Python<'_>,
+    opt: &mut Box<dyn Optimizer>,
+    weights: &[&Bound<'_, PyArrayDyn<E>>],
+    grads: &[&Bound<'_, PyArrayDyn<F>>],
+    w_labels: &[&str],
+    g_labels: &[&str],
+) -> PyResult<fusedopt::StepReport>
+where
+    E: Element + numpy::Element,
+    F: Element + numpy::Element,
+{
+    let mut ws = Vec::with_capacity(weights.len());
+    for (w, label) in weights.iter().zip(w_labels) {
+        ws.push(w.try_readwrite().map_err(|e| borrow_error(e, label))?);
+    }
+    let mut gs = Vec::with_capacity(grads.len());
+    for (g, label) in grads.iter().zip(g_labels) {
+        gs.push(g.try_readonly().map_err(|e| borrow_error(e, label))?);
+    }
+    let mut w_slices: Vec<&mut [E]> = ws
+        .iter_mut()
+        .map(|w| w.as_slice_mut().expect("checked C-contiguous"))
+        .collect();
+    let g_slices: Vec<&[F]> = gs
+        .iter()
+        .map(|g| g.as_slice().expect("checked C-contiguous"))
+        .collect();
+    py.detach(|| opt.step_all_typed(&mut w_slices, &g_slices))
+        .map_err(step_error)
 }
 
 /// A refused borrow of an array, as a `ValueError` naming it.
