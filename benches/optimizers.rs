@@ -7,7 +7,12 @@
 //! cargo bench -- threads/        # thread scaling
 //! cargo bench -- models/         # whole-model steps: GPT-2 small and 10,000 x 1024 vs one flat tensor
 //! cargo bench -- hygiene/        # Adam plain vs clipping + non-finite check vs AdamW + AMSGrad
+//! cargo bench -- formats/        # Adam with bf16 / 8-bit state, bf16 gradients, bf16 master weights
 //! ```
+//!
+//! The `formats` group's throughput is each mode's own byte count (28, 20, 16 + 1/16, 14 + 1/16
+//! and 30 bytes per parameter), so its GB/s compare with the roofline, and its times with each
+//! other.
 //!
 //! Throughput is `Throughput::BytesDecimal` with the byte model of `common::roofline::bytes_per_param`
 //! (SGD 12, Momentum/NAG/AdaGrad/RMSProp 20, Adam 28 bytes per parameter), so criterion reports
@@ -161,5 +166,48 @@ fn hygiene(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, optimizers, threads, models, hygiene);
+/// Adam with compact state and half-precision tensors against the all-f32 step.
+fn formats(c: &mut Criterion) {
+    use fusedopt::half::bf16;
+    let mut group = c.benchmark_group("formats");
+    group
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_millis(1500));
+    for (n, label) in [(1 << 16, "64K"), (1 << 20, "1M"), (1 << 26, "64M")] {
+        let (w0, g) = data(n);
+        let g16: Vec<bf16> = g.iter().map(|&x| bf16::from_f32(x)).collect();
+        let adam = |format: StateFormat| {
+            let mut o = Adam::new(AdamConfig::default());
+            o.set_state_format(format).unwrap();
+            o
+        };
+        let bytes = |b: f64| Throughput::BytesDecimal((b * n as f64) as u64);
+        for (name, format, per_param) in [
+            ("f32", StateFormat::F32, 28.0),
+            ("bf16-state", StateFormat::Bf16, 20.0),
+            ("q8-state", StateFormat::Q8, 16.0 + 1.0 / 16.0),
+        ] {
+            group.throughput(bytes(per_param));
+            let (mut o, mut w) = (adam(format), w0.clone());
+            group.bench_function(BenchmarkId::new(name, label), |b| {
+                b.iter(|| o.step(&mut w, &g).unwrap())
+            });
+        }
+        group.throughput(bytes(14.0 + 1.0 / 16.0));
+        let (mut o, mut w) = (adam(StateFormat::Q8), w0.clone());
+        group.bench_function(BenchmarkId::new("bf16-grads+q8-state", label), |b| {
+            b.iter(|| o.step_typed(&mut w, &g16).unwrap())
+        });
+        group.throughput(bytes(30.0));
+        let mut o = adam(StateFormat::F32);
+        let mut wh: Vec<bf16> = w0.iter().map(|&x| bf16::from_f32(x)).collect();
+        group.bench_function(BenchmarkId::new("bf16-master-weights", label), |b| {
+            b.iter(|| o.step_typed(&mut wh, &g16).unwrap())
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, optimizers, threads, models, hygiene, formats);
 criterion_main!(benches);

@@ -161,25 +161,27 @@ pub(crate) const fn sub_step(signed: bool) -> f32 {
     if signed { pow2(-10) } else { pow2(-33) }
 }
 
-/// [`Map::encode`], branch-free, for the compiler to vectorize.
+/// [`Map::encode`], branch-free, for the compiler to vectorize: a nearest code (ties between two
+/// codes may go either way).
+///
+/// Two candidates, combined without a select:
+/// - `normal`: the mantissa rounded to `M` bits on the f32 bits (half an ulp added, so a carry
+///   moves into the exponent, which is the next code), the exponent rebased; right for
+///   `|y| >= 2^(bias + 1 - 127)`, and at most the right code below (negative far below);
+/// - `small`: `|y| / step` rounded to an integer by adding 2^23 (no float-to-int conversion,
+///   which AVX2 lacks for unsigned integers); right below `2^(bias + 2 - 127)`, where the
+///   codes are evenly spaced, and above it larger than the right code.
+///
+/// So `max(normal, min(small, 2^(M+1)))` is the code everywhere: below `2^(M+1)` codes the
+/// clamp keeps `small`, which is at least `normal`; above, `normal` is at least the clamp.
 #[inline(always)]
 pub(crate) fn encode<const SIGNED: bool>(y: f32) -> u8 {
     let bits = y.to_bits() & 0x7FFF_FFFF;
-    // Normal range: round the mantissa to 3 bits on the f32 bits (a carry moves into the
-    // exponent, which is the next code), and rebase the exponent.
     let shift = 23 - mant(SIGNED);
-    let rounded = (bits + ((1 << (shift - 1)) - 1) + ((bits >> shift) & 1)) >> shift;
-    let normal = rounded.wrapping_sub(bias(SIGNED) << mant(SIGNED));
-    // Sub-normal range: |y|/step is exact and below 2^M + 0.5; adding 2^23 rounds it to the nearest
-    // integer, ties to even, which is then the low bits of the sum (no float-to-int conversion,
-    // which AVX2 lacks for unsigned integers).
+    let normal = (bits as i32 + (1 << (shift - 1)) - ((bias(SIGNED) << 23) as i32)) >> shift;
     let scaled = f32::from_bits(bits) * (1.0 / sub_step(SIGNED));
-    let small = (scaled + 8_388_608.0).to_bits() - 0x4B00_0000;
-    let magnitude = if bits >= (bias(SIGNED) + 1) << 23 {
-        normal
-    } else {
-        small
-    };
+    let small = (scaled + 8_388_608.0).to_bits() as i32 - 0x4B00_0000;
+    let magnitude = normal.max(small.min(2 << mant(SIGNED))) as u32;
     if SIGNED {
         (magnitude | ((y.to_bits() >> 31) << 7)) as u8
     } else {

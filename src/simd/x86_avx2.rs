@@ -134,10 +134,11 @@ impl Lane for Ymm {
     #[inline(always)]
     unsafe fn load_q8<const SIGNED: bool>(p: *const u8, scale: f32) -> Self {
         let (m, bias) = (compact::mant(SIGNED), compact::bias(SIGNED));
-        // SAFETY: type invariant for AVX2; the caller guarantees 8 readable bytes. The integer
-        // steps of `compact::decode`, with the sub-normal codes `c` taken as the normal value of
-        // exponent field `bias + 1` less that exponent's implicit one: `2^e·(1 + c/2^M) - 2^e`
-        // is exactly `c·step`.
+        // SAFETY: type invariant for AVX2; the caller guarantees 8 readable bytes. The values
+        // of `compact::decode`, exactly: a normal code `c` is the f32 with exponent field
+        // `c / 2^M + bias` and mantissa `c mod 2^M`; a sub-normal one is the normal value of
+        // exponent field `bias + 1` less that exponent's implicit one, `2^e·(1 + c/2^M) - 2^e`,
+        // which is exactly `c·step`.
         unsafe {
             let c = _mm256_cvtepi8_epi32(_mm_loadl_epi64(p.cast()));
             let mag = if SIGNED {
@@ -159,12 +160,11 @@ impl Lane for Ymm {
                 _mm256_castsi256_ps(_mm256_add_epi32(normal, _mm256_set1_epi32(1 << 23))),
                 _mm256_set1_ps(one),
             );
-            let is_small = _mm256_cmpgt_epi32(_mm256_set1_epi32(1 << m), mag);
-            let mut v = _mm256_blendv_ps(
-                _mm256_castsi256_ps(normal),
-                small,
-                _mm256_castsi256_ps(is_small),
-            );
+            // For a sub-normal code `normal` reads as `2^(e-1)·(1 + c/2^M)`, above `small`; for
+            // a normal one `small` is `2·normal - 2^e`, at least `normal`: the smaller is the
+            // value. `minps(small, normal)` returns `normal` if `small` is not a number (codes
+            // past the unsigned map's top, which quantizing never writes).
+            let mut v = _mm256_min_ps(small, _mm256_castsi256_ps(normal));
             if SIGNED {
                 // `c` is sign-extended: its top bit is the code's sign bit.
                 let sign = _mm256_and_si256(c, _mm256_set1_epi32(i32::MIN));
@@ -238,19 +238,14 @@ unsafe fn encode<const SIGNED: bool>(y: __m256) -> __m256i {
     unsafe {
         let yi = _mm256_castps_si256(y);
         let bits = _mm256_and_si256(yi, _mm256_set1_epi32(0x7FFF_FFFF));
-        let (shifted, half) = if SIGNED {
-            (_mm256_srli_epi32::<19>(bits), (1 << 18) - 1)
+        let shift = 23 - m;
+        let offset = (1i32 << (shift - 1)) - ((bias << 23) as i32);
+        let sum = _mm256_add_epi32(bits, _mm256_set1_epi32(offset));
+        let normal = if SIGNED {
+            _mm256_srai_epi32::<19>(sum)
         } else {
-            (_mm256_srli_epi32::<20>(bits), (1 << 19) - 1)
+            _mm256_srai_epi32::<20>(sum)
         };
-        let odd = _mm256_and_si256(shifted, _mm256_set1_epi32(1));
-        let sum = _mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(half)), odd);
-        let rounded = if SIGNED {
-            _mm256_srli_epi32::<19>(sum)
-        } else {
-            _mm256_srli_epi32::<20>(sum)
-        };
-        let normal = _mm256_sub_epi32(rounded, _mm256_set1_epi32((bias << m) as i32));
         let scaled = _mm256_mul_ps(
             _mm256_castsi256_ps(bits),
             _mm256_set1_ps(1.0 / compact::sub_step(SIGNED)),
@@ -259,10 +254,8 @@ unsafe fn encode<const SIGNED: bool>(y: __m256) -> __m256i {
             _mm256_castps_si256(_mm256_add_ps(scaled, _mm256_set1_ps(8_388_608.0))),
             _mm256_set1_epi32(0x4B00_0000),
         );
-        // `bits >= (bias + 1) << 23`, as `bits > ((bias + 1) << 23) - 1` (both non-negative).
-        let is_normal =
-            _mm256_cmpgt_epi32(bits, _mm256_set1_epi32((((bias + 1) << 23) - 1) as i32));
-        let magnitude = _mm256_blendv_epi8(small, normal, is_normal);
+        let magnitude =
+            _mm256_max_epi32(normal, _mm256_min_epi32(small, _mm256_set1_epi32(2 << m)));
         if SIGNED {
             let sign = _mm256_slli_epi32::<7>(_mm256_srli_epi32::<31>(yi));
             _mm256_or_si256(magnitude, sign)
