@@ -2,11 +2,10 @@
 //! many Vars, state files across restarts with the Vars in another order, and refusals.
 #![cfg(feature = "candle")]
 
-mod common;
+use crate::common::Rng;
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{Optimizer as _, ParamsAdamW, VarBuilder, VarMap};
-use common::Rng;
 use fusedopt::candle::{AdamW, Sgd, VarOptimizer};
 use fusedopt::{AdamConfig, MomentumConfig, Optimizer as _, StateError};
 

@@ -1,7 +1,6 @@
 //! Convergence on small problems: an ill-conditioned quadratic bowl and the Rosenbrock function.
 
-mod common;
-use common::*;
+use crate::common::*;
 use fusedopt::OptimizerConfig;
 
 /// f(w) = ½ Σ aᵢ (wᵢ − cᵢ)², aᵢ from 1 to 10: returns the loss after `steps` steps.

@@ -1,7 +1,6 @@
 //! Bad input returns an error naming the problem and changes nothing.
 
-mod common;
-use common::*;
+use crate::common::*;
 use fusedopt::*;
 
 /// Snapshot of everything observable: weights plus the result of one more identical step.

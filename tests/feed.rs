@@ -2,8 +2,7 @@
 //! option and gradient hygiene included, for any thread count and chunk length; errors of the
 //! gradient phase change nothing; the stack does not grow with the tensor count.
 
-mod common;
-use common::*;
+use crate::common::*;
 use fusedopt::*;
 use std::sync::atomic::{AtomicUsize, Ordering};
 

@@ -2,8 +2,7 @@
 //! across tiers, thread counts, chunk lengths and the ways a step is fed; close to `f32` state;
 //! and their special cases (format changes, non-finite blocks).
 
-mod common;
-use common::*;
+use crate::common::*;
 use fusedopt::*;
 
 const LENS: [usize; 7] = [5, 0, 1031, 17, 70_000, 256, 257];

@@ -2,8 +2,7 @@
 //! values; bf16/f16 weights are the rounded `f32` master weights of an `f32` run; bitwise the same
 //! across tiers, threads and chunk lengths, with hygiene options and compact state.
 
-mod common;
-use common::*;
+use crate::common::*;
 use fusedopt::half::{bf16, f16};
 use fusedopt::*;
 

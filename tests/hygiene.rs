@@ -1,8 +1,7 @@
 //! Gradient hygiene: loss-scale division, global-norm clipping, the non-finite policy, and the
 //! norm's determinism.
 
-mod common;
-use common::*;
+use crate::common::*;
 use fusedopt::*;
 
 const LENS: [usize; 5] = [1031, 0, 17, 20_000, 5];

@@ -1,8 +1,7 @@
 //! Whole-model steps: `step_many` and `step_all` equal per-tensor `step`s bitwise, for every
 //! optimizer, over layouts with odd sizes, any thread count and chunk length.
 
-mod common;
-use common::*;
+use crate::common::*;
 use fusedopt::{Optimizer, OptimizerConfig, StepError};
 
 const LAYOUTS: [&[usize]; 5] = [

@@ -2,8 +2,7 @@
 //! alone and combined, against the plain references of `common`, on every tier; determinism with
 //! every option on; parameter-group errors.
 
-mod common;
-use common::*;
+use crate::common::*;
 use fusedopt::*;
 
 const STEPS: u64 = 60;

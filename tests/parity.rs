@@ -5,8 +5,7 @@
 //! `|a − b| / (|b| + 0.01) ≤ 5e-5`. Initial weights and gradients come from the splitmix64 stream
 //! that the generator uses, so both sides start from and see the same exact f32 values.
 
-mod common;
-use common::Rng;
+use crate::common::Rng;
 use fusedopt::*;
 use std::collections::BTreeMap;
 

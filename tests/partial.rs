@@ -1,8 +1,7 @@
 //! Missing gradients: a tensor without a gradient is left alone, state included, keeps its own
 //! step count, and the rest is bitwise what stepping the other tensors alone gives.
 
-mod common;
-use common::*;
+use crate::common::*;
 use fusedopt::*;
 
 const LENS: [usize; 5] = [5, 0, 1031, 17, 70_000];

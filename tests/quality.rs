@@ -3,8 +3,7 @@
 //! state, 8-bit state, and bf16 weights and gradients over f32 master weights. The final loss
 //! of each is compared with the f32 run's (the README's table).
 
-mod common;
-use common::Rng;
+use crate::common::Rng;
 use fusedopt::half::bf16;
 use fusedopt::*;
 

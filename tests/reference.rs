@@ -2,8 +2,7 @@
 //! - an f32 reference computing the same operations in the documented order: must match bitwise;
 //! - an f64 reference: must match within the stated tolerance, |a − b| ≤ TOL·(1 + |b|).
 
-mod common;
-use common::*;
+use crate::common::*;
 use fusedopt::{Backend, OptimizerConfig, SimdLevel};
 
 const STEPS: usize = 60;

@@ -1,8 +1,7 @@
 //! State files: save, load into a fresh optimizer, continue bitwise; every refusal leaves the
 //! optimizer untouched; atomic saves; mutated files never panic the loader.
 
-mod common;
-use common::*;
+use crate::common::*;
 use fusedopt::*;
 use std::path::{Path, PathBuf};
 

@@ -2,8 +2,7 @@
 //! out of one optimizer and into a fresh one, as a framework's state dict carries it, continues
 //! bitwise like the uninterrupted run; refused imports change nothing.
 
-mod common;
-use common::*;
+use crate::common::*;
 use fusedopt::*;
 
 const LENS: [usize; 4] = [5, 0, 1031, 17];

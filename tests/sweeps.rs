@@ -1,8 +1,7 @@
 //! Sweeps over lengths, offsets, chunk boundaries, thread counts and tiers: every configuration
 //! must give bitwise the same result as the scalar kernel in one chunk on one thread.
 
-mod common;
-use common::*;
+use crate::common::*;
 use fusedopt::{Backend, Optimizer, OptimizerConfig, SimdLevel};
 
 const STEPS: usize = 3;
