@@ -342,26 +342,13 @@ impl Engine {
         t: usize,
         values: &[f32],
     ) -> Result<(), StepError> {
-        let Some(layout) = self.state.layout.as_ref().filter(|l| t < l.lens().len()) else {
-            return Err(StepError::NoState {
-                buffer: b,
-                tensor: t,
-            });
-        };
         if b >= self.state.buffers.len() {
             return Err(StepError::NoState {
                 buffer: b,
                 tensor: t,
             });
         }
-        let expected = layout.lens()[t];
-        if values.len() != expected {
-            return Err(StepError::TensorLen {
-                tensor: t,
-                expected,
-                found: values.len(),
-            });
-        }
+        self.writable_range(b, t, values.len())?;
         let (format, map) = (self.state.format, self.maps.get(b).copied());
         let (raw, scales) = self.state.tensor_raw_mut(b, t);
         match format {
@@ -414,6 +401,34 @@ impl Engine {
         Some(&self.state.buffers.get(b)?[range])
     }
 
+    /// Tensor `t`'s range in the layout, for writing `found` values into buffer `b`.
+    ///
+    /// # Errors
+    /// [`StepError::NoState`] before the state exists or for a tensor beyond the layout,
+    /// [`StepError::TensorLen`] unless `found` is the tensor's length.
+    fn writable_range(
+        &self,
+        b: usize,
+        t: usize,
+        found: usize,
+    ) -> Result<core::ops::Range<usize>, StepError> {
+        let Some(layout) = self.state.layout.as_ref().filter(|l| t < l.lens().len()) else {
+            return Err(StepError::NoState {
+                buffer: b,
+                tensor: t,
+            });
+        };
+        let expected = layout.lens()[t];
+        if found != expected {
+            return Err(StepError::TensorLen {
+                tensor: t,
+                expected,
+                found,
+            });
+        }
+        Ok(layout.range(t))
+    }
+
     /// Tensor `t`'s `f32` master weights; `None` unless it has stepped with half-precision
     /// weights or had them set ([`write_master`](Engine::write_master)).
     pub(crate) fn master_slice(&self, t: usize) -> Option<&[f32]> {
@@ -447,22 +462,9 @@ impl Engine {
         values: &[f32],
         buffers: usize,
     ) -> Result<(), StepError> {
-        let Some(layout) = self.state.layout.as_ref().filter(|l| t < l.lens().len()) else {
-            return Err(StepError::NoState {
-                buffer: buffers,
-                tensor: t,
-            });
-        };
-        let expected = layout.lens()[t];
-        if values.len() != expected {
-            return Err(StepError::TensorLen {
-                tensor: t,
-                expected,
-                found: values.len(),
-            });
-        }
-        let range = layout.range(t);
+        let range = self.writable_range(buffers, t, values.len())?;
         if self.state.master.is_none() {
+            let layout = self.state.layout.as_ref().expect("checked above");
             self.state.master = Some(state::zeroed_buffer(layout.total())?);
             self.state.master_ready = vec![false; layout.lens().len()];
         }
