@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Every test of the project: the Rust crate's (unit, integration, doc) and the Python package's.
+# Every test of the project: the Rust crate's (unit, integration, doc), the Python package's
+# and the C ABI's (scripts/test-capi.sh).
 #
 # The Python tests run in a virtual environment outside the clone, made on first use and reused
 # afterwards (torch is a ~5 GB install): $FUSEDOPT_VENV, by default ~/.cache/fusedopt/venv.
@@ -29,3 +30,6 @@ echo "== Python: pip install ./python"
 echo "== Python: pytest python/tests"
 # From the repository root, so that the installed package (not ./python/fusedopt) is imported.
 "$venv/bin/python" -m pytest -q python/tests
+
+echo "== C ABI: scripts/test-capi.sh"
+bash scripts/test-capi.sh

@@ -56,7 +56,7 @@ use crate::tuning;
 use crate::types::{Dtype, ParamGroup, Settings, StateFormat, StepError, StepReport};
 use groups::{GroupKernels, Groups, KernelClasses, Kernels, StepNumbers};
 use hygiene::{GradCheck, GradScale, NormPass};
-use par::Par;
+use par::{OwnPool, Par};
 use std::collections::HashSet;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -70,7 +70,7 @@ pub struct Engine {
     /// How steps run; the caller's to change (but `threads` through `set_threads`).
     pub(crate) settings: Settings,
     /// The pool of `settings.threads` threads, when that is not 0.
-    pool: Option<rayon::ThreadPool>,
+    pool: Option<OwnPool>,
     state: State,
     groups: Groups,
     /// Per-tensor names; empty when none are set.
@@ -172,14 +172,10 @@ impl Engine {
         self.pool = if threads == 0 {
             None
         } else {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .thread_name(|i| format!("fusedopt-{i}"))
-                .build()
-                .map_err(|e| StepError::ThreadPool {
-                    threads,
-                    message: e.to_string(),
-                })?;
+            let pool = OwnPool::new(threads).map_err(|e| StepError::ThreadPool {
+                threads,
+                message: e.to_string(),
+            })?;
             Some(pool)
         };
         self.settings.threads = threads;
@@ -523,7 +519,10 @@ impl Engine {
         let (tier, chunk_len) = (self.settings.backend.tier(), self.chunk_len());
         let summed = hygiene::needs_norm(&self.settings);
         if summed {
-            let par = self.pool.as_ref().map_or(Par::Current, Par::Pool);
+            let par = self
+                .pool
+                .as_ref()
+                .map_or(Par::Current, |p| Par::Pool(p.pool()));
             self.norm.fit(tensors.lens());
             self.norm
                 .sum_all(tier, par, chunk_len, |t| tensors.grads(t));
@@ -574,7 +573,10 @@ impl Engine {
         };
         let plan = self.plan.as_ref().expect("prepared");
         let refs = tensors.refs();
-        let par = self.pool.as_ref().map_or(Par::Current, Par::Pool);
+        let par = self
+            .pool
+            .as_ref()
+            .map_or(Par::Current, |p| Par::Pool(p.pool()));
         par.for_each(plan.tasks(), |task| {
             for seg in plan.task(task) {
                 let tensor = refs[seg.tensor];
@@ -620,7 +622,10 @@ impl Engine {
         hygiene::check_settings(&self.settings, self.name)?;
         let (tier, chunk_len) = (self.settings.backend.tier(), self.chunk_len());
         let summed = hygiene::needs_norm(&self.settings);
-        let par = self.pool.as_ref().map_or(Par::Current, Par::Pool);
+        let par = self
+            .pool
+            .as_ref()
+            .map_or(Par::Current, |p| Par::Pool(p.pool()));
         if summed {
             self.norm.fit(self.fed.iter().map(|f| f.len));
         }

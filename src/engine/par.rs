@@ -1,6 +1,54 @@
 //! Where a step's parallel work runs: the caller's rayon pool, or the optimizer's own.
 
 use rayon::prelude::*;
+use std::thread::JoinHandle;
+
+/// A pool of threads that an optimizer owns. Dropping it joins them, so that no thread of the
+/// optimizer outlives it (a C caller may unload the library next, and leak checkers see every
+/// thread's memory returned).
+#[derive(Debug)]
+pub(crate) struct OwnPool {
+    pool: Option<rayon::ThreadPool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl OwnPool {
+    /// Starts `threads` threads named `fusedopt-<i>`.
+    pub(crate) fn new(threads: usize) -> Result<OwnPool, rayon::ThreadPoolBuildError> {
+        let mut handles = Vec::with_capacity(threads);
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .spawn_handler(|thread| {
+                let handle = std::thread::Builder::new()
+                    .name(format!("fusedopt-{}", thread.index()))
+                    .spawn(|| thread.run())?;
+                handles.push(handle);
+                Ok(())
+            })
+            .build()?;
+        Ok(OwnPool {
+            pool: Some(pool),
+            threads: handles,
+        })
+    }
+
+    /// The pool, for [`Par::Pool`].
+    pub(crate) fn pool(&self) -> &rayon::ThreadPool {
+        self.pool.as_ref().expect("present until dropped")
+    }
+}
+
+impl Drop for OwnPool {
+    fn drop(&mut self) {
+        // Dropping a rayon pool only asks its threads to stop; then wait until they have. (A
+        // pool's threads never drop the optimizer that owns it, so this cannot wait on itself.)
+        drop(self.pool.take());
+        for thread in self.threads.drain(..) {
+            // A thread that panicked has nothing left to clean up.
+            let _ = thread.join();
+        }
+    }
+}
 
 /// The pool a step's tasks run on (a value, as faer passes its parallelism).
 #[derive(Debug, Clone, Copy)]

@@ -1,0 +1,1701 @@
+//! # The fusedopt C ABI
+//!
+//! `libfusedopt.so` / `libfusedopt.a` and the header `include/fusedopt.h` (generated from this
+//! file by cbindgen, see `tests/header.rs`): the fusedopt optimizers for trainers written in C or
+//! C++. A thin layer over the Rust crate's `fusedopt::Optimizer`: it checks what a C caller
+//! can get wrong (NULL pointers, misaligned or oversized buffers, overlapping weights and
+//! gradients, out-of-range settings), turns every error into a status code and a thread-local
+//! message, and never lets a Rust panic cross the boundary.
+//!
+//! ```c
+//! fusedopt_optimizer *opt;
+//! if (fusedopt_new("adamw:lr=3e-4,weight_decay=0.1", &opt) != FUSEDOPT_OK) {
+//!     fprintf(stderr, "%s\n", fusedopt_last_error());
+//!     return 1;
+//! }
+//! for (int step = 0; step < 100; step++) {
+//!     compute_gradients(weights, grads, n);
+//!     if (fusedopt_step(opt, weights, n, grads, n) != FUSEDOPT_OK) { /* ... */ }
+//! }
+//! fusedopt_free(opt);
+//! ```
+//!
+//! ## Conventions
+//! - Every function that can fail returns a `fusedopt_status`; `FUSEDOPT_OK`
+//!   is 0. On failure nothing was modified (weights, state and settings are as before the call)
+//!   and `fusedopt_last_error` gives a message naming the problem.
+//! - Lengths are element counts. `float` buffers must be 4-byte aligned, `uint16_t` (bf16/f16)
+//!   buffers 2-byte aligned.
+//! - Strings are NUL-terminated UTF-8 (paths: any bytes, as the OS takes them).
+//!
+//! ## Threads
+//! A handle is used by one thread at a time; calls on different handles are independent and may
+//! run concurrently. Two calls overlapping on one handle are detected where they collide (the
+//! second returns `FUSEDOPT_ERROR_BUSY` and changes nothing), but a handle must not be freed while
+//! another thread uses it. A step runs on the optimizer's own pool of threads
+//! (`fusedopt_set_threads`) or, by default, on the process-wide pool (one thread per core);
+//! freeing a handle stops its threads before it returns.
+
+// The C names are the contract (`fusedopt_optimizer`, `fusedopt_status`, ...).
+#![allow(non_camel_case_types)]
+#![deny(missing_docs)]
+#![deny(unsafe_op_in_unsafe_fn)]
+#![warn(clippy::undocumented_unsafe_blocks)]
+
+use fusedopt::half::{bf16, f16};
+use fusedopt::{
+    Element, NonFinite, Optimizer, OptimizerConfig, ParamGroup, StateError, StateFormat, StepError,
+    StepReport,
+};
+use std::cell::{RefCell, UnsafeCell};
+use std::ffi::{CStr, CString, c_char, c_void};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// The result of a call. `FUSEDOPT_OK` (0) is success; on any other value nothing was modified
+/// and `fusedopt_last_error` says what was wrong.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum fusedopt_status {
+    /// Success.
+    FUSEDOPT_OK = 0,
+    /// A handle or a pointer argument was NULL.
+    FUSEDOPT_ERROR_NULL = 1,
+    /// An argument is malformed or out of range: a configuration string that does not parse, a
+    /// hyperparameter or setting out of its range, an unknown enum value, a misaligned or
+    /// oversized buffer, a string that is not UTF-8, an unusable tensor name.
+    FUSEDOPT_ERROR_INVALID_ARGUMENT = 2,
+    /// Lengths that must agree do not: a tensor's weights and gradients, or the number of
+    /// parameter groups or tensor names and the number of tensors.
+    FUSEDOPT_ERROR_LENGTH_MISMATCH = 3,
+    /// The tensors differ from the layout the optimizer state was created for (another tensor
+    /// count or tensor length), or a state file's layout or tensor names differ from the
+    /// optimizer's; `fusedopt_reset` starts over with a new layout.
+    FUSEDOPT_ERROR_LAYOUT = 4,
+    /// A weight buffer overlaps another weight buffer or a gradient buffer.
+    FUSEDOPT_ERROR_OVERLAP = 5,
+    /// A gradient holds a NaN or an infinity under `FUSEDOPT_NON_FINITE_ERROR`.
+    FUSEDOPT_ERROR_NON_FINITE = 6,
+    /// A state file could not be used: not a fusedopt state file, damaged (checksum), or of
+    /// another format version, optimizer kind or state format.
+    FUSEDOPT_ERROR_STATE_FILE = 7,
+    /// The file system refused to read or write a state file.
+    FUSEDOPT_ERROR_IO = 8,
+    /// Memory or threads could not be obtained.
+    FUSEDOPT_ERROR_RESOURCES = 9,
+    /// Another thread is using the handle.
+    FUSEDOPT_ERROR_BUSY = 10,
+    /// An internal error (a Rust panic, caught at the boundary). The handle may be
+    /// inconsistent: every later call on it returns this code; free it.
+    FUSEDOPT_ERROR_INTERNAL = 11,
+}
+
+use fusedopt_status::*;
+
+/// The floating-point format of a buffer: `FUSEDOPT_DTYPE_F32`, `FUSEDOPT_DTYPE_BF16` or
+/// `FUSEDOPT_DTYPE_F16` (half-precision values passed as `uint16_t` bit patterns).
+pub type fusedopt_dtype = i32;
+/// IEEE single precision (`float`).
+pub const FUSEDOPT_DTYPE_F32: fusedopt_dtype = 0;
+/// bfloat16, as `uint16_t` bit patterns.
+pub const FUSEDOPT_DTYPE_BF16: fusedopt_dtype = 1;
+/// IEEE half precision, as `uint16_t` bit patterns.
+pub const FUSEDOPT_DTYPE_F16: fusedopt_dtype = 2;
+
+/// What a step does with a NaN or an infinity in a gradient (`fusedopt_set_non_finite`).
+pub type fusedopt_non_finite = i32;
+/// No check: NaN and infinities flow into weights and state (the default, and the fastest).
+pub const FUSEDOPT_NON_FINITE_PROPAGATE: fusedopt_non_finite = 0;
+/// Modify nothing and do not count the step; the report says `skipped` (dynamic loss scaling).
+pub const FUSEDOPT_NON_FINITE_SKIP: fusedopt_non_finite = 1;
+/// Refuse the step with `FUSEDOPT_ERROR_NON_FINITE`; nothing is modified.
+pub const FUSEDOPT_NON_FINITE_ERROR: fusedopt_non_finite = 2;
+
+/// One tensor's overrides of the configuration (`fusedopt_set_param_groups`): PyTorch's
+/// parameter groups, one entry per tensor.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct fusedopt_param_group {
+    /// Multiplies the configured learning rate for this tensor (1: none). Finite and `>= 0`.
+    pub lr_scale: f32,
+    /// Replaces the configured weight decay for this tensor when `override_weight_decay` is
+    /// nonzero. Finite and `>= 0`.
+    pub weight_decay: f32,
+    /// Nonzero: use `weight_decay`; 0: keep the configuration's.
+    pub override_weight_decay: i32,
+}
+
+/// What the last successful step did (`fusedopt_last_report`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct fusedopt_report {
+    /// The optimizer's step count after the step (unchanged by a skipped step).
+    pub step: u64,
+    /// Nonzero: the step found a NaN or an infinity under `FUSEDOPT_NON_FINITE_SKIP` and
+    /// modified nothing.
+    pub skipped: i32,
+    /// Nonzero: `grad_norm` holds the gradients' global L2 norm (taken when clipping or the
+    /// non-finite check ran).
+    pub has_grad_norm: i32,
+    /// The global L2 norm of the unscaled gradients before clipping, when `has_grad_norm`.
+    pub grad_norm: f32,
+}
+
+/// An optimizer: one of fusedopt's six, with its settings and state. Opaque; made by
+/// `fusedopt_new`, freed by `fusedopt_free`.
+pub struct fusedopt_optimizer {
+    /// Set while a call uses the handle.
+    busy: AtomicBool,
+    inner: UnsafeCell<Handle>,
+}
+
+/// What a handle holds.
+struct Handle {
+    opt: Box<dyn Optimizer>,
+    /// The last successful step's report.
+    last: fusedopt_report,
+    /// A call panicked: the handle is no longer trusted.
+    poisoned: bool,
+}
+
+/// A failed call: its status and message.
+#[derive(Debug)]
+struct Error {
+    status: fusedopt_status,
+    message: String,
+}
+
+impl Error {
+    fn new(status: fusedopt_status, message: impl Into<String>) -> Error {
+        Error {
+            status,
+            message: message.into(),
+        }
+    }
+}
+
+type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl From<StepError> for Error {
+    fn from(e: StepError) -> Error {
+        let status = match e {
+            StepError::LengthMismatch { .. }
+            | StepError::GroupCount { .. }
+            | StepError::GradCount { .. }
+            | StepError::NameCount { .. } => FUSEDOPT_ERROR_LENGTH_MISMATCH,
+            StepError::TensorCount { .. } | StepError::TensorLen { .. } => FUSEDOPT_ERROR_LAYOUT,
+            StepError::NonFiniteGrad { .. } => FUSEDOPT_ERROR_NON_FINITE,
+            StepError::ThreadPool { .. } | StepError::OutOfMemory { .. } => {
+                FUSEDOPT_ERROR_RESOURCES
+            }
+            _ => FUSEDOPT_ERROR_INVALID_ARGUMENT,
+        };
+        Error::new(status, e.to_string())
+    }
+}
+
+impl From<StateError> for Error {
+    fn from(e: StateError) -> Error {
+        let status = match e {
+            StateError::Io { .. } => FUSEDOPT_ERROR_IO,
+            StateError::OutOfMemory { .. } => FUSEDOPT_ERROR_RESOURCES,
+            StateError::Layout { .. } | StateError::Names { .. } => FUSEDOPT_ERROR_LAYOUT,
+            _ => FUSEDOPT_ERROR_STATE_FILE,
+        };
+        Error::new(status, e.to_string())
+    }
+}
+
+thread_local! {
+    /// The message of this thread's last failed call.
+    static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
+}
+
+/// Records `e` as this thread's last error and returns its status.
+fn fail(e: Error) -> fusedopt_status {
+    let message = CString::new(e.message.replace('\0', "\u{FFFD}")).unwrap_or_default();
+    LAST_ERROR.with(|last| *last.borrow_mut() = message);
+    e.status
+}
+
+/// Runs `f`, turning its error or panic into a status.
+fn guarded(f: impl FnOnce() -> Result<()>) -> fusedopt_status {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(())) => FUSEDOPT_OK,
+        Ok(Err(e)) => fail(e),
+        Err(payload) => fail(Error::new(
+            FUSEDOPT_ERROR_INTERNAL,
+            format!("internal error: {}", panic_message(&*payload)),
+        )),
+    }
+}
+
+/// The text of a panic's payload.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        s
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s
+    } else {
+        "a panic"
+    }
+}
+
+/// Runs `f` on the handle `opt` with exclusive access, turning errors and panics into a status;
+/// a panic poisons the handle.
+///
+/// # Safety
+/// `opt` is NULL or a live handle from `fusedopt_new`.
+unsafe fn with_handle(
+    opt: *const fusedopt_optimizer,
+    f: impl FnOnce(&mut Handle) -> Result<()>,
+) -> fusedopt_status {
+    // SAFETY: the caller's contract; only a shared reference is formed before the handle is
+    // claimed.
+    let Some(handle) = (unsafe { opt.as_ref() }) else {
+        return fail(Error::new(
+            FUSEDOPT_ERROR_NULL,
+            "the optimizer handle is NULL",
+        ));
+    };
+    if handle
+        .busy
+        .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+        .is_err()
+    {
+        return fail(Error::new(
+            FUSEDOPT_ERROR_BUSY,
+            "the optimizer handle is in use by another thread",
+        ));
+    }
+    /// Releases the claim, also when `f` panics.
+    struct Release<'a>(&'a AtomicBool);
+    impl Drop for Release<'_> {
+        fn drop(&mut self) {
+            self.0.store(false, Ordering::Release);
+        }
+    }
+    let _release = Release(&handle.busy);
+    // SAFETY: the `busy` flag, claimed above, makes this the only access to `inner` until it is
+    // released.
+    let inner = unsafe { &mut *handle.inner.get() };
+    if inner.poisoned {
+        return fail(Error::new(
+            FUSEDOPT_ERROR_INTERNAL,
+            "an earlier call on this handle failed with an internal error; free it",
+        ));
+    }
+    match catch_unwind(AssertUnwindSafe(|| f(inner))) {
+        Ok(Ok(())) => FUSEDOPT_OK,
+        Ok(Err(e)) => fail(e),
+        Err(payload) => {
+            inner.poisoned = true;
+            fail(Error::new(
+                FUSEDOPT_ERROR_INTERNAL,
+                format!("internal error: {}", panic_message(&*payload)),
+            ))
+        }
+    }
+}
+
+/// Writes `value` to the out-pointer `out`.
+///
+/// # Safety
+/// `out` is NULL or valid for a write of `T`.
+unsafe fn put<T>(out: *mut T, what: &str, value: T) -> Result<()> {
+    if out.is_null() {
+        return Err(Error::new(FUSEDOPT_ERROR_NULL, format!("{what} is NULL")));
+    }
+    // SAFETY: non-null, and valid for a write by the caller's contract.
+    unsafe { out.write_unaligned(value) };
+    Ok(())
+}
+
+/// The string at `s`, as UTF-8.
+///
+/// # Safety
+/// `s` is NULL or a NUL-terminated string.
+unsafe fn utf8<'a>(s: *const c_char, what: &str) -> Result<&'a str> {
+    if s.is_null() {
+        return Err(Error::new(FUSEDOPT_ERROR_NULL, format!("{what} is NULL")));
+    }
+    // SAFETY: non-null and NUL-terminated by the caller's contract.
+    let s = unsafe { CStr::from_ptr(s) };
+    s.to_str().map_err(|e| {
+        Error::new(
+            FUSEDOPT_ERROR_INVALID_ARGUMENT,
+            format!("{what} is not UTF-8: {e}"),
+        )
+    })
+}
+
+/// The path at `s`.
+///
+/// # Safety
+/// `s` is NULL or a NUL-terminated string.
+unsafe fn path(s: *const c_char) -> Result<PathBuf> {
+    if s.is_null() {
+        return Err(Error::new(FUSEDOPT_ERROR_NULL, "the path is NULL"));
+    }
+    // SAFETY: non-null and NUL-terminated by the caller's contract.
+    let bytes = unsafe { CStr::from_ptr(s) }.to_bytes();
+    if bytes.is_empty() {
+        return Err(Error::new(
+            FUSEDOPT_ERROR_INVALID_ARGUMENT,
+            "the path is empty",
+        ));
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        Ok(PathBuf::from(std::ffi::OsStr::from_bytes(bytes)))
+    }
+    #[cfg(not(unix))]
+    {
+        // SAFETY: as above.
+        unsafe { utf8(s, "the path") }.map(PathBuf::from)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Buffers
+// ---------------------------------------------------------------------------------------------
+
+/// One buffer of a call, by address: `len` values of `size` bytes. Address 0 stands for a
+/// missing gradient (`span` refuses NULL buffers). A plain value rather than an `Option`, so that
+/// no byte of it is ever uninitialised (valgrind flags optimised code that selects on an absent
+/// payload).
+#[derive(Debug, Clone, Copy)]
+struct Span {
+    addr: usize,
+    len: usize,
+    size: usize,
+}
+
+impl Span {
+    /// No buffer: a tensor without a gradient.
+    const MISSING: Span = Span {
+        addr: 0,
+        len: 0,
+        size: 0,
+    };
+
+    /// Whether this is a buffer, not [`Span::MISSING`].
+    fn present(self) -> bool {
+        self.addr != 0
+    }
+
+    /// One past the last byte.
+    fn end(self) -> usize {
+        self.addr + self.len * self.size
+    }
+}
+
+/// The element size of `dtype`.
+fn dtype_size(dtype: fusedopt_dtype, what: &str) -> Result<usize> {
+    match dtype {
+        FUSEDOPT_DTYPE_F32 => Ok(4),
+        FUSEDOPT_DTYPE_BF16 | FUSEDOPT_DTYPE_F16 => Ok(2),
+        other => Err(Error::new(
+            FUSEDOPT_ERROR_INVALID_ARGUMENT,
+            format!(
+                "{what}: unknown dtype {other}, expected FUSEDOPT_DTYPE_F32 (0), \
+                 FUSEDOPT_DTYPE_BF16 (1) or FUSEDOPT_DTYPE_F16 (2)"
+            ),
+        )),
+    }
+}
+
+/// Checks the buffer `ptr` of `len` values of `size` bytes: not NULL, aligned, and within the
+/// address space (`isize::MAX` bytes). A zero-length buffer is not read; its pointer may be
+/// anything but NULL.
+fn span(ptr: *const c_void, len: usize, size: usize, what: &dyn Fn() -> String) -> Result<Span> {
+    if ptr.is_null() {
+        return Err(Error::new(
+            FUSEDOPT_ERROR_NULL,
+            format!("{} is NULL", what()),
+        ));
+    }
+    let addr = ptr as usize;
+    if len == 0 {
+        return Ok(Span { addr, len, size });
+    }
+    if !addr.is_multiple_of(size) {
+        return Err(Error::new(
+            FUSEDOPT_ERROR_INVALID_ARGUMENT,
+            format!(
+                "{} at {addr:#x} is not aligned to its {size}-byte elements",
+                what()
+            ),
+        ));
+    }
+    let fits = len
+        .checked_mul(size)
+        .and_then(|bytes| addr.checked_add(bytes))
+        .is_some_and(|end| end <= isize::MAX as usize);
+    if !fits {
+        return Err(Error::new(
+            FUSEDOPT_ERROR_INVALID_ARGUMENT,
+            format!(
+                "{} of {len} elements at {addr:#x} exceeds the address space",
+                what()
+            ),
+        ));
+    }
+    Ok(Span { addr, len, size })
+}
+
+/// Refuses weights that overlap each other or a gradient (gradients may share memory with each
+/// other: they are only read). `weights[i]` and `grads[i]` are tensor `i`'s.
+fn check_disjoint(weights: &[Span], grads: &[Span]) -> Result<()> {
+    let overlap = |a: Span, b: Span| a.len > 0 && b.len > 0 && a.addr < b.end() && b.addr < a.end();
+    if let ([w], [g]) = (weights, grads) {
+        // One tensor: no sorting.
+        return match g {
+            g if overlap(*w, *g) => Err(overlap_error(0, "gradients", 0)),
+            _ => Ok(()),
+        };
+    }
+    let mut by_addr: Vec<(Span, usize)> = weights
+        .iter()
+        .copied()
+        .enumerate()
+        .filter(|(_, s)| s.len > 0)
+        .map(|(i, s)| (s, i))
+        .collect();
+    by_addr.sort_unstable_by_key(|(s, _)| s.addr);
+    for pair in by_addr.windows(2) {
+        let ((a, i), (b, j)) = (pair[0], pair[1]);
+        if overlap(a, b) {
+            return Err(overlap_error(i.min(j), "weights", i.max(j)));
+        }
+    }
+    for (j, g) in grads.iter().enumerate() {
+        let g = *g;
+        if g.len == 0 {
+            continue;
+        }
+        // The weights starting before the gradient ends; only the last of them can reach it,
+        // since the weights are disjoint and sorted.
+        let before = by_addr.partition_point(|(w, _)| w.addr < g.end());
+        if let Some(&(w, i)) = before.checked_sub(1).map(|k| &by_addr[k])
+            && overlap(w, g)
+        {
+            return Err(overlap_error(i, "gradients", j));
+        }
+    }
+    Ok(())
+}
+
+fn overlap_error(i: usize, other: &str, j: usize) -> Error {
+    Error::new(
+        FUSEDOPT_ERROR_OVERLAP,
+        format!("the weights of tensor {i} overlap the {other} of tensor {j}"),
+    )
+}
+
+/// Tensor `i`'s buffer pointer from the array `ptrs`.
+///
+/// # Safety
+/// `ptrs` holds at least `i + 1` pointers.
+unsafe fn nth<T>(ptrs: *const *const T, i: usize) -> *const T {
+    // SAFETY: the caller's contract.
+    unsafe { ptrs.add(i).read() }
+}
+
+/// Checks the arrays of a many-tensor step and returns the spans of the weights and gradients
+/// (`Span::MISSING`: no gradient, when `partial`).
+///
+/// # Safety
+/// Each non-NULL array holds `count` entries.
+unsafe fn tensor_spans(
+    weights: *const *const c_void,
+    weight_size: usize,
+    grads: *const *const c_void,
+    grad_size: usize,
+    lens: *const usize,
+    count: usize,
+    partial: bool,
+) -> Result<(Vec<Span>, Vec<Span>)> {
+    for (array, name) in [
+        (weights as *const c_void, "the array of weight pointers"),
+        (grads as *const c_void, "the array of gradient pointers"),
+        (lens as *const c_void, "the array of lengths"),
+    ] {
+        if array.is_null() && count > 0 {
+            return Err(Error::new(FUSEDOPT_ERROR_NULL, format!("{name} is NULL")));
+        }
+    }
+    let mut w_spans = Vec::with_capacity(count);
+    let mut g_spans = Vec::with_capacity(count);
+    for i in 0..count {
+        // SAFETY: the arrays hold `count` entries (the caller's contract).
+        let (w, g, len) = unsafe { (nth(weights, i), nth(grads, i), lens.add(i).read()) };
+        w_spans.push(span(w, len, weight_size, &|| {
+            format!("the weights of tensor {i}")
+        })?);
+        g_spans.push(if partial && g.is_null() {
+            Span::MISSING
+        } else {
+            span(g, len, grad_size, &|| {
+                format!("the gradients of tensor {i}")
+            })?
+        });
+    }
+    check_disjoint(&w_spans, &g_spans)?;
+    Ok((w_spans, g_spans))
+}
+
+/// One tensor's checked `f32` weights and gradients as slices.
+///
+/// # Safety
+/// Both spans are live memory of `len` floats (`span` checked alignment and extent), the
+/// weights not otherwise accessed during the returned borrows, and the two disjoint.
+unsafe fn f32_slices<'a>(w: Span, g: Span) -> (&'a mut [f32], &'a [f32]) {
+    // SAFETY: the function's contract. Empty slices are made from nothing: `span` does not
+    // check the alignment of a zero-length buffer's pointer.
+    unsafe {
+        (
+            match w.len {
+                0 => &mut [],
+                n => std::slice::from_raw_parts_mut(w.addr as *mut f32, n),
+            },
+            match g.len {
+                0 => &[],
+                n => std::slice::from_raw_parts(g.addr as *const f32, n),
+            },
+        )
+    }
+}
+
+/// Steps the checked buffers as weights of `E` and gradients of `F`.
+///
+/// # Safety
+/// Every non-empty span is live memory of `len` values, not accessed otherwise during the call;
+/// the weights are disjoint from each other and from the gradients (`tensor_spans` checked that).
+unsafe fn step_spans<E: Element, F: Element>(
+    opt: &mut dyn Optimizer,
+    weights: &[Span],
+    grads: &[Span],
+    partial: bool,
+) -> Result<StepReport> {
+    let mut w: Vec<&mut [E]> = weights
+        .iter()
+        .map(|s| match s.len {
+            0 => &mut [][..],
+            // SAFETY: the function's contract; `span` checked alignment and extent.
+            n => unsafe { std::slice::from_raw_parts_mut(s.addr as *mut E, n) },
+        })
+        .collect();
+    let slice = |g: &Span| -> &[F] {
+        match g.len {
+            0 => &[],
+            // SAFETY: as above.
+            n => unsafe { std::slice::from_raw_parts(g.addr as *const F, n) },
+        }
+    };
+    let report = if partial {
+        let g: Vec<Option<&[F]>> = grads
+            .iter()
+            .map(|g| g.present().then(|| slice(g)))
+            .collect();
+        opt.step_partial_typed(&mut w, &g)?
+    } else {
+        let g: Vec<&[F]> = grads.iter().map(slice).collect();
+        opt.step_all_typed(&mut w, &g)?
+    };
+    Ok(report)
+}
+
+/// Steps with the checked spans, dispatching on the dtypes.
+///
+/// # Safety
+/// As `step_spans`.
+unsafe fn step_typed(
+    handle: &mut Handle,
+    weight_dtype: fusedopt_dtype,
+    weights: &[Span],
+    grad_dtype: fusedopt_dtype,
+    grads: &[Span],
+    partial: bool,
+) -> Result<()> {
+    let opt = &mut *handle.opt;
+    // SAFETY: in each arm, the function's contract, with spans sized for these element types.
+    let report = unsafe {
+        match (weight_dtype, grad_dtype) {
+            (FUSEDOPT_DTYPE_F32, FUSEDOPT_DTYPE_F32) => {
+                step_spans::<f32, f32>(opt, weights, grads, partial)
+            }
+            (FUSEDOPT_DTYPE_F32, FUSEDOPT_DTYPE_BF16) => {
+                step_spans::<f32, bf16>(opt, weights, grads, partial)
+            }
+            (FUSEDOPT_DTYPE_F32, FUSEDOPT_DTYPE_F16) => {
+                step_spans::<f32, f16>(opt, weights, grads, partial)
+            }
+            (FUSEDOPT_DTYPE_BF16, FUSEDOPT_DTYPE_F32) => {
+                step_spans::<bf16, f32>(opt, weights, grads, partial)
+            }
+            (FUSEDOPT_DTYPE_BF16, FUSEDOPT_DTYPE_BF16) => {
+                step_spans::<bf16, bf16>(opt, weights, grads, partial)
+            }
+            (FUSEDOPT_DTYPE_BF16, FUSEDOPT_DTYPE_F16) => {
+                step_spans::<bf16, f16>(opt, weights, grads, partial)
+            }
+            (FUSEDOPT_DTYPE_F16, FUSEDOPT_DTYPE_F32) => {
+                step_spans::<f16, f32>(opt, weights, grads, partial)
+            }
+            (FUSEDOPT_DTYPE_F16, FUSEDOPT_DTYPE_BF16) => {
+                step_spans::<f16, bf16>(opt, weights, grads, partial)
+            }
+            (FUSEDOPT_DTYPE_F16, FUSEDOPT_DTYPE_F16) => {
+                step_spans::<f16, f16>(opt, weights, grads, partial)
+            }
+            _ => unreachable!("dtypes checked by dtype_size"),
+        }
+    }?;
+    handle.last = report_of(&report);
+    Ok(())
+}
+
+fn report_of(r: &StepReport) -> fusedopt_report {
+    fusedopt_report {
+        step: r.step,
+        skipped: r.skipped.into(),
+        has_grad_norm: r.grad_norm.is_some().into(),
+        grad_norm: r.grad_norm.unwrap_or(0.0),
+    }
+}
+
+/// A many-tensor step of any dtypes.
+///
+/// # Safety
+/// As `fusedopt_step_many_typed`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn step_arrays(
+    opt: *mut fusedopt_optimizer,
+    weight_dtype: fusedopt_dtype,
+    weights: *const *const c_void,
+    grad_dtype: fusedopt_dtype,
+    grads: *const *const c_void,
+    lens: *const usize,
+    count: usize,
+    partial: bool,
+) -> fusedopt_status {
+    let call = |h: &mut Handle| -> Result<()> {
+        let ws = dtype_size(weight_dtype, "the weights")?;
+        let gs = dtype_size(grad_dtype, "the gradients")?;
+        // SAFETY: the arrays hold `count` entries (the caller's contract).
+        let (w, g) = unsafe { tensor_spans(weights, ws, grads, gs, lens, count, partial)? };
+        // SAFETY: the buffers are live and not otherwise accessed (the caller's contract);
+        // `tensor_spans` checked them and their disjointness.
+        unsafe { step_typed(h, weight_dtype, &w, grad_dtype, &g, partial) }
+    };
+    // SAFETY: `opt` is NULL or a live handle (the caller's contract).
+    unsafe { with_handle(opt, call) }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The functions
+// ---------------------------------------------------------------------------------------------
+
+/// The library's version, for example `"0.1.0"`. A static string.
+#[unsafe(no_mangle)]
+pub extern "C" fn fusedopt_version() -> *const c_char {
+    const VERSION: &CStr =
+        match CStr::from_bytes_with_nul(concat!(env!("CARGO_PKG_VERSION"), "\0").as_bytes()) {
+            Ok(v) => v,
+            Err(_) => panic!("the version holds no NUL"),
+        };
+    VERSION.as_ptr()
+}
+
+/// The SIMD tier the kernels run on this CPU: `"avx2"`, `"portable"` or `"scalar"`. A static
+/// string.
+#[unsafe(no_mangle)]
+pub extern "C" fn fusedopt_simd_level() -> *const c_char {
+    match fusedopt::SimdLevel::detect() {
+        fusedopt::SimdLevel::Avx2 => c"avx2".as_ptr(),
+        fusedopt::SimdLevel::Portable => c"portable".as_ptr(),
+        _ => c"scalar".as_ptr(),
+    }
+}
+
+/// The message of the last failed call on this thread (`""` if none has failed). Successful
+/// calls leave it unchanged. The string stays valid until the next failed call on this thread.
+#[unsafe(no_mangle)]
+pub extern "C" fn fusedopt_last_error() -> *const c_char {
+    LAST_ERROR
+        .try_with(|last| last.borrow().as_ptr())
+        .unwrap_or(c"".as_ptr())
+}
+
+/// The name of a status code, for example `"FUSEDOPT_ERROR_NULL"`; `"unknown status"` for a
+/// value that is none. A static string.
+#[unsafe(no_mangle)]
+pub extern "C" fn fusedopt_status_name(status: i32) -> *const c_char {
+    let name = match status {
+        0 => c"FUSEDOPT_OK",
+        1 => c"FUSEDOPT_ERROR_NULL",
+        2 => c"FUSEDOPT_ERROR_INVALID_ARGUMENT",
+        3 => c"FUSEDOPT_ERROR_LENGTH_MISMATCH",
+        4 => c"FUSEDOPT_ERROR_LAYOUT",
+        5 => c"FUSEDOPT_ERROR_OVERLAP",
+        6 => c"FUSEDOPT_ERROR_NON_FINITE",
+        7 => c"FUSEDOPT_ERROR_STATE_FILE",
+        8 => c"FUSEDOPT_ERROR_IO",
+        9 => c"FUSEDOPT_ERROR_RESOURCES",
+        10 => c"FUSEDOPT_ERROR_BUSY",
+        11 => c"FUSEDOPT_ERROR_INTERNAL",
+        _ => c"unknown status",
+    };
+    name.as_ptr()
+}
+
+/// Creates an optimizer from a configuration string, `name[:field=value,...]`: one of `sgd`,
+/// `momentum`, `nag`, `adagrad`, `rmsprop`, `adam`, `adamw`, with the fields of its Rust
+/// configuration (for example `"adamw:lr=3e-4,weight_decay=0.1"`,
+/// `"momentum:lr=0.1,momentum=0.9"`). Unset fields keep their defaults. On success `*out` is a
+/// new handle, to be freed with `fusedopt_free`; on failure `*out` is left alone.
+///
+/// # Errors
+/// `FUSEDOPT_ERROR_NULL` for a NULL `config` or `out`; `FUSEDOPT_ERROR_INVALID_ARGUMENT`
+/// for a string that is not UTF-8, an unknown optimizer or field, a malformed value or one out of
+/// range.
+///
+/// # Safety
+/// `config` is NULL or a NUL-terminated string; `out` is NULL or valid for a write.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fusedopt_new(
+    config: *const c_char,
+    out: *mut *mut fusedopt_optimizer,
+) -> fusedopt_status {
+    guarded(|| {
+        if out.is_null() {
+            return Err(Error::new(FUSEDOPT_ERROR_NULL, "the out-pointer is NULL"));
+        }
+        // SAFETY: the caller's contract.
+        let text = unsafe { utf8(config, "the configuration string")? };
+        let config: OptimizerConfig = text.parse().map_err(|e| {
+            Error::new(
+                FUSEDOPT_ERROR_INVALID_ARGUMENT,
+                format!("configuration {text:?}: {e}"),
+            )
+        })?;
+        let handle = Box::new(fusedopt_optimizer {
+            busy: AtomicBool::new(false),
+            inner: UnsafeCell::new(Handle {
+                opt: config.build(),
+                last: fusedopt_report {
+                    step: 0,
+                    skipped: 0,
+                    has_grad_norm: 0,
+                    grad_norm: 0.0,
+                },
+                poisoned: false,
+            }),
+        });
+        // SAFETY: non-null, valid for a write (the caller's contract).
+        unsafe { out.write_unaligned(Box::into_raw(handle)) };
+        Ok(())
+    })
+}
+
+/// Frees a handle and its state, stopping its threads first. NULL is accepted and does nothing.
+///
+/// # Errors
+/// `FUSEDOPT_ERROR_BUSY` if another thread is using the handle (it is not freed).
+///
+/// # Safety
+/// `opt` is NULL or a live handle from `fusedopt_new`; it is dangling afterwards.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fusedopt_free(opt: *mut fusedopt_optimizer) -> fusedopt_status {
+    if opt.is_null() {
+        return FUSEDOPT_OK;
+    }
+    guarded(|| {
+        // SAFETY: live (the caller's contract).
+        let handle = unsafe { &*opt };
+        if handle
+            .busy
+            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            return Err(Error::new(
+                FUSEDOPT_ERROR_BUSY,
+                "the optimizer handle is in use by another thread",
+            ));
+        }
+        // SAFETY: made by `Box::into_raw` in `fusedopt_new`, and claimed above.
+        drop(unsafe { Box::from_raw(opt) });
+        Ok(())
+    })
+}
+
+/// Applies one update to one tensor: `weights_len` weights and `grads_len` gradients (equal).
+///
+/// # Errors
+/// `FUSEDOPT_ERROR_NULL`; `FUSEDOPT_ERROR_LENGTH_MISMATCH` if the lengths differ;
+/// `FUSEDOPT_ERROR_LAYOUT` if the optimizer's state was made for another layout;
+/// `FUSEDOPT_ERROR_OVERLAP` if the buffers overlap; `FUSEDOPT_ERROR_INVALID_ARGUMENT` for a
+/// misaligned buffer or a setting out of range; `FUSEDOPT_ERROR_NON_FINITE` under
+/// `FUSEDOPT_NON_FINITE_ERROR`; `FUSEDOPT_ERROR_RESOURCES` if the state cannot be allocated.
+///
+/// # Safety
+/// `opt` is NULL or a live handle; `weights` is NULL or valid for reads and writes of
+/// `weights_len` floats, `grads` NULL or valid for reads of `grads_len` floats, neither accessed
+/// by anything else during the call.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fusedopt_step(
+    opt: *mut fusedopt_optimizer,
+    weights: *mut f32,
+    weights_len: usize,
+    grads: *const f32,
+    grads_len: usize,
+) -> fusedopt_status {
+    let call = |h: &mut Handle| -> Result<()> {
+        let w = span(weights.cast(), weights_len, 4, &|| "the weights".into())?;
+        let g = span(grads.cast(), grads_len, 4, &|| "the gradients".into())?;
+        if w.len != g.len {
+            return Err(StepError::LengthMismatch {
+                tensor: 0,
+                weights: w.len,
+                grads: g.len,
+            }
+            .into());
+        }
+        check_disjoint(&[w], &[g])?;
+        // SAFETY: the buffers are live and not otherwise accessed (the caller's contract),
+        // checked above and disjoint.
+        let (w, g) = unsafe { f32_slices(w, g) };
+        let report = h.opt.step(w, g)?;
+        h.last = report_of(&report);
+        Ok(())
+    };
+    // SAFETY: `opt` is NULL or a live handle (the caller's contract).
+    unsafe { with_handle(opt, call) }
+}
+
+/// Applies one update to a whole model in one dispatch: tensor `i` has `lens[i]` weights at
+/// `weights[i]` and as many gradients at `grads[i]`. Bitwise the same as stepping the tensors
+/// one optimizer each, and faster for many small tensors.
+///
+/// # Errors
+/// as `fusedopt_step`; `FUSEDOPT_ERROR_LAYOUT` also for another tensor count than the
+/// state's.
+///
+/// # Safety
+/// `opt` is NULL or a live handle; each array is NULL or holds `count` entries; every buffer is
+/// NULL or valid for `lens[i]` floats (weights: reads and writes), none accessed by anything
+/// else during the call.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fusedopt_step_many(
+    opt: *mut fusedopt_optimizer,
+    weights: *const *mut f32,
+    grads: *const *const f32,
+    lens: *const usize,
+    count: usize,
+) -> fusedopt_status {
+    // SAFETY: the caller's contract.
+    unsafe {
+        step_arrays(
+            opt,
+            FUSEDOPT_DTYPE_F32,
+            weights.cast(),
+            FUSEDOPT_DTYPE_F32,
+            grads.cast(),
+            lens,
+            count,
+            false,
+        )
+    }
+}
+
+/// `fusedopt_step_many` where some tensors have no gradient this step: a NULL entry of `grads`
+/// leaves its tensor (weights, state, step count) alone, as PyTorch skips parameters whose
+/// `grad` is `None`.
+///
+/// # Safety
+/// As `fusedopt_step_many`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fusedopt_step_partial(
+    opt: *mut fusedopt_optimizer,
+    weights: *const *mut f32,
+    grads: *const *const f32,
+    lens: *const usize,
+    count: usize,
+) -> fusedopt_status {
+    // SAFETY: the caller's contract.
+    unsafe {
+        step_arrays(
+            opt,
+            FUSEDOPT_DTYPE_F32,
+            weights.cast(),
+            FUSEDOPT_DTYPE_F32,
+            grads.cast(),
+            lens,
+            count,
+            true,
+        )
+    }
+}
+
+/// `fusedopt_step_many` with weights and gradients in any `fusedopt_dtype`. Half-precision
+/// gradients step bitwise as their `float` values. Half-precision weights are master-weight
+/// training: the optimizer keeps `float` copies in its state (taken from the weights at a
+/// tensor's first step), updates them, and writes the weights back rounded to nearest even.
+///
+/// # Errors
+/// as `fusedopt_step_many`; `FUSEDOPT_ERROR_INVALID_ARGUMENT` for an unknown dtype,
+/// or weights of another dtype than the optimizer's master weights were made for.
+///
+/// # Safety
+/// As `fusedopt_step_many`, with buffers of `lens[i]` values of their dtype.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fusedopt_step_many_typed(
+    opt: *mut fusedopt_optimizer,
+    weight_dtype: fusedopt_dtype,
+    weights: *const *mut c_void,
+    grad_dtype: fusedopt_dtype,
+    grads: *const *const c_void,
+    lens: *const usize,
+    count: usize,
+) -> fusedopt_status {
+    // SAFETY: the caller's contract.
+    unsafe {
+        step_arrays(
+            opt,
+            weight_dtype,
+            weights.cast(),
+            grad_dtype,
+            grads,
+            lens,
+            count,
+            false,
+        )
+    }
+}
+
+/// `fusedopt_step_partial` with weights and gradients in any `fusedopt_dtype` (see
+/// `fusedopt_step_many_typed`).
+///
+/// # Safety
+/// As `fusedopt_step_many_typed`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fusedopt_step_partial_typed(
+    opt: *mut fusedopt_optimizer,
+    weight_dtype: fusedopt_dtype,
+    weights: *const *mut c_void,
+    grad_dtype: fusedopt_dtype,
+    grads: *const *const c_void,
+    lens: *const usize,
+    count: usize,
+) -> fusedopt_status {
+    // SAFETY: the caller's contract.
+    unsafe {
+        step_arrays(
+            opt,
+            weight_dtype,
+            weights.cast(),
+            grad_dtype,
+            grads,
+            lens,
+            count,
+            true,
+        )
+    }
+}
+
+/// Sets the learning rate of later steps (a schedule calls this between steps; parameter groups'
+/// `lr_scale` multiply it).
+///
+/// # Errors
+/// `FUSEDOPT_ERROR_NULL`; `FUSEDOPT_ERROR_INVALID_ARGUMENT` for a value out of the
+/// optimizer's range (negative, NaN or infinite); the learning rate is then unchanged.
+///
+/// # Safety
+/// `opt` is NULL or a live handle.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fusedopt_set_lr(opt: *mut fusedopt_optimizer, lr: f32) -> fusedopt_status {
+    let call = |h: &mut Handle| -> Result<()> {
+        let old = h.opt.lr();
+        h.opt.set_lr(lr);
+        if let Err(e) = h.opt.config().validate() {
+            h.opt.set_lr(old);
+            return Err(e.into());
+        }
+        Ok(())
+    };
+    // SAFETY: `opt` is NULL or a live handle (the caller's contract).
+    unsafe { with_handle(opt, call) }
+}
+
+/// Reads the learning rate into `*lr`.
+///
+/// # Safety
+/// `opt` is NULL or a live handle; `lr` is NULL or valid for a write.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fusedopt_get_lr(
+    opt: *const fusedopt_optimizer,
+    lr: *mut f32,
+) -> fusedopt_status {
+    let call = |h: &mut Handle| -> Result<()> {
+        // SAFETY: the out-pointer is NULL or valid for a write (the caller's contract).
+        unsafe { put(lr, "lr", h.opt.lr()) }
+    };
+    // SAFETY: `opt` is NULL or a live handle (the caller's contract).
+    unsafe { with_handle(opt, call) }
+}
+
+/// Writes the configuration, in the syntax `fusedopt_new` reads with every field, as a
+/// NUL-terminated string into `buf` of `cap` bytes, and its length (without the NUL) into
+/// `*len` when `len` is not NULL. With `buf` NULL (or too small) only `*len` is written, so a
+/// caller can ask for the size first.
+///
+/// # Errors
+/// `FUSEDOPT_ERROR_NULL` if both `buf` and `len` are NULL;
+/// `FUSEDOPT_ERROR_INVALID_ARGUMENT` if `buf` is not NULL and `cap` is not more than the length
+/// (`buf` is then left alone).
+///
+/// # Safety
+/// `opt` is NULL or a live handle; `buf` is NULL or valid for `cap` bytes; `len` is NULL or
+/// valid for a write.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fusedopt_get_config(
+    opt: *const fusedopt_optimizer,
+    buf: *mut c_char,
+    cap: usize,
+    len: *mut usize,
+) -> fusedopt_status {
+    let call = |h: &mut Handle| -> Result<()> {
+        if buf.is_null() && len.is_null() {
+            return Err(Error::new(
+                FUSEDOPT_ERROR_NULL,
+                "both the buffer and the length pointer are NULL",
+            ));
+        }
+        let text = h.opt.config().to_string();
+        if !len.is_null() {
+            // SAFETY: valid for a write (the caller's contract).
+            unsafe { len.write_unaligned(text.len()) };
+        }
+        if buf.is_null() {
+            return Ok(());
+        }
+        if cap <= text.len() {
+            return Err(Error::new(
+                FUSEDOPT_ERROR_INVALID_ARGUMENT,
+                format!(
+                    "the buffer of {cap} bytes cannot hold the configuration's {} bytes \
+                     and a NUL",
+                    text.len()
+                ),
+            ));
+        }
+        // SAFETY: `buf` is valid for `cap > text.len()` bytes (the caller's contract).
+        unsafe {
+            std::ptr::copy_nonoverlapping(text.as_ptr(), buf.cast::<u8>(), text.len());
+            buf.add(text.len()).write(0);
+        }
+        Ok(())
+    };
+    // SAFETY: `opt` is NULL or a live handle (the caller's contract).
+    unsafe { with_handle(opt, call) }
+}
+
+/// Runs later steps on a pool of `threads` threads that the optimizer owns; 0 (the default)
+/// runs them on the process-wide pool (one thread per core). A step whose tensors fit in one
+/// chunk runs on the calling thread either way. Results are bitwise the same for any count.
+///
+/// # Errors
+/// `FUSEDOPT_ERROR_NULL`; `FUSEDOPT_ERROR_RESOURCES` if the threads cannot be started
+/// (the previous setting stays).
+///
+/// # Safety
+/// `opt` is NULL or a live handle.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fusedopt_set_threads(
+    opt: *mut fusedopt_optimizer,
+    threads: usize,
+) -> fusedopt_status {
+    let call = |h: &mut Handle| -> Result<()> { Ok(h.opt.set_threads(threads)?) };
+    // SAFETY: `opt` is NULL or a live handle (the caller's contract).
+    unsafe { with_handle(opt, call) }
+}
+
+/// Reads the thread count set by `fusedopt_set_threads` into `*threads`.
+///
+/// # Safety
+/// `opt` is NULL or a live handle; `threads` is NULL or valid for a write.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fusedopt_get_threads(
+    opt: *const fusedopt_optimizer,
+    threads: *mut usize,
+) -> fusedopt_status {
+    let call = |h: &mut Handle| -> Result<()> {
+        // SAFETY: the out-pointer is NULL or valid for a write (the caller's contract).
+        unsafe { put(threads, "threads", h.opt.threads()) }
+    };
+    // SAFETY: `opt` is NULL or a live handle (the caller's contract).
+    unsafe { with_handle(opt, call) }
+}
+
+/// Sets the chunk length: steps cut tensors into chunks of this many elements, the unit of work
+/// of a thread. 0 selects the tuned default; other values are rounded up to a multiple of 16.
+/// Results are bitwise the same for any chunk length.
+///
+/// # Safety
+/// `opt` is NULL or a live handle.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fusedopt_set_chunk_len(
+    opt: *mut fusedopt_optimizer,
+    chunk_len: usize,
+) -> fusedopt_status {
+    let call = |h: &mut Handle| -> Result<()> {
+        h.opt.set_chunk_len(chunk_len);
+        Ok(())
+    };
+    // SAFETY: `opt` is NULL or a live handle (the caller's contract).
+    unsafe { with_handle(opt, call) }
+}
+
+/// Reads the chunk length in effect into `*chunk_len`.
+///
+/// # Safety
+/// `opt` is NULL or a live handle; `chunk_len` is NULL or valid for a write.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fusedopt_get_chunk_len(
+    opt: *const fusedopt_optimizer,
+    chunk_len: *mut usize,
+) -> fusedopt_status {
+    let call = |h: &mut Handle| -> Result<()> {
+        // SAFETY: the out-pointer is NULL or valid for a write (the caller's contract).
+        unsafe { put(chunk_len, "chunk_len", h.opt.chunk_len()) }
+    };
+    // SAFETY: `opt` is NULL or a live handle (the caller's contract).
+    unsafe { with_handle(opt, call) }
+}
+
+/// Sets the loss scale of later steps (default 1): gradients are divided by it as they are read,
+/// so a mixed-precision trainer passes its scaled gradients unchanged.
+///
+/// # Errors
+/// `FUSEDOPT_ERROR_NULL`; `FUSEDOPT_ERROR_INVALID_ARGUMENT` unless finite and `> 0`.
+///
+/// # Safety
+/// `opt` is NULL or a live handle.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fusedopt_set_grad_scale(
+    opt: *mut fusedopt_optimizer,
+    scale: f32,
+) -> fusedopt_status {
+    let call = |h: &mut Handle| -> Result<()> {
+        if !(scale.is_finite() && scale > 0.0) {
+            return Err(Error::new(
+                FUSEDOPT_ERROR_INVALID_ARGUMENT,
+                format!("grad scale {scale} is invalid, expected finite and > 0"),
+            ));
+        }
+        h.opt.set_grad_scale(scale);
+        Ok(())
+    };
+    // SAFETY: `opt` is NULL or a live handle (the caller's contract).
+    unsafe { with_handle(opt, call) }
+}
+
+/// Reads the loss scale into `*scale`.
+///
+/// # Safety
+/// `opt` is NULL or a live handle; `scale` is NULL or valid for a write.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fusedopt_get_grad_scale(
+    opt: *const fusedopt_optimizer,
+    scale: *mut f32,
+) -> fusedopt_status {
+    let call = |h: &mut Handle| -> Result<()> {
+        // SAFETY: the out-pointer is NULL or valid for a write (the caller's contract).
+        unsafe { put(scale, "scale", h.opt.grad_scale()) }
+    };
+    // SAFETY: `opt` is NULL or a live handle (the caller's contract).
+    unsafe { with_handle(opt, call) }
+}
+
+/// Clips later steps by global norm, as `torch.nn.utils.clip_grad_norm_(params, max_norm)`: the
+/// L2 norm of all gradients of a step (unscaled) gives the coefficient
+/// `min(1, max_norm / (norm + 1e-6))`, applied inside the update.
+/// `fusedopt_clear_max_grad_norm` turns clipping off.
+///
+/// # Errors
+/// `FUSEDOPT_ERROR_NULL`; `FUSEDOPT_ERROR_INVALID_ARGUMENT` unless finite and `>= 0`.
+///
+/// # Safety
+/// `opt` is NULL or a live handle.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fusedopt_set_max_grad_norm(
+    opt: *mut fusedopt_optimizer,
+    max_norm: f32,
+) -> fusedopt_status {
+    let call = |h: &mut Handle| -> Result<()> {
+        if !(max_norm.is_finite() && max_norm >= 0.0) {
+            return Err(Error::new(
+                FUSEDOPT_ERROR_INVALID_ARGUMENT,
+                format!("max grad norm {max_norm} is invalid, expected finite and >= 0"),
+            ));
+        }
+        h.opt.set_max_grad_norm(Some(max_norm));
+        Ok(())
+    };
+    // SAFETY: `opt` is NULL or a live handle (the caller's contract).
+    unsafe { with_handle(opt, call) }
+}
+
+/// Turns clipping off (the default).
+///
+/// # Safety
+/// `opt` is NULL or a live handle.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fusedopt_clear_max_grad_norm(
+    opt: *mut fusedopt_optimizer,
+) -> fusedopt_status {
+    let call = |h: &mut Handle| -> Result<()> {
+        h.opt.set_max_grad_norm(None);
+        Ok(())
+    };
+    // SAFETY: `opt` is NULL or a live handle (the caller's contract).
+    unsafe { with_handle(opt, call) }
+}
+
+/// Reads whether steps clip into `*enabled` (0 or 1) and the clipping norm into `*max_norm`
+/// (0 when off).
+///
+/// # Safety
+/// `opt` is NULL or a live handle; `enabled` and `max_norm` are NULL or valid for a write.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fusedopt_get_max_grad_norm(
+    opt: *const fusedopt_optimizer,
+    enabled: *mut i32,
+    max_norm: *mut f32,
+) -> fusedopt_status {
+    let call = |h: &mut Handle| -> Result<()> {
+        if enabled.is_null() || max_norm.is_null() {
+            return Err(Error::new(FUSEDOPT_ERROR_NULL, "an out-pointer is NULL"));
+        }
+        let max = h.opt.max_grad_norm();
+        // SAFETY: non-null, valid for a write (the caller's contract).
+        unsafe {
+            put(enabled, "enabled", max.is_some().into())?;
+            put(max_norm, "max_norm", max.unwrap_or(0.0))
+        }
+    };
+    // SAFETY: `opt` is NULL or a live handle (the caller's contract).
+    unsafe { with_handle(opt, call) }
+}
+
+/// Chooses what later steps do with a NaN or an infinity in a gradient: one of
+/// `FUSEDOPT_NON_FINITE_PROPAGATE` (the default), `FUSEDOPT_NON_FINITE_SKIP`,
+/// `FUSEDOPT_NON_FINITE_ERROR`.
+///
+/// # Errors
+/// `FUSEDOPT_ERROR_NULL`; `FUSEDOPT_ERROR_INVALID_ARGUMENT` for another value.
+///
+/// # Safety
+/// `opt` is NULL or a live handle.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fusedopt_set_non_finite(
+    opt: *mut fusedopt_optimizer,
+    policy: fusedopt_non_finite,
+) -> fusedopt_status {
+    let call = |h: &mut Handle| -> Result<()> {
+        let policy = match policy {
+            FUSEDOPT_NON_FINITE_PROPAGATE => NonFinite::Propagate,
+            FUSEDOPT_NON_FINITE_SKIP => NonFinite::Skip,
+            FUSEDOPT_NON_FINITE_ERROR => NonFinite::Error,
+            other => {
+                return Err(Error::new(
+                    FUSEDOPT_ERROR_INVALID_ARGUMENT,
+                    format!(
+                        "unknown non-finite policy {other}, expected \
+                         FUSEDOPT_NON_FINITE_PROPAGATE (0), _SKIP (1) or _ERROR (2)"
+                    ),
+                ));
+            }
+        };
+        h.opt.set_non_finite(policy);
+        Ok(())
+    };
+    // SAFETY: `opt` is NULL or a live handle (the caller's contract).
+    unsafe { with_handle(opt, call) }
+}
+
+/// Reads the non-finite policy into `*policy`.
+///
+/// # Safety
+/// `opt` is NULL or a live handle; `policy` is NULL or valid for a write.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fusedopt_get_non_finite(
+    opt: *const fusedopt_optimizer,
+    policy: *mut fusedopt_non_finite,
+) -> fusedopt_status {
+    let call = |h: &mut Handle| -> Result<()> {
+        let value = match h.opt.non_finite() {
+            NonFinite::Skip => FUSEDOPT_NON_FINITE_SKIP,
+            NonFinite::Error => FUSEDOPT_NON_FINITE_ERROR,
+            _ => FUSEDOPT_NON_FINITE_PROPAGATE,
+        };
+        // SAFETY: NULL or valid for a write (the caller's contract).
+        unsafe { put(policy, "policy", value) }
+    };
+    // SAFETY: `opt` is NULL or a live handle (the caller's contract).
+    unsafe { with_handle(opt, call) }
+}
+
+/// Gives the tensors of later steps their own learning-rate scale and weight decay: `groups[i]`
+/// is tensor `i`'s (a step must then have `count` tensors). `count` 0 removes the groups
+/// (`groups` may then be NULL).
+///
+/// # Errors
+/// `FUSEDOPT_ERROR_NULL`; `FUSEDOPT_ERROR_INVALID_ARGUMENT` for a value out of range;
+/// `FUSEDOPT_ERROR_LENGTH_MISMATCH` if the optimizer's state holds another number of tensors.
+///
+/// # Safety
+/// `opt` is NULL or a live handle; `groups` is NULL or holds `count` entries.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fusedopt_set_param_groups(
+    opt: *mut fusedopt_optimizer,
+    groups: *const fusedopt_param_group,
+    count: usize,
+) -> fusedopt_status {
+    let call = |h: &mut Handle| -> Result<()> {
+        if groups.is_null() && count > 0 {
+            return Err(Error::new(FUSEDOPT_ERROR_NULL, "the groups array is NULL"));
+        }
+        let groups: Vec<ParamGroup> = (0..count)
+            .map(|i| {
+                // SAFETY: `groups` holds `count` entries (the caller's contract).
+                let g = unsafe { groups.add(i).read_unaligned() };
+                ParamGroup {
+                    lr_scale: g.lr_scale,
+                    weight_decay: (g.override_weight_decay != 0).then_some(g.weight_decay),
+                }
+            })
+            .collect();
+        Ok(h.opt.set_param_groups(&groups)?)
+    };
+    // SAFETY: `opt` is NULL or a live handle (the caller's contract).
+    unsafe { with_handle(opt, call) }
+}
+
+/// Names the tensors (`names[i]` is tensor `i`'s): state files then record the names, and
+/// loading one into an optimizer whose tensors are named otherwise is refused. `count` 0
+/// removes the names.
+///
+/// # Errors
+/// `FUSEDOPT_ERROR_NULL`; `FUSEDOPT_ERROR_INVALID_ARGUMENT` for a name that is empty,
+/// not UTF-8, repeated, or holds a comma or a line break; `FUSEDOPT_ERROR_LENGTH_MISMATCH` if the optimizer's
+/// state holds another number of tensors.
+///
+/// # Safety
+/// `opt` is NULL or a live handle; `names` is NULL or holds `count` pointers, each NULL or a
+/// NUL-terminated string.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fusedopt_set_tensor_names(
+    opt: *mut fusedopt_optimizer,
+    names: *const *const c_char,
+    count: usize,
+) -> fusedopt_status {
+    let call = |h: &mut Handle| -> Result<()> {
+        if names.is_null() && count > 0 {
+            return Err(Error::new(FUSEDOPT_ERROR_NULL, "the names array is NULL"));
+        }
+        let names: Vec<&str> = (0..count)
+            // SAFETY: `names` holds `count` pointers, each NULL or a string.
+            .map(|i| unsafe { utf8(nth(names, i), &format!("the name of tensor {i}")) })
+            .collect::<Result<_>>()?;
+        Ok(h.opt.set_tensor_names(&names)?)
+    };
+    // SAFETY: `opt` is NULL or a live handle (the caller's contract).
+    unsafe { with_handle(opt, call) }
+}
+
+/// Sets the format the optimizer state is kept in: `"f32"` (the default), `"bf16"` (stochastic
+/// rounding) or `"q8"` (8-bit codes in blocks of 256 with an f32 scale). Only before the first
+/// step (or after `fusedopt_reset`), or to the format already in use.
+///
+/// # Errors
+/// `FUSEDOPT_ERROR_NULL`; `FUSEDOPT_ERROR_INVALID_ARGUMENT` for another name, or when
+/// the state is already held in another format.
+///
+/// # Safety
+/// `opt` is NULL or a live handle; `format` is NULL or a NUL-terminated string.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fusedopt_set_state_format(
+    opt: *mut fusedopt_optimizer,
+    format: *const c_char,
+) -> fusedopt_status {
+    let call = |h: &mut Handle| -> Result<()> {
+        // SAFETY: the caller's contract.
+        let name = unsafe { utf8(format, "the state format")? };
+        let format: StateFormat = name
+            .parse()
+            .map_err(|e: String| Error::new(FUSEDOPT_ERROR_INVALID_ARGUMENT, e))?;
+        Ok(h.opt.set_state_format(format)?)
+    };
+    // SAFETY: `opt` is NULL or a live handle (the caller's contract).
+    unsafe { with_handle(opt, call) }
+}
+
+/// Reads the optimizer's step count into `*steps` (steps taken, skipped ones excluded).
+///
+/// # Safety
+/// `opt` is NULL or a live handle; `steps` is NULL or valid for a write.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fusedopt_get_steps(
+    opt: *const fusedopt_optimizer,
+    steps: *mut u64,
+) -> fusedopt_status {
+    let call = |h: &mut Handle| -> Result<()> {
+        // SAFETY: the out-pointer is NULL or valid for a write (the caller's contract).
+        unsafe { put(steps, "steps", h.opt.steps()) }
+    };
+    // SAFETY: `opt` is NULL or a live handle (the caller's contract).
+    unsafe { with_handle(opt, call) }
+}
+
+/// Reads the report of the last successful step into `*report` (before any step: the current
+/// step count, not skipped, no norm).
+///
+/// # Safety
+/// `opt` is NULL or a live handle; `report` is NULL or valid for a write.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fusedopt_last_report(
+    opt: *const fusedopt_optimizer,
+    report: *mut fusedopt_report,
+) -> fusedopt_status {
+    let call = |h: &mut Handle| -> Result<()> {
+        // SAFETY: the out-pointer is NULL or valid for a write (the caller's contract).
+        unsafe { put(report, "report", h.last) }
+    };
+    // SAFETY: `opt` is NULL or a live handle (the caller's contract).
+    unsafe { with_handle(opt, call) }
+}
+
+/// Saves the optimizer state (buffers, step counts, layout, groups, tensor names,
+/// hyperparameters) to `path`, atomically: a temporary file is written, synced and renamed over
+/// `path`. The file is the Rust crate's and Python package's state file.
+///
+/// # Errors
+/// `FUSEDOPT_ERROR_NULL`; `FUSEDOPT_ERROR_INVALID_ARGUMENT` for an empty path;
+/// `FUSEDOPT_ERROR_IO` if the file cannot be written (a previous file at `path` is intact).
+///
+/// # Safety
+/// `opt` is NULL or a live handle; `path` is NULL or a NUL-terminated string.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fusedopt_save_state(
+    opt: *const fusedopt_optimizer,
+    path: *const c_char,
+) -> fusedopt_status {
+    let call = |h: &mut Handle| -> Result<()> {
+        // SAFETY: the caller's contract.
+        let path = unsafe { self::path(path)? };
+        Ok(h.opt.save_state(&path)?)
+    };
+    // SAFETY: `opt` is NULL or a live handle (the caller's contract).
+    unsafe { with_handle(opt, call) }
+}
+
+/// Replaces the optimizer state with the one saved at `path`: continuing gives bitwise the
+/// results of the uninterrupted run. Settings that are not state (threads, chunk length, loss
+/// scale, clipping, non-finite policy) are kept. Everything is checked first: on error the
+/// optimizer is untouched.
+///
+/// # Errors
+/// `FUSEDOPT_ERROR_NULL`; `FUSEDOPT_ERROR_IO` if the file cannot be read;
+/// `FUSEDOPT_ERROR_STATE_FILE` for a file that is not a fusedopt state file, is damaged, or holds
+/// another optimizer kind or state format; `FUSEDOPT_ERROR_LAYOUT` for another layout or other
+/// tensor names than this optimizer's;
+/// `FUSEDOPT_ERROR_RESOURCES` if the state cannot be allocated.
+///
+/// # Safety
+/// `opt` is NULL or a live handle; `path` is NULL or a NUL-terminated string.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fusedopt_load_state(
+    opt: *mut fusedopt_optimizer,
+    path: *const c_char,
+) -> fusedopt_status {
+    let call = |h: &mut Handle| -> Result<()> {
+        // SAFETY: the caller's contract.
+        let path = unsafe { self::path(path)? };
+        h.opt.load_state(&path)?;
+        h.last = fusedopt_report {
+            step: h.opt.steps(),
+            skipped: 0,
+            has_grad_norm: 0,
+            grad_norm: 0.0,
+        };
+        Ok(())
+    };
+    // SAFETY: `opt` is NULL or a live handle (the caller's contract).
+    unsafe { with_handle(opt, call) }
+}
+
+/// Forgets all state and the step count, as if newly created (a new layout is then accepted);
+/// settings are kept.
+///
+/// # Safety
+/// `opt` is NULL or a live handle.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fusedopt_reset(opt: *mut fusedopt_optimizer) -> fusedopt_status {
+    let call = |h: &mut Handle| -> Result<()> {
+        h.opt.reset();
+        h.last = fusedopt_report {
+            step: 0,
+            skipped: 0,
+            has_grad_norm: 0,
+            grad_norm: 0.0,
+        };
+        Ok(())
+    };
+    // SAFETY: `opt` is NULL or a live handle (the caller's contract).
+    unsafe { with_handle(opt, call) }
+}
+
+/// For measuring this ABI's overhead: runs `iterations` steps of the one tensor `weights` /
+/// `grads` (`len` floats each) through the Rust API directly (`Optimizer::step` on the handle's
+/// optimizer, no checks of this layer) and writes the elapsed seconds into `*seconds`. The
+/// steps are real: weights and state change as with `fusedopt_step`.
+///
+/// # Errors
+/// as `fusedopt_step`, from the first failing step (earlier steps stay applied).
+///
+/// # Safety
+/// As `fusedopt_step`; `seconds` is NULL or valid for a write.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fusedopt_time_rust_steps(
+    opt: *mut fusedopt_optimizer,
+    weights: *mut f32,
+    grads: *const f32,
+    len: usize,
+    iterations: u64,
+    seconds: *mut f64,
+) -> fusedopt_status {
+    let call = |h: &mut Handle| -> Result<()> {
+        if seconds.is_null() {
+            return Err(Error::new(FUSEDOPT_ERROR_NULL, "seconds is NULL"));
+        }
+        let w = span(weights.cast(), len, 4, &|| "the weights".into())?;
+        let g = span(grads.cast(), len, 4, &|| "the gradients".into())?;
+        check_disjoint(&[w], &[g])?;
+        // SAFETY: checked above; live and not otherwise accessed (the caller's contract).
+        let (w, g) = unsafe { f32_slices(w, g) };
+        let start = std::time::Instant::now();
+        for _ in 0..iterations {
+            let report = h.opt.step(w, g)?;
+            h.last = report_of(&report);
+        }
+        let elapsed = start.elapsed().as_secs_f64();
+        // SAFETY: NULL or valid for a write (the caller's contract).
+        unsafe { put(seconds, "seconds", elapsed) }
+    };
+    // SAFETY: `opt` is NULL or a live handle (the caller's contract).
+    unsafe { with_handle(opt, call) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn last_error() -> String {
+        // SAFETY: a NUL-terminated string owned by this thread.
+        unsafe { CStr::from_ptr(fusedopt_last_error()) }
+            .to_string_lossy()
+            .into_owned()
+    }
+
+    #[test]
+    fn a_panic_is_caught_and_poisons_the_handle() {
+        let mut opt = std::ptr::null_mut();
+        // SAFETY: valid string and out-pointer.
+        let status = unsafe { fusedopt_new(c"sgd".as_ptr(), &mut opt) };
+        assert_eq!(status, FUSEDOPT_OK);
+        // SAFETY: a live handle.
+        let status = unsafe { with_handle(opt, |_| panic!("deliberate")) };
+        assert_eq!(status, FUSEDOPT_ERROR_INTERNAL);
+        assert!(last_error().contains("deliberate"), "{}", last_error());
+        let mut steps = 7;
+        // SAFETY: a live handle and a valid out-pointer.
+        let status = unsafe { fusedopt_get_steps(opt, &mut steps) };
+        assert_eq!((status, steps), (FUSEDOPT_ERROR_INTERNAL, 7));
+        assert!(last_error().contains("free it"));
+        // SAFETY: a live handle, freed once.
+        assert_eq!(unsafe { fusedopt_free(opt) }, FUSEDOPT_OK);
+    }
+
+    #[test]
+    fn a_claimed_handle_is_busy() {
+        let mut opt = std::ptr::null_mut();
+        // SAFETY: valid string and out-pointer.
+        let status = unsafe { fusedopt_new(c"adam".as_ptr(), &mut opt) };
+        assert_eq!(status, FUSEDOPT_OK);
+        let inner_status = std::cell::Cell::new(FUSEDOPT_OK);
+        // SAFETY: a live handle; the nested call sees it claimed, as another thread would.
+        let status = unsafe {
+            with_handle(opt, |_| {
+                inner_status.set(fusedopt_set_lr(opt, 0.5));
+                Ok(())
+            })
+        };
+        assert_eq!(
+            (status, inner_status.get()),
+            (FUSEDOPT_OK, FUSEDOPT_ERROR_BUSY)
+        );
+        let mut lr = 0.0;
+        // SAFETY: a live handle, released, and a valid out-pointer.
+        assert_eq!(unsafe { fusedopt_get_lr(opt, &mut lr) }, FUSEDOPT_OK);
+        assert_eq!(lr, 0.001);
+        // SAFETY: a live handle, freed once.
+        assert_eq!(unsafe { fusedopt_free(opt) }, FUSEDOPT_OK);
+    }
+
+    fn spans(list: &[(usize, usize)]) -> Vec<Span> {
+        list.iter()
+            .map(|&(addr, len)| Span { addr, len, size: 4 })
+            .collect()
+    }
+
+    #[test]
+    fn overlaps_are_found_wherever_they_are() {
+        let w = spans(&[(4000, 10), (1000, 10), (2000, 10)]);
+        let g = spans;
+        assert!(check_disjoint(&w, &g(&[(5000, 10), (6000, 10), (7000, 10)])).is_ok());
+        // Gradients may share memory.
+        assert!(check_disjoint(&w, &g(&[(5000, 10), (5000, 10), (5004, 10)])).is_ok());
+        // Touching is not overlapping.
+        assert!(check_disjoint(&w, &g(&[(4040, 10), (960, 10), (1040, 1)])).is_ok());
+        let e = check_disjoint(&w, &g(&[(5000, 10), (6000, 10), (2036, 10)])).unwrap_err();
+        assert_eq!(e.status, FUSEDOPT_ERROR_OVERLAP);
+        assert!(
+            e.message
+                .contains("tensor 2 overlap the gradients of tensor 2")
+        );
+        let e = check_disjoint(&w, &g(&[(990, 4), (6000, 10), (7000, 10)])).unwrap_err();
+        assert!(
+            e.message
+                .contains("tensor 1 overlap the gradients of tensor 0")
+        );
+        // A gradient spanning several weights.
+        let e = check_disjoint(&w, &g(&[(0, 10000), (6000, 10), (7000, 10)])).unwrap_err();
+        assert_eq!(e.status, FUSEDOPT_ERROR_OVERLAP);
+        let w2 = spans(&[(1000, 10), (1036, 10)]);
+        let e = check_disjoint(&w2, &g(&[(5000, 1), (6000, 1)])).unwrap_err();
+        assert!(
+            e.message
+                .contains("tensor 0 overlap the weights of tensor 1")
+        );
+        // Empty buffers overlap nothing.
+        let w3 = spans(&[(1000, 0), (1000, 10)]);
+        assert!(check_disjoint(&w3, &g(&[(1000, 0), (5000, 10)])).is_ok());
+        // No gradient.
+        let missing = [Span::MISSING, Span::MISSING, spans(&[(5000, 1)])[0]];
+        assert!(check_disjoint(&w, &missing).is_ok());
+    }
+}
