@@ -309,3 +309,36 @@ fn master_weights_read_and_written_as_f32_resume_bitwise() {
         }
     }
 }
+
+#[test]
+fn a_tensor_back_on_half_weights_takes_its_master_weights_afresh() {
+    let (w0, grads) = data(5);
+    let config: OptimizerConfig = "adam:lr=0.01".parse().unwrap();
+    let widen = |w: &[Vec<bf16>]| -> Vec<Vec<f32>> {
+        w.iter()
+            .map(|v| v.iter().map(|x| x.to_f32()).collect())
+            .collect()
+    };
+    // bf16 weights, then one step on f32 weights (their values), then bf16 again.
+    let run = |write_master: bool| -> Vec<Vec<u16>> {
+        let mut opt = config.build();
+        let mut w: Vec<Vec<bf16>> = to(&w0, bf16::from_f32);
+        opt.step_all_typed(&mut w, &grads[0]).unwrap();
+        let mut wide = widen(&w);
+        opt.step_all(&mut wide, &grads[1]).unwrap();
+        let mut w: Vec<Vec<bf16>> = to(&wide, bf16::from_f32);
+        if write_master {
+            // What the switch back must do: master weights from the weights now.
+            for (t, v) in widen(&w).iter().enumerate() {
+                opt.write_tensor_state("master", t, v).unwrap();
+            }
+        }
+        for g in &grads[2..] {
+            opt.step_all_typed(&mut w, g).unwrap();
+        }
+        w.iter()
+            .map(|v| v.iter().map(|x| x.to_bits()).collect())
+            .collect()
+    };
+    assert_eq!(run(false), run(true));
+}

@@ -251,7 +251,7 @@ enum fusedopt_status fusedopt_step(struct fusedopt_optimizer *opt,
  * one optimizer each, and faster for many small tensors.
  *
  * # Errors
- * as `fusedopt_step`; `FUSEDOPT_ERROR_LAYOUT` also for another tensor count than the
+ * As `fusedopt_step`; `FUSEDOPT_ERROR_LAYOUT` also for another tensor count than the
  * state's.
  *
  * # Safety
@@ -283,11 +283,12 @@ enum fusedopt_status fusedopt_step_partial(struct fusedopt_optimizer *opt,
  * `fusedopt_step_many` with weights and gradients in any `fusedopt_dtype`. Half-precision
  * gradients step bitwise as their `float` values. Half-precision weights are master-weight
  * training: the optimizer keeps `float` copies in its state (taken from the weights at a
- * tensor's first step), updates them, and writes the weights back rounded to nearest even.
+ * tensor's first half-precision step, and again after a step with `float` weights), updates
+ * them, and writes the weights back rounded to nearest even.
  *
  * # Errors
- * as `fusedopt_step_many`; `FUSEDOPT_ERROR_INVALID_ARGUMENT` for an unknown dtype,
- * or weights of another dtype than the optimizer's master weights were made for.
+ * As `fusedopt_step_many`; `FUSEDOPT_ERROR_INVALID_ARGUMENT` for an unknown dtype or a buffer
+ * not aligned to its elements.
  *
  * # Safety
  * As `fusedopt_step_many`, with buffers of `lens[i]` values of their dtype.
@@ -587,7 +588,7 @@ enum fusedopt_status fusedopt_reset(struct fusedopt_optimizer *opt);
  * steps are real: weights and state change as with `fusedopt_step`.
  *
  * # Errors
- * as `fusedopt_step`, from the first failing step (earlier steps stay applied).
+ * As `fusedopt_step`, from the first failing step (earlier steps stay applied).
  *
  * # Safety
  * As `fusedopt_step`; `seconds` is NULL or valid for a write.

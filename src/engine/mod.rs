@@ -958,7 +958,8 @@ fn prepare_state(
 }
 
 /// Makes master weights ready for every tensor `stepping` that has half-precision weights: the
-/// master buffer exists, and a tensor's first such step copies its weights into it (exactly).
+/// master buffer exists, and a tensor's first such step (the first since it last stepped with
+/// `f32` weights) copies its weights into it (exactly).
 ///
 /// # Errors
 /// [`StepError::OutOfMemory`] if the master buffer cannot be allocated; nothing changes then.
@@ -967,6 +968,16 @@ fn prepare_master(
     tensors: &[TensorRef],
     stepping: &impl Fn(usize) -> bool,
 ) -> Result<(), StepError> {
+    // A tensor stepping with f32 weights holds its truth in them: should it step with half
+    // weights again, it takes its master weights from them afresh.
+    for (i, t) in tensors.iter().enumerate() {
+        if t.w_dtype == Dtype::F32
+            && stepping(i)
+            && let Some(ready) = state.master_ready.get_mut(i)
+        {
+            *ready = false;
+        }
+    }
     let half = |(i, t): &(usize, &TensorRef)| t.w_dtype != Dtype::F32 && stepping(*i);
     if !tensors.iter().enumerate().any(|p| half(&p)) {
         return Ok(());

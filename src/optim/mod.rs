@@ -315,7 +315,8 @@ impl<R: Rule> Fused<R> {
     /// bfloat16 or half-precision gradients are read as their exact `f32` values (bitwise the
     /// step over `f32` copies of them). Half-precision weights are *master-weight* training: the
     /// optimizer keeps an `f32` copy of them in its state (taken from them at the tensor's first
-    /// step), updates it, and writes it back rounded to nearest even, in the same pass.
+    /// half-precision step, and again after a step with `f32` weights), updates it, and writes it
+    /// back rounded to nearest even, in the same pass.
     ///
     /// ```
     /// use fusedopt::{Adam, AdamConfig, Optimizer, half::bf16};
