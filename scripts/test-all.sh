@@ -8,8 +8,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-echo "== Rust: cargo test --release --all-features"
-cargo test --release --all-features
+# The unit, integration and doc tests (the README's code blocks included). The examples are not
+# tests: CI's clippy run (--all-targets) compiles them, and building their release binaries here
+# too would add minutes.
+echo "== Rust: cargo test --release --all-features --lib --tests"
+cargo test --release --all-features --lib --tests
+echo "== Rust: cargo test --release --all-features --doc"
+cargo test --release --all-features --doc
 
 venv="${FUSEDOPT_VENV:-$HOME/.cache/fusedopt/venv}"
 if [[ ! -f "$venv/.complete" ]] || ! "$venv/bin/python" -c "import maturin, pytest, numpy, torch" 2>/dev/null; then
