@@ -157,6 +157,10 @@ struct Handle {
     last: fusedopt_report,
     /// A call panicked: the handle is no longer trusted.
     poisoned: bool,
+    /// The weight and gradient buffers of the last many-tensor step that passed its checks
+    /// (`check_tensors`): a trainer passes the same buffers every step, and those need no new
+    /// check.
+    disjoint: (Vec<Span>, Vec<Span>),
 }
 
 /// A failed call: its status and message.
@@ -366,7 +370,7 @@ unsafe fn path(s: *const c_char) -> Result<PathBuf> {
 /// missing gradient (`span` refuses NULL buffers). A plain value rather than an `Option`, so that
 /// no byte of it is ever uninitialised (valgrind flags optimised code that selects on an absent
 /// payload).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Span {
     addr: usize,
     len: usize,
@@ -504,12 +508,16 @@ unsafe fn nth<T>(ptrs: *const *const T, i: usize) -> *const T {
     unsafe { ptrs.add(i).read() }
 }
 
-/// Checks the arrays of a many-tensor step and returns the spans of the weights and gradients
-/// (`Span::MISSING`: no gradient, when `partial`).
+/// Checks the arrays of a many-tensor step and leaves the spans of its weights and gradients in
+/// `checked` (`Span::MISSING`: no gradient, when `partial`). `checked` holds the spans of the
+/// last call that passed: a trainer passes the same buffers every step, and when every pointer
+/// and length is that call's, nothing needs checking again. On error `checked` is unchanged.
 ///
 /// # Safety
 /// Each non-NULL array holds `count` entries.
-unsafe fn tensor_spans(
+#[allow(clippy::too_many_arguments)]
+unsafe fn check_tensors(
+    checked: &mut (Vec<Span>, Vec<Span>),
     weights: *const *const c_void,
     weight_size: usize,
     grads: *const *const c_void,
@@ -517,7 +525,7 @@ unsafe fn tensor_spans(
     lens: *const usize,
     count: usize,
     partial: bool,
-) -> Result<(Vec<Span>, Vec<Span>)> {
+) -> Result<()> {
     for (array, name) in [
         (weights as *const c_void, "the array of weight pointers"),
         (grads as *const c_void, "the array of gradient pointers"),
@@ -527,11 +535,26 @@ unsafe fn tensor_spans(
             return Err(Error::new(FUSEDOPT_ERROR_NULL, format!("{name} is NULL")));
         }
     }
+    // SAFETY: the arrays hold `count` entries (the caller's contract), and `i < count`.
+    let entry = |i: usize| unsafe { (nth(weights, i), nth(grads, i), lens.add(i).read()) };
+    let same = checked.0.len() == count
+        && (0..count).all(|i| {
+            let (w, g, len) = entry(i);
+            let (cw, cg) = (checked.0[i], checked.1[i]);
+            let same_g = if partial && g.is_null() {
+                cg == Span::MISSING
+            } else {
+                !g.is_null() && cg.addr == g as usize && cg.len == len && cg.size == grad_size
+            };
+            same_g && cw.addr == w as usize && cw.len == len && cw.size == weight_size
+        });
+    if same {
+        return Ok(());
+    }
     let mut w_spans = Vec::with_capacity(count);
     let mut g_spans = Vec::with_capacity(count);
     for i in 0..count {
-        // SAFETY: the arrays hold `count` entries (the caller's contract).
-        let (w, g, len) = unsafe { (nth(weights, i), nth(grads, i), lens.add(i).read()) };
+        let (w, g, len) = entry(i);
         w_spans.push(span(w, len, weight_size, &|| {
             format!("the weights of tensor {i}")
         })?);
@@ -544,7 +567,8 @@ unsafe fn tensor_spans(
         });
     }
     check_disjoint(&w_spans, &g_spans)?;
-    Ok((w_spans, g_spans))
+    *checked = (w_spans, g_spans);
+    Ok(())
 }
 
 /// One tensor's checked `f32` weights and gradients as slices.
@@ -573,7 +597,7 @@ unsafe fn f32_slices<'a>(w: Span, g: Span) -> (&'a mut [f32], &'a [f32]) {
 ///
 /// # Safety
 /// Every non-empty span is live memory of `len` values, not accessed otherwise during the call;
-/// the weights are disjoint from each other and from the gradients (`tensor_spans` checked that).
+/// the weights are disjoint from each other and from the gradients (`check_tensors` checked that).
 unsafe fn step_spans<E: Element, F: Element>(
     opt: &mut dyn Optimizer,
     weights: &[Span],
@@ -658,6 +682,16 @@ unsafe fn step_typed(
     Ok(())
 }
 
+/// The report before any step, or after a load or reset: at step `step`, not skipped, no norm.
+fn report_at(step: u64) -> fusedopt_report {
+    fusedopt_report {
+        step,
+        skipped: 0,
+        has_grad_norm: 0,
+        grad_norm: 0.0,
+    }
+}
+
 fn report_of(r: &StepReport) -> fusedopt_report {
     fusedopt_report {
         step: r.step,
@@ -685,11 +719,17 @@ unsafe fn step_arrays(
     let call = |h: &mut Handle| -> Result<()> {
         let ws = dtype_size(weight_dtype, "the weights")?;
         let gs = dtype_size(grad_dtype, "the gradients")?;
+        let mut spans = std::mem::take(&mut h.disjoint);
         // SAFETY: the arrays hold `count` entries (the caller's contract).
-        let (w, g) = unsafe { tensor_spans(weights, ws, grads, gs, lens, count, partial)? };
-        // SAFETY: the buffers are live and not otherwise accessed (the caller's contract);
-        // `tensor_spans` checked them and their disjointness.
-        unsafe { step_typed(h, weight_dtype, &w, grad_dtype, &g, partial) }
+        let result =
+            unsafe { check_tensors(&mut spans, weights, ws, grads, gs, lens, count, partial) }
+                .and_then(|()| {
+                    // SAFETY: the buffers are live and not otherwise accessed (the caller's contract);
+                    // `check_tensors` checked them and their disjointness.
+                    unsafe { step_typed(h, weight_dtype, &spans.0, grad_dtype, &spans.1, partial) }
+                });
+        h.disjoint = spans;
+        result
     };
     // SAFETY: `opt` is NULL or a live handle (the caller's contract).
     unsafe { with_handle(opt, call) }
@@ -786,13 +826,9 @@ pub unsafe extern "C" fn fusedopt_new(
             busy: AtomicBool::new(false),
             inner: UnsafeCell::new(Handle {
                 opt: config.build(),
-                last: fusedopt_report {
-                    step: 0,
-                    skipped: 0,
-                    has_grad_norm: 0,
-                    grad_norm: 0.0,
-                },
+                last: report_at(0),
                 poisoned: false,
+                disjoint: (Vec::new(), Vec::new()),
             }),
         });
         // SAFETY: non-null, valid for a write (the caller's contract).
@@ -1527,12 +1563,7 @@ pub unsafe extern "C" fn fusedopt_load_state(
         // SAFETY: the caller's contract.
         let path = unsafe { self::path(path)? };
         h.opt.load_state(&path)?;
-        h.last = fusedopt_report {
-            step: h.opt.steps(),
-            skipped: 0,
-            has_grad_norm: 0,
-            grad_norm: 0.0,
-        };
+        h.last = report_at(h.opt.steps());
         Ok(())
     };
     // SAFETY: `opt` is NULL or a live handle (the caller's contract).
@@ -1548,12 +1579,7 @@ pub unsafe extern "C" fn fusedopt_load_state(
 pub unsafe extern "C" fn fusedopt_reset(opt: *mut fusedopt_optimizer) -> fusedopt_status {
     let call = |h: &mut Handle| -> Result<()> {
         h.opt.reset();
-        h.last = fusedopt_report {
-            step: 0,
-            skipped: 0,
-            has_grad_norm: 0,
-            grad_norm: 0.0,
-        };
+        h.last = report_at(0);
         Ok(())
     };
     // SAFETY: `opt` is NULL or a live handle (the caller's contract).
