@@ -149,8 +149,8 @@ fn hygiene(c: &mut Criterion) {
             b.iter(|| plain.step(&mut w, &g).unwrap())
         });
         let mut clipped = Adam::new(AdamConfig::default());
-        clipped.set_grad_scale(1024.0);
-        clipped.set_max_grad_norm(Some(1.0));
+        clipped.set_grad_scale(1024.0).unwrap();
+        clipped.set_max_grad_norm(Some(1.0)).unwrap();
         clipped.set_non_finite(NonFinite::Skip);
         group.bench_function(BenchmarkId::new("adam+scale+clip+check", label), |b| {
             b.iter(|| clipped.step(&mut w, &g).unwrap())

@@ -19,7 +19,7 @@ use candle_core::{CpuStorage, Device, InplaceOp2, Layout, Tensor, Var};
 use candle_nn::{Optimizer as _, ParamsAdamW};
 use clap::Parser;
 use common::{gpt2_small, median};
-use fusedopt::{Adam, AdamConfig, EpsMode, Optimizer as _};
+use fusedopt::{Adam, AdamConfig, EpsMode, Optimizer as _, OptimizerExt as _};
 use std::time::Instant;
 
 /// Time candle optimizer steps.

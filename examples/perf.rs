@@ -420,7 +420,7 @@ fn hygiene(sizes: &[usize]) {
                 "clip + check (Skip)",
                 Box::new(|| {
                     let mut o = Adam::new(AdamConfig::default());
-                    o.set_max_grad_norm(Some(1.0));
+                    o.set_max_grad_norm(Some(1.0)).unwrap();
                     o.set_non_finite(NonFinite::Skip);
                     o
                 }),
@@ -429,8 +429,8 @@ fn hygiene(sizes: &[usize]) {
                 "scale 1024 + clip + check",
                 Box::new(|| {
                     let mut o = Adam::new(AdamConfig::default());
-                    o.set_grad_scale(1024.0);
-                    o.set_max_grad_norm(Some(1.0));
+                    o.set_grad_scale(1024.0).unwrap();
+                    o.set_max_grad_norm(Some(1.0)).unwrap();
                     o.set_non_finite(NonFinite::Skip);
                     o
                 }),

@@ -250,8 +250,11 @@ fn train(args: &Args, threads: usize) -> Result<(), Box<dyn std::error::Error + 
     let (test_x, test_y) = spiral(args.samples / 4, &mut rng);
     let mut model = Mlp::new(args.hidden, &mut rng);
     let mut opt = args.optimizer.build();
-    opt.set_max_grad_norm(args.max_grad_norm);
-    opt.set_state_format(args.state_format)?;
+    opt.set_settings(
+        opt.settings()
+            .with_max_grad_norm(args.max_grad_norm)
+            .with_state_format(args.state_format),
+    )?;
     // W1, b1, W2, b2: no weight decay on the biases.
     let decay = ParamGroup::DEFAULT;
     opt.set_param_groups(&[

@@ -46,7 +46,7 @@
 use crate::engine::{
     State, check_groups, check_names, state_bytes_per_element, state_unit, zeroed_buffer,
 };
-use crate::optim::{FieldValue, Rule, field_texts};
+use crate::optim::{FieldValue, Rule, field_map};
 use crate::plan::Layout;
 use crate::types::{ParamGroup, StateFormat, StepError};
 use safetensors::tensor::TensorView;
@@ -438,14 +438,19 @@ fn decode_f32(text: &str) -> Option<f32> {
     x.parse(text).ok().map(|()| x)
 }
 
-/// Writes `config`, `state` and `groups` to `path`, atomically.
-pub(crate) fn save<R: Rule>(
-    path: &Path,
+/// The label of state held in memory ([`save_bytes`], [`load`] of bytes) in errors.
+pub(crate) const IN_MEMORY: &str = "<state bytes>";
+
+/// What a state file holds, ready to serialize: its tensors and its metadata.
+type Snapshot<'s> = (Vec<(String, SaveView<'s>)>, HashMap<String, String>);
+
+/// `config`, `state`, `groups` and `names` as the tensors and metadata of a state file.
+fn snapshot<'s, R: Rule>(
     config: &R,
-    state: &State,
+    state: &'s State,
     groups: &[ParamGroup],
     names: &[String],
-) -> Result<(), StateError> {
+) -> Snapshot<'s> {
     let layout = state.layout.as_ref();
     let held = state.buffers.len().min(R::BUFFERS.len());
     let buffers: Vec<&str> = R::BUFFERS[..held].iter().map(|b| b.name).collect();
@@ -477,7 +482,7 @@ pub(crate) fn save<R: Rule>(
             .collect::<Vec<_>>()
             .join(","),
     );
-    for (field, value) in field_texts(config) {
+    for (field, value) in field_map(config, |v| v.encode()) {
         metadata.insert(format!("config.{field}"), value);
     }
     let tensors_per_buffer = layout.map_or(0, |l| l.lens().len());
@@ -526,7 +531,18 @@ pub(crate) fn save<R: Rule>(
         tensors.iter().map(|(n, v)| (n.clone(), v.data())),
     );
     metadata.insert("checksum".to_string(), sum);
+    (tensors, metadata)
+}
 
+/// Writes `config`, `state`, `groups` and `names` to `path`, atomically.
+pub(crate) fn save<R: Rule>(
+    path: &Path,
+    config: &R,
+    state: &State,
+    groups: &[ParamGroup],
+    names: &[String],
+) -> Result<(), StateError> {
+    let (tensors, metadata) = snapshot(config, state, groups, names);
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
@@ -570,6 +586,32 @@ pub(crate) fn save<R: Rule>(
     Ok(())
 }
 
+/// The bytes of the state file [`save`] would write.
+///
+/// # Errors
+/// [`StateError::Io`] if the state cannot be serialized (a header beyond safetensors' limit).
+pub(crate) fn save_bytes<R: Rule>(
+    config: &R,
+    state: &State,
+    groups: &[ParamGroup],
+    names: &[String],
+) -> Result<Vec<u8>, StateError> {
+    let (tensors, metadata) = snapshot(config, state, groups, names);
+    safetensors::serialize(tensors, Some(metadata)).map_err(|e| StateError::Io {
+        path: PathBuf::from(IN_MEMORY),
+        op: "serialize",
+        source: io::Error::other(e.to_string()),
+    })
+}
+
+/// Reads the file at `path` whole.
+///
+/// # Errors
+/// [`StateError::Io`] if it cannot be read.
+pub(crate) fn read(path: &Path) -> Result<Vec<u8>, StateError> {
+    fs::read(path).map_err(io_err(path, "read"))
+}
+
 /// A state file read and checked in full, ready to replace an optimizer's configuration, state
 /// and groups.
 pub(crate) struct Loaded<R> {
@@ -579,17 +621,18 @@ pub(crate) struct Loaded<R> {
     pub names: Vec<String>,
 }
 
-/// Reads the state file at `path` for an optimizer of rule `R` that holds a state of layout
-/// `current` (`None`: no state yet), names its tensors `names` (empty: no names) and keeps its
-/// state in `format`, checking everything before returning it.
+/// Reads the state file `bytes` (from `path`, or [`IN_MEMORY`], for errors) for an optimizer of
+/// rule `R` that holds a state of layout `current` (`None`: no state yet), names its tensors
+/// `names` (empty: no names) and keeps its state in `format`, checking everything before
+/// returning it.
 pub(crate) fn load<R: Rule>(
     path: &Path,
+    bytes: &[u8],
     current: Option<&[usize]>,
     names: &[String],
     format: StateFormat,
 ) -> Result<Loaded<R>, StateError> {
-    let bytes = fs::read(path).map_err(io_err(path, "read"))?;
-    let file = parse(path, &bytes)?;
+    let file = parse(path, bytes)?;
     if !file.buffers.is_empty() && file.format != format {
         return Err(StateError::StateFormat {
             path: path.to_path_buf(),

@@ -1,87 +1,196 @@
 //! [`OptimizerConfig`]: any optimizer's configuration as one value, chosen by name at run time,
-//! parsed from `"adam:lr=3e-4,beta2=0.95"` strings. Imports [`crate::optimizer`],
+//! parsed from `"adam:lr=3e-4,beta2=0.95"` strings or set field by field with typed [`Value`]s.
+//! Made from the rule registry, so a new rule needs nothing here. Imports [`crate::optimizer`],
 //! [`crate::optim`] and [`crate::types`].
 
-use crate::optim::adagrad::AdaGradConfig;
-use crate::optim::adam::AdamConfig;
-use crate::optim::momentum::{MomentumConfig, NagConfig};
-use crate::optim::rmsprop::RmsPropConfig;
-use crate::optim::sgd::SgdConfig;
-use crate::optim::{FieldError, Fused, Rule, field_texts, set_field};
+use crate::optim::rules::*;
+use crate::optim::sealed::RuleImpl;
+use crate::optim::{FieldError, FieldValue, Fused, Rule, field_map, registry, set_field};
 use crate::optimizer::Optimizer;
-use crate::types::StepError;
+use crate::types::{StepError, Value};
 use core::any::Any;
 use core::fmt;
 use core::str::FromStr;
 
-/// The names of the six optimizers, as [`Optimizer::name`] returns them.
-pub const OPTIMIZER_NAMES: [&str; 6] = ["sgd", "momentum", "nag", "adagrad", "rmsprop", "adam"];
-
-/// The configuration of any of the six optimizers: what a trainer, a command line or a config
-/// file chooses at run time, before [`build`](OptimizerConfig::build)ing the optimizer.
-///
-/// It parses from a name with optional overrides of its fields, `name[:field=value,...]`:
-///
-/// ```
-/// use fusedopt::{AdamConfig, OptimizerConfig};
-/// let config: OptimizerConfig = "adam:lr=3e-4,beta2=0.95,weight_decay=0.1".parse()?;
-/// assert_eq!(
-///     config,
-///     OptimizerConfig::Adam(AdamConfig { lr: 3e-4, beta2: 0.95, weight_decay: 0.1, ..Default::default() })
-/// );
-/// let mut opt = config.build();
-/// assert_eq!(opt.name(), "adam");
-/// let mut w = vec![1.0f32; 8];
-/// opt.step(&mut w, &[0.5; 8])?;
-/// # Ok::<(), Box<dyn std::error::Error>>(())
-/// ```
-///
-/// The names are those of [`OPTIMIZER_NAMES`], plus `adamw` for Adam with
-/// [`AdamConfig::adamw`]'s defaults. The fields are those of each configuration type, by their
-/// Rust names: numbers as Rust or Python write them, booleans as `true`/`false`, and
-/// [`EpsMode`](crate::EpsMode) as `sqrt_v` or `sqrt_v_hat` (`seed` and `pytorch` also read).
-/// Unset fields keep their defaults. [`Display`](fmt::Display) writes every field, in a form
-/// that parses back to the same value.
-#[derive(Debug, Clone, Copy, PartialEq)]
-#[non_exhaustive]
-pub enum OptimizerConfig {
-    /// [`Sgd`](crate::Sgd).
-    Sgd(SgdConfig),
-    /// [`Momentum`](crate::Momentum).
-    Momentum(MomentumConfig),
-    /// [`Nag`](crate::Nag).
-    Nag(NagConfig),
-    /// [`AdaGrad`](crate::AdaGrad).
-    AdaGrad(AdaGradConfig),
-    /// [`RmsProp`](crate::RmsProp).
-    RmsProp(RmsPropConfig),
-    /// [`Adam`](crate::Adam), AdamW included.
-    Adam(AdamConfig),
+/// What [`OptimizerConfig`] does with the configuration inside any of its variants: an object
+/// safe view of a [`Rule`].
+trait AnyRule {
+    fn name(&self) -> &'static str;
+    fn build(&self) -> Box<dyn Optimizer>;
+    fn validate(&self) -> Result<(), StepError>;
+    fn set(
+        &mut self,
+        field: &str,
+        set: &mut dyn FnMut(&mut dyn FieldValue) -> Result<(), &'static str>,
+    ) -> Result<(), FieldError>;
+    fn texts(&self) -> Vec<(&'static str, String)>;
+    fn values(&self) -> Vec<(&'static str, Value)>;
+    fn buffer_names(&self) -> Vec<&'static str>;
+    /// Writes this configuration into `slot` if `slot` holds one of the same rule.
+    fn put(&self, slot: &mut dyn Any) -> bool;
 }
 
-/// Runs `$body` with `$c` bound to the configuration inside any variant of `$value`.
-macro_rules! with_rule {
-    ($value:expr, $c:ident => $body:expr) => {
-        match $value {
-            OptimizerConfig::Sgd($c) => $body,
-            OptimizerConfig::Momentum($c) => $body,
-            OptimizerConfig::Nag($c) => $body,
-            OptimizerConfig::AdaGrad($c) => $body,
-            OptimizerConfig::RmsProp($c) => $body,
-            OptimizerConfig::Adam($c) => $body,
+impl<R: Rule> AnyRule for R {
+    fn name(&self) -> &'static str {
+        R::NAME
+    }
+    fn build(&self) -> Box<dyn Optimizer> {
+        Box::new(Fused::new(*self))
+    }
+    fn validate(&self) -> Result<(), StepError> {
+        self.check()
+    }
+    fn set(
+        &mut self,
+        field: &str,
+        set: &mut dyn FnMut(&mut dyn FieldValue) -> Result<(), &'static str>,
+    ) -> Result<(), FieldError> {
+        set_field(self, field, set)
+    }
+    fn texts(&self) -> Vec<(&'static str, String)> {
+        field_map(self, |v| v.encode())
+    }
+    fn values(&self) -> Vec<(&'static str, Value)> {
+        field_map(self, |v| v.value())
+    }
+    fn buffer_names(&self) -> Vec<&'static str> {
+        R::BUFFERS[..self.state_buffers()]
+            .iter()
+            .map(|b| b.name)
+            .collect()
+    }
+    fn put(&self, slot: &mut dyn Any) -> bool {
+        slot.downcast_mut::<R>().map(|c| *c = *self).is_some()
+    }
+}
+
+/// Defines [`OptimizerConfig`], [`OPTIMIZER_NAMES`] and what follows the variant list, from the
+/// registry.
+macro_rules! optimizer_config {
+    ($($file:ident => $($alias:ident($config:ident)),+;)*) => {
+        /// The names of the optimizers, as [`Optimizer::name`] returns them.
+        pub const OPTIMIZER_NAMES: [&str; 0 $($(+ optimizer_config!(@one $alias))+)*] =
+            [$($(<$config as RuleImpl>::NAME),+),*];
+
+        /// The configuration of any optimizer: what a trainer, a command line or a config file
+        /// chooses at run time, before [`build`](OptimizerConfig::build)ing the optimizer.
+        ///
+        /// It parses from a name with optional overrides of its fields, `name[:field=value,...]`:
+        ///
+        /// ```
+        /// use fusedopt::{AdamConfig, OptimizerConfig};
+        /// let config: OptimizerConfig = "adam:lr=3e-4,beta2=0.95,weight_decay=0.1".parse()?;
+        /// assert_eq!(
+        ///     config,
+        ///     OptimizerConfig::Adam(AdamConfig { lr: 3e-4, beta2: 0.95, weight_decay: 0.1, ..Default::default() })
+        /// );
+        /// let mut opt = config.build();
+        /// assert_eq!(opt.name(), "adam");
+        /// let mut w = vec![1.0f32; 8];
+        /// opt.step(&mut w, &[0.5; 8])?;
+        /// # Ok::<(), Box<dyn std::error::Error>>(())
+        /// ```
+        ///
+        /// The names are those of [`OPTIMIZER_NAMES`], plus presets such as `adamw` for Adam
+        /// with [`AdamConfig::adamw`]'s defaults. The fields are those of each configuration
+        /// type, by their Rust names: numbers as Rust or Python write them, booleans as
+        /// `true`/`false`, and [`EpsMode`](crate::EpsMode) as `sqrt_v` or `sqrt_v_hat` (`seed`
+        /// and `pytorch` also read). Unset fields keep their defaults.
+        /// [`Display`](fmt::Display) writes every field, in a form that parses back to the same
+        /// value. Bindings set fields with typed [`Value`]s instead
+        /// ([`set_value`](OptimizerConfig::set_value)).
+        #[derive(Debug, Clone, Copy, PartialEq)]
+        #[non_exhaustive]
+        pub enum OptimizerConfig {
+            $($(
+                #[doc = concat!("[`", stringify!($alias), "`](crate::", stringify!($alias), ").")]
+                $alias($config),
+            )+)*
         }
+
+        impl OptimizerConfig {
+            /// The configuration inside the variant.
+            fn rule(&self) -> &dyn AnyRule {
+                match self {
+                    $($(OptimizerConfig::$alias(c) => c,)+)*
+                }
+            }
+
+            /// The configuration inside the variant, to change.
+            fn rule_mut(&mut self) -> &mut dyn AnyRule {
+                match self {
+                    $($(OptimizerConfig::$alias(c) => c,)+)*
+                }
+            }
+
+            /// The name of the optimizer type (`"Adam"`, `"RmsProp"`, ...): the name bindings
+            /// give the classes they make for optimizers that have no class of their own.
+            ///
+            /// ```
+            /// use fusedopt::OptimizerConfig;
+            /// assert_eq!(OptimizerConfig::default_for("nag").unwrap().type_name(), "Nag");
+            /// ```
+            pub fn type_name(&self) -> &'static str {
+                match self {
+                    $($(OptimizerConfig::$alias(_) => stringify!($alias),)+)*
+                }
+            }
+
+            /// The default configuration of every optimizer, in the order of
+            /// [`OPTIMIZER_NAMES`].
+            ///
+            /// ```
+            /// use fusedopt::{OPTIMIZER_NAMES, OptimizerConfig};
+            /// let names: Vec<_> = OptimizerConfig::all().iter().map(|c| c.name()).collect();
+            /// assert_eq!(names, OPTIMIZER_NAMES);
+            /// ```
+            pub fn all() -> Vec<OptimizerConfig> {
+                vec![$($(OptimizerConfig::$alias($config::default())),+),*]
+            }
+
+            /// The preset called `name` (`adamw`), if a rule has one.
+            fn preset(name: &str) -> Option<OptimizerConfig> {
+                $($(
+                    if let Some((_, make)) =
+                        <$config as RuleImpl>::PRESETS.iter().find(|(n, _)| *n == name)
+                    {
+                        return Some(OptimizerConfig::$alias(make()));
+                    }
+                )+)*
+                None
+            }
+
+            /// The names of the presets.
+            fn preset_names() -> Vec<&'static str> {
+                let mut names = Vec::new();
+                $($(names.extend(<$config as RuleImpl>::PRESETS.iter().map(|(n, _)| *n));)+)*
+                names
+            }
+        }
+
+        /// `config` as an [`OptimizerConfig`] if it is one of the rule configurations.
+        fn from_any(config: &dyn Any) -> Option<OptimizerConfig> {
+            $($(
+                if let Some(c) = config.downcast_ref::<$config>() {
+                    return Some(OptimizerConfig::$alias(*c));
+                }
+            )+)*
+            None
+        }
+
+        $($(
+            impl From<$config> for OptimizerConfig {
+                fn from(config: $config) -> Self {
+                    OptimizerConfig::$alias(config)
+                }
+            }
+        )+)*
+    };
+    (@one $alias:ident) => {
+        1
     };
 }
-
-/// `R`'s name.
-fn name_of<R: Rule>(_: &R) -> &'static str {
-    R::NAME
-}
-
-/// An optimizer of rule `R`, boxed.
-fn boxed<R: Rule>(config: R) -> Box<dyn Optimizer> {
-    Box::new(Fused::new(config))
-}
+registry!(optimizer_config);
 
 impl OptimizerConfig {
     /// The optimizer's [`name`](Optimizer::name): `"adam"`, `"sgd"`, ...
@@ -92,7 +201,7 @@ impl OptimizerConfig {
     /// assert_eq!("adamw".parse::<OptimizerConfig>().unwrap().name(), "adam");
     /// ```
     pub fn name(&self) -> &'static str {
-        with_rule!(self, c => name_of(c))
+        self.rule().name()
     }
 
     /// The optimizer with this configuration.
@@ -105,11 +214,11 @@ impl OptimizerConfig {
     /// }
     /// ```
     pub fn build(self) -> Box<dyn Optimizer> {
-        with_rule!(self, c => boxed(c))
+        self.rule().build()
     }
 
     /// The default configuration of the optimizer called `name` (one of [`OPTIMIZER_NAMES`], or
-    /// `adamw` for [`AdamConfig::adamw`]); `None` for another name.
+    /// a preset such as `adamw` for [`AdamConfig::adamw`]); `None` for another name.
     ///
     /// ```
     /// use fusedopt::{AdamConfig, OptimizerConfig};
@@ -117,16 +226,10 @@ impl OptimizerConfig {
     /// assert_eq!(OptimizerConfig::default_for("lion"), None);
     /// ```
     pub fn default_for(name: &str) -> Option<OptimizerConfig> {
-        Some(match name {
-            "sgd" => OptimizerConfig::Sgd(SgdConfig::default()),
-            "momentum" => OptimizerConfig::Momentum(MomentumConfig::default()),
-            "nag" => OptimizerConfig::Nag(NagConfig::default()),
-            "adagrad" => OptimizerConfig::AdaGrad(AdaGradConfig::default()),
-            "rmsprop" => OptimizerConfig::RmsProp(RmsPropConfig::default()),
-            "adam" => OptimizerConfig::Adam(AdamConfig::default()),
-            "adamw" => OptimizerConfig::Adam(AdamConfig::adamw()),
-            _ => return None,
-        })
+        let found = OptimizerConfig::all()
+            .into_iter()
+            .find(|c| c.name() == name);
+        found.or_else(|| OptimizerConfig::preset(name))
     }
 
     /// Sets the field called `field` from its text form, as in a configuration string.
@@ -145,20 +248,72 @@ impl OptimizerConfig {
     /// [`ParseConfigError::Value`] if `value` is not a value of it (the configuration is then
     /// unchanged). Ranges are checked by [`validate`](OptimizerConfig::validate).
     pub fn set(&mut self, field: &str, value: &str) -> Result<(), ParseConfigError> {
-        let optimizer = self.name();
+        self.set_with(field, &mut |f| f.parse(value))
+            .map_err(|e| match e {
+                SetFailure::Error(e) => e,
+                SetFailure::Expected(expected) => ParseConfigError::Value {
+                    optimizer: self.name(),
+                    field: field.to_string(),
+                    value: value.to_string(),
+                    expected,
+                },
+            })
+    }
+
+    /// Sets the field called `field` to a typed value: what bindings pass instead of text. A
+    /// number given to an `f32` field is rounded to nearest.
+    ///
+    /// ```
+    /// use fusedopt::{OptimizerConfig, ParseConfigError, Value};
+    /// let mut config = OptimizerConfig::default_for("adam").unwrap();
+    /// config.set_value("beta2", Value::Number(0.95))?;
+    /// config.set_value("eps_mode", Value::Choice("sqrt_v_hat".into()))?;
+    /// assert!(config.to_string().contains("beta2=0.95"));
+    /// let err = config.set_value("amsgrad", Value::Number(1.0)).unwrap_err();
+    /// assert!(matches!(err, ParseConfigError::Type { .. }), "{err}");
+    /// assert_eq!(err.to_string(), "adam: amsgrad must be true or false, not the number 1");
+    /// # Ok::<(), ParseConfigError>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`ParseConfigError::UnknownField`] if the optimizer has no such field,
+    /// [`ParseConfigError::Type`] if `value` is of another type than the field,
+    /// [`ParseConfigError::Value`] for a choice it does not have; the configuration is then
+    /// unchanged. Ranges are checked by [`validate`](OptimizerConfig::validate).
+    pub fn set_value(&mut self, field: &str, value: Value) -> Result<(), ParseConfigError> {
+        self.set_with(field, &mut |f| f.set_value(&value))
+            .map_err(|e| match (e, &value) {
+                (SetFailure::Error(e), _) => e,
+                (SetFailure::Expected(expected), Value::Choice(name)) => ParseConfigError::Value {
+                    optimizer: self.name(),
+                    field: field.to_string(),
+                    value: name.clone(),
+                    expected,
+                },
+                (SetFailure::Expected(expected), _) => ParseConfigError::Type {
+                    optimizer: self.name(),
+                    field: field.to_string(),
+                    expected,
+                    found: value.clone(),
+                },
+            })
+    }
+
+    /// Sets `field` with `set`, on a copy that replaces the configuration only on success.
+    /// Fails with the error of an unknown field, or with what `set` expected instead.
+    fn set_with(
+        &mut self,
+        field: &str,
+        set: &mut dyn FnMut(&mut dyn FieldValue) -> Result<(), &'static str>,
+    ) -> Result<(), SetFailure> {
         let mut copy = *self;
-        with_rule!(&mut copy, c => set_field(c, field, value)).map_err(|e| match e {
-            FieldError::Unknown => ParseConfigError::UnknownField {
-                optimizer,
+        copy.rule_mut().set(field, set).map_err(|e| match e {
+            FieldError::Unknown => SetFailure::Error(ParseConfigError::UnknownField {
+                optimizer: self.name(),
                 field: field.to_string(),
                 fields: self.fields().into_iter().map(|(f, _)| f).collect(),
-            },
-            FieldError::Value(expected) => ParseConfigError::Value {
-                optimizer,
-                field: field.to_string(),
-                value: value.to_string(),
-                expected,
-            },
+            }),
+            FieldError::Value(expected) => SetFailure::Expected(expected),
         })?;
         *self = copy;
         Ok(())
@@ -172,7 +327,45 @@ impl OptimizerConfig {
     /// assert_eq!(fields[0], ("lr", "0.01".to_string()));
     /// ```
     pub fn fields(&self) -> Vec<(&'static str, String)> {
-        with_rule!(self, c => field_texts(c))
+        self.rule().texts()
+    }
+
+    /// Every field with its typed value, in the configuration type's order.
+    ///
+    /// ```
+    /// use fusedopt::{OptimizerConfig, Value};
+    /// let values = OptimizerConfig::default_for("momentum").unwrap().values();
+    /// assert_eq!(values[1], ("momentum", Value::Number(0.9)));
+    /// ```
+    pub fn values(&self) -> Vec<(&'static str, Value)> {
+        self.rule().values()
+    }
+
+    /// The typed value of the field called `field`, or `None` if the optimizer has none.
+    ///
+    /// ```
+    /// use fusedopt::{OptimizerConfig, Value};
+    /// let config: OptimizerConfig = "sgd:lr=0.5".parse().unwrap();
+    /// assert_eq!(config.value("lr"), Some(Value::Number(0.5)));
+    /// assert_eq!(config.value("beta1"), None);
+    /// ```
+    pub fn value(&self, field: &str) -> Option<Value> {
+        self.values()
+            .into_iter()
+            .find_map(|(f, v)| (f == field).then_some(v))
+    }
+
+    /// The names of the state buffers a step with this configuration keeps, in order (as state
+    /// files and [`Optimizer::state_names`] name them).
+    ///
+    /// ```
+    /// use fusedopt::OptimizerConfig;
+    /// let adam: OptimizerConfig = "adam:amsgrad=true".parse().unwrap();
+    /// assert_eq!(adam.buffer_names(), ["m", "v", "v_max"]);
+    /// assert!("sgd".parse::<OptimizerConfig>().unwrap().buffer_names().is_empty());
+    /// ```
+    pub fn buffer_names(&self) -> Vec<&'static str> {
+        self.rule().buffer_names()
     }
 
     /// Checks every hyperparameter's range, as the configuration type's `validate` does.
@@ -185,8 +378,16 @@ impl OptimizerConfig {
     /// # Errors
     /// [`StepError::InvalidConfig`] naming the first field out of range.
     pub fn validate(&self) -> Result<(), StepError> {
-        with_rule!(self, c => c.validate())
+        self.rule().validate()
     }
+}
+
+/// Why [`OptimizerConfig::set_with`] failed.
+enum SetFailure {
+    /// An error as it is (an unknown field).
+    Error(ParseConfigError),
+    /// The field refused the value; what it expected.
+    Expected(&'static str),
 }
 
 impl FromStr for OptimizerConfig {
@@ -257,31 +458,6 @@ impl fmt::Display for OptimizerConfig {
     }
 }
 
-/// `config` as an [`OptimizerConfig`] if it is one of the rule configurations.
-fn from_any(config: &dyn Any) -> Option<OptimizerConfig> {
-    macro_rules! try_each {
-        ($($ty:ty),*) => {$(
-            if let Some(c) = config.downcast_ref::<$ty>() {
-                return Some(OptimizerConfig::from(*c));
-            }
-        )*};
-    }
-    try_each!(
-        SgdConfig,
-        MomentumConfig,
-        NagConfig,
-        AdaGradConfig,
-        RmsPropConfig,
-        AdamConfig
-    );
-    None
-}
-
-/// Writes `new` into `slot` if `slot` holds an `R`.
-fn put<R: Rule>(slot: &mut dyn Any, new: R) -> bool {
-    slot.downcast_mut::<R>().map(|c| *c = new).is_some()
-}
-
 /// Reading and replacing a boxed optimizer's hyperparameters.
 impl dyn Optimizer + '_ {
     /// The optimizer's hyperparameters, as an [`OptimizerConfig`].
@@ -293,7 +469,7 @@ impl dyn Optimizer + '_ {
     /// # Ok::<(), fusedopt::ParseConfigError>(())
     /// ```
     pub fn config(&self) -> OptimizerConfig {
-        // Every optimizer is a `Fused<R>` of one of the six rules, whose configuration is a
+        // Every optimizer is a `Fused<R>` of a registered rule, whose configuration is a
         // variant of `OptimizerConfig`.
         from_any(self.rule_config()).expect("every rule has an OptimizerConfig variant")
     }
@@ -318,8 +494,7 @@ impl dyn Optimizer + '_ {
     /// [`StepError::InvalidConfig`] for a value out of range; then nothing changes.
     pub fn set_config(&mut self, config: OptimizerConfig) -> Result<(), StepError> {
         config.validate()?;
-        let slot = self.rule_config_mut();
-        if with_rule!(config, c => put(slot, c)) {
+        if config.rule().put(self.rule_config_mut()) {
             Ok(())
         } else {
             Err(StepError::RuleMismatch {
@@ -329,24 +504,6 @@ impl dyn Optimizer + '_ {
         }
     }
 }
-
-macro_rules! from_config {
-    ($($variant:ident($ty:ty)),*) => {$(
-        impl From<$ty> for OptimizerConfig {
-            fn from(config: $ty) -> Self {
-                OptimizerConfig::$variant(config)
-            }
-        }
-    )*};
-}
-from_config!(
-    Sgd(SgdConfig),
-    Momentum(MomentumConfig),
-    Nag(NagConfig),
-    AdaGrad(AdaGradConfig),
-    RmsProp(RmsPropConfig),
-    Adam(AdamConfig)
-);
 
 /// Why a configuration string could not be read ([`OptimizerConfig`]'s `FromStr`, and
 /// [`OptimizerConfig::set`]).
@@ -390,6 +547,17 @@ pub enum ParseConfigError {
         /// What the field takes, for example `"a number"`.
         expected: &'static str,
     },
+    /// A typed value ([`OptimizerConfig::set_value`]) is of another type than the field.
+    Type {
+        /// The optimizer.
+        optimizer: &'static str,
+        /// The field.
+        field: String,
+        /// What the field takes, for example `"true or false"`.
+        expected: &'static str,
+        /// The value given.
+        found: Value,
+    },
     /// A value is out of the field's range ([`StepError::InvalidConfig`]).
     Invalid(StepError),
 }
@@ -399,8 +567,13 @@ impl fmt::Display for ParseConfigError {
         match self {
             ParseConfigError::UnknownOptimizer { name } => write!(
                 f,
-                "unknown optimizer {name:?}: expected one of {}, adamw",
-                OPTIMIZER_NAMES.join(", ")
+                "unknown optimizer {name:?}: expected one of {}",
+                OPTIMIZER_NAMES
+                    .iter()
+                    .chain(&OptimizerConfig::preset_names())
+                    .copied()
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
             ParseConfigError::Syntax { item } => {
                 write!(f, "expected `field=value`, found {item:?}")
@@ -423,6 +596,22 @@ impl fmt::Display for ParseConfigError {
                 value,
                 expected,
             } => write!(f, "{optimizer}: {field} = {value:?} is not {expected}"),
+            ParseConfigError::Type {
+                optimizer,
+                field,
+                expected,
+                found,
+            } => {
+                let kind = match found {
+                    Value::Number(_) => "the number",
+                    Value::Bool(_) => "the flag",
+                    _ => "the name",
+                };
+                write!(
+                    f,
+                    "{optimizer}: {field} must be {expected}, not {kind} {found}"
+                )
+            }
             ParseConfigError::Invalid(e) => e.fmt(f),
         }
     }
@@ -457,7 +646,6 @@ pub fn optimizer_by_name(name: &str) -> Option<Box<dyn Optimizer>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::optim::adam::EpsMode;
 
     #[test]
     fn every_default_round_trips_through_its_text() {

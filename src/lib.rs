@@ -147,6 +147,8 @@ mod optimizer;
 
 mod config;
 
+pub mod raw;
+
 #[cfg(feature = "candle")]
 pub mod candle;
 
@@ -157,19 +159,30 @@ pub use checkpoint::StateError;
 pub use config::{OPTIMIZER_NAMES, OptimizerConfig, ParseConfigError, optimizer_by_name};
 pub use engine::{FeedError, TensorFeed};
 pub use half;
-pub use optim::adagrad::{AdaGrad, AdaGradConfig};
-pub use optim::adam::{Adam, AdamConfig, EpsMode};
-pub use optim::momentum::{Momentum, MomentumConfig, MomentumForm, Nag, NagConfig, VelocityConfig};
-pub use optim::rmsprop::{RmsProp, RmsPropConfig};
-pub use optim::sgd::{Sgd, SgdConfig};
+pub use optim::rules::*;
 pub use optim::{Fused, Rule};
-pub use optimizer::Optimizer;
+pub use optimizer::{Optimizer, OptimizerExt};
 pub use plan::DEFAULT_CHUNK_LEN;
 pub use simd::{SimdLevel, simd_level};
 pub use tuning::{TUNING_ENV, Tuning, TuningError};
 pub use types::{
-    Backend, Dtype, Element, NonFinite, ParamGroup, StateFormat, StepError, StepReport,
+    Backend, Dtype, Element, NonFinite, ParamGroup, Settings, StateFormat, StepError, StepReport,
+    Value,
 };
+
+/// The traits a trainer calls: `use fusedopt::prelude::*;`.
+///
+/// ```
+/// use fusedopt::prelude::*;
+/// let mut opt = fusedopt::Sgd::new(fusedopt::SgdConfig { lr: 0.5, ..Default::default() });
+/// let mut weights = [vec![1.0f32; 2]];
+/// opt.step_all(&mut weights, &[vec![1.0f32; 2]])?;
+/// assert_eq!((opt.steps(), &weights[0][..]), (1, &[0.5f32, 0.5][..]));
+/// # Ok::<(), fusedopt::StepError>(())
+/// ```
+pub mod prelude {
+    pub use crate::{Optimizer, OptimizerExt};
+}
 
 /// The README's code blocks, compiled and run as doctests.
 #[cfg(doctest)]

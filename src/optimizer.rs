@@ -3,11 +3,14 @@
 //! [`crate::engine`] and [`crate::types`].
 
 use crate::checkpoint::{self, StateError};
+use crate::engine::chunk_len_for;
 use crate::engine::{
     Lists, Pairs, PartialLists, TensorFeed, TensorSource, TypedLists, TypedPartialLists,
 };
 use crate::optim::{Fused, Rule};
-use crate::types::{Backend, Element, NonFinite, ParamGroup, StateFormat, StepError, StepReport};
+use crate::types::{
+    Backend, Element, NonFinite, ParamGroup, Settings, StateFormat, StepError, StepReport,
+};
 use core::any::Any;
 use core::marker::PhantomData;
 use std::path::Path;
@@ -49,23 +52,17 @@ const MASTER: &str = "master";
 ///     }
 ///     // ... every other method ...
 /// #   fn step_many(&mut self, _: &mut [(&mut [f32], &[f32])]) -> Result<StepReport, StepError> { todo!() }
-/// #   fn set_backend(&mut self, _: Backend) {}
-/// #   fn backend(&self) -> Backend { Backend::Simd }
-/// #   fn set_chunk_len(&mut self, _: usize) {}
-/// #   fn chunk_len(&self) -> usize { 0 }
+/// #   fn settings(&self) -> &Settings { todo!() }
+/// #   fn set_settings(&mut self, _: Settings) -> Result<(), StepError> { Ok(()) }
 /// #   fn steps(&self) -> u64 { 0 }
 /// #   fn layout(&self) -> Option<&[usize]> { None }
 /// #   fn tensor_steps(&self) -> &[u64] { &[] }
 /// #   fn set_tensor_names(&mut self, _: &[&str]) -> Result<(), StepError> { Ok(()) }
 /// #   fn tensor_names(&self) -> &[String] { &[] }
-/// #   fn set_threads(&mut self, _: usize) -> Result<(), StepError> { Ok(()) }
-/// #   fn threads(&self) -> usize { 0 }
 /// #   fn step_feed(&mut self, _: &dyn TensorFeed) -> Result<StepReport, StepError> { todo!() }
 /// #   fn state_buffers(&self) -> usize { 0 }
 /// #   fn state_names(&self) -> Vec<&'static str> { Vec::new() }
 /// #   fn state_bytes(&self) -> usize { 0 }
-/// #   fn set_state_format(&mut self, _: StateFormat) -> Result<(), StepError> { Ok(()) }
-/// #   fn state_format(&self) -> StateFormat { StateFormat::F32 }
 /// #   fn tensor_state(&self, _: &str, _: usize) -> Option<&[f32]> { None }
 /// #   fn tensor_state_mut(&mut self, _: &str, _: usize) -> Option<&mut [f32]> { None }
 /// #   fn read_tensor_state(&self, _: &str, _: usize) -> Option<Vec<f32>> { None }
@@ -76,14 +73,6 @@ const MASTER: &str = "master";
 /// #   fn set_lr(&mut self, _: f32) {}
 /// #   fn set_param_groups(&mut self, _: &[ParamGroup]) -> Result<(), StepError> { Ok(()) }
 /// #   fn param_groups(&self) -> &[ParamGroup] { &[] }
-/// #   fn set_grad_scale(&mut self, _: f32) {}
-/// #   fn grad_scale(&self) -> f32 { 1.0 }
-/// #   fn set_max_grad_norm(&mut self, _: Option<f32>) {}
-/// #   fn max_grad_norm(&self) -> Option<f32> { None }
-/// #   fn set_non_finite(&mut self, _: NonFinite) {}
-/// #   fn non_finite(&self) -> NonFinite { NonFinite::Propagate }
-/// #   fn save_state(&self, _: &std::path::Path) -> Result<(), StateError> { Ok(()) }
-/// #   fn load_state(&mut self, _: &std::path::Path) -> Result<(), StateError> { Ok(()) }
 /// #   fn reset(&mut self) {}
 /// }
 /// ```
@@ -119,8 +108,7 @@ pub trait Optimizer: sealed::Sealed + Send {
     /// # Errors
     /// [`StepError::LengthMismatch`] if `grads.len() != weights.len()`; [`StepError::TensorLen`]
     /// or [`StepError::TensorCount`] if the optimizer state was created for another layout;
-    /// [`StepError::InvalidConfig`] for an out-of-range hyperparameter, loss scale or clipping
-    /// norm; [`StepError::InvalidGroup`] or [`StepError::GroupCount`] for parameter groups that do
+    /// [`StepError::InvalidConfig`] for an out-of-range hyperparameter; [`StepError::InvalidGroup`] or [`StepError::GroupCount`] for parameter groups that do
     /// not fit; [`StepError::NonFiniteGrad`] for a NaN or infinite gradient under
     /// [`NonFinite::Error`]; [`StepError::OutOfMemory`] if the first step cannot allocate the
     /// state. On error neither the weights nor the optimizer state are modified. A step skipped
@@ -152,6 +140,39 @@ pub trait Optimizer: sealed::Sealed + Send {
     /// tensor of the call and no optimizer state is modified.
     fn step_many(&mut self, params: &mut [(&mut [f32], &[f32])]) -> Result<StepReport, StepError>;
 
+    /// The settings of later steps: kernels, chunk length, threads, state format and gradient
+    /// hygiene ([`Settings`]); always valid.
+    ///
+    /// ```
+    /// use fusedopt::{Optimizer, Settings, Sgd, SgdConfig};
+    /// assert_eq!(Sgd::new(SgdConfig::default()).settings(), &Settings::default());
+    /// ```
+    fn settings(&self) -> &Settings;
+
+    /// Replaces the settings of later steps, checked in full before anything changes (the one
+    /// place settings are checked: the per-setting methods such as
+    /// [`set_grad_scale`](Optimizer::set_grad_scale) go through it). A chunk length other than 0
+    /// is rounded up to a multiple of 16; a new thread count starts the optimizer's pool.
+    ///
+    /// ```
+    /// use fusedopt::{Adam, AdamConfig, Optimizer, StateFormat, StepError};
+    /// let mut opt = Adam::new(AdamConfig::default());
+    /// opt.set_settings(opt.settings().with_chunk_len(1000).with_threads(2))?;
+    /// assert_eq!((opt.settings().chunk_len, opt.threads()), (1008, 2));
+    ///
+    /// opt.step(&mut [0.0; 4], &[1.0; 4])?; // f32 state from now on
+    /// let q8 = opt.settings().with_state_format(StateFormat::Q8).with_threads(1);
+    /// assert!(matches!(opt.set_settings(q8), Err(StepError::StateFormat { .. })));
+    /// assert_eq!(opt.threads(), 2); // nothing changed
+    /// # Ok::<(), StepError>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`StepError::InvalidSetting`] for a value out of range ([`Settings::validate`]);
+    /// [`StepError::StateFormat`] for another state format than that of the state held;
+    /// [`StepError::ThreadPool`] if the pool cannot be started. Nothing changes on error.
+    fn set_settings(&mut self, settings: Settings) -> Result<(), StepError>;
+
     /// Chooses the kernels of later steps. All backends give bitwise identical results.
     ///
     /// ```
@@ -160,7 +181,12 @@ pub trait Optimizer: sealed::Sealed + Send {
     /// opt.set_backend(Backend::Level(SimdLevel::Portable));
     /// assert_eq!(opt.backend().level(), SimdLevel::Portable);
     /// ```
-    fn set_backend(&mut self, backend: Backend);
+    fn set_backend(&mut self, backend: Backend) {
+        let settings = self.settings().with_backend(backend);
+        // Only this setting changes, and every value of it is valid: this cannot fail.
+        let changed = self.set_settings(settings);
+        debug_assert!(changed.is_ok(), "{changed:?}");
+    }
 
     /// The backend set by [`set_backend`](Optimizer::set_backend) ([`Backend::Simd`] by default).
     ///
@@ -168,7 +194,9 @@ pub trait Optimizer: sealed::Sealed + Send {
     /// use fusedopt::{Backend, Optimizer, Sgd, SgdConfig};
     /// assert_eq!(Sgd::new(SgdConfig::default()).backend(), Backend::Simd);
     /// ```
-    fn backend(&self) -> Backend;
+    fn backend(&self) -> Backend {
+        self.settings().backend
+    }
 
     /// Sets how many elements one task of a step covers (the unit of work handed to a thread).
     ///
@@ -184,7 +212,12 @@ pub trait Optimizer: sealed::Sealed + Send {
     /// opt.set_chunk_len(0); // the default again (DEFAULT_CHUNK_LEN unless a Tuning says otherwise)
     /// assert_eq!(opt.chunk_len() % 16, 0);
     /// ```
-    fn set_chunk_len(&mut self, len: usize);
+    fn set_chunk_len(&mut self, len: usize) {
+        let settings = self.settings().with_chunk_len(len);
+        // Only this setting changes, and every value of it is valid: this cannot fail.
+        let changed = self.set_settings(settings);
+        debug_assert!(changed.is_ok(), "{changed:?}");
+    }
 
     /// The effective chunk length, in elements.
     ///
@@ -193,7 +226,9 @@ pub trait Optimizer: sealed::Sealed + Send {
     /// let default = Tuning::installed().chunk_len_for("sgd").unwrap_or(fusedopt::DEFAULT_CHUNK_LEN);
     /// assert_eq!(Sgd::new(SgdConfig::default()).chunk_len(), default);
     /// ```
-    fn chunk_len(&self) -> usize;
+    fn chunk_len(&self) -> usize {
+        chunk_len_for(self.name(), self.settings())
+    }
 
     /// How many steps have been applied (refused steps do not count).
     ///
@@ -307,7 +342,9 @@ pub trait Optimizer: sealed::Sealed + Send {
     /// # Errors
     /// [`StepError::StateFormat`] if the optimizer holds state in another format; nothing
     /// changes.
-    fn set_state_format(&mut self, format: StateFormat) -> Result<(), StepError>;
+    fn set_state_format(&mut self, format: StateFormat) -> Result<(), StepError> {
+        self.set_settings(self.settings().with_state_format(format))
+    }
 
     /// The format new state is created in ([`set_state_format`](Optimizer::set_state_format)).
     ///
@@ -315,7 +352,9 @@ pub trait Optimizer: sealed::Sealed + Send {
     /// use fusedopt::{Optimizer, Sgd, SgdConfig, StateFormat};
     /// assert_eq!(Sgd::new(SgdConfig::default()).state_format(), StateFormat::F32);
     /// ```
-    fn state_format(&self) -> StateFormat;
+    fn state_format(&self) -> StateFormat {
+        self.settings().state_format
+    }
 
     /// Tensor `tensor`'s values in the state buffer called `buffer` (see
     /// [`state_names`](Optimizer::state_names)), or `None` if the optimizer holds no such
@@ -544,7 +583,9 @@ pub trait Optimizer: sealed::Sealed + Send {
     ///
     /// # Errors
     /// [`StepError::ThreadPool`] if the pool cannot be started; the previous setting stays.
-    fn set_threads(&mut self, threads: usize) -> Result<(), StepError>;
+    fn set_threads(&mut self, threads: usize) -> Result<(), StepError> {
+        self.set_settings(self.settings().with_threads(threads))
+    }
 
     /// The thread count set by [`set_threads`](Optimizer::set_threads); 0 for the caller's pool.
     ///
@@ -552,7 +593,9 @@ pub trait Optimizer: sealed::Sealed + Send {
     /// use fusedopt::{Optimizer, Sgd, SgdConfig};
     /// assert_eq!(Sgd::new(SgdConfig::default()).threads(), 0);
     /// ```
-    fn threads(&self) -> usize;
+    fn threads(&self) -> usize {
+        self.settings().threads
+    }
 
     /// Applies one update to a model whose tensors `feed` lends one at a time (see
     /// [`TensorFeed`]), with bitwise the results of [`step_many`](Optimizer::step_many) over the
@@ -580,19 +623,26 @@ pub trait Optimizer: sealed::Sealed + Send {
     /// Sets the loss scale of later steps (default 1): the kernels divide every gradient by it as
     /// they read it, so a mixed-precision trainer passes its scaled gradients unchanged. A
     /// power-of-two scale (what dynamic loss scalers use) is applied as an exact multiplication by
-    /// its reciprocal, which gives the same bits as the division. Must be finite and `> 0`; the
-    /// next step refuses another value with [`StepError::InvalidConfig`].
+    /// its reciprocal, which gives the same bits as the division. Shorthand for
+    /// [`set_settings`](Optimizer::set_settings) with [`Settings::with_grad_scale`].
     ///
     /// ```
     /// use fusedopt::{Optimizer, Sgd, SgdConfig};
     /// let mut opt = Sgd::new(SgdConfig { lr: 1.0, ..Default::default() });
-    /// opt.set_grad_scale(1024.0);
+    /// opt.set_grad_scale(1024.0)?;
     /// let mut w = [1.0f32];
     /// opt.step(&mut w, &[512.0])?; // the true gradient is 0.5
     /// assert_eq!(w, [0.5]);
+    /// assert!(opt.set_grad_scale(0.0).is_err());
+    /// assert_eq!(opt.grad_scale(), 1024.0);
     /// # Ok::<(), fusedopt::StepError>(())
     /// ```
-    fn set_grad_scale(&mut self, scale: f32);
+    ///
+    /// # Errors
+    /// [`StepError::InvalidSetting`] unless `scale` is finite and `> 0`; nothing changes then.
+    fn set_grad_scale(&mut self, scale: f32) -> Result<(), StepError> {
+        self.set_settings(self.settings().with_grad_scale(scale))
+    }
 
     /// The loss scale set by [`set_grad_scale`](Optimizer::set_grad_scale) (1 by default).
     ///
@@ -600,26 +650,35 @@ pub trait Optimizer: sealed::Sealed + Send {
     /// use fusedopt::{Adam, AdamConfig, Optimizer};
     /// assert_eq!(Adam::new(AdamConfig::default()).grad_scale(), 1.0);
     /// ```
-    fn grad_scale(&self) -> f32;
+    fn grad_scale(&self) -> f32 {
+        self.settings().grad_scale
+    }
 
     /// Clips later steps by global norm (`None`, the default, does not clip): the L2 norm of all
     /// gradients of the call (`step` or `step_many`), taken on unscaled gradients, gives the
     /// coefficient `min(1, max / (norm + 1e-6))` of `torch.nn.utils.clip_grad_norm_`, applied
     /// inside the update kernel. The norm costs one extra read of the gradients; its sum runs in
-    /// a fixed order, so its bits do not depend on threads or chunk length. `max` must be finite
-    /// and `>= 0`; the next step refuses another value with [`StepError::InvalidConfig`].
+    /// a fixed order, so its bits do not depend on threads or chunk length. `0` zeroes every
+    /// update, as torch's does. Shorthand for [`set_settings`](Optimizer::set_settings) with
+    /// [`Settings::with_max_grad_norm`].
     ///
     /// ```
     /// use fusedopt::{Optimizer, Sgd, SgdConfig};
     /// let mut opt = Sgd::new(SgdConfig { lr: 1.0, ..Default::default() });
-    /// opt.set_max_grad_norm(Some(1.0));
+    /// opt.set_max_grad_norm(Some(1.0))?;
     /// let mut w = [0.0f32; 2];
     /// let report = opt.step(&mut w, &[3.0, 4.0])?; // norm 5: scaled to norm 1
     /// assert_eq!(report.grad_norm, Some(5.0));
     /// assert!((w[0] + 0.6).abs() < 1e-6 && (w[1] + 0.8).abs() < 1e-6);
     /// # Ok::<(), fusedopt::StepError>(())
     /// ```
-    fn set_max_grad_norm(&mut self, max: Option<f32>);
+    ///
+    /// # Errors
+    /// [`StepError::InvalidSetting`] unless `max` is `None` or finite and `>= 0`; nothing
+    /// changes then.
+    fn set_max_grad_norm(&mut self, max: Option<f32>) -> Result<(), StepError> {
+        self.set_settings(self.settings().with_max_grad_norm(max))
+    }
 
     /// The clipping norm set by [`set_max_grad_norm`](Optimizer::set_max_grad_norm).
     ///
@@ -627,7 +686,9 @@ pub trait Optimizer: sealed::Sealed + Send {
     /// use fusedopt::{Adam, AdamConfig, Optimizer};
     /// assert_eq!(Adam::new(AdamConfig::default()).max_grad_norm(), None);
     /// ```
-    fn max_grad_norm(&self) -> Option<f32>;
+    fn max_grad_norm(&self) -> Option<f32> {
+        self.settings().max_grad_norm
+    }
 
     /// Chooses what later steps do with a NaN or an infinity in a gradient ([`NonFinite`]). The
     /// check shares the norm pass of clipping.
@@ -645,7 +706,12 @@ pub trait Optimizer: sealed::Sealed + Send {
     /// assert_eq!((opt.steps(), w), (0, [1.0, 2.0]));
     /// # Ok::<(), fusedopt::StepError>(())
     /// ```
-    fn set_non_finite(&mut self, policy: NonFinite);
+    fn set_non_finite(&mut self, policy: NonFinite) {
+        let settings = self.settings().with_non_finite(policy);
+        // Only this setting changes, and every value of it is valid: this cannot fail.
+        let changed = self.set_settings(settings);
+        debug_assert!(changed.is_ok(), "{changed:?}");
+    }
 
     /// The policy set by [`set_non_finite`](Optimizer::set_non_finite).
     ///
@@ -653,7 +719,9 @@ pub trait Optimizer: sealed::Sealed + Send {
     /// use fusedopt::{NonFinite, Optimizer, Sgd, SgdConfig};
     /// assert_eq!(Sgd::new(SgdConfig::default()).non_finite(), NonFinite::Propagate);
     /// ```
-    fn non_finite(&self) -> NonFinite;
+    fn non_finite(&self) -> NonFinite {
+        self.settings().non_finite
+    }
 
     /// Saves the optimizer state to `path`: the state buffers, step count, layout, parameter
     /// groups and hyperparameters, as a safetensors file with a checksum. The write is atomic: a
@@ -688,7 +756,29 @@ pub trait Optimizer: sealed::Sealed + Send {
     /// # Errors
     /// [`StateError::Io`] if the file cannot be written, synced or renamed; any previous file at
     /// `path` is then left intact.
-    fn save_state(&self, path: &Path) -> Result<(), StateError>;
+    fn save_state(&self, path: &Path) -> Result<(), StateError> {
+        self.save_to(Some(path)).map(drop)
+    }
+
+    /// The bytes of the state file [`save_state`](Optimizer::save_state) writes, for a caller
+    /// that keeps or sends state itself (Python's `copy` and `pickle`).
+    ///
+    /// ```
+    /// use fusedopt::{Adam, AdamConfig, Optimizer};
+    /// let mut opt = Adam::new(AdamConfig::default());
+    /// opt.step(&mut [1.0f32; 3], &[0.5; 3])?;
+    /// let bytes = opt.save_state_bytes()?;
+    /// let mut copy = Adam::new(AdamConfig::default());
+    /// copy.load_state_bytes(&bytes)?;
+    /// assert_eq!((copy.steps(), copy.tensor_state("m", 0)), (1, opt.tensor_state("m", 0)));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`StateError::Io`] if the state cannot be serialized.
+    fn save_state_bytes(&self) -> Result<Vec<u8>, StateError> {
+        self.save_to(None).map(Option::unwrap_or_default)
+    }
 
     /// Replaces the optimizer state with the one saved at `path` by
     /// [`save_state`](Optimizer::save_state): state buffers, step count, layout, parameter
@@ -716,7 +806,25 @@ pub trait Optimizer: sealed::Sealed + Send {
     /// optimizer kind; [`StateError::Layout`] if the optimizer already holds state for another
     /// layout; [`StateError::Config`] for out-of-range hyperparameters;
     /// [`StateError::OutOfMemory`].
-    fn load_state(&mut self, path: &Path) -> Result<(), StateError>;
+    fn load_state(&mut self, path: &Path) -> Result<(), StateError> {
+        self.load_from(path, &checkpoint::read(path)?)
+    }
+
+    /// [`load_state`](Optimizer::load_state) from the bytes of a state file
+    /// ([`save_state_bytes`](Optimizer::save_state_bytes)); errors name the source
+    /// `<state bytes>`.
+    ///
+    /// ```
+    /// use fusedopt::{Optimizer, Sgd, SgdConfig};
+    /// let mut opt = Sgd::new(SgdConfig::default());
+    /// assert!(opt.load_state_bytes(b"not a state file").is_err());
+    /// ```
+    ///
+    /// # Errors
+    /// As [`load_state`](Optimizer::load_state), but for [`StateError::Io`].
+    fn load_state_bytes(&mut self, bytes: &[u8]) -> Result<(), StateError> {
+        self.load_from(Path::new(checkpoint::IN_MEMORY), bytes)
+    }
 
     /// Forgets all state and the step count, as if newly built; settings are kept.
     ///
@@ -743,6 +851,10 @@ pub(crate) mod sealed {
         fn rule_config(&self) -> &dyn Any;
         /// The rule's configuration, for `OptimizerConfig` to replace.
         fn rule_config_mut(&mut self) -> &mut dyn Any;
+        /// Writes the state file to `path`, or returns its bytes when `path` is `None`.
+        fn save_to(&self, path: Option<&Path>) -> Result<Option<Vec<u8>>, StateError>;
+        /// Loads the state file `bytes`, read from `path` (for errors).
+        fn load_from(&mut self, path: &Path, bytes: &[u8]) -> Result<(), StateError>;
     }
 }
 
@@ -756,26 +868,40 @@ impl<R: Rule> sealed::Sealed for Fused<R> {
     fn rule_config_mut(&mut self) -> &mut dyn Any {
         &mut self.config
     }
+    fn save_to(&self, path: Option<&Path>) -> Result<Option<Vec<u8>>, StateError> {
+        let engine = &self.engine;
+        let parts = (&self.config, engine.state(), engine.param_groups());
+        let names = engine.tensor_names();
+        match path {
+            Some(path) => checkpoint::save(path, parts.0, parts.1, parts.2, names).map(|()| None),
+            None => checkpoint::save_bytes(parts.0, parts.1, parts.2, names).map(Some),
+        }
+    }
+    fn load_from(&mut self, path: &Path, bytes: &[u8]) -> Result<(), StateError> {
+        let engine = &self.engine;
+        let format = engine.settings().state_format;
+        let (layout, names) = (engine.layout(), engine.tensor_names());
+        let loaded = checkpoint::load::<R>(path, bytes, layout, names, format)?;
+        // Everything is checked: apply.
+        self.config = loaded.config;
+        self.engine
+            .restore(loaded.state, &loaded.groups, loaded.names);
+        Ok(())
+    }
 }
 
 impl<R: Rule> Optimizer for Fused<R> {
     fn name(&self) -> &'static str {
         R::NAME
     }
+    fn settings(&self) -> &Settings {
+        self.engine.settings()
+    }
+    fn set_settings(&mut self, settings: Settings) -> Result<(), StepError> {
+        self.engine.set_settings(settings)
+    }
     fn step_many(&mut self, params: &mut [(&mut [f32], &[f32])]) -> Result<StepReport, StepError> {
         self.step_source(&mut Pairs(params))
-    }
-    fn set_backend(&mut self, backend: Backend) {
-        self.engine.settings.backend = backend;
-    }
-    fn backend(&self) -> Backend {
-        self.engine.settings.backend
-    }
-    fn set_chunk_len(&mut self, len: usize) {
-        self.engine.set_chunk_len(len);
-    }
-    fn chunk_len(&self) -> usize {
-        self.engine.chunk_len()
     }
     fn steps(&self) -> u64 {
         self.engine.state().steps
@@ -791,12 +917,6 @@ impl<R: Rule> Optimizer for Fused<R> {
     }
     fn tensor_names(&self) -> &[String] {
         self.engine.tensor_names()
-    }
-    fn set_threads(&mut self, threads: usize) -> Result<(), StepError> {
-        self.engine.set_threads(threads)
-    }
-    fn threads(&self) -> usize {
-        self.engine.settings.threads
     }
     fn step_feed(&mut self, feed: &dyn TensorFeed) -> Result<StepReport, StepError> {
         self.step_fed(feed)
@@ -817,12 +937,6 @@ impl<R: Rule> Optimizer for Fused<R> {
         let master = state.master.as_ref().map_or(0, |m| m.len());
         let words: usize = state.buffers.iter().map(|b| b.len()).sum();
         (words + master) * size_of::<f32>()
-    }
-    fn set_state_format(&mut self, format: StateFormat) -> Result<(), StepError> {
-        self.engine.set_state_format(format)
-    }
-    fn state_format(&self) -> StateFormat {
-        self.engine.settings.state_format
     }
     fn tensor_state(&self, buffer: &str, tensor: usize) -> Option<&[f32]> {
         if buffer == MASTER {
@@ -878,109 +992,111 @@ impl<R: Rule> Optimizer for Fused<R> {
     fn param_groups(&self) -> &[ParamGroup] {
         self.engine.param_groups()
     }
-    fn set_grad_scale(&mut self, scale: f32) {
-        self.engine.settings.grad_scale = scale;
-    }
-    fn grad_scale(&self) -> f32 {
-        self.engine.settings.grad_scale
-    }
-    fn set_max_grad_norm(&mut self, max: Option<f32>) {
-        self.engine.settings.max_grad_norm = max;
-    }
-    fn max_grad_norm(&self) -> Option<f32> {
-        self.engine.settings.max_grad_norm
-    }
-    fn set_non_finite(&mut self, policy: NonFinite) {
-        self.engine.settings.non_finite = policy;
-    }
-    fn non_finite(&self) -> NonFinite {
-        self.engine.settings.non_finite
-    }
-    fn save_state(&self, path: &Path) -> Result<(), StateError> {
-        let engine = &self.engine;
-        let (groups, names) = (engine.param_groups(), engine.tensor_names());
-        checkpoint::save(path, &self.config, engine.state(), groups, names)
-    }
-    fn load_state(&mut self, path: &Path) -> Result<(), StateError> {
-        let engine = &self.engine;
-        let format = engine.settings.state_format;
-        let loaded = checkpoint::load::<R>(path, engine.layout(), engine.tensor_names(), format)?;
-        // Everything is checked: apply.
-        self.config = loaded.config;
-        self.engine
-            .restore(loaded.state, &loaded.groups, loaded.names);
-        Ok(())
-    }
     fn reset(&mut self) {
         self.engine.reset();
     }
 }
 
-impl dyn Optimizer + '_ {
-    /// [`Fused::step_all`] for a `dyn Optimizer`: one update of a whole model held as two lists,
-    /// weights and gradients, bitwise the same as [`step_many`](Optimizer::step_many) over their
-    /// pairs, allocating nothing after the first call (with up to 32 distinct parameter groups).
+/// The steps over a whole model held as lists, for every [`Optimizer`] (a blanket
+/// implementation: [`Fused`] and `dyn Optimizer` alike). Its methods are generic over how the
+/// caller holds its tensors (`Vec<f32>`, `Box<[f32]>`, `&mut [f32]` and `&[f32]`, ...) and their
+/// element types, so they cannot be methods of the object-safe [`Optimizer`] itself. Bring it
+/// into scope with `use fusedopt::OptimizerExt` (or `use fusedopt::prelude::*`).
+///
+/// ```
+/// use fusedopt::{Optimizer, OptimizerConfig, OptimizerExt};
+/// let mut opt: Box<dyn Optimizer> = "momentum:lr=0.1".parse::<OptimizerConfig>()?.build();
+/// let mut weights = vec![vec![1.0f32; 4], vec![2.0f32; 2]];
+/// let grads = vec![vec![1.0f32; 4], vec![1.0f32; 2]];
+/// opt.step_all(&mut weights, &grads)?;
+/// assert_eq!(weights, [vec![0.9f32; 4], vec![1.9f32; 2]]);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub trait OptimizerExt: Optimizer {
+    /// Applies one update to a whole model held as two lists, weights and gradients, in one
+    /// parallel dispatch: bitwise the same as [`step_many`](Optimizer::step_many) over their
+    /// pairs. After the first call, a call allocates nothing (with up to 32 distinct
+    /// [parameter groups](Optimizer::set_param_groups)).
     ///
     /// ```
-    /// use fusedopt::{Optimizer, OptimizerConfig};
-    /// let mut opt: Box<dyn Optimizer> = "momentum:lr=0.1".parse::<OptimizerConfig>()?.build();
-    /// let mut weights = vec![vec![1.0f32; 4], vec![2.0f32; 2]];
-    /// let grads = vec![vec![1.0f32; 4], vec![1.0f32; 2]];
+    /// use fusedopt::{Adam, AdamConfig, OptimizerExt};
+    /// let mut weights = vec![vec![1.0f32; 3], vec![1.0f32; 5]];
+    /// let grads = vec![vec![0.5f32; 3], vec![-0.5f32; 5]];
+    /// let mut opt = Adam::new(AdamConfig::default());
     /// opt.step_all(&mut weights, &grads)?;
-    /// assert_eq!(weights, [vec![0.9f32; 4], vec![1.9f32; 2]]);
-    /// # Ok::<(), Box<dyn std::error::Error>>(())
-    /// ```
+    /// assert!(weights[0][0] < 1.0 && weights[1][0] > 1.0);
     ///
-    /// A generic `O: Optimizer` reaches it as a `dyn Optimizer`:
-    /// `(opt as &mut dyn Optimizer).step_all(..)`.
+    /// // A missing gradient is refused, and nothing changes.
+    /// let before = weights.clone();
+    /// assert!(opt.step_all(&mut weights, &grads[..1]).is_err());
+    /// assert_eq!(weights, before);
+    /// # Ok::<(), fusedopt::StepError>(())
+    /// ```
     ///
     /// # Errors
-    /// As [`Fused::step_all`].
-    pub fn step_all<W: AsMut<[f32]>, G: AsRef<[f32]>>(
+    /// [`StepError::GradCount`] if `grads` holds another number of tensors than `weights`; then
+    /// as [`step_many`](Optimizer::step_many). On error no tensor and no state is modified.
+    fn step_all<W: AsMut<[f32]>, G: AsRef<[f32]>>(
         &mut self,
         weights: &mut [W],
         grads: &[G],
     ) -> Result<StepReport, StepError> {
-        sealed::Sealed::step_source(self, &mut Lists { weights, grads })
+        self.step_source(&mut Lists { weights, grads })
     }
 
-    /// [`Fused::step_partial`] for a `dyn Optimizer`: `step_all` where a tensor whose gradient
-    /// is `None` has none this step.
+    /// Like [`step_all`](OptimizerExt::step_all), where a tensor whose gradient is `None` has
+    /// none this step: its weights and state are left alone and it does not count the step (it
+    /// keeps its own step count, [`tensor_steps`](Optimizer::tensor_steps), which Adam's bias
+    /// correction uses). Bitwise the same as stepping the other tensors alone.
     ///
     /// ```
-    /// use fusedopt::{Optimizer, OptimizerConfig};
-    /// let mut opt: Box<dyn Optimizer> = "sgd:lr=0.5".parse::<OptimizerConfig>()?.build();
-    /// let mut weights = [vec![1.0f32; 2], vec![1.0f32; 2]];
-    /// opt.step_partial(&mut weights, &[None, Some([1.0f32; 2])])?;
-    /// assert_eq!(weights, [vec![1.0; 2], vec![0.5; 2]]);
-    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// use fusedopt::{Adam, AdamConfig, Optimizer, OptimizerExt};
+    /// let mut opt = Adam::new(AdamConfig::default());
+    /// let mut weights = vec![vec![1.0f32; 3], vec![1.0f32; 2]];
+    /// opt.step_partial(&mut weights, &[Some(vec![0.5f32; 3]), None])?;
+    /// opt.step_partial(&mut weights, &[Some(vec![0.5f32; 3]), Some(vec![0.5f32; 2])])?;
+    /// assert_eq!(opt.tensor_steps(), [2, 1]); // the second tensor's first step used t = 1
+    /// # Ok::<(), fusedopt::StepError>(())
     /// ```
     ///
     /// # Errors
-    /// As [`Fused::step_all`].
-    pub fn step_partial<W: AsMut<[f32]>, G: AsRef<[f32]>>(
+    /// As [`step_all`](OptimizerExt::step_all).
+    fn step_partial<W: AsMut<[f32]>, G: AsRef<[f32]>>(
         &mut self,
         weights: &mut [W],
         grads: &[Option<G>],
     ) -> Result<StepReport, StepError> {
-        sealed::Sealed::step_source(self, &mut PartialLists { weights, grads })
+        self.step_source(&mut PartialLists { weights, grads })
     }
 
-    /// [`Fused::step_typed`] for a `dyn Optimizer`: weights and gradients of any [`Element`]
-    /// type (half-precision gradients; half-precision weights with `f32` master weights).
+    /// [`step`](Optimizer::step) with weights and gradients of any [`Element`] type:
+    /// bfloat16 or half-precision gradients are read as their exact `f32` values (bitwise the
+    /// step over `f32` copies of them). Half-precision weights are *master-weight* training: the
+    /// optimizer keeps an `f32` copy of them in its state (taken from them at the tensor's first
+    /// half-precision step, and again after a step with `f32` weights), updates it, and writes it
+    /// back rounded to nearest even, in the same pass.
     ///
     /// ```
-    /// use fusedopt::{Optimizer, OptimizerConfig, half::bf16};
-    /// let mut opt: Box<dyn Optimizer> = "sgd:lr=0.5".parse::<OptimizerConfig>()?.build();
-    /// let mut w = [bf16::ONE; 2];
-    /// opt.step_typed(&mut w, &[bf16::ONE; 2])?;
-    /// assert_eq!(w, [bf16::from_f32(0.5); 2]);
-    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// use fusedopt::{Adam, AdamConfig, OptimizerExt, half::bf16};
+    /// let mut opt = Adam::new(AdamConfig { lr: 1e-4, ..AdamConfig::default() });
+    /// let mut w = vec![bf16::from_f32(1.0); 4];
+    /// let g = vec![bf16::from_f32(0.5); 4];
+    /// for _ in 0..3 {
+    ///     opt.step_typed(&mut w, &g)?;
+    /// }
+    /// // Each step moves the master weights by 1e-4, far below a bf16 ulp under 1.0 (2^-8): the
+    /// // bf16 weights round back to 1.0 while the master weights keep every step.
+    /// assert_eq!(w[0], bf16::from_f32(1.0));
+    /// for _ in 0..27 {
+    ///     opt.step_typed(&mut w, &g)?;
+    /// }
+    /// assert_eq!(w[0], bf16::from_f32(0.99609375)); // 1 - 3e-3, rounded to a bf16
+    /// # Ok::<(), fusedopt::StepError>(())
     /// ```
     ///
     /// # Errors
-    /// As [`Optimizer::step`].
-    pub fn step_typed<E: Element, F: Element>(
+    /// As [`step`](Optimizer::step).
+    fn step_typed<E: Element, F: Element>(
         &mut self,
         weights: &mut [E],
         grads: &[F],
@@ -988,61 +1104,61 @@ impl dyn Optimizer + '_ {
         self.step_all_typed(&mut [weights], &[grads])
     }
 
-    /// [`Fused::step_all_typed`] for a `dyn Optimizer`.
+    /// [`step_all`](OptimizerExt::step_all) with weights and gradients of any [`Element`] type
+    /// (see [`step_typed`](OptimizerExt::step_typed)).
     ///
     /// ```
-    /// use fusedopt::{Optimizer, OptimizerConfig, half::f16};
-    /// let mut opt: Box<dyn Optimizer> = "momentum:lr=0.1".parse::<OptimizerConfig>()?.build();
-    /// let mut weights = vec![vec![1.0f32; 4]];
-    /// opt.step_all_typed(&mut weights, &[vec![f16::ONE; 4]])?;
-    /// assert_eq!(weights, [vec![0.9f32; 4]]);
-    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// use fusedopt::{Adam, AdamConfig, OptimizerExt, half::f16};
+    /// let mut opt = Adam::new(AdamConfig::default());
+    /// let mut weights = vec![vec![1.0f32; 3], vec![1.0f32; 5]];
+    /// let grads = vec![vec![f16::from_f32(0.5); 3], vec![f16::from_f32(-0.5); 5]];
+    /// opt.step_all_typed(&mut weights, &grads)?;
+    /// assert!(weights[0][0] < 1.0 && weights[1][0] > 1.0);
+    /// # Ok::<(), fusedopt::StepError>(())
     /// ```
     ///
     /// # Errors
-    /// As [`Fused::step_all`].
-    pub fn step_all_typed<E: Element, F: Element, W: AsMut<[E]>, G: AsRef<[F]>>(
+    /// As [`step_all`](OptimizerExt::step_all).
+    fn step_all_typed<E: Element, F: Element, W: AsMut<[E]>, G: AsRef<[F]>>(
         &mut self,
         weights: &mut [W],
         grads: &[G],
     ) -> Result<StepReport, StepError> {
         let types = PhantomData;
-        sealed::Sealed::step_source(
-            self,
-            &mut TypedLists {
-                weights,
-                grads,
-                types,
-            },
-        )
+        self.step_source(&mut TypedLists {
+            weights,
+            grads,
+            types,
+        })
     }
 
-    /// [`Fused::step_partial_typed`] for a `dyn Optimizer`.
+    /// [`step_partial`](OptimizerExt::step_partial) with weights and gradients of any
+    /// [`Element`] type (see [`step_typed`](OptimizerExt::step_typed)).
     ///
     /// ```
-    /// use fusedopt::{Optimizer, OptimizerConfig, half::bf16};
-    /// let mut opt: Box<dyn Optimizer> = "sgd:lr=0.5".parse::<OptimizerConfig>()?.build();
-    /// let mut weights = [vec![bf16::ONE; 2], vec![bf16::ONE; 2]];
-    /// opt.step_partial_typed(&mut weights, &[None, Some([bf16::ONE; 2])])?;
+    /// use fusedopt::{OptimizerExt, Sgd, SgdConfig, half::bf16};
+    /// let mut opt = Sgd::new(SgdConfig { lr: 0.5, ..SgdConfig::default() });
+    /// let mut weights = vec![vec![bf16::ONE; 2], vec![bf16::ONE; 2]];
+    /// opt.step_partial_typed(&mut weights, &[None, Some(vec![bf16::ONE; 2])])?;
     /// assert_eq!(weights[1], [bf16::from_f32(0.5); 2]);
-    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// assert_eq!(weights[0], [bf16::ONE; 2]);
+    /// # Ok::<(), fusedopt::StepError>(())
     /// ```
     ///
     /// # Errors
-    /// As [`Fused::step_all`].
-    pub fn step_partial_typed<E: Element, F: Element, W: AsMut<[E]>, G: AsRef<[F]>>(
+    /// As [`step_all`](OptimizerExt::step_all).
+    fn step_partial_typed<E: Element, F: Element, W: AsMut<[E]>, G: AsRef<[F]>>(
         &mut self,
         weights: &mut [W],
         grads: &[Option<G>],
     ) -> Result<StepReport, StepError> {
         let types = PhantomData;
-        sealed::Sealed::step_source(
-            self,
-            &mut TypedPartialLists {
-                weights,
-                grads,
-                types,
-            },
-        )
+        self.step_source(&mut TypedPartialLists {
+            weights,
+            grads,
+            types,
+        })
     }
 }
+
+impl<O: Optimizer + ?Sized> OptimizerExt for O {}

@@ -135,6 +135,44 @@ impl Dtype {
     }
 }
 
+impl Dtype {
+    /// The size of an element, in bytes.
+    ///
+    /// ```
+    /// assert_eq!((fusedopt::Dtype::F32.size(), fusedopt::Dtype::Bf16.size()), (4, 2));
+    /// ```
+    pub fn size(self) -> usize {
+        match self {
+            Dtype::F32 => 4,
+            Dtype::Bf16 | Dtype::F16 => 2,
+        }
+    }
+}
+
+/// Reads `f32`, `bf16` and `f16`, and numpy's and torch's names `float32`, `bfloat16` and
+/// `float16`.
+///
+/// ```
+/// use fusedopt::Dtype;
+/// assert_eq!("bfloat16".parse::<Dtype>(), Ok(Dtype::Bf16));
+/// assert!("float64".parse::<Dtype>().unwrap_err().contains("float64"));
+/// ```
+impl core::str::FromStr for Dtype {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s.trim() {
+            "f32" | "float32" => Dtype::F32,
+            "bf16" | "bfloat16" => Dtype::Bf16,
+            "f16" | "float16" => Dtype::F16,
+            other => {
+                return Err(format!(
+                    "dtype {other:?}: fusedopt steps float32, bfloat16 or float16 memory"
+                ));
+            }
+        })
+    }
+}
+
 impl fmt::Display for Dtype {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
@@ -239,6 +277,40 @@ impl core::str::FromStr for StateFormat {
     }
 }
 
+/// A hyperparameter's value, typed, as [`OptimizerConfig::value`](crate::OptimizerConfig::value)
+/// gives it and [`OptimizerConfig::set_value`](crate::OptimizerConfig::set_value) takes it: how
+/// bindings pass keyword arguments without going through text.
+///
+/// ```
+/// use fusedopt::{OptimizerConfig, Value};
+/// let config = OptimizerConfig::default_for("adam").unwrap();
+/// assert_eq!(config.value("beta1"), Some(Value::Number(0.9)));
+/// assert_eq!(config.value("amsgrad"), Some(Value::Bool(false)));
+/// assert_eq!(config.value("eps_mode"), Some(Value::Choice("sqrt_v".into())));
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum Value {
+    /// A number. Fields kept as `f32` round it to nearest.
+    Number(f64),
+    /// A flag.
+    Bool(bool),
+    /// One of a field's named choices, for example `"sqrt_v_hat"` for
+    /// [`EpsMode`](crate::EpsMode).
+    Choice(String),
+}
+
+impl fmt::Display for Value {
+    /// The value as configuration strings write it.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Value::Number(x) => write!(f, "{x}"),
+            Value::Bool(b) => write!(f, "{b}"),
+            Value::Choice(name) => f.write_str(name),
+        }
+    }
+}
+
 /// Why a step was refused. A refused step modifies neither the weights nor the optimizer state.
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
@@ -277,6 +349,15 @@ pub enum StepError {
         /// Its value.
         value: f32,
         /// The valid range, for example `"in [0, 1)"`.
+        expected: &'static str,
+    },
+    /// A setting ([`Settings`]) is out of its valid range.
+    InvalidSetting {
+        /// The setting, for example `"grad_scale"`.
+        field: &'static str,
+        /// Its value.
+        value: f32,
+        /// The valid range, for example `"finite and > 0"`.
         expected: &'static str,
     },
     /// A per-tensor override of
@@ -411,6 +492,11 @@ impl fmt::Display for StepError {
                     "{optimizer}: {field} = {value} is invalid, expected {expected}"
                 )
             }
+            StepError::InvalidSetting {
+                field,
+                value,
+                expected,
+            } => write!(f, "{field} = {value} is invalid, expected {expected}"),
             StepError::InvalidGroup {
                 tensor,
                 field,
@@ -497,23 +583,54 @@ impl Backend {
     }
 }
 
-/// The settings of an optimizer that are not hyperparameters of its rule: how steps run, and
-/// their gradient hygiene. Kept by [`reset`](crate::Optimizer::reset) and by loading a state file.
+/// How an optimizer's steps run, and their gradient hygiene: everything an optimizer is set to
+/// besides its rule's hyperparameters. One value, read with
+/// [`Optimizer::settings`](crate::Optimizer::settings) and replaced, checked in full, with
+/// [`Optimizer::set_settings`](crate::Optimizer::set_settings); the per-setting methods
+/// ([`set_grad_scale`](crate::Optimizer::set_grad_scale), ...) are shorthands for it. Settings are
+/// not state: [`reset`](crate::Optimizer::reset) and loading a state file keep them.
+///
+/// Build one from [`Settings::default`] with the `with_*` methods:
+///
+/// ```
+/// use fusedopt::{Adam, AdamConfig, NonFinite, Optimizer, Settings};
+/// let settings = Settings::default()
+///     .with_grad_scale(1024.0)
+///     .with_max_grad_norm(Some(1.0))
+///     .with_non_finite(NonFinite::Skip);
+/// let mut opt = Adam::new(AdamConfig::default());
+/// opt.set_settings(settings)?;
+/// assert_eq!(opt.settings(), &settings);
+/// assert_eq!(opt.grad_scale(), 1024.0);
+///
+/// // Out of range: refused, and nothing changes.
+/// assert!(opt.set_settings(settings.with_grad_scale(0.0)).is_err());
+/// assert_eq!(opt.settings(), &settings);
+/// # Ok::<(), fusedopt::StepError>(())
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub(crate) struct Settings {
-    /// Which kernels run.
+#[non_exhaustive]
+pub struct Settings {
+    /// Which kernels run (default [`Backend::Simd`]). Every backend gives the same bits.
     pub backend: Backend,
-    /// Requested chunk length; 0 means the (tuned) default.
+    /// Elements per task of a step, the unit of work handed to a thread; `0` (the default) for
+    /// the installed [`Tuning`](crate::Tuning)'s value or
+    /// [`DEFAULT_CHUNK_LEN`](crate::DEFAULT_CHUNK_LEN). Other values are rounded up to a
+    /// multiple of 16 when set. Results do not depend on it.
     pub chunk_len: usize,
-    /// Loss scale that every gradient is divided by.
+    /// The loss scale (default 1): every gradient is divided by it as the kernels read it.
+    /// Finite and `> 0`.
     pub grad_scale: f32,
-    /// Global-norm clipping threshold.
+    /// Global-norm clipping (default `None`: no clipping), as `torch.nn.utils.clip_grad_norm_`.
+    /// Finite and `>= 0` (`0` zeroes every update).
     pub max_grad_norm: Option<f32>,
-    /// What a NaN or infinite gradient does.
+    /// What a NaN or infinite gradient does (default [`NonFinite::Propagate`]).
     pub non_finite: NonFinite,
-    /// Threads of the optimizer's own pool; 0 runs steps on the caller's rayon pool.
+    /// Threads of the optimizer's own pool; `0` (the default) runs steps on the caller's rayon
+    /// pool.
     pub threads: usize,
-    /// The format new state is created in.
+    /// The format new state is created in (default [`StateFormat::F32`]); another format than
+    /// that of state already held is refused.
     pub state_format: StateFormat,
 }
 
@@ -528,5 +645,118 @@ impl Default for Settings {
             threads: 0,
             state_format: StateFormat::F32,
         }
+    }
+}
+
+impl Settings {
+    /// These settings with [`backend`](Settings::backend) `backend`.
+    ///
+    /// ```
+    /// use fusedopt::{Backend, Settings};
+    /// assert_eq!(Settings::default().with_backend(Backend::Scalar).backend, Backend::Scalar);
+    /// ```
+    #[must_use]
+    pub fn with_backend(self, backend: Backend) -> Self {
+        Settings { backend, ..self }
+    }
+
+    /// These settings with [`chunk_len`](Settings::chunk_len) `chunk_len`.
+    ///
+    /// ```
+    /// assert_eq!(fusedopt::Settings::default().with_chunk_len(4096).chunk_len, 4096);
+    /// ```
+    #[must_use]
+    pub fn with_chunk_len(self, chunk_len: usize) -> Self {
+        Settings { chunk_len, ..self }
+    }
+
+    /// These settings with [`grad_scale`](Settings::grad_scale) `grad_scale`.
+    ///
+    /// ```
+    /// assert_eq!(fusedopt::Settings::default().with_grad_scale(8.0).grad_scale, 8.0);
+    /// ```
+    #[must_use]
+    pub fn with_grad_scale(self, grad_scale: f32) -> Self {
+        Settings { grad_scale, ..self }
+    }
+
+    /// These settings with [`max_grad_norm`](Settings::max_grad_norm) `max_grad_norm`.
+    ///
+    /// ```
+    /// let s = fusedopt::Settings::default().with_max_grad_norm(Some(1.0));
+    /// assert_eq!(s.max_grad_norm, Some(1.0));
+    /// ```
+    #[must_use]
+    pub fn with_max_grad_norm(self, max_grad_norm: Option<f32>) -> Self {
+        Settings {
+            max_grad_norm,
+            ..self
+        }
+    }
+
+    /// These settings with [`non_finite`](Settings::non_finite) `non_finite`.
+    ///
+    /// ```
+    /// use fusedopt::{NonFinite, Settings};
+    /// assert_eq!(Settings::default().with_non_finite(NonFinite::Skip).non_finite, NonFinite::Skip);
+    /// ```
+    #[must_use]
+    pub fn with_non_finite(self, non_finite: NonFinite) -> Self {
+        Settings { non_finite, ..self }
+    }
+
+    /// These settings with [`threads`](Settings::threads) `threads`.
+    ///
+    /// ```
+    /// assert_eq!(fusedopt::Settings::default().with_threads(4).threads, 4);
+    /// ```
+    #[must_use]
+    pub fn with_threads(self, threads: usize) -> Self {
+        Settings { threads, ..self }
+    }
+
+    /// These settings with [`state_format`](Settings::state_format) `state_format`.
+    ///
+    /// ```
+    /// use fusedopt::{Settings, StateFormat};
+    /// assert_eq!(Settings::default().with_state_format(StateFormat::Q8).state_format, StateFormat::Q8);
+    /// ```
+    #[must_use]
+    pub fn with_state_format(self, state_format: StateFormat) -> Self {
+        Settings {
+            state_format,
+            ..self
+        }
+    }
+
+    /// Checks the ranges of the numeric settings: what
+    /// [`set_settings`](crate::Optimizer::set_settings) checks before anything else.
+    ///
+    /// ```
+    /// use fusedopt::{Settings, StepError};
+    /// assert!(Settings::default().validate().is_ok());
+    /// let err = Settings::default().with_max_grad_norm(Some(-1.0)).validate().unwrap_err();
+    /// assert!(matches!(err, StepError::InvalidSetting { field: "max_grad_norm", .. }));
+    /// assert_eq!(err.to_string(), "max_grad_norm = -1 is invalid, expected finite and >= 0");
+    /// ```
+    ///
+    /// # Errors
+    /// [`StepError::InvalidSetting`] naming the first setting out of range.
+    pub fn validate(&self) -> Result<(), StepError> {
+        let invalid = |field, value, expected| StepError::InvalidSetting {
+            field,
+            value,
+            expected,
+        };
+        let scale = self.grad_scale;
+        if !(scale.is_finite() && scale > 0.0) {
+            return Err(invalid("grad_scale", scale, "finite and > 0"));
+        }
+        if let Some(max) = self.max_grad_norm
+            && !(max.is_finite() && max >= 0.0)
+        {
+            return Err(invalid("max_grad_norm", max, "finite and >= 0"));
+        }
+        Ok(())
     }
 }

@@ -70,8 +70,8 @@ fn steps_after_the_first_allocate_nothing() {
                 opt.set_chunk_len(4096);
                 opt.set_param_groups(&groups).unwrap();
                 if hygiene {
-                    opt.set_grad_scale(3.0);
-                    opt.set_max_grad_norm(Some(1.0));
+                    opt.set_grad_scale(3.0).unwrap();
+                    opt.set_max_grad_norm(Some(1.0)).unwrap();
                     opt.set_non_finite(NonFinite::Skip);
                 }
                 opt.step_all(&mut weights, &grads).unwrap();
@@ -108,7 +108,7 @@ fn steps_after_the_first_allocate_nothing() {
             opt.set_chunk_len(4096);
             opt.set_param_groups(&groups).unwrap();
             if hygiene {
-                opt.set_max_grad_norm(Some(1.0));
+                opt.set_max_grad_norm(Some(1.0)).unwrap();
                 opt.set_non_finite(NonFinite::Skip);
             }
             let mut weights: Vec<Vec<f32>> = layout.iter().map(|&n| rng.vec(n, 1.0)).collect();

@@ -7,7 +7,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{Optimizer as _, ParamsAdamW, VarBuilder, VarMap};
 use fusedopt::candle::{AdamW, Sgd, VarOptimizer};
-use fusedopt::{AdamConfig, MomentumConfig, Optimizer as _, StateError};
+use fusedopt::{AdamConfig, MomentumConfig, Optimizer as _, OptimizerExt as _, StateError};
 
 type Result<T> = candle_core::Result<T>;
 

@@ -26,8 +26,9 @@ fn cases() -> Vec<(OptimizerConfig, usize)> {
 fn build(config: OptimizerConfig, h: usize) -> Box<dyn Optimizer> {
     let mut opt = config.build();
     if h > 0 {
-        opt.set_grad_scale(if h == 1 { 1024.0 } else { 3.0 });
-        opt.set_max_grad_norm(Some(1.0));
+        opt.set_grad_scale(if h == 1 { 1024.0 } else { 3.0 })
+            .unwrap();
+        opt.set_max_grad_norm(Some(1.0)).unwrap();
         opt.set_non_finite(if h == 1 {
             NonFinite::Skip
         } else {

@@ -25,8 +25,8 @@ fn setups() -> Vec<(&'static str, Setup)> {
     vec![
         ("plain", |_| {}),
         ("scale+clip+skip", |o| {
-            o.set_grad_scale(3.0);
-            o.set_max_grad_norm(Some(5.0));
+            o.set_grad_scale(3.0).unwrap();
+            o.set_max_grad_norm(Some(5.0)).unwrap();
             o.set_non_finite(NonFinite::Skip);
         }),
         ("groups", |o| {

@@ -52,7 +52,7 @@ fn grads_are_divided_by_the_loss_scale() {
         for scale in [1024.0f32, 3.0, 0.125] {
             let hp = with(config, "weight_decay=0.01");
             let mut opt = hp.build();
-            opt.set_grad_scale(scale);
+            opt.set_grad_scale(scale).unwrap();
             assert_eq!(opt.grad_scale(), scale);
             let mut refs = references(hp);
             let (mut ws, mut wr) = (model(1), model(1));
@@ -86,8 +86,8 @@ fn clipping_scales_by_the_global_norm_inside_the_kernel() {
             let hp = with(config, &format!("maximize={maximize},weight_decay=0.05"));
             let max = 1.5f32;
             let mut opt = hp.build();
-            opt.set_max_grad_norm(Some(max));
-            opt.set_grad_scale(64.0);
+            opt.set_max_grad_norm(Some(max)).unwrap();
+            opt.set_grad_scale(64.0).unwrap();
             let mut refs = references(hp);
             let (mut ws, mut wr) = (model(3), model(3));
             let mut rng = Rng(4);
@@ -128,7 +128,7 @@ fn the_norm_and_the_step_are_identical_for_any_threads_chunks_and_tier() {
         let mut opt = Adam::new(AdamConfig::default());
         opt.set_backend(backend);
         opt.set_chunk_len(chunk);
-        opt.set_max_grad_norm(Some(10.0));
+        opt.set_max_grad_norm(Some(10.0)).unwrap();
         opt.set_non_finite(NonFinite::Skip);
         let mut ws = model(5);
         let mut rng = Rng(6);
@@ -231,7 +231,7 @@ fn propagate_is_plain_ieee_and_runs_no_check() {
     assert!(w[0].is_nan() && w[1] < 1.0);
     assert_eq!((report.skipped, report.grad_norm), (false, None));
     // With clipping under Propagate, a NaN norm makes every gradient NaN, as in torch.
-    opt.set_max_grad_norm(Some(1.0));
+    opt.set_max_grad_norm(Some(1.0)).unwrap();
     let mut w = [1.0f32, 1.0];
     let report = opt.step(&mut w, &[f32::NAN, 1.0]).unwrap();
     assert!(report.grad_norm.unwrap().is_nan() && w.iter().all(|x| x.is_nan()));
@@ -239,27 +239,42 @@ fn propagate_is_plain_ieee_and_runs_no_check() {
 
 #[test]
 fn out_of_range_settings_are_refused_and_change_nothing() {
-    type Setting = (&'static str, fn(&mut dyn Optimizer));
-    let settings: [Setting; 6] = [
+    type Setting = (
+        &'static str,
+        fn(&mut dyn Optimizer) -> Result<(), StepError>,
+    );
+    let settings: [Setting; 7] = [
         ("grad_scale", |o| o.set_grad_scale(0.0)),
         ("grad_scale", |o| o.set_grad_scale(-2.0)),
         ("grad_scale", |o| o.set_grad_scale(f32::NAN)),
         ("grad_scale", |o| o.set_grad_scale(f32::INFINITY)),
         ("max_grad_norm", |o| o.set_max_grad_norm(Some(-1.0))),
         ("max_grad_norm", |o| o.set_max_grad_norm(Some(f32::NAN))),
+        ("max_grad_norm", |o| {
+            let s = o
+                .settings()
+                .with_threads(3)
+                .with_max_grad_norm(Some(f32::INFINITY));
+            o.set_settings(s)
+        }),
     ];
     for config in configs() {
         let kind = config.name();
         for (field, set) in settings {
             let mut opt = config.build();
-            set(opt.as_mut());
-            let mut w = [1.0f32; 4];
-            let err = opt.step(&mut w, &[1.0; 4]).unwrap_err();
+            opt.set_grad_scale(8.0).unwrap();
+            let before = *opt.settings();
+            let err = set(opt.as_mut()).unwrap_err();
             assert!(
-                matches!(err, StepError::InvalidConfig { field: f, .. } if f == field),
+                matches!(err, StepError::InvalidSetting { field: f, .. } if f == field),
                 "{kind}: {err}"
             );
-            assert_eq!((w, opt.steps(), opt.layout()), ([1.0; 4], 0, None));
+            assert!(err.to_string().contains(field), "{err}");
+            // Nothing changed, and the optimizer still steps with its settings.
+            assert_eq!(opt.settings(), &before, "{kind}");
+            let mut w = [1.0f32; 4];
+            opt.step(&mut w, &[8.0; 4]).unwrap();
+            assert_eq!(opt.steps(), 1);
         }
     }
 }
@@ -267,7 +282,7 @@ fn out_of_range_settings_are_refused_and_change_nothing() {
 #[test]
 fn a_zero_max_norm_zeroes_the_update() {
     let mut opt = Sgd::new(SgdConfig::default());
-    opt.set_max_grad_norm(Some(0.0));
+    opt.set_max_grad_norm(Some(0.0)).unwrap();
     let mut w = [1.0f32, -1.0];
     let report = opt.step(&mut w, &[3.0, 4.0]).unwrap();
     assert_eq!((w, report.grad_norm), ([1.0, -1.0], Some(5.0)));

@@ -2,7 +2,7 @@
 //! optimizer, over layouts with odd sizes, any thread count and chunk length.
 
 use crate::common::*;
-use fusedopt::{Optimizer, OptimizerConfig, StepError};
+use fusedopt::{Optimizer, OptimizerConfig, OptimizerExt, StepError};
 
 const LAYOUTS: [&[usize]; 5] = [
     &[0, 1, 7, 15, 16, 17, 4097, 65537],

@@ -80,8 +80,8 @@ fn with_hygiene_and_groups_the_rest_is_stepped_as_if_alone() {
         let mut full = config.build();
         let mut alone = config.build();
         for opt in [&mut full, &mut alone] {
-            opt.set_max_grad_norm(Some(0.5));
-            opt.set_grad_scale(4.0);
+            opt.set_max_grad_norm(Some(0.5)).unwrap();
+            opt.set_grad_scale(4.0).unwrap();
             opt.set_non_finite(NonFinite::Skip);
         }
         full.set_param_groups(groups).unwrap();

@@ -40,32 +40,6 @@ pub(crate) enum GradCheck {
     Skip { grad_norm: f32 },
 }
 
-/// Checks the hygiene `settings` of optimizer `optimizer` before a step.
-///
-/// # Errors
-/// [`StepError::InvalidConfig`] for a loss scale or clipping norm out of range.
-pub(crate) fn check_settings(
-    settings: &Settings,
-    optimizer: &'static str,
-) -> Result<(), StepError> {
-    let invalid = |field, value, expected| StepError::InvalidConfig {
-        optimizer,
-        field,
-        value,
-        expected,
-    };
-    let scale = settings.grad_scale;
-    if !(scale.is_finite() && scale > 0.0) {
-        return Err(invalid("grad_scale", scale, "finite and > 0"));
-    }
-    if let Some(max) = settings.max_grad_norm
-        && !(max.is_finite() && max >= 0.0)
-    {
-        return Err(invalid("max_grad_norm", max, "finite and >= 0"));
-    }
-    Ok(())
-}
-
 /// Whether a step under `settings` needs the gradient norm.
 pub(crate) fn needs_norm(settings: &Settings) -> bool {
     settings.max_grad_norm.is_some() || settings.non_finite != NonFinite::Propagate

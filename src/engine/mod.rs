@@ -67,8 +67,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 pub struct Engine {
     /// The optimizer's name, for its tuned chunk length and in errors.
     name: &'static str,
-    /// How steps run; the caller's to change (but `threads` through `set_threads`).
-    pub(crate) settings: Settings,
+    /// How steps run (always valid: [`set_settings`](Engine::set_settings) checks them).
+    settings: Settings,
     /// The pool of `settings.threads` threads, when that is not 0.
     pool: Option<OwnPool>,
     state: State,
@@ -122,63 +122,49 @@ impl Engine {
         }
     }
 
-    /// The chunk length steps use: the one set, or the (tuned) default; for 8-bit state,
-    /// rounded up to whole blocks.
+    /// The chunk length steps use ([`chunk_len_for`]).
     pub(crate) fn chunk_len(&self) -> usize {
-        let len = match self.settings.chunk_len {
-            0 => tuning::default_chunk_len(self.name),
-            n => n,
-        };
-        let unit = state::unit(self.settings.state_format);
-        len.checked_next_multiple_of(unit)
-            .unwrap_or(len / unit * unit)
+        chunk_len_for(self.name, &self.settings)
     }
 
-    /// Sets the format new state is created in.
+    /// The settings.
+    pub(crate) fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// Replaces the settings, checked in full first: ranges, the state format against state
+    /// held, and a pool of the new thread count started. A chunk length other than 0 is rounded
+    /// up to a multiple of 16.
     ///
     /// # Errors
-    /// [`StepError::StateFormat`] if the optimizer holds state in another format.
-    pub(crate) fn set_state_format(&mut self, format: StateFormat) -> Result<(), StepError> {
-        if !self.state.buffers.is_empty() && self.state.format != format {
+    /// [`StepError::InvalidSetting`], [`StepError::StateFormat`], [`StepError::ThreadPool`];
+    /// nothing changes then.
+    pub(crate) fn set_settings(&mut self, mut new: Settings) -> Result<(), StepError> {
+        new.validate()?;
+        if new.chunk_len != 0 {
+            new.chunk_len = effective_chunk_len(new.chunk_len);
+        }
+        if !self.state.buffers.is_empty() && self.state.format != new.state_format {
             return Err(StepError::StateFormat {
                 held: self.state.format,
-                requested: format,
+                requested: new.state_format,
             });
         }
-        self.settings.state_format = format;
-        self.plan = None;
-        self.feed_plan = None;
-        Ok(())
-    }
-
-    /// `0` selects the (tuned) default; other values are rounded up to a multiple of 16.
-    pub(crate) fn set_chunk_len(&mut self, len: usize) {
-        self.settings.chunk_len = if len == 0 {
-            0
-        } else {
-            effective_chunk_len(len)
-        };
-    }
-
-    /// Runs later steps on a pool of `threads` threads of the optimizer's own (0: on the
-    /// caller's pool).
-    ///
-    /// # Errors
-    /// [`StepError::ThreadPool`] if the pool cannot be started; the previous setting stays.
-    pub(crate) fn set_threads(&mut self, threads: usize) -> Result<(), StepError> {
-        if threads == self.settings.threads {
-            return Ok(());
+        if new.threads != self.settings.threads {
+            // Started before anything changes; the old pool's threads are joined when dropped.
+            self.pool = match new.threads {
+                0 => None,
+                threads => Some(OwnPool::new(threads).map_err(|e| StepError::ThreadPool {
+                    threads,
+                    message: e.to_string(),
+                })?),
+            };
         }
-        self.pool = if threads == 0 {
-            None
-        } else {
-            let pool = OwnPool::new(threads).map_err(|e| StepError::ThreadPool {
-                threads,
-                message: e.to_string(),
-            })?;
-            Some(pool)
-        };
-        self.settings.threads = threads;
+        if new.state_format != self.settings.state_format {
+            self.plan = None;
+            self.feed_plan = None;
+        }
+        self.settings = new;
         Ok(())
     }
 
@@ -493,8 +479,8 @@ impl Engine {
     }
 
     /// One step over a captured list: checks the tensors against each other and the layout,
-    /// checks the gradients, builds a kernel per class of tensors with `make`, then applies the
-    /// kernels to every element of every tensor that has a gradient and counts the step.
+    /// takes the gradient norm where hygiene needs it, then [`update`](Engine::update)s every
+    /// tensor that has a gradient.
     ///
     /// # Errors
     /// Every [`StepError`] of [`Optimizer::step`](crate::Optimizer::step) but an invalid
@@ -515,89 +501,54 @@ impl Engine {
                 });
             }
         }
-        hygiene::check_settings(&self.settings, self.name)?;
-        let (tier, chunk_len) = (self.settings.backend.tier(), self.chunk_len());
+        let (tier, chunk_len) = self.execution();
         let summed = hygiene::needs_norm(&self.settings);
         if summed {
-            let par = self
-                .pool
-                .as_ref()
-                .map_or(Par::Current, |p| Par::Pool(p.pool()));
             self.norm.fit(tensors.lens());
             self.norm
-                .sum_all(tier, par, chunk_len, |t| tensors.grads(t));
+                .sum_all(tier, par_of(&self.pool), chunk_len, |t| tensors.grads(t));
         }
-        let stepping = |t: usize| tensors.refs()[t].has_grad();
-        let mut store = GroupKernels::Empty;
-        let kernels = self.groups.kernels(
-            &common,
-            tensors.len(),
-            step_numbers(&self.state, &stepping),
-            &mut self.classes,
-            make,
-            &mut store,
-        )?;
-        let (scale, grad_norm) = match self.norm.decide(&self.settings, common.maximize, summed)? {
-            GradCheck::Apply { scale, grad_norm } => (scale, grad_norm),
-            GradCheck::Skip { grad_norm } => return Ok(skipped(&self.state, grad_norm)),
-        };
-        let format = self.settings.state_format;
-        if prepare_state(&mut self.state, tensors.lens(), N, format)? {
-            self.plan = None;
-            self.feed_plan = None;
-        }
-        prepare_master(&mut self.state, tensors.refs(), &stepping)?;
-        let compact = CompactRun::new(&mut self.state, &self.maps);
-        let master = MasterPtr(
-            self.state
-                .master
-                .as_mut()
-                .map_or(core::ptr::null_mut(), |m| m.as_mut_ptr()),
-        );
-        let layout = self.state.layout.as_ref().expect("prepared");
-        if self
-            .plan
-            .as_ref()
-            .is_none_or(|p| p.chunk_len() != chunk_len)
-        {
-            self.plan = Some(Plan::cut(layout.lens(), chunk_len, layout.unit()));
-        }
-        let run = Run {
-            tier,
-            scale,
-            kernels,
-            state: StatePtrs::new(&mut self.state.buffers),
-            offsets: layout.offsets(),
-            compact,
-            master,
-        };
-        let plan = self.plan.as_ref().expect("prepared");
         let refs = tensors.refs();
-        let par = self
-            .pool
-            .as_ref()
-            .map_or(Par::Current, |p| Par::Pool(p.pool()));
-        par.for_each(plan.tasks(), |task| {
-            for seg in plan.task(task) {
-                let tensor = refs[seg.tensor];
-                if tensor.has_grad() {
-                    // SAFETY: the segment lies inside the tensor (the plan was cut from the
-                    // layout, which `check_tensors` matched against these weight lengths, and the
-                    // gradients have the same length) and inside its slice of every state buffer;
-                    // the pointers come from borrows the step holds (`TensorList`); segments of a
-                    // plan are disjoint, and gradients are distinct from weights (a `&` and a
-                    // `&mut`).
-                    unsafe { run.segment(seg.tensor, tensor, seg.start, seg.len) };
+        let stepping = |t: usize| refs[t].has_grad();
+        let update = self.update(
+            tensors.lens(),
+            &stepping,
+            Some(refs),
+            (common, make),
+            summed,
+            |run, par, layout, plan| {
+                if plan.as_ref().is_none_or(|p| p.chunk_len() != chunk_len) {
+                    *plan = Some(Plan::cut(layout.lens(), chunk_len, layout.unit()));
                 }
+                let plan = plan.as_ref().expect("cut above");
+                par.for_each(plan.tasks(), |task| {
+                    for seg in plan.task(task) {
+                        let tensor = refs[seg.tensor];
+                        if tensor.has_grad() {
+                            // SAFETY: the segment lies inside the tensor (the plan was cut from
+                            // the layout, which `check_tensors` matched against these weight
+                            // lengths, and the gradients have the same length) and inside its
+                            // slice of every state buffer; the pointers come from borrows the
+                            // step holds (`TensorList`); segments of a plan are disjoint, and
+                            // gradients are distinct from weights (a `&` and a `&mut`).
+                            unsafe { run.segment(seg.tensor, tensor, seg.start, seg.len) };
+                        }
+                    }
+                });
+            },
+        )?;
+        Ok(match update {
+            Updated::Skipped(report) => report,
+            Updated::Applied { grad_norm } => {
+                finish(&mut self.state, tensors.len(), stepping, grad_norm)
             }
-        });
-        Ok(finish(&mut self.state, tensors.len(), stepping, grad_norm))
+        })
     }
 
     /// One step over tensors lent one at a time by `feed`: reads every gradient once (lengths,
-    /// which tensors have one, the norm where needed), builds a kernel per class of tensors with
-    /// `make`, then lends and updates each tensor that has a gradient. Both phases run tasks of
-    /// whole tensors on the pool ([`FeedPlan`]).
+    /// which tensors have one, the norm where needed), then [`update`](Engine::update)s by
+    /// lending each tensor that has a gradient once more. Both phases run tasks of whole
+    /// tensors on the pool ([`FeedPlan`]).
     ///
     /// # Errors
     /// As [`step`](Engine::step), and [`StepError::Feed`] when the feed fails; of several
@@ -611,23 +562,34 @@ impl Engine {
         make: impl Fn(GroupHyper) -> K,
     ) -> Result<StepReport, StepError> {
         let n = feed.tensor_count();
-        self.fed.clear();
-        self.fed.extend((0..n).map(|i| Fed {
+        // Taken out of the engine for the step (and put back), so that the tasks can read them
+        // while the step changes the engine.
+        let mut fed = std::mem::take(&mut self.fed);
+        fed.clear();
+        fed.extend((0..n).map(|i| Fed {
             len: feed.tensor_len(i),
             has_grad: AtomicBool::new(false),
             updated: AtomicBool::new(false),
         }));
-        let lens = || self.fed.iter().map(|f| f.len);
+        let result = self.step_fed(feed, &fed, common, make);
+        self.fed = fed;
+        result
+    }
+
+    /// [`step_feed`](Engine::step_feed) over the tensors `fed` describes.
+    fn step_fed<K: Kernel<N> + Copy, const N: usize>(
+        &mut self,
+        feed: &dyn TensorFeed,
+        fed: &[Fed],
+        common: CommonConfig,
+        make: impl Fn(GroupHyper) -> K,
+    ) -> Result<StepReport, StepError> {
+        let lens = || fed.iter().map(|f| f.len);
         self.check_tensors(lens(), N)?;
-        hygiene::check_settings(&self.settings, self.name)?;
-        let (tier, chunk_len) = (self.settings.backend.tier(), self.chunk_len());
+        let (tier, chunk_len) = self.execution();
         let summed = hygiene::needs_norm(&self.settings);
-        let par = self
-            .pool
-            .as_ref()
-            .map_or(Par::Current, |p| Par::Pool(p.pool()));
         if summed {
-            self.norm.fit(self.fed.iter().map(|f| f.len));
+            self.norm.fit(lens());
         }
         if self
             .feed_plan
@@ -636,10 +598,10 @@ impl Engine {
         {
             self.feed_plan = Some(FeedPlan::new(&lens().collect::<Vec<_>>(), chunk_len));
         }
-        let (fed, norm) = (&self.fed, &self.norm);
-        let plan = self.feed_plan.as_ref().expect("fitted above");
+        let plan = self.feed_plan.take().expect("fitted above");
 
         // The gradient phase: nothing changes until every gradient has been read.
+        let (norm, par) = (&self.norm, par_of(&self.pool));
         let first_error = FirstError::default();
         par.for_each(plan.tasks(), |task| {
             for i in plan.task(task) {
@@ -673,92 +635,116 @@ impl Engine {
                 }
             }
         });
-        first_error.into_result()?;
+        let result = first_error.into_result().and_then(|()| {
+            let stepping = |t: usize| fed[t].has_grad.load(Ordering::Relaxed);
+            // The update phase: after an error, the tensors not yet started are left alone.
+            let first_error = FirstError::default();
+            let update = self.update(
+                lens(),
+                &stepping,
+                None,
+                (common, make),
+                summed,
+                |run, par, _, _| {
+                    par.for_each(plan.tasks(), |task| {
+                        for i in plan.task(task) {
+                            if !stepping(i) || first_error.is_set() {
+                                continue;
+                            }
+                            let outcome = update_lent(feed, i, fed[i].len, chunk_len, par, run);
+                            match outcome {
+                                Ok(()) => fed[i].updated.store(true, Ordering::Relaxed),
+                                Err(e) => first_error.record(i, e),
+                            }
+                        }
+                    });
+                },
+            )?;
+            Ok(match update {
+                Updated::Skipped(report) => report,
+                Updated::Applied { grad_norm } => {
+                    let updated = |t: usize| fed[t].updated.load(Ordering::Relaxed);
+                    let report = finish(&mut self.state, fed.len(), updated, grad_norm);
+                    first_error.into_result().map(|()| report)?
+                }
+            })
+        });
+        self.feed_plan = Some(plan);
+        result
+    }
 
-        let stepping = |t: usize| fed[t].has_grad.load(Ordering::Relaxed);
+    /// The kernel tier and chunk length of a step.
+    fn execution(&self) -> (Tier, usize) {
+        (self.settings.backend.tier(), self.chunk_len())
+    }
+
+    /// What every step does once its gradients have been read (and summed, where `summed`):
+    /// builds a kernel per class of tensors with `make`, decides on the gradients (skip, refuse,
+    /// or how to scale them), makes the state ready for tensors of `lens` (and master weights
+    /// for `captured` tensors of half-precision weights), then runs `apply` with what a task
+    /// needs, the pool, the layout, and the plan of captured steps. The caller counts the step.
+    ///
+    /// # Errors
+    /// Those of the kernels, the gradient check and the state allocation; nothing is modified
+    /// then.
+    fn update<K: Kernel<N> + Copy, const N: usize>(
+        &mut self,
+        lens: impl ExactSizeIterator<Item = usize> + Clone,
+        stepping: &(dyn Fn(usize) -> bool + Sync),
+        captured: Option<&[TensorRef]>,
+        (common, make): (CommonConfig, impl Fn(GroupHyper) -> K),
+        summed: bool,
+        apply: impl FnOnce(&Run<'_, K, N>, Par<'_>, &Layout, &mut Option<Plan>),
+    ) -> Result<Updated, StepError> {
         let mut store = GroupKernels::Empty;
         let kernels = self.groups.kernels(
             &common,
-            n,
-            step_numbers(&self.state, &stepping),
+            lens.len(),
+            step_numbers(&self.state, stepping),
             &mut self.classes,
             make,
             &mut store,
         )?;
-        let (scale, grad_norm) = match norm.decide(&self.settings, common.maximize, summed)? {
+        let scale = match self.norm.decide(&self.settings, common.maximize, summed)? {
             GradCheck::Apply { scale, grad_norm } => (scale, grad_norm),
-            GradCheck::Skip { grad_norm } => return Ok(skipped(&self.state, grad_norm)),
+            GradCheck::Skip { grad_norm } => {
+                return Ok(Updated::Skipped(skipped(&self.state, grad_norm)));
+            }
         };
         let format = self.settings.state_format;
-        if prepare_state(&mut self.state, fed.iter().map(|f| f.len), N, format)? {
+        if prepare_state(&mut self.state, lens, N, format)? {
             self.plan = None;
         }
-        let compact = CompactRun::new(&mut self.state, &self.maps);
-        let run = Run {
-            tier,
-            scale,
-            kernels,
-            state: StatePtrs::new(&mut self.state.buffers),
-            offsets: self.state.layout.as_ref().expect("prepared").offsets(),
-            compact,
-            master: MasterPtr(core::ptr::null_mut()),
-        };
-
-        // The update phase: after an error, the tensors not yet started are left alone.
-        let first_error = FirstError::default();
-        par.for_each(plan.tasks(), |task| {
-            for i in plan.task(task) {
-                if !stepping(i) || first_error.is_set() {
-                    continue;
-                }
-                let len = fed[i].len;
-                let mut checked = None;
-                let lent = feed.update(i, &mut |w, g| {
-                    if w.len() != len || g.len() != len {
-                        let message = format!(
-                            "it lent {} weights and {} gradients, but announced {len}",
-                            w.len(),
-                            g.len()
-                        );
-                        checked = Some(Err(feed_error(i, message)));
-                        return;
-                    }
-                    let tensor = TensorRef {
-                        w: w.as_mut_ptr(),
-                        w_len: len,
-                        g: g.as_ptr(),
-                        g_len: len,
-                        w_dtype: Dtype::F32,
-                        g_dtype: Dtype::F32,
-                    };
-                    par.for_each(len.div_ceil(chunk_len), |s| {
-                        let start = s * chunk_len;
-                        // SAFETY: `start..start + len` lies inside the tensor's weights and
-                        // gradients (both `len` long, checked above), borrowed for this call,
-                        // and inside its slice of every state buffer (the layout has the same
-                        // lengths). Spans are disjoint; so are tensors of different tasks. The
-                        // feed lends the gradient as a `&` beside the `&mut` weights, so they do
-                        // not overlap.
-                        unsafe { run.segment(i, tensor, start, chunk_len.min(len - start)) };
-                    });
-                    fed[i].updated.store(true, Ordering::Relaxed);
-                    checked = Some(Ok(()));
-                });
-                let outcome = lent
-                    .map_err(|e| feed_error(i, e.to_string()))
-                    .and_then(|()| {
-                        checked.unwrap_or_else(|| {
-                            Err(feed_error(i, "it did not lend the tensor".into()))
-                        })
-                    });
-                if let Err(e) = outcome {
-                    first_error.record(i, e);
+        match captured {
+            Some(tensors) => prepare_master(&mut self.state, tensors, &stepping)?,
+            // Fed tensors have `f32` weights: should one step with half-precision weights
+            // again, it takes its master weights from them afresh (as in `prepare_master`).
+            None => {
+                for (i, ready) in self.state.master_ready.iter_mut().enumerate() {
+                    *ready &= !stepping(i);
                 }
             }
-        });
-        let updated = |t: usize| fed[t].updated.load(Ordering::Relaxed);
-        let report = finish(&mut self.state, n, updated, grad_norm);
-        first_error.into_result().map(|()| report)
+        }
+        let compact = CompactRun::new(&mut self.state, &self.maps);
+        let master = MasterPtr(
+            self.state
+                .master
+                .as_mut()
+                .map_or(core::ptr::null_mut(), |m| m.as_mut_ptr()),
+        );
+        let state = StatePtrs::new(&mut self.state.buffers);
+        let layout = self.state.layout.as_ref().expect("prepared");
+        let run = Run {
+            tier: self.settings.backend.tier(),
+            scale: scale.0,
+            kernels,
+            state,
+            offsets: layout.offsets(),
+            compact,
+            master,
+        };
+        apply(&run, par_of(&self.pool), layout, &mut self.plan);
+        Ok(Updated::Applied { grad_norm: scale.1 })
     }
 
     /// Checks the tensor count and lengths against the layout (for a stateful optimizer,
@@ -794,6 +780,80 @@ impl Engine {
         }
         Ok(())
     }
+}
+
+/// What [`Engine::update`] did.
+enum Updated {
+    /// The step was skipped for a non-finite gradient (nothing changed).
+    Skipped(StepReport),
+    /// The update ran, with this gradient norm to report.
+    Applied { grad_norm: Option<f32> },
+}
+
+/// The pool of an engine's steps: its own, or the caller's.
+fn par_of(pool: &Option<OwnPool>) -> Par<'_> {
+    pool.as_ref().map_or(Par::Current, |p| Par::Pool(p.pool()))
+}
+
+/// Lends tensor `i` (of `len` elements) from `feed` and updates it with `run`, split into spans
+/// of `chunk_len` run on `par`.
+///
+/// # Errors
+/// [`StepError::Feed`] if the feed fails, lends nothing, or lends another length.
+fn update_lent<K: Kernel<N>, const N: usize>(
+    feed: &dyn TensorFeed,
+    i: usize,
+    len: usize,
+    chunk_len: usize,
+    par: Par<'_>,
+    run: &Run<'_, K, N>,
+) -> Result<(), StepError> {
+    let mut checked = None;
+    let lent = feed.update(i, &mut |w, g| {
+        if w.len() != len || g.len() != len {
+            let message = format!(
+                "it lent {} weights and {} gradients, but announced {len}",
+                w.len(),
+                g.len()
+            );
+            checked = Some(Err(feed_error(i, message)));
+            return;
+        }
+        let tensor = TensorRef {
+            w: w.as_mut_ptr(),
+            w_len: len,
+            g: g.as_ptr(),
+            g_len: len,
+            w_dtype: Dtype::F32,
+            g_dtype: Dtype::F32,
+        };
+        par.for_each(len.div_ceil(chunk_len), |s| {
+            let start = s * chunk_len;
+            // SAFETY: `start..start + len` lies inside the tensor's weights and gradients (both
+            // `len` long, checked above), borrowed for this call, and inside its slice of every
+            // state buffer (the layout has the same lengths). Spans are disjoint; so are tensors
+            // of different tasks. The feed lends the gradient as a `&` beside the `&mut`
+            // weights, so they do not overlap.
+            unsafe { run.segment(i, tensor, start, chunk_len.min(len - start)) };
+        });
+        checked = Some(Ok(()));
+    });
+    lent.map_err(|e| feed_error(i, e.to_string()))
+        .and_then(|()| {
+            checked.unwrap_or_else(|| Err(feed_error(i, "it did not lend the tensor".into())))
+        })
+}
+
+/// The chunk length the steps of optimizer `name` use under `settings`: the one set, or the
+/// (tuned) default; for 8-bit state, rounded up to whole blocks.
+pub(crate) fn chunk_len_for(name: &str, settings: &Settings) -> usize {
+    let len = match settings.chunk_len {
+        0 => tuning::default_chunk_len(name),
+        n => n,
+    };
+    let unit = state::unit(settings.state_format);
+    len.checked_next_multiple_of(unit)
+        .unwrap_or(len / unit * unit)
 }
 
 /// The report of a step skipped for a non-finite gradient.

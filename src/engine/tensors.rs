@@ -83,6 +83,17 @@ impl<'a> TensorList<'a> {
         }));
     }
 
+    /// Appends tensors given by address.
+    ///
+    /// # Safety
+    /// Each tensor's pointers must be valid for `'a` as the borrows of
+    /// [`extend_typed`](TensorList::extend_typed) are: non-null, aligned, `w_len` elements of
+    /// `w_dtype` (read and written by the step only) and `g_len` of `g_dtype` (null: no
+    /// gradient; read only), the weights overlapping no other buffer of the step.
+    pub(crate) unsafe fn extend_refs(&mut self, tensors: impl Iterator<Item = TensorRef>) {
+        self.tensors.extend(tensors);
+    }
+
     /// The storage, emptied, for the next step.
     pub(crate) fn into_buf(mut self) -> Vec<TensorRef> {
         self.tensors.clear();

@@ -7,7 +7,7 @@ use super::{
 };
 use crate::engine::{CommonConfig, StepRunner};
 use crate::simd::{Kernel, Lane};
-use crate::types::{StepError, StepReport};
+use crate::types::{StepError, StepReport, Value};
 
 /// Adam, with the bias correction folded into the step size:
 ///
@@ -83,6 +83,15 @@ impl FieldValue for EpsMode {
             _ => return Err("sqrt_v (or seed) or sqrt_v_hat (or pytorch)"),
         };
         Ok(())
+    }
+    fn value(&self) -> Value {
+        Value::Choice(
+            match self {
+                EpsMode::SqrtV => "sqrt_v",
+                EpsMode::SqrtVHat => "sqrt_v_hat",
+            }
+            .to_string(),
+        )
     }
 }
 
@@ -258,6 +267,7 @@ impl<const HAT: bool> Kernel<3> for AmsGrad<HAT> {
 
 impl RuleImpl for AdamConfig {
     const NAME: &'static str = "adam";
+    const PRESETS: &'static [(&'static str, fn() -> Self)] = &[("adamw", AdamConfig::adamw)];
     const BUFFERS: &'static [StateBuffer] = &[
         StateBuffer::signed("m"),
         StateBuffer::unsigned("v"),

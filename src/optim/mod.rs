@@ -8,19 +8,43 @@
 //! tests. Everything else (validation of the input, state, groups, hygiene, threads) is the
 //! engine's.
 
-pub mod adagrad;
-pub mod adam;
-pub mod momentum;
-pub mod rmsprop;
-pub mod sgd;
+/// The registry: every update rule, as its file and the optimizers it defines (the name of its
+/// [`Fused`] alias and its configuration type). An optimizer is its rule file and one line here:
+/// from this list come its module, its exports, its [`OptimizerConfig`](crate::OptimizerConfig)
+/// variant (so configuration strings, `build`, the C ABI and the Python package, whose classes
+/// are made from `OptimizerConfig`'s list), and [`OPTIMIZER_NAMES`](crate::OPTIMIZER_NAMES).
+/// State files and candle need nothing more: they are generic over [`Rule`].
+///
+/// `registry!(callback)` calls `callback! { file => Alias(Config), ...; ... }`.
+macro_rules! registry {
+    ($callback:ident) => {
+        $callback! {
+            sgd => Sgd(SgdConfig);
+            momentum => Momentum(MomentumConfig), Nag(NagConfig);
+            adagrad => AdaGrad(AdaGradConfig);
+            rmsprop => RmsProp(RmsPropConfig);
+            adam => Adam(AdamConfig);
+        }
+    };
+}
+pub(crate) use registry;
 
-use crate::engine::{
-    Engine, FeedStep, ListStep, Lists, PartialLists, StepRunner, TensorFeed, TensorSource,
-    TypedLists, TypedPartialLists,
-};
-use crate::types::{Element, StepError, StepReport};
+/// Declares each rule file of the registry, and `rules`, which re-exports what each defines.
+macro_rules! rule_modules {
+    ($($file:ident => $($alias:ident($config:ident)),+;)*) => {
+        $(pub mod $file;)*
+
+        /// Every rule file's public items, for the crate root to re-export.
+        pub mod rules {
+            $(pub use super::$file::*;)*
+        }
+    };
+}
+registry!(rule_modules);
+
+use crate::engine::{Engine, FeedStep, ListStep, StepRunner, TensorFeed, TensorSource};
+use crate::types::{StepError, StepReport, Value};
 use core::fmt::Debug;
-use core::marker::PhantomData;
 
 /// An optimizer's update rule, implemented by its configuration type: [`SgdConfig`],
 /// [`MomentumConfig`], [`NagConfig`], [`AdaGradConfig`], [`RmsPropConfig`] and [`AdamConfig`].
@@ -53,6 +77,8 @@ pub(crate) mod sealed {
     pub trait RuleImpl: Copy + Debug + Default + PartialEq + Send + Sync + 'static {
         /// See [`Optimizer::name`](crate::Optimizer::name).
         const NAME: &'static str;
+        /// Other names that configuration strings accept, each with its defaults (`adamw`).
+        const PRESETS: &'static [(&'static str, fn() -> Self)] = &[];
         /// Every state buffer the rule may keep, in the engine's order.
         const BUFFERS: &'static [StateBuffer];
         /// The configuration's range checks.
@@ -129,7 +155,8 @@ impl StateBuffer {
     }
 }
 
-/// A hyperparameter's text form, in state files and in configuration strings.
+/// A hyperparameter's type: its text form, in state files and configuration strings, and its
+/// typed [`Value`], for bindings.
 pub trait FieldValue {
     /// The text form; `parse` reads it back exactly.
     fn encode(&self) -> String;
@@ -138,6 +165,21 @@ pub trait FieldValue {
     /// # Errors
     /// A description of the text expected, when `text` is not one.
     fn parse(&mut self, text: &str) -> Result<(), &'static str>;
+    /// The value, typed. By default a choice, named by its text form.
+    fn value(&self) -> Value {
+        Value::Choice(self.encode())
+    }
+    /// Sets the value from a typed one. By default a choice, read from its name.
+    ///
+    /// # Errors
+    /// A description of the value expected, when `value` is not one.
+    fn set_value(&mut self, value: &Value) -> Result<(), &'static str> {
+        match value {
+            Value::Choice(name) => self.parse(name),
+            // Any text that names no choice: the error says which names do.
+            _ => self.parse(""),
+        }
+    }
 }
 
 impl FieldValue for f32 {
@@ -147,6 +189,38 @@ impl FieldValue for f32 {
     }
     fn parse(&mut self, text: &str) -> Result<(), &'static str> {
         *self = text.trim().parse().map_err(|_| "a number")?;
+        Ok(())
+    }
+    fn value(&self) -> Value {
+        // The decimal the f32 was written as (0.95, not 0.949999988079071): the shortest text
+        // that reads back as this f32, read as an f64.
+        Value::Number(self.to_string().parse().unwrap_or(f64::from(*self)))
+    }
+    fn set_value(&mut self, value: &Value) -> Result<(), &'static str> {
+        match value {
+            Value::Number(x) => *self = *x as f32,
+            _ => return Err("a number"),
+        }
+        Ok(())
+    }
+}
+
+impl FieldValue for f64 {
+    fn encode(&self) -> String {
+        self.to_string()
+    }
+    fn parse(&mut self, text: &str) -> Result<(), &'static str> {
+        *self = text.trim().parse().map_err(|_| "a number")?;
+        Ok(())
+    }
+    fn value(&self) -> Value {
+        Value::Number(*self)
+    }
+    fn set_value(&mut self, value: &Value) -> Result<(), &'static str> {
+        match value {
+            Value::Number(x) => *self = *x,
+            _ => return Err("a number"),
+        }
         Ok(())
     }
 }
@@ -159,28 +233,45 @@ impl FieldValue for bool {
         *self = text.trim().parse().map_err(|_| "true or false")?;
         Ok(())
     }
+    fn value(&self) -> Value {
+        Value::Bool(*self)
+    }
+    fn set_value(&mut self, value: &Value) -> Result<(), &'static str> {
+        match value {
+            Value::Bool(b) => *self = *b,
+            _ => return Err("true or false"),
+        }
+        Ok(())
+    }
 }
 
-/// Reads field `name` of `config` from `text`.
+/// Sets field `name` of `config` with `set` (from text or from a typed value).
 ///
 /// # Errors
-/// [`FieldError::Unknown`] if the rule has no such field, [`FieldError::Value`] if `text` is not
-/// a value of it.
-pub(crate) fn set_field<R: Rule>(config: &mut R, name: &str, text: &str) -> Result<(), FieldError> {
+/// [`FieldError::Unknown`] if the rule has no such field, [`FieldError::Value`] if `set` refuses
+/// the value.
+pub(crate) fn set_field<R: Rule>(
+    config: &mut R,
+    name: &str,
+    set: impl FnOnce(&mut dyn FieldValue) -> Result<(), &'static str>,
+) -> Result<(), FieldError> {
     let mut fields = config.fields();
     let (_, value) = fields
         .iter_mut()
         .find(|(n, _)| *n == name)
         .ok_or(FieldError::Unknown)?;
-    value.parse(text).map_err(FieldError::Value)
+    set(&mut **value).map_err(FieldError::Value)
 }
 
-/// Every field of `config` with its text form, in the rule's order.
-pub(crate) fn field_texts<R: Rule>(config: &R) -> Vec<(&'static str, String)> {
+/// Every field of `config` with `get` of it (its text, or its value), in the rule's order.
+pub(crate) fn field_map<R: Rule, T>(
+    config: &R,
+    get: impl Fn(&dyn FieldValue) -> T,
+) -> Vec<(&'static str, T)> {
     let mut copy = *config;
     copy.fields()
         .into_iter()
-        .map(|(name, value)| (name, value.encode()))
+        .map(|(name, value)| (name, get(value)))
         .collect()
 }
 
@@ -189,7 +280,7 @@ pub(crate) fn field_texts<R: Rule>(config: &R) -> Vec<(&'static str, String)> {
 pub(crate) enum FieldError {
     /// The rule has no field of that name.
     Unknown,
-    /// The text is not a value of the field; what is expected.
+    /// The value is not one of the field; what is expected.
     Value(&'static str),
 }
 
@@ -248,158 +339,6 @@ impl<R: Rule> Fused<R> {
     /// ```
     pub fn config_mut(&mut self) -> &mut R {
         &mut self.config
-    }
-
-    /// Applies one update to a whole model held as two lists, weights and gradients, in one
-    /// parallel dispatch: bitwise the same as [`step_many`](crate::Optimizer::step_many) over
-    /// their pairs. Any types that lend slices will do (`Vec<f32>`, `Box<[f32]>`, `&mut [f32]`
-    /// and `&[f32]`, ...). After the first call, a call allocates nothing (with up to 32
-    /// distinct [parameter groups](crate::Optimizer::set_param_groups)).
-    ///
-    /// ```
-    /// use fusedopt::{Adam, AdamConfig};
-    /// let mut weights = vec![vec![1.0f32; 3], vec![1.0f32; 5]];
-    /// let grads = vec![vec![0.5f32; 3], vec![-0.5f32; 5]];
-    /// let mut opt = Adam::new(AdamConfig::default());
-    /// opt.step_all(&mut weights, &grads)?;
-    /// assert!(weights[0][0] < 1.0 && weights[1][0] > 1.0);
-    ///
-    /// // A missing gradient is refused, and nothing changes.
-    /// let before = weights.clone();
-    /// assert!(opt.step_all(&mut weights, &grads[..1]).is_err());
-    /// assert_eq!(weights, before);
-    /// # Ok::<(), fusedopt::StepError>(())
-    /// ```
-    ///
-    /// A `Box<dyn Optimizer>` has the same method
-    /// ([`impl dyn Optimizer`](crate::Optimizer#impl-dyn+Optimizer)).
-    ///
-    /// # Errors
-    /// [`StepError::GradCount`] if `grads` holds another number of tensors than `weights`; then
-    /// as [`step_many`](crate::Optimizer::step_many). On error no tensor and no state is
-    /// modified.
-    pub fn step_all<W: AsMut<[f32]>, G: AsRef<[f32]>>(
-        &mut self,
-        weights: &mut [W],
-        grads: &[G],
-    ) -> Result<StepReport, StepError> {
-        self.step_source(&mut Lists { weights, grads })
-    }
-
-    /// Like [`step_all`](Fused::step_all), where a tensor whose gradient is `None` has none this
-    /// step: its weights and state are left alone and it does not count the step (it keeps its
-    /// own step count, [`tensor_steps`](crate::Optimizer::tensor_steps), which Adam's bias
-    /// correction uses). Bitwise the same as stepping the other tensors alone.
-    ///
-    /// ```
-    /// use fusedopt::{Adam, AdamConfig, Optimizer};
-    /// let mut opt = Adam::new(AdamConfig::default());
-    /// let mut weights = vec![vec![1.0f32; 3], vec![1.0f32; 2]];
-    /// opt.step_partial(&mut weights, &[Some(vec![0.5f32; 3]), None])?;
-    /// opt.step_partial(&mut weights, &[Some(vec![0.5f32; 3]), Some(vec![0.5f32; 2])])?;
-    /// assert_eq!(opt.tensor_steps(), [2, 1]); // the second tensor's first step used t = 1
-    /// # Ok::<(), fusedopt::StepError>(())
-    /// ```
-    ///
-    /// # Errors
-    /// As [`step_all`](Fused::step_all).
-    pub fn step_partial<W: AsMut<[f32]>, G: AsRef<[f32]>>(
-        &mut self,
-        weights: &mut [W],
-        grads: &[Option<G>],
-    ) -> Result<StepReport, StepError> {
-        self.step_source(&mut PartialLists { weights, grads })
-    }
-
-    /// [`step`](crate::Optimizer::step) with weights and gradients of any [`Element`] type:
-    /// bfloat16 or half-precision gradients are read as their exact `f32` values (bitwise the
-    /// step over `f32` copies of them). Half-precision weights are *master-weight* training: the
-    /// optimizer keeps an `f32` copy of them in its state (taken from them at the tensor's first
-    /// half-precision step, and again after a step with `f32` weights), updates it, and writes it
-    /// back rounded to nearest even, in the same pass.
-    ///
-    /// ```
-    /// use fusedopt::{Adam, AdamConfig, Optimizer, half::bf16};
-    /// let mut opt = Adam::new(AdamConfig { lr: 1e-4, ..AdamConfig::default() });
-    /// let mut w = vec![bf16::from_f32(1.0); 4];
-    /// let g = vec![bf16::from_f32(0.5); 4];
-    /// for _ in 0..3 {
-    ///     opt.step_typed(&mut w, &g)?;
-    /// }
-    /// // Each step moves the master weights by 1e-4, far below a bf16 ulp under 1.0 (2^-8): the
-    /// // bf16 weights round back to 1.0 while the master weights keep every step.
-    /// assert_eq!(w[0], bf16::from_f32(1.0));
-    /// for _ in 0..27 {
-    ///     opt.step_typed(&mut w, &g)?;
-    /// }
-    /// assert_eq!(w[0], bf16::from_f32(0.99609375)); // 1 - 3e-3, rounded to a bf16
-    /// # Ok::<(), fusedopt::StepError>(())
-    /// ```
-    ///
-    /// # Errors
-    /// As [`step`](crate::Optimizer::step).
-    pub fn step_typed<E: Element, F: Element>(
-        &mut self,
-        weights: &mut [E],
-        grads: &[F],
-    ) -> Result<StepReport, StepError> {
-        self.step_all_typed(&mut [weights], &[grads])
-    }
-
-    /// [`step_all`](Fused::step_all) with weights and gradients of any [`Element`] type (see
-    /// [`step_typed`](Fused::step_typed)); tensors may mix them.
-    ///
-    /// ```
-    /// use fusedopt::{Adam, AdamConfig, half::f16};
-    /// let mut opt = Adam::new(AdamConfig::default());
-    /// let mut weights = vec![vec![1.0f32; 3], vec![1.0f32; 5]];
-    /// let grads = vec![vec![f16::from_f32(0.5); 3], vec![f16::from_f32(-0.5); 5]];
-    /// opt.step_all_typed(&mut weights, &grads)?;
-    /// assert!(weights[0][0] < 1.0 && weights[1][0] > 1.0);
-    /// # Ok::<(), fusedopt::StepError>(())
-    /// ```
-    ///
-    /// # Errors
-    /// As [`step_all`](Fused::step_all).
-    pub fn step_all_typed<E: Element, F: Element, W: AsMut<[E]>, G: AsRef<[F]>>(
-        &mut self,
-        weights: &mut [W],
-        grads: &[G],
-    ) -> Result<StepReport, StepError> {
-        let types = PhantomData;
-        self.step_source(&mut TypedLists {
-            weights,
-            grads,
-            types,
-        })
-    }
-
-    /// [`step_partial`](Fused::step_partial) with weights and gradients of any [`Element`]
-    /// type (see [`step_typed`](Fused::step_typed)).
-    ///
-    /// ```
-    /// use fusedopt::{Optimizer, Sgd, SgdConfig, half::bf16};
-    /// let mut opt = Sgd::new(SgdConfig { lr: 0.5, ..SgdConfig::default() });
-    /// let mut weights = vec![vec![bf16::ONE; 2], vec![bf16::ONE; 2]];
-    /// opt.step_partial_typed(&mut weights, &[None, Some(vec![bf16::ONE; 2])])?;
-    /// assert_eq!(weights[1], [bf16::from_f32(0.5); 2]);
-    /// assert_eq!(weights[0], [bf16::ONE; 2]);
-    /// # Ok::<(), fusedopt::StepError>(())
-    /// ```
-    ///
-    /// # Errors
-    /// As [`step_all`](Fused::step_all).
-    pub fn step_partial_typed<E: Element, F: Element, W: AsMut<[E]>, G: AsRef<[F]>>(
-        &mut self,
-        weights: &mut [W],
-        grads: &[Option<G>],
-    ) -> Result<StepReport, StepError> {
-        let types = PhantomData;
-        self.step_source(&mut TypedPartialLists {
-            weights,
-            grads,
-            types,
-        })
     }
 
     /// One step over the tensors of `source` (a concrete source, or `dyn TensorSource`).
