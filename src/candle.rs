@@ -385,8 +385,8 @@ impl CandleConfig for ParamsAdamW {
     fn rule(&self) -> AdamConfig {
         AdamConfig {
             lr: self.lr as f32,
-            beta1: self.beta1 as f32,
-            beta2: self.beta2 as f32,
+            beta1: self.beta1,
+            beta2: self.beta2,
             eps: self.eps as f32,
             weight_decay: self.weight_decay as f32,
             maximize: false,

@@ -455,3 +455,127 @@ impl TensorSource for Source<'_> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn weights(list: &[(usize, usize)]) -> Result<RawTensors, RawError> {
+        let mut raw = RawTensors::default();
+        raw.set_weights(Dtype::F32, list.iter().copied())?;
+        Ok(raw)
+    }
+
+    fn grads(raw: &mut RawTensors, list: &[(usize, usize)]) -> Result<(), RawError> {
+        raw.set_grads(Dtype::F32, list.iter().copied(), true)
+    }
+
+    #[test]
+    fn overlaps_are_found_wherever_they_are() {
+        let w = [(4000, 10), (1000, 10), (2000, 10)];
+        let mut raw = weights(&w).unwrap();
+        assert!(grads(&mut raw, &[(5000, 10), (6000, 10), (7000, 10)]).is_ok());
+        // Gradients may share memory with each other.
+        assert!(grads(&mut raw, &[(5000, 10), (5000, 10), (5004, 10)]).is_ok());
+        // Touching is not overlapping.
+        assert!(grads(&mut raw, &[(4040, 10), (960, 10), (1040, 10)]).is_ok());
+        let overlap = |tensor, other_role, other| RawError::Overlap {
+            tensor,
+            other_role,
+            other,
+        };
+        let e = grads(&mut raw, &[(5000, 10), (6000, 10), (2036, 10)]).unwrap_err();
+        assert_eq!(e, overlap(2, Role::Gradients, 2));
+        let e = grads(&mut raw, &[(992, 10), (6000, 10), (7000, 10)]).unwrap_err();
+        assert_eq!(e, overlap(1, Role::Gradients, 0));
+        // A gradient spanning other tensors' weights.
+        let mut raw = weights(&[(1000, 2), (1100, 2), (5000, 100)]).unwrap();
+        let e = grads(&mut raw, &[(2000, 2), (3000, 2), (996, 100)]).unwrap_err();
+        assert_eq!(e, overlap(1, Role::Gradients, 2));
+        let e = weights(&[(1000, 10), (1036, 10)]).unwrap_err();
+        assert_eq!(e, overlap(0, Role::Weights, 1));
+        // Empty buffers overlap nothing, and may be anywhere, NULL included.
+        let mut raw = weights(&[(1000, 0), (1000, 10), (0, 0)]).unwrap();
+        assert!(grads(&mut raw, &[(1000, 0), (5000, 10), (0, 0)]).is_ok());
+    }
+
+    #[test]
+    fn bad_buffers_are_named() {
+        assert_eq!(
+            weights(&[(64, 1), (0, 3)]).unwrap_err(),
+            RawError::Null {
+                tensor: 1,
+                role: Role::Weights
+            }
+        );
+        let mut raw = RawTensors::default();
+        let e = raw.set_weights(Dtype::Bf16, [(0x1001, 2)]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "the weights of tensor 0 at 0x1001 are not aligned to their 2-byte elements"
+        );
+        let e = weights(&[(64, usize::MAX / 4)]).unwrap_err();
+        assert!(matches!(e, RawError::TooLarge { .. }), "{e}");
+        let mut raw = weights(&[(64, 4)]).unwrap();
+        assert_eq!(
+            grads(&mut raw, &[(128, 4), (256, 4)]).unwrap_err(),
+            RawError::Count {
+                weights: 1,
+                grads: 2
+            }
+        );
+        assert_eq!(
+            grads(&mut raw, &[(128, 3)]).unwrap_err(),
+            RawError::Length {
+                tensor: 0,
+                weights: 4,
+                grads: 3
+            }
+        );
+        // Without `missing`, address 0 is NULL, not "no gradient".
+        let e = raw.set_grads(Dtype::F32, [(0, 4)], false).unwrap_err();
+        assert_eq!(
+            e,
+            RawError::Null {
+                tensor: 0,
+                role: Role::Gradients
+            }
+        );
+    }
+
+    #[test]
+    fn a_refused_set_keeps_what_was_held() {
+        let mut raw = weights(&[(64, 4)]).unwrap();
+        grads(&mut raw, &[(128, 4)]).unwrap();
+        assert!(raw.set_weights(Dtype::F32, [(64, 4), (66, 4)]).is_err());
+        assert!(grads(&mut raw, &[(66, 4)]).is_err());
+        assert_eq!((raw.len(), raw.grads[0].map(|g| g.addr)), (1, Some(128)));
+        // New weights drop the gradients set for the old ones.
+        raw.set_weights(Dtype::F32, [(64, 4), (4096, 4)]).unwrap();
+        assert!(raw.grads.is_empty());
+    }
+
+    #[test]
+    fn steps_go_through_the_optimizer() {
+        let mut opt = crate::OptimizerConfig::default_for("sgd").unwrap().build();
+        let (mut w, g) = ([1.0f32, 2.0, 3.0], [1.0f32; 3]);
+        let mut raw = RawTensors::default();
+        raw.set_weights(Dtype::F32, [(w.as_mut_ptr() as usize, 3), (8, 0)])
+            .unwrap();
+        // SAFETY: no gradients are set: the step is refused before any buffer is touched.
+        let err = unsafe { raw.step(opt.as_mut()) }.unwrap_err();
+        assert_eq!(
+            err,
+            StepError::GradCount {
+                weights: 2,
+                grads: 0
+            }
+        );
+        raw.set_grads(Dtype::F32, [(g.as_ptr() as usize, 3), (0, 0)], true)
+            .unwrap();
+        // SAFETY: `w` and `g` are live and untouched during the step.
+        unsafe { raw.step(opt.as_mut()) }.unwrap();
+        assert_eq!(w, [0.99, 1.99, 2.99]);
+        assert_eq!(opt.tensor_steps(), [1, 0]); // the empty tensor had no gradient
+    }
+}

@@ -17,6 +17,13 @@
 #include <stdint.h>
 
 /**
+ * The version of `fusedopt_settings` this header declares: set `version` to it before
+ * `fusedopt_get_settings`. A later library keeps reading and writing the fields of every earlier
+ * version, so a program built against this header keeps working.
+ */
+#define FUSEDOPT_SETTINGS_VERSION 1
+
+/**
  * The result of a call. `FUSEDOPT_OK` (0) is success; on any other value nothing was modified
  * and `fusedopt_last_error` says what was wrong.
  */
@@ -91,9 +98,74 @@ typedef struct fusedopt_optimizer fusedopt_optimizer;
 typedef int32_t fusedopt_dtype;
 
 /**
+ * Which kernels run (`fusedopt_settings.backend`). Every backend gives bitwise the same
+ * results; they differ in speed only.
+ */
+typedef int32_t fusedopt_backend;
+
+/**
  * What a step does with a NaN or an infinity in a gradient (`fusedopt_set_non_finite`).
  */
 typedef int32_t fusedopt_non_finite;
+
+/**
+ * The format the optimizer state is kept in (`fusedopt_settings.state_format`).
+ */
+typedef int32_t fusedopt_state_format;
+
+/**
+ * How an optimizer's steps run, and their gradient hygiene: the Rust crate's `Settings`, read
+ * with `fusedopt_get_settings` and replaced, checked in full, with `fusedopt_set_settings`.
+ *
+ * ```c
+ * fusedopt_settings s = {.version = FUSEDOPT_SETTINGS_VERSION};
+ * fusedopt_get_settings(opt, &s);
+ * s.grad_scale = 1024.0f;
+ * s.clip = 1;
+ * s.max_grad_norm = 1.0f;
+ * if (fusedopt_set_settings(opt, &s) != FUSEDOPT_OK) fprintf(stderr, "%s\n", fusedopt_last_error());
+ * ```
+ */
+typedef struct fusedopt_settings {
+    /**
+     * `FUSEDOPT_SETTINGS_VERSION`, set by the caller: which fields follow.
+     */
+    uint32_t version;
+    /**
+     * Which kernels run: a `fusedopt_backend` (default `FUSEDOPT_BACKEND_SIMD`).
+     */
+    fusedopt_backend backend;
+    /**
+     * Threads of the optimizer's own pool; 0 (the default) runs steps on the process-wide pool.
+     */
+    size_t threads;
+    /**
+     * Elements per task of a step; 0 (the default) for the tuned default. Other values are
+     * rounded up to a multiple of 16.
+     */
+    size_t chunk_len;
+    /**
+     * The loss scale gradients are divided by (default 1). Finite and `> 0`.
+     */
+    float grad_scale;
+    /**
+     * Nonzero: clip by global norm to `max_grad_norm`, as `torch.nn.utils.clip_grad_norm_`.
+     */
+    int32_t clip;
+    /**
+     * The clipping norm, when `clip`. Finite and `>= 0`.
+     */
+    float max_grad_norm;
+    /**
+     * What a NaN or infinite gradient does: a `fusedopt_non_finite`.
+     */
+    fusedopt_non_finite non_finite;
+    /**
+     * The format new state is created in: a `fusedopt_state_format`. Another format than that
+     * of state already held is refused.
+     */
+    fusedopt_state_format state_format;
+} fusedopt_settings;
 
 /**
  * One tensor's overrides of the configuration (`fusedopt_set_param_groups`): PyTorch's
@@ -168,6 +240,41 @@ typedef struct fusedopt_report {
  * Refuse the step with `FUSEDOPT_ERROR_NON_FINITE`; nothing is modified.
  */
 #define FUSEDOPT_NON_FINITE_ERROR 2
+
+/**
+ * The fastest SIMD tier of this CPU (the default).
+ */
+#define FUSEDOPT_BACKEND_SIMD 0
+
+/**
+ * The plain scalar reference kernel.
+ */
+#define FUSEDOPT_BACKEND_SCALAR 1
+
+/**
+ * The portable SIMD kernel.
+ */
+#define FUSEDOPT_BACKEND_PORTABLE 2
+
+/**
+ * The AVX2 kernel (where the CPU lacks it, the best tier below it).
+ */
+#define FUSEDOPT_BACKEND_AVX2 3
+
+/**
+ * 32-bit floats (the default).
+ */
+#define FUSEDOPT_STATE_F32 0
+
+/**
+ * bfloat16 with stochastic rounding: half the state memory.
+ */
+#define FUSEDOPT_STATE_BF16 1
+
+/**
+ * 8-bit codes in blocks of 256 with a float scale each: a quarter of the state memory.
+ */
+#define FUSEDOPT_STATE_Q8 2
 
 #ifdef __cplusplus
 extern "C" {
@@ -358,9 +465,42 @@ enum fusedopt_status fusedopt_get_config(const struct fusedopt_optimizer *opt,
                                          size_t *len);
 
 /**
+ * Reads the settings into `*settings`, whose `version` the caller sets first (to
+ * `FUSEDOPT_SETTINGS_VERSION`): the fields of that version are written.
+ *
+ * # Errors
+ * `FUSEDOPT_ERROR_NULL`; `FUSEDOPT_ERROR_INVALID_ARGUMENT` for a version this library does not
+ * know (`*settings` is then left alone).
+ *
+ * # Safety
+ * `opt` is NULL or a live handle; `settings` is NULL or valid for reads and writes of a
+ * `fusedopt_settings` of its version.
+ */
+enum fusedopt_status fusedopt_get_settings(const struct fusedopt_optimizer *opt,
+                                           struct fusedopt_settings *settings);
+
+/**
+ * Replaces the settings of later steps with `*settings`, checked in full first (ranges, enum
+ * values, the state format against state already held); a new thread count starts the
+ * optimizer's own pool. The per-setting functions below are shorthands for it.
+ *
+ * # Errors
+ * `FUSEDOPT_ERROR_NULL`; `FUSEDOPT_ERROR_INVALID_ARGUMENT` for an unknown version or enum
+ * value, a value out of range, or another state format than that of the state held;
+ * `FUSEDOPT_ERROR_RESOURCES` if the threads cannot be started. Nothing changes on error.
+ *
+ * # Safety
+ * `opt` is NULL or a live handle; `settings` is NULL or valid for reads of a
+ * `fusedopt_settings` of its version.
+ */
+enum fusedopt_status fusedopt_set_settings(struct fusedopt_optimizer *opt,
+                                           const struct fusedopt_settings *settings);
+
+/**
  * Runs later steps on a pool of `threads` threads that the optimizer owns; 0 (the default)
  * runs them on the process-wide pool (one thread per core). A step whose tensors fit in one
  * chunk runs on the calling thread either way. Results are bitwise the same for any count.
+ * The `threads` field of `fusedopt_set_settings`.
  *
  * # Errors
  * `FUSEDOPT_ERROR_NULL`; `FUSEDOPT_ERROR_RESOURCES` if the threads cannot be started
@@ -382,7 +522,8 @@ enum fusedopt_status fusedopt_get_threads(const struct fusedopt_optimizer *opt, 
 /**
  * Sets the chunk length: steps cut tensors into chunks of this many elements, the unit of work
  * of a thread. 0 selects the tuned default; other values are rounded up to a multiple of 16.
- * Results are bitwise the same for any chunk length.
+ * Results are bitwise the same for any chunk length. The `chunk_len` field of
+ * `fusedopt_set_settings`.
  *
  * # Safety
  * `opt` is NULL or a live handle.
@@ -390,7 +531,7 @@ enum fusedopt_status fusedopt_get_threads(const struct fusedopt_optimizer *opt, 
 enum fusedopt_status fusedopt_set_chunk_len(struct fusedopt_optimizer *opt, size_t chunk_len);
 
 /**
- * Reads the chunk length in effect into `*chunk_len`.
+ * Reads the chunk length in effect (the tuned default when 0 was set) into `*chunk_len`.
  *
  * # Safety
  * `opt` is NULL or a live handle; `chunk_len` is NULL or valid for a write.
@@ -400,7 +541,8 @@ enum fusedopt_status fusedopt_get_chunk_len(const struct fusedopt_optimizer *opt
 
 /**
  * Sets the loss scale of later steps (default 1): gradients are divided by it as they are read,
- * so a mixed-precision trainer passes its scaled gradients unchanged.
+ * so a mixed-precision trainer passes its scaled gradients unchanged. The `grad_scale` field
+ * of `fusedopt_set_settings`.
  *
  * # Errors
  * `FUSEDOPT_ERROR_NULL`; `FUSEDOPT_ERROR_INVALID_ARGUMENT` unless finite and `> 0`.
@@ -422,7 +564,8 @@ enum fusedopt_status fusedopt_get_grad_scale(const struct fusedopt_optimizer *op
  * Clips later steps by global norm, as `torch.nn.utils.clip_grad_norm_(params, max_norm)`: the
  * L2 norm of all gradients of a step (unscaled) gives the coefficient
  * `min(1, max_norm / (norm + 1e-6))`, applied inside the update.
- * `fusedopt_clear_max_grad_norm` turns clipping off.
+ * `fusedopt_clear_max_grad_norm` turns clipping off. The `clip` and `max_grad_norm` fields of
+ * `fusedopt_set_settings`.
  *
  * # Errors
  * `FUSEDOPT_ERROR_NULL`; `FUSEDOPT_ERROR_INVALID_ARGUMENT` unless finite and `>= 0`.
@@ -454,7 +597,7 @@ enum fusedopt_status fusedopt_get_max_grad_norm(const struct fusedopt_optimizer 
 /**
  * Chooses what later steps do with a NaN or an infinity in a gradient: one of
  * `FUSEDOPT_NON_FINITE_PROPAGATE` (the default), `FUSEDOPT_NON_FINITE_SKIP`,
- * `FUSEDOPT_NON_FINITE_ERROR`.
+ * `FUSEDOPT_NON_FINITE_ERROR`. The `non_finite` field of `fusedopt_set_settings`.
  *
  * # Errors
  * `FUSEDOPT_ERROR_NULL`; `FUSEDOPT_ERROR_INVALID_ARGUMENT` for another value.
@@ -473,6 +616,21 @@ enum fusedopt_status fusedopt_set_non_finite(struct fusedopt_optimizer *opt,
  */
 enum fusedopt_status fusedopt_get_non_finite(const struct fusedopt_optimizer *opt,
                                              fusedopt_non_finite *policy);
+
+/**
+ * Sets the format the optimizer state is kept in, by name: `"f32"` (the default), `"bf16"`
+ * (stochastic rounding) or `"q8"` (8-bit codes in blocks of 256 with an f32 scale). Only before
+ * the first step (or after `fusedopt_reset`), or to the format already in use. The
+ * `state_format` field of `fusedopt_set_settings`.
+ *
+ * # Errors
+ * `FUSEDOPT_ERROR_NULL`; `FUSEDOPT_ERROR_INVALID_ARGUMENT` for another name, or when
+ * the state is already held in another format.
+ *
+ * # Safety
+ * `opt` is NULL or a live handle; `format` is NULL or a NUL-terminated string.
+ */
+enum fusedopt_status fusedopt_set_state_format(struct fusedopt_optimizer *opt, const char *format);
 
 /**
  * Gives the tensors of later steps their own learning-rate scale and weight decay: `groups[i]`
@@ -507,20 +665,6 @@ enum fusedopt_status fusedopt_set_param_groups(struct fusedopt_optimizer *opt,
 enum fusedopt_status fusedopt_set_tensor_names(struct fusedopt_optimizer *opt,
                                                const char *const *names,
                                                size_t count);
-
-/**
- * Sets the format the optimizer state is kept in: `"f32"` (the default), `"bf16"` (stochastic
- * rounding) or `"q8"` (8-bit codes in blocks of 256 with an f32 scale). Only before the first
- * step (or after `fusedopt_reset`), or to the format already in use.
- *
- * # Errors
- * `FUSEDOPT_ERROR_NULL`; `FUSEDOPT_ERROR_INVALID_ARGUMENT` for another name, or when
- * the state is already held in another format.
- *
- * # Safety
- * `opt` is NULL or a live handle; `format` is NULL or a NUL-terminated string.
- */
-enum fusedopt_status fusedopt_set_state_format(struct fusedopt_optimizer *opt, const char *format);
 
 /**
  * Reads the optimizer's step count into `*steps` (steps taken, skipped ones excluded).
@@ -580,25 +724,6 @@ enum fusedopt_status fusedopt_load_state(struct fusedopt_optimizer *opt, const c
  * `opt` is NULL or a live handle.
  */
 enum fusedopt_status fusedopt_reset(struct fusedopt_optimizer *opt);
-
-/**
- * For measuring this ABI's overhead: runs `iterations` steps of the one tensor `weights` /
- * `grads` (`len` floats each) through the Rust API directly (`Optimizer::step` on the handle's
- * optimizer, no checks of this layer) and writes the elapsed seconds into `*seconds`. The
- * steps are real: weights and state change as with `fusedopt_step`.
- *
- * # Errors
- * As `fusedopt_step`, from the first failing step (earlier steps stay applied).
- *
- * # Safety
- * As `fusedopt_step`; `seconds` is NULL or valid for a write.
- */
-enum fusedopt_status fusedopt_time_rust_steps(struct fusedopt_optimizer *opt,
-                                              float *weights,
-                                              const float *grads,
-                                              size_t len,
-                                              uint64_t iterations,
-                                              double *seconds);
 
 #ifdef __cplusplus
 }  // extern "C"

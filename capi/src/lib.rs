@@ -42,10 +42,10 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(clippy::undocumented_unsafe_blocks)]
 
-use fusedopt::half::{bf16, f16};
+use fusedopt::raw::{RawError, RawTensors};
 use fusedopt::{
-    Element, NonFinite, Optimizer, OptimizerConfig, ParamGroup, StateError, StateFormat, StepError,
-    StepReport,
+    Backend, Dtype, NonFinite, Optimizer, OptimizerConfig, ParamGroup, Settings, SimdLevel,
+    StateError, StateFormat, StepError, StepReport,
 };
 use std::cell::{RefCell, UnsafeCell};
 use std::ffi::{CStr, CString, c_char, c_void};
@@ -112,6 +112,68 @@ pub const FUSEDOPT_NON_FINITE_SKIP: fusedopt_non_finite = 1;
 /// Refuse the step with `FUSEDOPT_ERROR_NON_FINITE`; nothing is modified.
 pub const FUSEDOPT_NON_FINITE_ERROR: fusedopt_non_finite = 2;
 
+/// Which kernels run (`fusedopt_settings.backend`). Every backend gives bitwise the same
+/// results; they differ in speed only.
+pub type fusedopt_backend = i32;
+/// The fastest SIMD tier of this CPU (the default).
+pub const FUSEDOPT_BACKEND_SIMD: fusedopt_backend = 0;
+/// The plain scalar reference kernel.
+pub const FUSEDOPT_BACKEND_SCALAR: fusedopt_backend = 1;
+/// The portable SIMD kernel.
+pub const FUSEDOPT_BACKEND_PORTABLE: fusedopt_backend = 2;
+/// The AVX2 kernel (where the CPU lacks it, the best tier below it).
+pub const FUSEDOPT_BACKEND_AVX2: fusedopt_backend = 3;
+
+/// The format the optimizer state is kept in (`fusedopt_settings.state_format`).
+pub type fusedopt_state_format = i32;
+/// 32-bit floats (the default).
+pub const FUSEDOPT_STATE_F32: fusedopt_state_format = 0;
+/// bfloat16 with stochastic rounding: half the state memory.
+pub const FUSEDOPT_STATE_BF16: fusedopt_state_format = 1;
+/// 8-bit codes in blocks of 256 with a float scale each: a quarter of the state memory.
+pub const FUSEDOPT_STATE_Q8: fusedopt_state_format = 2;
+
+/// The version of `fusedopt_settings` this header declares: set `version` to it before
+/// `fusedopt_get_settings`. A later library keeps reading and writing the fields of every earlier
+/// version, so a program built against this header keeps working.
+pub const FUSEDOPT_SETTINGS_VERSION: u32 = 1;
+
+/// How an optimizer's steps run, and their gradient hygiene: the Rust crate's `Settings`, read
+/// with `fusedopt_get_settings` and replaced, checked in full, with `fusedopt_set_settings`.
+///
+/// ```c
+/// fusedopt_settings s = {.version = FUSEDOPT_SETTINGS_VERSION};
+/// fusedopt_get_settings(opt, &s);
+/// s.grad_scale = 1024.0f;
+/// s.clip = 1;
+/// s.max_grad_norm = 1.0f;
+/// if (fusedopt_set_settings(opt, &s) != FUSEDOPT_OK) fprintf(stderr, "%s\n", fusedopt_last_error());
+/// ```
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct fusedopt_settings {
+    /// `FUSEDOPT_SETTINGS_VERSION`, set by the caller: which fields follow.
+    pub version: u32,
+    /// Which kernels run: a `fusedopt_backend` (default `FUSEDOPT_BACKEND_SIMD`).
+    pub backend: fusedopt_backend,
+    /// Threads of the optimizer's own pool; 0 (the default) runs steps on the process-wide pool.
+    pub threads: usize,
+    /// Elements per task of a step; 0 (the default) for the tuned default. Other values are
+    /// rounded up to a multiple of 16.
+    pub chunk_len: usize,
+    /// The loss scale gradients are divided by (default 1). Finite and `> 0`.
+    pub grad_scale: f32,
+    /// Nonzero: clip by global norm to `max_grad_norm`, as `torch.nn.utils.clip_grad_norm_`.
+    pub clip: i32,
+    /// The clipping norm, when `clip`. Finite and `>= 0`.
+    pub max_grad_norm: f32,
+    /// What a NaN or infinite gradient does: a `fusedopt_non_finite`.
+    pub non_finite: fusedopt_non_finite,
+    /// The format new state is created in: a `fusedopt_state_format`. Another format than that
+    /// of state already held is refused.
+    pub state_format: fusedopt_state_format,
+}
+
 /// One tensor's overrides of the configuration (`fusedopt_set_param_groups`): PyTorch's
 /// parameter groups, one entry per tensor.
 #[repr(C)]
@@ -157,10 +219,9 @@ struct Handle {
     last: fusedopt_report,
     /// A call panicked: the handle is no longer trusted.
     poisoned: bool,
-    /// The weight and gradient buffers of the last many-tensor step that passed its checks
-    /// (`check_tensors`): a trainer passes the same buffers every step, and those need no new
-    /// check.
-    disjoint: (Vec<Span>, Vec<Span>),
+    /// The buffers of the last step, checked: a trainer passes the same buffers every step,
+    /// and those need no new check.
+    raw: RawTensors,
 }
 
 /// A failed call: its status and message.
@@ -193,6 +254,18 @@ impl From<StepError> for Error {
             StepError::ThreadPool { .. } | StepError::OutOfMemory { .. } => {
                 FUSEDOPT_ERROR_RESOURCES
             }
+            _ => FUSEDOPT_ERROR_INVALID_ARGUMENT,
+        };
+        Error::new(status, e.to_string())
+    }
+}
+
+impl From<RawError> for Error {
+    fn from(e: RawError) -> Error {
+        let status = match e {
+            RawError::Null { .. } => FUSEDOPT_ERROR_NULL,
+            RawError::Overlap { .. } => FUSEDOPT_ERROR_OVERLAP,
+            RawError::Count { .. } | RawError::Length { .. } => FUSEDOPT_ERROR_LENGTH_MISMATCH,
             _ => FUSEDOPT_ERROR_INVALID_ARGUMENT,
         };
         Error::new(status, e.to_string())
@@ -363,323 +436,230 @@ unsafe fn path(s: *const c_char) -> Result<PathBuf> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Buffers
+// Conversions
 // ---------------------------------------------------------------------------------------------
 
-/// One buffer of a call, by address: `len` values of `size` bytes. Address 0 stands for a
-/// missing gradient (`span` refuses NULL buffers). A plain value rather than an `Option`, so that
-/// no byte of it is ever uninitialised (valgrind flags optimised code that selects on an absent
-/// payload).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Span {
-    addr: usize,
-    len: usize,
-    size: usize,
+/// An `INVALID_ARGUMENT` error for an enum value that is none of its constants.
+fn unknown(what: &str, value: i32, expected: &str) -> Error {
+    Error::new(
+        FUSEDOPT_ERROR_INVALID_ARGUMENT,
+        format!("unknown {what} {value}, expected {expected}"),
+    )
 }
 
-impl Span {
-    /// No buffer: a tensor without a gradient.
-    const MISSING: Span = Span {
-        addr: 0,
-        len: 0,
-        size: 0,
-    };
-
-    /// Whether this is a buffer, not [`Span::MISSING`].
-    fn present(self) -> bool {
-        self.addr != 0
-    }
-
-    /// One past the last byte.
-    fn end(self) -> usize {
-        self.addr + self.len * self.size
-    }
-}
-
-/// The element size of `dtype`.
-fn dtype_size(dtype: fusedopt_dtype, what: &str) -> Result<usize> {
+/// The crate's dtype of `dtype`.
+fn dtype(dtype: fusedopt_dtype, what: &str) -> Result<Dtype> {
     match dtype {
-        FUSEDOPT_DTYPE_F32 => Ok(4),
-        FUSEDOPT_DTYPE_BF16 | FUSEDOPT_DTYPE_F16 => Ok(2),
-        other => Err(Error::new(
-            FUSEDOPT_ERROR_INVALID_ARGUMENT,
-            format!(
-                "{what}: unknown dtype {other}, expected FUSEDOPT_DTYPE_F32 (0), \
-                 FUSEDOPT_DTYPE_BF16 (1) or FUSEDOPT_DTYPE_F16 (2)"
-            ),
+        FUSEDOPT_DTYPE_F32 => Ok(Dtype::F32),
+        FUSEDOPT_DTYPE_BF16 => Ok(Dtype::Bf16),
+        FUSEDOPT_DTYPE_F16 => Ok(Dtype::F16),
+        other => Err(unknown(
+            &format!("dtype of {what}"),
+            other,
+            "FUSEDOPT_DTYPE_F32 (0), FUSEDOPT_DTYPE_BF16 (1) or FUSEDOPT_DTYPE_F16 (2)",
         )),
     }
 }
 
-/// Checks the buffer `ptr` of `len` values of `size` bytes: not NULL, aligned, and within the
-/// address space (`isize::MAX` bytes). A zero-length buffer is not read; its pointer may be
-/// anything but NULL.
-fn span(ptr: *const c_void, len: usize, size: usize, what: &dyn Fn() -> String) -> Result<Span> {
-    if ptr.is_null() {
-        return Err(Error::new(
-            FUSEDOPT_ERROR_NULL,
-            format!("{} is NULL", what()),
-        ));
+/// The crate's policy of `policy`.
+fn non_finite(policy: fusedopt_non_finite) -> Result<NonFinite> {
+    match policy {
+        FUSEDOPT_NON_FINITE_PROPAGATE => Ok(NonFinite::Propagate),
+        FUSEDOPT_NON_FINITE_SKIP => Ok(NonFinite::Skip),
+        FUSEDOPT_NON_FINITE_ERROR => Ok(NonFinite::Error),
+        other => Err(unknown(
+            "non-finite policy",
+            other,
+            "FUSEDOPT_NON_FINITE_PROPAGATE (0), _SKIP (1) or _ERROR (2)",
+        )),
     }
-    let addr = ptr as usize;
-    if len == 0 {
-        return Ok(Span { addr, len, size });
-    }
-    if !addr.is_multiple_of(size) {
-        return Err(Error::new(
-            FUSEDOPT_ERROR_INVALID_ARGUMENT,
-            format!(
-                "{} at {addr:#x} is not aligned to its {size}-byte elements",
-                what()
-            ),
-        ));
-    }
-    let fits = len
-        .checked_mul(size)
-        .and_then(|bytes| addr.checked_add(bytes))
-        .is_some_and(|end| end <= isize::MAX as usize);
-    if !fits {
-        return Err(Error::new(
-            FUSEDOPT_ERROR_INVALID_ARGUMENT,
-            format!(
-                "{} of {len} elements at {addr:#x} exceeds the address space",
-                what()
-            ),
-        ));
-    }
-    Ok(Span { addr, len, size })
 }
 
-/// Refuses weights that overlap each other or a gradient (gradients may share memory with each
-/// other: they are only read). `weights[i]` and `grads[i]` are tensor `i`'s.
-fn check_disjoint(weights: &[Span], grads: &[Span]) -> Result<()> {
-    let overlap = |a: Span, b: Span| a.len > 0 && b.len > 0 && a.addr < b.end() && b.addr < a.end();
-    if let ([w], [g]) = (weights, grads) {
-        // One tensor: no sorting.
-        return match g {
-            g if overlap(*w, *g) => Err(overlap_error(0, "gradients", 0)),
-            _ => Ok(()),
-        };
+/// `policy` as a `fusedopt_non_finite`.
+fn non_finite_code(policy: NonFinite) -> fusedopt_non_finite {
+    match policy {
+        NonFinite::Skip => FUSEDOPT_NON_FINITE_SKIP,
+        NonFinite::Error => FUSEDOPT_NON_FINITE_ERROR,
+        _ => FUSEDOPT_NON_FINITE_PROPAGATE,
     }
-    let mut by_addr: Vec<(Span, usize)> = weights
-        .iter()
-        .copied()
-        .enumerate()
-        .filter(|(_, s)| s.len > 0)
-        .map(|(i, s)| (s, i))
-        .collect();
-    by_addr.sort_unstable_by_key(|(s, _)| s.addr);
-    for pair in by_addr.windows(2) {
-        let ((a, i), (b, j)) = (pair[0], pair[1]);
-        if overlap(a, b) {
-            return Err(overlap_error(i.min(j), "weights", i.max(j)));
-        }
-    }
-    for (j, g) in grads.iter().enumerate() {
-        let g = *g;
-        if g.len == 0 {
-            continue;
-        }
-        // The weights starting before the gradient ends; only the last of them can reach it,
-        // since the weights are disjoint and sorted.
-        let before = by_addr.partition_point(|(w, _)| w.addr < g.end());
-        if let Some(&(w, i)) = before.checked_sub(1).map(|k| &by_addr[k])
-            && overlap(w, g)
+}
+
+/// The crate's settings of `s` (a version checked by the caller).
+fn settings_of(s: &fusedopt_settings) -> Result<Settings> {
+    let backend = match s.backend {
+        FUSEDOPT_BACKEND_SIMD => Backend::Simd,
+        FUSEDOPT_BACKEND_SCALAR => Backend::Scalar,
+        // The tiers, in the order of SimdLevel::ALL, after the scalar one.
+        b => match usize::try_from(b)
+            .ok()
+            .and_then(|b| SimdLevel::ALL.get(b - 1))
         {
-            return Err(overlap_error(i, "gradients", j));
+            Some(&level) => Backend::Level(level),
+            None => {
+                let last = SimdLevel::ALL.len() as i32;
+                return Err(unknown("backend", b, &format!("0 to {last}")));
+            }
+        },
+    };
+    let state_format = match usize::try_from(s.state_format)
+        .ok()
+        .and_then(|f| StateFormat::ALL.get(f))
+    {
+        Some(&f) => f,
+        None => {
+            return Err(unknown(
+                "state format",
+                s.state_format,
+                "FUSEDOPT_STATE_F32 (0), _BF16 (1) or _Q8 (2)",
+            ));
         }
+    };
+    Ok(Settings::default()
+        .with_backend(backend)
+        .with_threads(s.threads)
+        .with_chunk_len(s.chunk_len)
+        .with_grad_scale(s.grad_scale)
+        .with_max_grad_norm((s.clip != 0).then_some(s.max_grad_norm))
+        .with_non_finite(non_finite(s.non_finite)?)
+        .with_state_format(state_format))
+}
+
+/// `s` as a `fusedopt_settings` of the current version.
+fn settings_struct(s: &Settings) -> fusedopt_settings {
+    let index_of = |level| SimdLevel::ALL.iter().position(|&l| l == level);
+    let backend = match s.backend {
+        Backend::Simd => FUSEDOPT_BACKEND_SIMD,
+        Backend::Scalar => FUSEDOPT_BACKEND_SCALAR,
+        Backend::Level(level) => index_of(level).map_or(FUSEDOPT_BACKEND_SIMD, |i| i as i32 + 1),
+    };
+    let format = StateFormat::ALL.iter().position(|&f| f == s.state_format);
+    fusedopt_settings {
+        version: FUSEDOPT_SETTINGS_VERSION,
+        backend,
+        threads: s.threads,
+        chunk_len: s.chunk_len,
+        grad_scale: s.grad_scale,
+        clip: s.max_grad_norm.is_some().into(),
+        max_grad_norm: s.max_grad_norm.unwrap_or(0.0),
+        non_finite: non_finite_code(s.non_finite),
+        state_format: format.map_or(FUSEDOPT_STATE_F32, |f| f as i32),
     }
-    Ok(())
 }
 
-fn overlap_error(i: usize, other: &str, j: usize) -> Error {
-    Error::new(
-        FUSEDOPT_ERROR_OVERLAP,
-        format!("the weights of tensor {i} overlap the {other} of tensor {j}"),
-    )
+/// Refuses a `fusedopt_settings` version this library does not know.
+fn check_version(version: u32) -> Result<()> {
+    if version == FUSEDOPT_SETTINGS_VERSION {
+        return Ok(());
+    }
+    Err(Error::new(
+        FUSEDOPT_ERROR_INVALID_ARGUMENT,
+        format!(
+            "fusedopt_settings version {version}: this library reads version \
+             {FUSEDOPT_SETTINGS_VERSION} (set .version = FUSEDOPT_SETTINGS_VERSION)"
+        ),
+    ))
 }
 
-/// Tensor `i`'s buffer pointer from the array `ptrs`.
+/// Replaces the settings of `opt` with `change` of them.
+///
+/// # Safety
+/// `opt` is NULL or a live handle.
+unsafe fn change_settings(
+    opt: *mut fusedopt_optimizer,
+    change: impl FnOnce(Settings) -> Result<Settings>,
+) -> fusedopt_status {
+    let call = |h: &mut Handle| -> Result<()> {
+        let settings = change(*h.opt.settings())?;
+        Ok(h.opt.set_settings(settings)?)
+    };
+    // SAFETY: the caller's contract.
+    unsafe { with_handle(opt, call) }
+}
+
+/// Writes `read` of the settings of `opt` to `out`.
+///
+/// # Safety
+/// `opt` is NULL or a live handle; `out` is NULL or valid for a write.
+unsafe fn read_setting<T>(
+    opt: *const fusedopt_optimizer,
+    out: *mut T,
+    what: &str,
+    read: impl FnOnce(&Settings) -> T,
+) -> fusedopt_status {
+    let call = |h: &mut Handle| -> Result<()> {
+        // SAFETY: `out` is NULL or valid for a write (the caller's contract).
+        unsafe { put(out, what, read(h.opt.settings())) }
+    };
+    // SAFETY: `opt` is NULL or a live handle (the caller's contract).
+    unsafe { with_handle(opt, call) }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Buffers
+// ---------------------------------------------------------------------------------------------
+
+/// Tensor `i`'s entry of the array `ptrs`, as an address.
 ///
 /// # Safety
 /// `ptrs` holds at least `i + 1` pointers.
-unsafe fn nth<T>(ptrs: *const *const T, i: usize) -> *const T {
+unsafe fn nth<T>(ptrs: *const *const T, i: usize) -> usize {
     // SAFETY: the caller's contract.
-    unsafe { ptrs.add(i).read() }
+    unsafe { ptrs.add(i).read() as usize }
 }
 
-/// Checks the arrays of a many-tensor step and leaves the spans of its weights and gradients in
-/// `checked` (`Span::MISSING`: no gradient, when `partial`). `checked` holds the spans of the
-/// last call that passed: a trainer passes the same buffers every step, and when every pointer
-/// and length is that call's, nothing needs checking again. On error `checked` is unchanged.
+/// One step of the handle over the buffers it holds, checked.
 ///
 /// # Safety
-/// Each non-NULL array holds `count` entries.
+/// The buffers are live memory of their lengths, not otherwise accessed during the call.
+unsafe fn step_held(h: &mut Handle) -> Result<()> {
+    // SAFETY: the caller's contract; `RawTensors` checked alignment, extent and overlap.
+    let report = unsafe { h.raw.step(&mut *h.opt) }?;
+    h.last = report_of(&report);
+    Ok(())
+}
+
+/// A many-tensor step of any dtypes (`partial`: a NULL gradient is none this step).
+///
+/// # Safety
+/// As `fusedopt_step_many_typed`.
 #[allow(clippy::too_many_arguments)]
-unsafe fn check_tensors(
-    checked: &mut (Vec<Span>, Vec<Span>),
+unsafe fn step_arrays(
+    opt: *mut fusedopt_optimizer,
+    weight_dtype: fusedopt_dtype,
     weights: *const *const c_void,
-    weight_size: usize,
+    grad_dtype: fusedopt_dtype,
     grads: *const *const c_void,
-    grad_size: usize,
     lens: *const usize,
     count: usize,
     partial: bool,
-) -> Result<()> {
-    for (array, name) in [
-        (weights as *const c_void, "the array of weight pointers"),
-        (grads as *const c_void, "the array of gradient pointers"),
-        (lens as *const c_void, "the array of lengths"),
-    ] {
-        if array.is_null() && count > 0 {
-            return Err(Error::new(FUSEDOPT_ERROR_NULL, format!("{name} is NULL")));
+) -> fusedopt_status {
+    let call = |h: &mut Handle| -> Result<()> {
+        let (wd, gd) = (
+            dtype(weight_dtype, "the weights")?,
+            dtype(grad_dtype, "the gradients")?,
+        );
+        for (array, name) in [
+            (weights as *const c_void, "the array of weight pointers"),
+            (grads as *const c_void, "the array of gradient pointers"),
+            (lens as *const c_void, "the array of lengths"),
+        ] {
+            if array.is_null() && count > 0 {
+                return Err(Error::new(FUSEDOPT_ERROR_NULL, format!("{name} is NULL")));
+            }
         }
-    }
-    // SAFETY: the arrays hold `count` entries (the caller's contract), and `i < count`.
-    let entry = |i: usize| unsafe { (nth(weights, i), nth(grads, i), lens.add(i).read()) };
-    let same = checked.0.len() == count
-        && (0..count).all(|i| {
-            let (w, g, len) = entry(i);
-            let (cw, cg) = (checked.0[i], checked.1[i]);
-            let same_g = if partial && g.is_null() {
-                cg == Span::MISSING
-            } else {
-                !g.is_null() && cg.addr == g as usize && cg.len == len && cg.size == grad_size
-            };
-            same_g && cw.addr == w as usize && cw.len == len && cw.size == weight_size
-        });
-    if same {
-        return Ok(());
-    }
-    let mut w_spans = Vec::with_capacity(count);
-    let mut g_spans = Vec::with_capacity(count);
-    for i in 0..count {
-        let (w, g, len) = entry(i);
-        w_spans.push(span(w, len, weight_size, &|| {
-            format!("the weights of tensor {i}")
-        })?);
-        g_spans.push(if partial && g.is_null() {
-            Span::MISSING
-        } else {
-            span(g, len, grad_size, &|| {
-                format!("the gradients of tensor {i}")
-            })?
-        });
-    }
-    check_disjoint(&w_spans, &g_spans)?;
-    *checked = (w_spans, g_spans);
-    Ok(())
-}
-
-/// One tensor's checked `f32` weights and gradients as slices.
-///
-/// # Safety
-/// Both spans are live memory of `len` floats (`span` checked alignment and extent), the
-/// weights not otherwise accessed during the returned borrows, and the two disjoint.
-unsafe fn f32_slices<'a>(w: Span, g: Span) -> (&'a mut [f32], &'a [f32]) {
-    // SAFETY: the function's contract. Empty slices are made from nothing: `span` does not
-    // check the alignment of a zero-length buffer's pointer.
-    unsafe {
-        (
-            match w.len {
-                0 => &mut [],
-                n => std::slice::from_raw_parts_mut(w.addr as *mut f32, n),
-            },
-            match g.len {
-                0 => &[],
-                n => std::slice::from_raw_parts(g.addr as *const f32, n),
-            },
-        )
-    }
-}
-
-/// Steps the checked buffers as weights of `E` and gradients of `F`.
-///
-/// # Safety
-/// Every non-empty span is live memory of `len` values, not accessed otherwise during the call;
-/// the weights are disjoint from each other and from the gradients (`check_tensors` checked that).
-unsafe fn step_spans<E: Element, F: Element>(
-    opt: &mut dyn Optimizer,
-    weights: &[Span],
-    grads: &[Span],
-    partial: bool,
-) -> Result<StepReport> {
-    let mut w: Vec<&mut [E]> = weights
-        .iter()
-        .map(|s| match s.len {
-            0 => &mut [][..],
-            // SAFETY: the function's contract; `span` checked alignment and extent.
-            n => unsafe { std::slice::from_raw_parts_mut(s.addr as *mut E, n) },
-        })
-        .collect();
-    let slice = |g: &Span| -> &[F] {
-        match g.len {
-            0 => &[],
-            // SAFETY: as above.
-            n => unsafe { std::slice::from_raw_parts(g.addr as *const F, n) },
-        }
+        // SAFETY: each array holds `count` entries (the caller's contract), and `i < count`.
+        let len = |i: usize| unsafe { lens.add(i).read() };
+        // SAFETY: as above.
+        let w = (0..count).map(|i| (unsafe { nth(weights, i) }, len(i)));
+        // SAFETY: as above.
+        let g = (0..count).map(|i| (unsafe { nth(grads, i) }, len(i)));
+        h.raw.set_weights(wd, w)?;
+        h.raw.set_grads(gd, g, partial)?;
+        // SAFETY: the buffers are live and not otherwise accessed (the caller's contract).
+        unsafe { step_held(h) }
     };
-    let report = if partial {
-        let g: Vec<Option<&[F]>> = grads
-            .iter()
-            .map(|g| g.present().then(|| slice(g)))
-            .collect();
-        opt.step_partial_typed(&mut w, &g)?
-    } else {
-        let g: Vec<&[F]> = grads.iter().map(slice).collect();
-        opt.step_all_typed(&mut w, &g)?
-    };
-    Ok(report)
-}
-
-/// Steps with the checked spans, dispatching on the dtypes.
-///
-/// # Safety
-/// As `step_spans`.
-unsafe fn step_typed(
-    handle: &mut Handle,
-    weight_dtype: fusedopt_dtype,
-    weights: &[Span],
-    grad_dtype: fusedopt_dtype,
-    grads: &[Span],
-    partial: bool,
-) -> Result<()> {
-    let opt = &mut *handle.opt;
-    // SAFETY: in each arm, the function's contract, with spans sized for these element types.
-    let report = unsafe {
-        match (weight_dtype, grad_dtype) {
-            (FUSEDOPT_DTYPE_F32, FUSEDOPT_DTYPE_F32) => {
-                step_spans::<f32, f32>(opt, weights, grads, partial)
-            }
-            (FUSEDOPT_DTYPE_F32, FUSEDOPT_DTYPE_BF16) => {
-                step_spans::<f32, bf16>(opt, weights, grads, partial)
-            }
-            (FUSEDOPT_DTYPE_F32, FUSEDOPT_DTYPE_F16) => {
-                step_spans::<f32, f16>(opt, weights, grads, partial)
-            }
-            (FUSEDOPT_DTYPE_BF16, FUSEDOPT_DTYPE_F32) => {
-                step_spans::<bf16, f32>(opt, weights, grads, partial)
-            }
-            (FUSEDOPT_DTYPE_BF16, FUSEDOPT_DTYPE_BF16) => {
-                step_spans::<bf16, bf16>(opt, weights, grads, partial)
-            }
-            (FUSEDOPT_DTYPE_BF16, FUSEDOPT_DTYPE_F16) => {
-                step_spans::<bf16, f16>(opt, weights, grads, partial)
-            }
-            (FUSEDOPT_DTYPE_F16, FUSEDOPT_DTYPE_F32) => {
-                step_spans::<f16, f32>(opt, weights, grads, partial)
-            }
-            (FUSEDOPT_DTYPE_F16, FUSEDOPT_DTYPE_BF16) => {
-                step_spans::<f16, bf16>(opt, weights, grads, partial)
-            }
-            (FUSEDOPT_DTYPE_F16, FUSEDOPT_DTYPE_F16) => {
-                step_spans::<f16, f16>(opt, weights, grads, partial)
-            }
-            _ => unreachable!("dtypes checked by dtype_size"),
-        }
-    }?;
-    handle.last = report_of(&report);
-    Ok(())
+    // SAFETY: `opt` is NULL or a live handle (the caller's contract).
+    unsafe { with_handle(opt, call) }
 }
 
 /// The report before any step, or after a load or reset: at step `step`, not skipped, no norm.
@@ -699,40 +679,6 @@ fn report_of(r: &StepReport) -> fusedopt_report {
         has_grad_norm: r.grad_norm.is_some().into(),
         grad_norm: r.grad_norm.unwrap_or(0.0),
     }
-}
-
-/// A many-tensor step of any dtypes.
-///
-/// # Safety
-/// As `fusedopt_step_many_typed`.
-#[allow(clippy::too_many_arguments)]
-unsafe fn step_arrays(
-    opt: *mut fusedopt_optimizer,
-    weight_dtype: fusedopt_dtype,
-    weights: *const *const c_void,
-    grad_dtype: fusedopt_dtype,
-    grads: *const *const c_void,
-    lens: *const usize,
-    count: usize,
-    partial: bool,
-) -> fusedopt_status {
-    let call = |h: &mut Handle| -> Result<()> {
-        let ws = dtype_size(weight_dtype, "the weights")?;
-        let gs = dtype_size(grad_dtype, "the gradients")?;
-        let mut spans = std::mem::take(&mut h.disjoint);
-        // SAFETY: the arrays hold `count` entries (the caller's contract).
-        let result =
-            unsafe { check_tensors(&mut spans, weights, ws, grads, gs, lens, count, partial) }
-                .and_then(|()| {
-                    // SAFETY: the buffers are live and not otherwise accessed (the caller's contract);
-                    // `check_tensors` checked them and their disjointness.
-                    unsafe { step_typed(h, weight_dtype, &spans.0, grad_dtype, &spans.1, partial) }
-                });
-        h.disjoint = spans;
-        result
-    };
-    // SAFETY: `opt` is NULL or a live handle (the caller's contract).
-    unsafe { with_handle(opt, call) }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -828,7 +774,7 @@ pub unsafe extern "C" fn fusedopt_new(
                 opt: config.build(),
                 last: report_at(0),
                 poisoned: false,
-                disjoint: (Vec::new(), Vec::new()),
+                raw: RawTensors::default(),
             }),
         });
         // SAFETY: non-null, valid for a write (the caller's contract).
@@ -890,23 +836,12 @@ pub unsafe extern "C" fn fusedopt_step(
     grads_len: usize,
 ) -> fusedopt_status {
     let call = |h: &mut Handle| -> Result<()> {
-        let w = span(weights.cast(), weights_len, 4, &|| "the weights".into())?;
-        let g = span(grads.cast(), grads_len, 4, &|| "the gradients".into())?;
-        if w.len != g.len {
-            return Err(StepError::LengthMismatch {
-                tensor: 0,
-                weights: w.len,
-                grads: g.len,
-            }
-            .into());
-        }
-        check_disjoint(&[w], &[g])?;
-        // SAFETY: the buffers are live and not otherwise accessed (the caller's contract),
-        // checked above and disjoint.
-        let (w, g) = unsafe { f32_slices(w, g) };
-        let report = h.opt.step(w, g)?;
-        h.last = report_of(&report);
-        Ok(())
+        h.raw
+            .set_weights(Dtype::F32, [(weights as usize, weights_len)])?;
+        h.raw
+            .set_grads(Dtype::F32, [(grads as usize, grads_len)], false)?;
+        // SAFETY: the buffers are live and not otherwise accessed (the caller's contract).
+        unsafe { step_held(h) }
     };
     // SAFETY: `opt` is NULL or a live handle (the caller's contract).
     unsafe { with_handle(opt, call) }
@@ -1140,9 +1075,69 @@ pub unsafe extern "C" fn fusedopt_get_config(
     unsafe { with_handle(opt, call) }
 }
 
+/// Reads the settings into `*settings`, whose `version` the caller sets first (to
+/// `FUSEDOPT_SETTINGS_VERSION`): the fields of that version are written.
+///
+/// # Errors
+/// `FUSEDOPT_ERROR_NULL`; `FUSEDOPT_ERROR_INVALID_ARGUMENT` for a version this library does not
+/// know (`*settings` is then left alone).
+///
+/// # Safety
+/// `opt` is NULL or a live handle; `settings` is NULL or valid for reads and writes of a
+/// `fusedopt_settings` of its version.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fusedopt_get_settings(
+    opt: *const fusedopt_optimizer,
+    settings: *mut fusedopt_settings,
+) -> fusedopt_status {
+    let call = |h: &mut Handle| -> Result<()> {
+        if settings.is_null() {
+            return Err(Error::new(FUSEDOPT_ERROR_NULL, "the settings are NULL"));
+        }
+        // SAFETY: non-null and valid for reads (the caller's contract); the version comes first
+        // in every version of the struct.
+        check_version(unsafe { settings.cast::<u32>().read_unaligned() })?;
+        // SAFETY: valid for a write of this version (the caller's contract).
+        unsafe { put(settings, "the settings", settings_struct(h.opt.settings())) }
+    };
+    // SAFETY: `opt` is NULL or a live handle (the caller's contract).
+    unsafe { with_handle(opt, call) }
+}
+
+/// Replaces the settings of later steps with `*settings`, checked in full first (ranges, enum
+/// values, the state format against state already held); a new thread count starts the
+/// optimizer's own pool. The per-setting functions below are shorthands for it.
+///
+/// # Errors
+/// `FUSEDOPT_ERROR_NULL`; `FUSEDOPT_ERROR_INVALID_ARGUMENT` for an unknown version or enum
+/// value, a value out of range, or another state format than that of the state held;
+/// `FUSEDOPT_ERROR_RESOURCES` if the threads cannot be started. Nothing changes on error.
+///
+/// # Safety
+/// `opt` is NULL or a live handle; `settings` is NULL or valid for reads of a
+/// `fusedopt_settings` of its version.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fusedopt_set_settings(
+    opt: *mut fusedopt_optimizer,
+    settings: *const fusedopt_settings,
+) -> fusedopt_status {
+    let change = |_: Settings| -> Result<Settings> {
+        if settings.is_null() {
+            return Err(Error::new(FUSEDOPT_ERROR_NULL, "the settings are NULL"));
+        }
+        // SAFETY: non-null and valid for reads (the caller's contract); the version comes first.
+        check_version(unsafe { settings.cast::<u32>().read_unaligned() })?;
+        // SAFETY: a struct of this version (the caller's contract).
+        settings_of(&unsafe { settings.read_unaligned() })
+    };
+    // SAFETY: `opt` is NULL or a live handle (the caller's contract).
+    unsafe { change_settings(opt, change) }
+}
+
 /// Runs later steps on a pool of `threads` threads that the optimizer owns; 0 (the default)
 /// runs them on the process-wide pool (one thread per core). A step whose tensors fit in one
 /// chunk runs on the calling thread either way. Results are bitwise the same for any count.
+/// The `threads` field of `fusedopt_set_settings`.
 ///
 /// # Errors
 /// `FUSEDOPT_ERROR_NULL`; `FUSEDOPT_ERROR_RESOURCES` if the threads cannot be started
@@ -1155,9 +1150,8 @@ pub unsafe extern "C" fn fusedopt_set_threads(
     opt: *mut fusedopt_optimizer,
     threads: usize,
 ) -> fusedopt_status {
-    let call = |h: &mut Handle| -> Result<()> { Ok(h.opt.set_threads(threads)?) };
-    // SAFETY: `opt` is NULL or a live handle (the caller's contract).
-    unsafe { with_handle(opt, call) }
+    // SAFETY: the caller's contract.
+    unsafe { change_settings(opt, |s| Ok(s.with_threads(threads))) }
 }
 
 /// Reads the thread count set by `fusedopt_set_threads` into `*threads`.
@@ -1169,17 +1163,14 @@ pub unsafe extern "C" fn fusedopt_get_threads(
     opt: *const fusedopt_optimizer,
     threads: *mut usize,
 ) -> fusedopt_status {
-    let call = |h: &mut Handle| -> Result<()> {
-        // SAFETY: the out-pointer is NULL or valid for a write (the caller's contract).
-        unsafe { put(threads, "threads", h.opt.threads()) }
-    };
-    // SAFETY: `opt` is NULL or a live handle (the caller's contract).
-    unsafe { with_handle(opt, call) }
+    // SAFETY: the caller's contract.
+    unsafe { read_setting(opt, threads, "threads", |s| s.threads) }
 }
 
 /// Sets the chunk length: steps cut tensors into chunks of this many elements, the unit of work
 /// of a thread. 0 selects the tuned default; other values are rounded up to a multiple of 16.
-/// Results are bitwise the same for any chunk length.
+/// Results are bitwise the same for any chunk length. The `chunk_len` field of
+/// `fusedopt_set_settings`.
 ///
 /// # Safety
 /// `opt` is NULL or a live handle.
@@ -1188,15 +1179,11 @@ pub unsafe extern "C" fn fusedopt_set_chunk_len(
     opt: *mut fusedopt_optimizer,
     chunk_len: usize,
 ) -> fusedopt_status {
-    let call = |h: &mut Handle| -> Result<()> {
-        h.opt.set_chunk_len(chunk_len);
-        Ok(())
-    };
-    // SAFETY: `opt` is NULL or a live handle (the caller's contract).
-    unsafe { with_handle(opt, call) }
+    // SAFETY: the caller's contract.
+    unsafe { change_settings(opt, |s| Ok(s.with_chunk_len(chunk_len))) }
 }
 
-/// Reads the chunk length in effect into `*chunk_len`.
+/// Reads the chunk length in effect (the tuned default when 0 was set) into `*chunk_len`.
 ///
 /// # Safety
 /// `opt` is NULL or a live handle; `chunk_len` is NULL or valid for a write.
@@ -1214,7 +1201,8 @@ pub unsafe extern "C" fn fusedopt_get_chunk_len(
 }
 
 /// Sets the loss scale of later steps (default 1): gradients are divided by it as they are read,
-/// so a mixed-precision trainer passes its scaled gradients unchanged.
+/// so a mixed-precision trainer passes its scaled gradients unchanged. The `grad_scale` field
+/// of `fusedopt_set_settings`.
 ///
 /// # Errors
 /// `FUSEDOPT_ERROR_NULL`; `FUSEDOPT_ERROR_INVALID_ARGUMENT` unless finite and `> 0`.
@@ -1226,18 +1214,8 @@ pub unsafe extern "C" fn fusedopt_set_grad_scale(
     opt: *mut fusedopt_optimizer,
     scale: f32,
 ) -> fusedopt_status {
-    let call = |h: &mut Handle| -> Result<()> {
-        if !(scale.is_finite() && scale > 0.0) {
-            return Err(Error::new(
-                FUSEDOPT_ERROR_INVALID_ARGUMENT,
-                format!("grad scale {scale} is invalid, expected finite and > 0"),
-            ));
-        }
-        h.opt.set_grad_scale(scale);
-        Ok(())
-    };
-    // SAFETY: `opt` is NULL or a live handle (the caller's contract).
-    unsafe { with_handle(opt, call) }
+    // SAFETY: the caller's contract.
+    unsafe { change_settings(opt, |s| Ok(s.with_grad_scale(scale))) }
 }
 
 /// Reads the loss scale into `*scale`.
@@ -1249,18 +1227,15 @@ pub unsafe extern "C" fn fusedopt_get_grad_scale(
     opt: *const fusedopt_optimizer,
     scale: *mut f32,
 ) -> fusedopt_status {
-    let call = |h: &mut Handle| -> Result<()> {
-        // SAFETY: the out-pointer is NULL or valid for a write (the caller's contract).
-        unsafe { put(scale, "scale", h.opt.grad_scale()) }
-    };
-    // SAFETY: `opt` is NULL or a live handle (the caller's contract).
-    unsafe { with_handle(opt, call) }
+    // SAFETY: the caller's contract.
+    unsafe { read_setting(opt, scale, "scale", |s| s.grad_scale) }
 }
 
 /// Clips later steps by global norm, as `torch.nn.utils.clip_grad_norm_(params, max_norm)`: the
 /// L2 norm of all gradients of a step (unscaled) gives the coefficient
 /// `min(1, max_norm / (norm + 1e-6))`, applied inside the update.
-/// `fusedopt_clear_max_grad_norm` turns clipping off.
+/// `fusedopt_clear_max_grad_norm` turns clipping off. The `clip` and `max_grad_norm` fields of
+/// `fusedopt_set_settings`.
 ///
 /// # Errors
 /// `FUSEDOPT_ERROR_NULL`; `FUSEDOPT_ERROR_INVALID_ARGUMENT` unless finite and `>= 0`.
@@ -1272,18 +1247,8 @@ pub unsafe extern "C" fn fusedopt_set_max_grad_norm(
     opt: *mut fusedopt_optimizer,
     max_norm: f32,
 ) -> fusedopt_status {
-    let call = |h: &mut Handle| -> Result<()> {
-        if !(max_norm.is_finite() && max_norm >= 0.0) {
-            return Err(Error::new(
-                FUSEDOPT_ERROR_INVALID_ARGUMENT,
-                format!("max grad norm {max_norm} is invalid, expected finite and >= 0"),
-            ));
-        }
-        h.opt.set_max_grad_norm(Some(max_norm));
-        Ok(())
-    };
-    // SAFETY: `opt` is NULL or a live handle (the caller's contract).
-    unsafe { with_handle(opt, call) }
+    // SAFETY: the caller's contract.
+    unsafe { change_settings(opt, |s| Ok(s.with_max_grad_norm(Some(max_norm)))) }
 }
 
 /// Turns clipping off (the default).
@@ -1294,12 +1259,8 @@ pub unsafe extern "C" fn fusedopt_set_max_grad_norm(
 pub unsafe extern "C" fn fusedopt_clear_max_grad_norm(
     opt: *mut fusedopt_optimizer,
 ) -> fusedopt_status {
-    let call = |h: &mut Handle| -> Result<()> {
-        h.opt.set_max_grad_norm(None);
-        Ok(())
-    };
-    // SAFETY: `opt` is NULL or a live handle (the caller's contract).
-    unsafe { with_handle(opt, call) }
+    // SAFETY: the caller's contract.
+    unsafe { change_settings(opt, |s| Ok(s.with_max_grad_norm(None))) }
 }
 
 /// Reads whether steps clip into `*enabled` (0 or 1) and the clipping norm into `*max_norm`
@@ -1317,11 +1278,11 @@ pub unsafe extern "C" fn fusedopt_get_max_grad_norm(
         if enabled.is_null() || max_norm.is_null() {
             return Err(Error::new(FUSEDOPT_ERROR_NULL, "an out-pointer is NULL"));
         }
-        let max = h.opt.max_grad_norm();
+        let s = settings_struct(h.opt.settings());
         // SAFETY: non-null, valid for a write (the caller's contract).
         unsafe {
-            put(enabled, "enabled", max.is_some().into())?;
-            put(max_norm, "max_norm", max.unwrap_or(0.0))
+            put(enabled, "enabled", s.clip)?;
+            put(max_norm, "max_norm", s.max_grad_norm)
         }
     };
     // SAFETY: `opt` is NULL or a live handle (the caller's contract).
@@ -1330,7 +1291,7 @@ pub unsafe extern "C" fn fusedopt_get_max_grad_norm(
 
 /// Chooses what later steps do with a NaN or an infinity in a gradient: one of
 /// `FUSEDOPT_NON_FINITE_PROPAGATE` (the default), `FUSEDOPT_NON_FINITE_SKIP`,
-/// `FUSEDOPT_NON_FINITE_ERROR`.
+/// `FUSEDOPT_NON_FINITE_ERROR`. The `non_finite` field of `fusedopt_set_settings`.
 ///
 /// # Errors
 /// `FUSEDOPT_ERROR_NULL`; `FUSEDOPT_ERROR_INVALID_ARGUMENT` for another value.
@@ -1342,26 +1303,8 @@ pub unsafe extern "C" fn fusedopt_set_non_finite(
     opt: *mut fusedopt_optimizer,
     policy: fusedopt_non_finite,
 ) -> fusedopt_status {
-    let call = |h: &mut Handle| -> Result<()> {
-        let policy = match policy {
-            FUSEDOPT_NON_FINITE_PROPAGATE => NonFinite::Propagate,
-            FUSEDOPT_NON_FINITE_SKIP => NonFinite::Skip,
-            FUSEDOPT_NON_FINITE_ERROR => NonFinite::Error,
-            other => {
-                return Err(Error::new(
-                    FUSEDOPT_ERROR_INVALID_ARGUMENT,
-                    format!(
-                        "unknown non-finite policy {other}, expected \
-                         FUSEDOPT_NON_FINITE_PROPAGATE (0), _SKIP (1) or _ERROR (2)"
-                    ),
-                ));
-            }
-        };
-        h.opt.set_non_finite(policy);
-        Ok(())
-    };
-    // SAFETY: `opt` is NULL or a live handle (the caller's contract).
-    unsafe { with_handle(opt, call) }
+    // SAFETY: the caller's contract.
+    unsafe { change_settings(opt, |s| Ok(s.with_non_finite(non_finite(policy)?))) }
 }
 
 /// Reads the non-finite policy into `*policy`.
@@ -1373,17 +1316,36 @@ pub unsafe extern "C" fn fusedopt_get_non_finite(
     opt: *const fusedopt_optimizer,
     policy: *mut fusedopt_non_finite,
 ) -> fusedopt_status {
-    let call = |h: &mut Handle| -> Result<()> {
-        let value = match h.opt.non_finite() {
-            NonFinite::Skip => FUSEDOPT_NON_FINITE_SKIP,
-            NonFinite::Error => FUSEDOPT_NON_FINITE_ERROR,
-            _ => FUSEDOPT_NON_FINITE_PROPAGATE,
-        };
-        // SAFETY: NULL or valid for a write (the caller's contract).
-        unsafe { put(policy, "policy", value) }
+    // SAFETY: the caller's contract.
+    unsafe { read_setting(opt, policy, "policy", |s| non_finite_code(s.non_finite)) }
+}
+
+/// Sets the format the optimizer state is kept in, by name: `"f32"` (the default), `"bf16"`
+/// (stochastic rounding) or `"q8"` (8-bit codes in blocks of 256 with an f32 scale). Only before
+/// the first step (or after `fusedopt_reset`), or to the format already in use. The
+/// `state_format` field of `fusedopt_set_settings`.
+///
+/// # Errors
+/// `FUSEDOPT_ERROR_NULL`; `FUSEDOPT_ERROR_INVALID_ARGUMENT` for another name, or when
+/// the state is already held in another format.
+///
+/// # Safety
+/// `opt` is NULL or a live handle; `format` is NULL or a NUL-terminated string.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fusedopt_set_state_format(
+    opt: *mut fusedopt_optimizer,
+    format: *const c_char,
+) -> fusedopt_status {
+    let change = |s: Settings| -> Result<Settings> {
+        // SAFETY: the caller's contract.
+        let name = unsafe { utf8(format, "the state format")? };
+        let format: StateFormat = name
+            .parse()
+            .map_err(|e: String| Error::new(FUSEDOPT_ERROR_INVALID_ARGUMENT, e))?;
+        Ok(s.with_state_format(format))
     };
     // SAFETY: `opt` is NULL or a live handle (the caller's contract).
-    unsafe { with_handle(opt, call) }
+    unsafe { change_settings(opt, change) }
 }
 
 /// Gives the tensors of later steps their own learning-rate scale and weight decay: `groups[i]`
@@ -1446,36 +1408,9 @@ pub unsafe extern "C" fn fusedopt_set_tensor_names(
         }
         let names: Vec<&str> = (0..count)
             // SAFETY: `names` holds `count` pointers, each NULL or a string.
-            .map(|i| unsafe { utf8(nth(names, i), &format!("the name of tensor {i}")) })
+            .map(|i| unsafe { utf8(names.add(i).read(), &format!("the name of tensor {i}")) })
             .collect::<Result<_>>()?;
         Ok(h.opt.set_tensor_names(&names)?)
-    };
-    // SAFETY: `opt` is NULL or a live handle (the caller's contract).
-    unsafe { with_handle(opt, call) }
-}
-
-/// Sets the format the optimizer state is kept in: `"f32"` (the default), `"bf16"` (stochastic
-/// rounding) or `"q8"` (8-bit codes in blocks of 256 with an f32 scale). Only before the first
-/// step (or after `fusedopt_reset`), or to the format already in use.
-///
-/// # Errors
-/// `FUSEDOPT_ERROR_NULL`; `FUSEDOPT_ERROR_INVALID_ARGUMENT` for another name, or when
-/// the state is already held in another format.
-///
-/// # Safety
-/// `opt` is NULL or a live handle; `format` is NULL or a NUL-terminated string.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn fusedopt_set_state_format(
-    opt: *mut fusedopt_optimizer,
-    format: *const c_char,
-) -> fusedopt_status {
-    let call = |h: &mut Handle| -> Result<()> {
-        // SAFETY: the caller's contract.
-        let name = unsafe { utf8(format, "the state format")? };
-        let format: StateFormat = name
-            .parse()
-            .map_err(|e: String| Error::new(FUSEDOPT_ERROR_INVALID_ARGUMENT, e))?;
-        Ok(h.opt.set_state_format(format)?)
     };
     // SAFETY: `opt` is NULL or a live handle (the caller's contract).
     unsafe { with_handle(opt, call) }
@@ -1586,9 +1521,10 @@ pub unsafe extern "C" fn fusedopt_reset(opt: *mut fusedopt_optimizer) -> fusedop
     unsafe { with_handle(opt, call) }
 }
 
-/// For measuring this ABI's overhead: runs `iterations` steps of the one tensor `weights` /
+/// For measuring this ABI's overhead, and not in the header (the benchmark of
+/// `tests/test_capi.c` declares it): runs `iterations` steps of the one tensor `weights` /
 /// `grads` (`len` floats each) through the Rust API directly (`Optimizer::step` on the handle's
-/// optimizer, no checks of this layer) and writes the elapsed seconds into `*seconds`. The
+/// optimizer, no conversion of this layer) and writes the elapsed seconds into `*seconds`. The
 /// steps are real: weights and state change as with `fusedopt_step`.
 ///
 /// # Errors
@@ -1609,11 +1545,21 @@ pub unsafe extern "C" fn fusedopt_time_rust_steps(
         if seconds.is_null() {
             return Err(Error::new(FUSEDOPT_ERROR_NULL, "seconds is NULL"));
         }
-        let w = span(weights.cast(), len, 4, &|| "the weights".into())?;
-        let g = span(grads.cast(), len, 4, &|| "the gradients".into())?;
-        check_disjoint(&[w], &[g])?;
-        // SAFETY: checked above; live and not otherwise accessed (the caller's contract).
-        let (w, g) = unsafe { f32_slices(w, g) };
+        // The checks of `fusedopt_step`, once.
+        let mut checked = RawTensors::default();
+        checked.set_weights(Dtype::F32, [(weights as usize, len)])?;
+        checked.set_grads(Dtype::F32, [(grads as usize, len)], false)?;
+        let (w, g): (&mut [f32], &[f32]) = match len {
+            0 => (&mut [], &[]),
+            // SAFETY: checked above (non-null, aligned, disjoint); live and not otherwise
+            // accessed (the caller's contract).
+            n => unsafe {
+                (
+                    std::slice::from_raw_parts_mut(weights, n),
+                    std::slice::from_raw_parts(grads, n),
+                )
+            },
+        };
         let start = std::time::Instant::now();
         for _ in 0..iterations {
             let report = h.opt.step(w, g)?;
@@ -1681,48 +1627,5 @@ mod tests {
         assert_eq!(lr, 0.001);
         // SAFETY: a live handle, freed once.
         assert_eq!(unsafe { fusedopt_free(opt) }, FUSEDOPT_OK);
-    }
-
-    fn spans(list: &[(usize, usize)]) -> Vec<Span> {
-        list.iter()
-            .map(|&(addr, len)| Span { addr, len, size: 4 })
-            .collect()
-    }
-
-    #[test]
-    fn overlaps_are_found_wherever_they_are() {
-        let w = spans(&[(4000, 10), (1000, 10), (2000, 10)]);
-        let g = spans;
-        assert!(check_disjoint(&w, &g(&[(5000, 10), (6000, 10), (7000, 10)])).is_ok());
-        // Gradients may share memory.
-        assert!(check_disjoint(&w, &g(&[(5000, 10), (5000, 10), (5004, 10)])).is_ok());
-        // Touching is not overlapping.
-        assert!(check_disjoint(&w, &g(&[(4040, 10), (960, 10), (1040, 1)])).is_ok());
-        let e = check_disjoint(&w, &g(&[(5000, 10), (6000, 10), (2036, 10)])).unwrap_err();
-        assert_eq!(e.status, FUSEDOPT_ERROR_OVERLAP);
-        assert!(
-            e.message
-                .contains("tensor 2 overlap the gradients of tensor 2")
-        );
-        let e = check_disjoint(&w, &g(&[(990, 4), (6000, 10), (7000, 10)])).unwrap_err();
-        assert!(
-            e.message
-                .contains("tensor 1 overlap the gradients of tensor 0")
-        );
-        // A gradient spanning several weights.
-        let e = check_disjoint(&w, &g(&[(0, 10000), (6000, 10), (7000, 10)])).unwrap_err();
-        assert_eq!(e.status, FUSEDOPT_ERROR_OVERLAP);
-        let w2 = spans(&[(1000, 10), (1036, 10)]);
-        let e = check_disjoint(&w2, &g(&[(5000, 1), (6000, 1)])).unwrap_err();
-        assert!(
-            e.message
-                .contains("tensor 0 overlap the weights of tensor 1")
-        );
-        // Empty buffers overlap nothing.
-        let w3 = spans(&[(1000, 0), (1000, 10)]);
-        assert!(check_disjoint(&w3, &g(&[(1000, 0), (5000, 10)])).is_ok());
-        // No gradient.
-        let missing = [Span::MISSING, Span::MISSING, spans(&[(5000, 1)])[0]];
-        assert!(check_disjoint(&w, &missing).is_ok());
     }
 }

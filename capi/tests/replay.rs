@@ -6,9 +6,22 @@
 //! `FUSEDOPT_CAPI_TRACE` set; without it the test is ignored.
 
 use fusedopt::half::{bf16, f16};
-use fusedopt::{Element, NonFinite, Optimizer, OptimizerConfig, ParamGroup, StateFormat};
+use fusedopt::{
+    Backend, Element, NonFinite, Optimizer, OptimizerConfig, OptimizerExt, ParamGroup, Settings,
+    SimdLevel, StateFormat,
+};
 use std::collections::HashMap;
 use std::path::Path;
+
+/// The policy of a `fusedopt_non_finite`.
+fn policy(code: i32) -> NonFinite {
+    match code {
+        0 => NonFinite::Propagate,
+        1 => NonFinite::Skip,
+        2 => NonFinite::Error,
+        other => panic!("policy {other}"),
+    }
+}
 
 /// Reads the trace's fields (in the byte order of the machine that wrote them: this one).
 struct Reader {
@@ -189,18 +202,35 @@ fn the_c_abi_steps_bitwise_as_the_rust_api() {
             b'L' => opt.set_lr(r.f32()),
             b'H' => opt.set_threads(r.u64() as usize).unwrap(),
             b'C' => opt.set_chunk_len(r.u64() as usize),
-            b'G' => opt.set_grad_scale(r.f32()),
+            b'G' => opt.set_grad_scale(r.f32()).unwrap(),
             b'M' => {
                 let on = r.u8() != 0;
                 let max = r.f32();
-                opt.set_max_grad_norm(on.then_some(max));
+                opt.set_max_grad_norm(on.then_some(max)).unwrap();
             }
-            b'P' => opt.set_non_finite(match r.i32() {
-                0 => NonFinite::Propagate,
-                1 => NonFinite::Skip,
-                2 => NonFinite::Error,
-                other => panic!("policy {other}"),
-            }),
+            b'P' => opt.set_non_finite(policy(r.i32())),
+            b'S' => {
+                // fusedopt_set_settings: backend, threads, chunk_len, grad_scale, clip and
+                // max_grad_norm, non_finite, state_format.
+                let backend = match r.i32() {
+                    0 => Backend::Simd,
+                    1 => Backend::Scalar,
+                    b => Backend::Level(SimdLevel::ALL[b as usize - 1]),
+                };
+                let (threads, chunk_len, scale) = (r.u64() as usize, r.u64() as usize, r.f32());
+                let (clip, max) = (r.i32() != 0, r.f32());
+                let non_finite = policy(r.i32());
+                let format = StateFormat::ALL[r.i32() as usize];
+                let settings = Settings::default()
+                    .with_backend(backend)
+                    .with_threads(threads)
+                    .with_chunk_len(chunk_len)
+                    .with_grad_scale(scale)
+                    .with_max_grad_norm(clip.then_some(max))
+                    .with_non_finite(non_finite)
+                    .with_state_format(format);
+                opt.set_settings(settings).unwrap();
+            }
             b'Q' => {
                 let format: StateFormat = r.string().parse().unwrap();
                 opt.set_state_format(format).unwrap();

@@ -26,6 +26,10 @@
 /* Checks                                                                                      */
 /* ------------------------------------------------------------------------------------------ */
 
+/* A measuring aid of the library, not in the header: steps through the Rust API directly. */
+fusedopt_status fusedopt_time_rust_steps(fusedopt_optimizer *opt, float *weights, const float *grads,
+                                         size_t len, uint64_t iterations, double *seconds);
+
 static int failures;
 static int checks;
 
@@ -190,6 +194,19 @@ static void h_format(H h, const char *format) {
     tr_u8('Q');
     tr_u32(h.id);
     tr_str(format);
+}
+static void h_settings(H h, const fusedopt_settings *s) {
+    OK(fusedopt_set_settings(h.opt, s));
+    tr_u8('S');
+    tr_u32(h.id);
+    tr_i32(s->backend);
+    tr_u64(s->threads);
+    tr_u64(s->chunk_len);
+    tr_f32(s->grad_scale);
+    tr_i32(s->clip);
+    tr_f32(s->max_grad_norm);
+    tr_i32(s->non_finite);
+    tr_i32(s->state_format);
 }
 static void h_groups(H h, const fusedopt_param_group *g, size_t n) {
     OK(fusedopt_set_param_groups(h.opt, g, n));
@@ -613,6 +630,7 @@ static void errors_null_handle(void) {
     fusedopt_param_group grp = {1, 0, 0};
     const char *name = "x";
     char buf[64];
+    fusedopt_settings st = {.version = FUSEDOPT_SETTINGS_VERSION};
     fusedopt_status all[] = {
         fusedopt_step(NULL, w, 4, g, 4),
         fusedopt_step_many(NULL, wp, gp, &len, 1),
@@ -636,6 +654,8 @@ static void errors_null_handle(void) {
         fusedopt_set_param_groups(NULL, &grp, 1),
         fusedopt_set_tensor_names(NULL, &name, 1),
         fusedopt_set_state_format(NULL, "bf16"),
+        fusedopt_get_settings(NULL, &st),
+        fusedopt_set_settings(NULL, &st),
         fusedopt_get_steps(NULL, &u),
         fusedopt_last_report(NULL, &r),
         fusedopt_save_state(NULL, "/tmp/x"),
@@ -657,8 +677,8 @@ static void errors_stepping(void) {
     float other[101];
     fill(other, 101, 1.0f);
 
-    FAILS(fusedopt_step(h.opt, NULL, 100, p.g, 100), FUSEDOPT_ERROR_NULL, "weights is NULL");
-    FAILS(fusedopt_step(h.opt, p.w, 100, NULL, 100), FUSEDOPT_ERROR_NULL, "gradients is NULL");
+    FAILS(fusedopt_step(h.opt, NULL, 100, p.g, 100), FUSEDOPT_ERROR_NULL, "weights of tensor 0 are NULL");
+    FAILS(fusedopt_step(h.opt, p.w, 100, NULL, 100), FUSEDOPT_ERROR_NULL, "gradients of tensor 0 are NULL");
     FAILS(fusedopt_step(h.opt, p.w, 100, p.g, 99), FUSEDOPT_ERROR_LENGTH_MISMATCH, "100");
     /* Another length than the state's: the layout. */
     FAILS(fusedopt_step(h.opt, other, 101, other, 101), FUSEDOPT_ERROR_OVERLAP, "overlap");
@@ -683,7 +703,7 @@ static void errors_stepping(void) {
     FAILS(fusedopt_step_many(h.opt, w2, NULL, l2, 2), FUSEDOPT_ERROR_NULL, "gradient pointers");
     FAILS(fusedopt_step_many(h.opt, w2, g2, NULL, 2), FUSEDOPT_ERROR_NULL, "lengths");
     const float *gnull[2] = {p.g, NULL};
-    FAILS(fusedopt_step_many(h.opt, w2, gnull, l2, 2), FUSEDOPT_ERROR_NULL, "gradients of tensor 1");
+    FAILS(fusedopt_step_many(h.opt, w2, gnull, l2, 2), FUSEDOPT_ERROR_NULL, "gradients of tensor 1 are NULL");
     float *wover[2] = {other, other + 50};
     size_t lover[2] = {51, 51};
     FAILS(fusedopt_step_many(h.opt, wover, g2, lover, 2), FUSEDOPT_ERROR_OVERLAP,
@@ -695,9 +715,9 @@ static void errors_stepping(void) {
     const void *vg[1] = {p.g};
     size_t l1 = 100;
     FAILS(fusedopt_step_many_typed(h.opt, 3, vw, FUSEDOPT_DTYPE_F32, vg, &l1, 1),
-          FUSEDOPT_ERROR_INVALID_ARGUMENT, "unknown dtype 3");
+          FUSEDOPT_ERROR_INVALID_ARGUMENT, "unknown dtype of the weights 3");
     FAILS(fusedopt_step_many_typed(h.opt, FUSEDOPT_DTYPE_F32, vw, -1, vg, &l1, 1),
-          FUSEDOPT_ERROR_INVALID_ARGUMENT, "unknown dtype -1");
+          FUSEDOPT_ERROR_INVALID_ARGUMENT, "unknown dtype of the gradients -1");
     /* bf16 values at an odd address. */
     void *odd[1] = {(char *)other + 1};
     FAILS(fusedopt_step_many_typed(h.opt, FUSEDOPT_DTYPE_BF16, odd, FUSEDOPT_DTYPE_F32, vg, &l1, 1),
@@ -717,11 +737,44 @@ static void errors_settings(void) {
     OK(fusedopt_get_lr(h.opt, &lr));
     CHECK(lr == 0.001f, "a refused lr stayed: %g", lr);
     FAILS(fusedopt_get_lr(h.opt, NULL), FUSEDOPT_ERROR_NULL, "lr is NULL");
-    FAILS(fusedopt_set_grad_scale(h.opt, 0.0f), FUSEDOPT_ERROR_INVALID_ARGUMENT, "grad scale");
-    FAILS(fusedopt_set_grad_scale(h.opt, -2.0f), FUSEDOPT_ERROR_INVALID_ARGUMENT, "grad scale");
-    FAILS(fusedopt_set_grad_scale(h.opt, INFINITY), FUSEDOPT_ERROR_INVALID_ARGUMENT, "grad scale");
-    FAILS(fusedopt_set_max_grad_norm(h.opt, -1.0f), FUSEDOPT_ERROR_INVALID_ARGUMENT, "max grad norm");
-    FAILS(fusedopt_set_max_grad_norm(h.opt, NAN), FUSEDOPT_ERROR_INVALID_ARGUMENT, "max grad norm");
+    FAILS(fusedopt_set_grad_scale(h.opt, 0.0f), FUSEDOPT_ERROR_INVALID_ARGUMENT, "grad_scale = 0");
+    FAILS(fusedopt_set_grad_scale(h.opt, -2.0f), FUSEDOPT_ERROR_INVALID_ARGUMENT, "grad_scale");
+    FAILS(fusedopt_set_grad_scale(h.opt, INFINITY), FUSEDOPT_ERROR_INVALID_ARGUMENT, "grad_scale");
+    FAILS(fusedopt_set_max_grad_norm(h.opt, -1.0f), FUSEDOPT_ERROR_INVALID_ARGUMENT, "max_grad_norm");
+    FAILS(fusedopt_set_max_grad_norm(h.opt, NAN), FUSEDOPT_ERROR_INVALID_ARGUMENT, "max_grad_norm");
+    /* The settings struct: every field checked, and a refused struct changes nothing. */
+    fusedopt_settings s = {.version = FUSEDOPT_SETTINGS_VERSION};
+    OK(fusedopt_get_settings(h.opt, &s));
+    fusedopt_settings bad_s = s;
+    bad_s.version = 2;
+    FAILS(fusedopt_set_settings(h.opt, &bad_s), FUSEDOPT_ERROR_INVALID_ARGUMENT, "version 2");
+    FAILS(fusedopt_get_settings(h.opt, &bad_s), FUSEDOPT_ERROR_INVALID_ARGUMENT, "version 2");
+    CHECK(bad_s.version == 2 && bad_s.grad_scale == s.grad_scale, "a refused get wrote");
+    bad_s = s;
+    bad_s.backend = 9;
+    FAILS(fusedopt_set_settings(h.opt, &bad_s), FUSEDOPT_ERROR_INVALID_ARGUMENT, "backend 9");
+    bad_s = s;
+    bad_s.state_format = -1;
+    FAILS(fusedopt_set_settings(h.opt, &bad_s), FUSEDOPT_ERROR_INVALID_ARGUMENT, "state format -1");
+    bad_s = s;
+    bad_s.state_format = FUSEDOPT_STATE_Q8; /* the state is held as f32 */
+    FAILS(fusedopt_set_settings(h.opt, &bad_s), FUSEDOPT_ERROR_INVALID_ARGUMENT, "q8");
+    bad_s = s;
+    bad_s.non_finite = 3;
+    FAILS(fusedopt_set_settings(h.opt, &bad_s), FUSEDOPT_ERROR_INVALID_ARGUMENT, "non-finite policy 3");
+    bad_s = s;
+    bad_s.threads = 4; /* valid, but with an invalid scale: nothing changes, no pool starts */
+    bad_s.grad_scale = NAN;
+    FAILS(fusedopt_set_settings(h.opt, &bad_s), FUSEDOPT_ERROR_INVALID_ARGUMENT, "grad_scale");
+    bad_s = s;
+    bad_s.clip = 1;
+    bad_s.max_grad_norm = -0.5f;
+    FAILS(fusedopt_set_settings(h.opt, &bad_s), FUSEDOPT_ERROR_INVALID_ARGUMENT, "max_grad_norm");
+    FAILS(fusedopt_set_settings(h.opt, NULL), FUSEDOPT_ERROR_NULL, "settings are NULL");
+    FAILS(fusedopt_get_settings(h.opt, NULL), FUSEDOPT_ERROR_NULL, "settings are NULL");
+    fusedopt_settings now_s = {.version = FUSEDOPT_SETTINGS_VERSION};
+    OK(fusedopt_get_settings(h.opt, &now_s));
+    CHECK(memcmp(&now_s, &s, sizeof s) == 0, "a refused fusedopt_set_settings changed the settings");
     FAILS(fusedopt_set_non_finite(h.opt, 7), FUSEDOPT_ERROR_INVALID_ARGUMENT, "non-finite policy 7");
     FAILS(fusedopt_set_state_format(h.opt, "q4"), FUSEDOPT_ERROR_INVALID_ARGUMENT, "q4");
     FAILS(fusedopt_set_state_format(h.opt, "bf16"), FUSEDOPT_ERROR_INVALID_ARGUMENT, "f32");
@@ -887,6 +940,69 @@ static void settings_read_back(void) {
     CHECK(on == 0 && f == 0.0f, "clip %d %g", on, f);
     h_threads(h, 0);
     h_free(h);
+
+    /* The settings struct: defaults, then each field set through it reads back through it and
+     * through the per-setting functions. */
+    h = h_new("adam");
+    fusedopt_settings s = {.version = FUSEDOPT_SETTINGS_VERSION};
+    OK(fusedopt_get_settings(h.opt, &s));
+    CHECK(s.version == FUSEDOPT_SETTINGS_VERSION && s.backend == FUSEDOPT_BACKEND_SIMD &&
+              s.threads == 0 && s.chunk_len == 0 && s.grad_scale == 1.0f && s.clip == 0 &&
+              s.non_finite == FUSEDOPT_NON_FINITE_PROPAGATE && s.state_format == FUSEDOPT_STATE_F32,
+          "default settings");
+    s.backend = FUSEDOPT_BACKEND_PORTABLE;
+    s.threads = 2;
+    s.chunk_len = 1000;
+    s.grad_scale = 64.0f;
+    s.clip = 1;
+    s.max_grad_norm = 0.75f;
+    s.non_finite = FUSEDOPT_NON_FINITE_SKIP;
+    s.state_format = FUSEDOPT_STATE_BF16;
+    h_settings(h, &s);
+    fusedopt_settings back = {.version = FUSEDOPT_SETTINGS_VERSION};
+    OK(fusedopt_get_settings(h.opt, &back));
+    s.chunk_len = 1008; /* rounded up to a multiple of 16 */
+    CHECK(memcmp(&s, &back, sizeof s) == 0, "settings read back");
+    OK(fusedopt_get_threads(h.opt, &n));
+    CHECK(n == 2, "threads %zu", n);
+    int32_t policy = 0;
+    OK(fusedopt_get_non_finite(h.opt, &policy));
+    CHECK(policy == FUSEDOPT_NON_FINITE_SKIP, "policy %d", policy);
+    OK(fusedopt_get_max_grad_norm(h.opt, &on, &f));
+    CHECK(on == 1 && f == 0.75f, "clip %d %g", on, f);
+    h_free(h);
+
+    /* Every backend and thread count steps to the same bits (the trace checks them against the
+     * Rust API too). */
+    enum { N = 3000 };
+    float *ref = NULL;
+    for (int32_t b = FUSEDOPT_BACKEND_SIMD; b <= FUSEDOPT_BACKEND_AVX2; b++) {
+        float *w = xmalloc(N * 4), *g = xmalloc(N * 4);
+        rng_state = 777;
+        fill(w, N, 1.0f);
+        H hb = h_new("adamw:weight_decay=0.1");
+        fusedopt_settings sb = {.version = FUSEDOPT_SETTINGS_VERSION};
+        OK(fusedopt_get_settings(hb.opt, &sb));
+        sb.backend = b;
+        sb.threads = (size_t)b % 3;
+        sb.chunk_len = 256;
+        sb.clip = 1;
+        sb.max_grad_norm = 1.0f;
+        h_settings(hb, &sb);
+        for (int step = 0; step < 3; step++) {
+            fill(g, N, 0.5f);
+            OK(h_step(hb, w, g, N));
+        }
+        if (ref == NULL)
+            ref = w;
+        else {
+            CHECK(same_bits(ref, w, N * 4), "backend %d changed the bits", b);
+            free(w);
+        }
+        free(g);
+        h_free(hb);
+    }
+    free(ref);
     CHECK(strlen(fusedopt_version()) > 0, "version");
     const char *level = fusedopt_simd_level();
     CHECK(!strcmp(level, "avx2") || !strcmp(level, "portable") || !strcmp(level, "scalar"), "%s", level);

@@ -2,7 +2,7 @@
 //! `lr_t = lr·√(1−β2ᵗ)/(1−β1ᵗ)`; AdamW, AMSGrad and PyTorch's placement of `ε` as options.
 
 use super::{
-    FieldValue, Fused, StateBuffer, check_eps, check_lr, check_unit, check_weight_decay,
+    FieldValue, Fused, Preset, StateBuffer, check_eps, check_lr, check_unit, check_weight_decay,
     config_fields, sealed::RuleImpl,
 };
 use crate::engine::{CommonConfig, StepRunner};
@@ -106,10 +106,12 @@ impl FieldValue for EpsMode {
 pub struct AdamConfig {
     /// Learning rate (default 0.001). Finite and `>= 0`.
     pub lr: f32,
-    /// Decay β1 of the first moment (default 0.9), in `[0, 1)`.
-    pub beta1: f32,
-    /// Decay β2 of the second moment (default 0.999), in `[0, 1)`.
-    pub beta2: f32,
+    /// Decay β1 of the first moment (default 0.9), in `[0, 1)`. Kept in `f64`, as given: the
+    /// step computes `1 − β1` and `β1ᵗ` from it in `f64` and rounds them once, as torch does,
+    /// so `0.9` means 0.9 (not the `f32` nearest to it).
+    pub beta1: f64,
+    /// Decay β2 of the second moment (default 0.999), in `[0, 1)`; `f64`, as `beta1`.
+    pub beta2: f64,
     /// Added to the denominator (default 1e-7; where, see [`eps_mode`](Self::eps_mode)). Finite
     /// and `>= 0`.
     pub eps: f32,
@@ -204,7 +206,7 @@ impl<const HAT: bool> AdamStep<HAT> {
     /// `wd`.
     pub(crate) fn new(c: &AdamConfig, t: u64, lr: f32, wd: f32) -> Self {
         let t = t as f64;
-        let (b1, b2, lr) = (f64::from(c.beta1), f64::from(c.beta2), f64::from(lr));
+        let (b1, b2, lr) = (c.beta1, c.beta2, f64::from(lr));
         let bc1 = 1.0 - b1.powf(t);
         let bc2_sqrt = (1.0 - b2.powf(t)).sqrt();
         AdamStep {
@@ -267,7 +269,7 @@ impl<const HAT: bool> Kernel<3> for AmsGrad<HAT> {
 
 impl RuleImpl for AdamConfig {
     const NAME: &'static str = "adam";
-    const PRESETS: &'static [(&'static str, fn() -> Self)] = &[("adamw", AdamConfig::adamw)];
+    const PRESETS: &'static [Preset<Self>] = &[("adamw", AdamConfig::adamw)];
     const BUFFERS: &'static [StateBuffer] = &[
         StateBuffer::signed("m"),
         StateBuffer::unsigned("v"),
@@ -336,11 +338,15 @@ mod tests {
     fn step_scalars_are_computed_in_f64() {
         let c = AdamConfig::default();
         let k = AdamStep::<false>::new(&c, 1, c.lr, 0.0);
-        let expected = 0.001f64 * (1.0 - 0.999f32 as f64).sqrt() / (1.0 - 0.9f32 as f64);
+        // lr is an f32 (0.001 rounded); β1 and β2 are the f64s 0.9 and 0.999.
+        let lr = f64::from(0.001f32);
+        let expected = lr * (1.0 - 0.999f64).sqrt() / (1.0 - 0.9f64);
         assert_eq!(k.step_size, expected as f32);
-        assert_eq!(k.one_minus_beta2, (1.0 - 0.999f32 as f64) as f32);
+        // torch's 1 − β2: from the f64 0.999, rounded once (not 1 − 0.999f32).
+        assert_eq!(k.one_minus_beta2, (1.0 - 0.999f64) as f32);
+        assert_ne!(k.one_minus_beta2, (1.0 - f64::from(0.999f32)) as f32);
         let k = AdamStep::<true>::new(&c, 1, c.lr, 0.0);
-        assert_eq!(k.step_size, (0.001f64 / (1.0 - 0.9f32 as f64)) as f32);
+        assert_eq!(k.step_size, (lr / (1.0 - 0.9f64)) as f32);
         assert!(!k.decoupled);
     }
 

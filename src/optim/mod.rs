@@ -70,6 +70,9 @@ pub trait Rule: sealed::RuleImpl {}
 
 impl<R: sealed::RuleImpl> Rule for R {}
 
+/// A name that configuration strings accept for a rule, with the defaults it stands for.
+pub(crate) type Preset<R> = (&'static str, fn() -> R);
+
 pub(crate) mod sealed {
     use super::*;
 
@@ -78,7 +81,7 @@ pub(crate) mod sealed {
         /// See [`Optimizer::name`](crate::Optimizer::name).
         const NAME: &'static str;
         /// Other names that configuration strings accept, each with its defaults (`adamw`).
-        const PRESETS: &'static [(&'static str, fn() -> Self)] = &[];
+        const PRESETS: &'static [Preset<Self>] = &[];
         /// Every state buffer the rule may keep, in the engine's order.
         const BUFFERS: &'static [StateBuffer];
         /// The configuration's range checks.
@@ -417,14 +420,15 @@ pub(crate) fn check_eps(optimizer: &'static str, eps: f32) -> Result<(), StepErr
 pub(crate) fn check_unit(
     optimizer: &'static str,
     field: &'static str,
-    value: f32,
+    value: impl Into<f64>,
     closed: bool,
 ) -> Result<(), StepError> {
+    let value = value.into();
     let ok = value >= 0.0 && if closed { value <= 1.0 } else { value < 1.0 };
     check(
         optimizer,
         field,
-        value,
+        value as f32,
         ok,
         if closed { "in [0, 1]" } else { "in [0, 1)" },
     )

@@ -34,8 +34,10 @@ pub type RmsProp = Fused<RmsPropConfig>;
 pub struct RmsPropConfig {
     /// Learning rate (default 0.01). Finite and `>= 0`.
     pub lr: f32,
-    /// Decay ρ of the running mean of squared gradients (default 0.9), in `[0, 1]`.
-    pub decay_rate: f32,
+    /// Decay ρ of the running mean of squared gradients (default 0.9), in `[0, 1]`. Kept in
+    /// `f64`, as given: the step computes `1 − ρ` from it in `f64` and rounds once, as torch
+    /// does with `alpha` (so `0.99` means 0.99, and `1 − ρ` is 0.01 rounded, not `1 − 0.99f32`).
+    pub decay_rate: f64,
     /// Added to `√h` in the denominator (default 1e-7). Finite and `>= 0`.
     pub eps: f32,
     /// L2 weight decay (default 0): `g ← g + weight_decay·w`, after `maximize`. Finite and `>= 0`.
@@ -75,7 +77,8 @@ impl RmsPropConfig {
     }
 }
 
-/// Per-step scalars of RMSProp: `1 − ρ` is computed in f64 and rounded once.
+/// Per-step scalars of RMSProp: `ρ` and `1 − ρ`, each computed in f64 from the configuration's
+/// `ρ` and rounded once.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct RmsPropStep {
     lr: f32,
@@ -88,8 +91,8 @@ impl RmsPropStep {
     fn new(c: &RmsPropConfig, lr: f32) -> Self {
         RmsPropStep {
             lr,
-            decay: c.decay_rate,
-            one_minus_decay: (1.0 - f64::from(c.decay_rate)) as f32,
+            decay: c.decay_rate as f32,
+            one_minus_decay: (1.0 - c.decay_rate) as f32,
             eps: c.eps,
         }
     }

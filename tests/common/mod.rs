@@ -244,8 +244,8 @@ impl<F: Float> Reference<F> {
                 }
             }
             OptimizerConfig::RmsProp(h) => {
-                let rho = c(h.decay_rate);
-                let one_minus_rho = F::from64(1.0 - h.decay_rate as f64);
+                let rho = F::from64(h.decay_rate);
+                let one_minus_rho = F::from64(1.0 - h.decay_rate);
                 for i in 0..w.len() {
                     let gi = prep(g[i], w[i], h.maximize, h.weight_decay);
                     let hi = rho * s1[i] + one_minus_rho * (gi * gi);
@@ -254,7 +254,7 @@ impl<F: Float> Reference<F> {
                 }
             }
             OptimizerConfig::Adam(h) => {
-                let (b1, b2) = (h.beta1 as f64, h.beta2 as f64);
+                let (b1, b2) = (h.beta1, h.beta2);
                 let lr_t = F::from64(h.lr as f64 * (1.0 - b2.powf(t)).sqrt() / (1.0 - b1.powf(t)));
                 let one_minus_b1 = F::from64(1.0 - b1);
                 let one_minus_b2 = F::from64(1.0 - b2);
