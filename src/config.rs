@@ -272,6 +272,8 @@ impl OptimizerConfig {
     /// let err = config.set_value("amsgrad", Value::Number(1.0)).unwrap_err();
     /// assert!(matches!(err, ParseConfigError::Type { .. }), "{err}");
     /// assert_eq!(err.to_string(), "adam: amsgrad must be true or false, not the number 1");
+    /// let err = config.set_value("lr", Value::Choice("0.1".into())).unwrap_err();
+    /// assert_eq!(err.to_string(), "adam: lr must be a number, not the name 0.1");
     /// # Ok::<(), ParseConfigError>(())
     /// ```
     ///
@@ -281,15 +283,20 @@ impl OptimizerConfig {
     /// [`ParseConfigError::Value`] for a choice it does not have; the configuration is then
     /// unchanged. Ranges are checked by [`validate`](OptimizerConfig::validate).
     pub fn set_value(&mut self, field: &str, value: Value) -> Result<(), ParseConfigError> {
+        // A name given to a field of names that has no such name is a bad value; anything
+        // else refused is of the wrong type.
+        let names = matches!(self.value(field), Some(Value::Choice(_)));
         self.set_with(field, &mut |f| f.set_value(&value))
             .map_err(|e| match (e, &value) {
                 (SetFailure::Error(e), _) => e,
-                (SetFailure::Expected(expected), Value::Choice(name)) => ParseConfigError::Value {
-                    optimizer: self.name(),
-                    field: field.to_string(),
-                    value: name.clone(),
-                    expected,
-                },
+                (SetFailure::Expected(expected), Value::Choice(name)) if names => {
+                    ParseConfigError::Value {
+                        optimizer: self.name(),
+                        field: field.to_string(),
+                        value: name.clone(),
+                        expected,
+                    }
+                }
                 (SetFailure::Expected(expected), _) => ParseConfigError::Type {
                     optimizer: self.name(),
                     field: field.to_string(),

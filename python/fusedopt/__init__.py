@@ -7,7 +7,8 @@ count. The engine is the Rust crate ``fusedopt``; this package reaches it from P
 Two ways in:
 
 * ``fusedopt.SGD``, ``Momentum``, ``Nesterov``, ``AdaGrad``, ``RMSProp`` and ``Adam``: the numpy
-  optimizers of the reference code (same classes, keywords, defaults and in-place ``update``)::
+  optimizers of the reference code (same classes, keywords, defaults and in-place ``update``),
+  and a class for every other optimizer the engine has (``rules()`` lists them)::
 
       import numpy as np, fusedopt
       opt = fusedopt.Adam(learning_rate=0.001)
@@ -24,19 +25,12 @@ many there are (``torchrun`` sets it): each of N ranks gets cores/N. ``set_num_t
 overrides it.
 """
 
-from ._engine import __version__, get_num_threads, set_num_threads, simd_level
+from . import _numpy
+from ._engine import __version__, get_num_threads, rules, set_num_threads, simd_level
 from ._numpy import SGD, AdaGrad, Adam, Momentum, Nesterov, Optimizer, RMSProp
 
-__all__ = [
-    "__version__",
-    "simd_level",
-    "set_num_threads",
-    "get_num_threads",
-    "Optimizer",
-    "SGD",
-    "Momentum",
-    "Nesterov",
-    "AdaGrad",
-    "RMSProp",
-    "Adam",
-]
+# The classes of the engine's other optimizers, made from its list.
+globals().update({name: getattr(_numpy, name) for name in _numpy.__all__})
+
+__all__ = ["__version__", "simd_level", "set_num_threads", "get_num_threads", "rules"]
+__all__ += _numpy.__all__

@@ -1,7 +1,7 @@
 """Type stubs for ``fusedopt._engine``, the Rust extension under ``fusedopt`` and
 ``fusedopt.torch``."""
 
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
@@ -17,21 +17,45 @@ def set_num_threads(n: int) -> None:
 def simd_level() -> str:
     """The SIMD tier the kernels run on: ``"avx2"`` or ``"portable"``."""
 
-class Engine:
-    """One engine optimizer (any of the six, from a configuration string) with its state."""
+def rules() -> list[dict[str, Any]]:
+    """Every optimizer the engine has: dicts of ``name`` (what ``Engine`` takes), ``type_name``
+    (the name of the classes made for it), ``hyper`` (each hyperparameter with its default)
+    and ``buffers`` (the state buffers its defaults keep)."""
 
-    def __init__(self, config: str) -> None:
-        """Builds the optimizer from ``name[:field=value,...]``, e.g. ``"adam:lr=3e-4"``."""
+def _restore(
+    name: str,
+    settings: dict[str, Any],
+    state: bytes,
+    shapes: Optional[list[list[int]]],
+    group_of: list[int],
+    last: Optional[tuple[bool, Optional[float]]],
+) -> Engine:
+    """Rebuilds a pickled ``Engine``."""
+
+class Engine:
+    """One engine optimizer with its state. Two threads calling one engine take turns (the
+    waiting one releases the GIL); engines pickle and copy with their state."""
+
+    def __init__(self, name: str, **hyper: Union[float, bool, str]) -> None:
+        """Builds the optimizer ``name`` with hyperparameters as keyword arguments, e.g.
+        ``Engine("adam", lr=3e-4, weight_decay=0.1, eps_mode="sqrt_v_hat")``. ``TypeError``
+        for a value of the wrong type, ``ValueError`` for one out of range."""
     @property
     def name(self) -> str: ...
     @property
-    def config(self) -> str: ...
-    def set_config(self, config: str) -> None:
-        """Replaces the hyperparameters (same optimizer), keeping the state."""
-    lr: float
-    grad_scale: float
-    max_grad_norm: Optional[float]
-    non_finite: str
+    def hyper(self) -> dict[str, Union[float, bool, str]]:
+        """Every hyperparameter with its value."""
+    def set_hyper(self, **hyper: Union[float, bool, str]) -> None:
+        """Sets hyperparameters, keeping the state; all or nothing."""
+    @property
+    def buffer_names(self) -> list[str]:
+        """The state buffers the current hyperparameters keep."""
+    @property
+    def settings(self) -> dict[str, Any]:
+        """``backend``, ``chunk_len``, ``grad_scale``, ``max_grad_norm``, ``non_finite``,
+        ``state_format``."""
+    def set_settings(self, **settings: Any) -> None:
+        """Sets settings (the keys of ``settings``); all or nothing."""
     @property
     def steps(self) -> int: ...
     @property
@@ -58,8 +82,6 @@ class Engine:
     def state_bytes(self) -> int: ...
     def init_state(self, lens: Sequence[int]) -> None: ...
     def set_tensor_steps(self, steps: Sequence[int]) -> None: ...
-    state_format: str
-    """The state's format: ``"f32"``, ``"bf16"`` or ``"q8"`` (set before the first step)."""
     def state_array(self, name: str, tensor: int) -> np.ndarray:
         """A float32 view of tensor ``tensor``'s slice of buffer ``name`` (float32 state, and
         ``"master"`` in every format)."""
@@ -79,6 +101,7 @@ class Engine:
         ``"float16"``, the caller vouches for); gradients have the same dtype."""
     def bind_grads(self, grads: Sequence[int]) -> None:
         """Lends gradient addresses for every later ``step_bound(None)``."""
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]: ...
     def step_bound(self, grads: Optional[Sequence[int]]) -> None:
         """One step over the bound weights; ``grads[i]`` is an address, or 0 for none;
         ``None`` uses the gradients of ``bind_grads``."""

@@ -1,148 +1,134 @@
-"""The numpy optimizers: the reference code's classes, run by the fusedopt engine.
+"""The numpy optimizers: the reference code's classes, run by the fusedopt engine, and a class
+for every other optimizer the engine has.
 
-Each class keeps the reference's name, keywords, defaults and in-place ``update``. Every other
-engine option is keyword-only.
+Every class is made from the engine's list of optimizers (``_engine.rules()``) by ``_rule_class``:
+its keywords are the optimizer's hyperparameters with the engine's defaults (``learning_rate``
+for ``lr``, as in the reference), and the engine checks every value. The six reference classes
+keep the reference's names, positional keywords and defaults; an optimizer added to the engine
+gets a class named after it (its ``type_name``) with every hyperparameter keyword-only.
 """
 
 from __future__ import annotations
 
-import numbers
+import inspect
 import os
 from collections.abc import Mapping
 from typing import Any, Optional, Union
 
 import numpy as np
 
-from ._engine import Engine
-
-__all__ = ["Optimizer", "SGD", "Momentum", "Nesterov", "AdaGrad", "RMSProp", "Adam"]
+from ._engine import Engine, rules
 
 PathLike = Union[str, "os.PathLike[str]"]
 
 #: The single-array form's layout marker (``update(weight, grad)``).
 _SINGLE = ("<array>",)
 
+#: The engine's optimizers, by name.
+_RULES = {rule["name"]: rule for rule in rules()}
 
-def _number(owner: str, name: str, value: Any) -> float:
-    """``value`` as a float, or a TypeError naming the keyword."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{owner}: {name} must be a number, not {type(value).__name__}")
-    return float(value)
-
-
-def _flag(owner: str, name: str, value: Any) -> bool:
-    """``value`` as a bool, or a TypeError naming the keyword."""
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{owner}: {name} must be True or False, not {value!r}")
-    return bool(value)
+#: The options every class takes, keyword-only, with their defaults.
+_OPTIONS = {
+    "grad_scale": 1.0,
+    "max_grad_norm": None,
+    "non_finite": "propagate",
+    "state_format": "f32",
+    "master_weights": False,
+}
 
 
-def _encode(value: Any) -> str:
-    """A hyperparameter in the engine's configuration syntax."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float):
-        return repr(value)
-    return str(value)
-
-
-class _Field:
-    """A hyperparameter readable and writable as an attribute (``opt.momentum = 0.95``)."""
-
-    def __init__(self, engine_name: str, kind: str, doc: str) -> None:
-        self.engine_name = engine_name
-        self.kind = kind
-        self.__doc__ = doc
-
-    def __set_name__(self, owner: type, name: str) -> None:
-        self.name = name
-
-    def __get__(self, obj: Optional["Optimizer"], owner: type) -> Any:
-        if obj is None:
-            return self
-        return obj._hyper[self.engine_name]
-
-    def __set__(self, obj: "Optimizer", value: Any) -> None:
-        obj._set_hyper(self.name, self.engine_name, self.kind, value)
+def _keyword(field: str) -> str:
+    """A hyperparameter's keyword: the reference's ``learning_rate`` for ``lr``."""
+    return "learning_rate" if field == "lr" else field
 
 
 class Optimizer:
     """Base of the numpy optimizers: an engine optimizer with the reference code's interface.
 
-    Subclasses are ``SGD``, ``Momentum``, ``Nesterov``, ``AdaGrad``, ``RMSProp`` and ``Adam``.
     ``update`` changes the weight arrays in place, as the reference does; the optimizer state
     is allocated at the first call, and the arrays' number, order and shapes are fixed from
-    then on.
+    then on. Every hyperparameter is an attribute (``opt.momentum = 0.95``), checked by the
+    engine when set. Optimizers copy (``copy.deepcopy``) and pickle with their state.
     """
 
+    #: The engine's name of the optimizer.
     _rule: str = ""
-    #: keyword -> (engine field, "number" | "flag" | "choice")
-    _fields: dict[str, tuple[str, str]] = {}
 
-    def __init__(
-        self,
-        hyper: dict[str, Any],
-        *,
-        grad_scale: float = 1.0,
-        max_grad_norm: Optional[float] = None,
-        non_finite: str = "propagate",
-        state_format: str = "f32",
-        master_weights: bool = False,
-    ) -> None:
-        owner = type(self).__name__
-        self._hyper: dict[str, Any] = {}
-        for keyword, value in hyper.items():
-            field, kind = self._fields[keyword]
-            self._hyper[field] = self._check(owner, keyword, kind, value)
-        self._engine = Engine(self._config_string(self._hyper))
-        self._engine.grad_scale = _number(owner, "grad_scale", grad_scale)
-        if max_grad_norm is not None:
-            self._engine.max_grad_norm = _number(owner, "max_grad_norm", max_grad_norm)
-        if not isinstance(non_finite, str):
-            raise TypeError(f"{owner}: non_finite must be a str, not {type(non_finite).__name__}")
-        self._engine.non_finite = non_finite
-        if not isinstance(state_format, str):
-            raise TypeError(
-                f"{owner}: state_format must be a str, not {type(state_format).__name__}"
-            )
-        self._engine.state_format = state_format
-        self._master = _flag(owner, "master_weights", master_weights)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        bound = type(self).__signature__.bind(*args, **kwargs)  # TypeError for a bad call
+        given = dict(bound.arguments)
+        options = {k: given.pop(k, v) for k, v in _OPTIONS.items()}
+        hyper = {("lr" if k == "learning_rate" else k): v for k, v in given.items()}
+        master = options.pop("master_weights")
+        if not isinstance(master, (bool, np.bool_)):
+            raise TypeError(f"{type(self).__name__}: master_weights must be True or False")
+        self._engine = Engine(self._rule, **hyper)  # TypeError/ValueError naming the field
+        self._engine.set_settings(**options)
+        self._master = bool(master)
         self._keys: Optional[tuple[Any, ...]] = None
         self._labels: list[tuple[str, str]] = []
 
-    @staticmethod
-    def _check(owner: str, keyword: str, kind: str, value: Any) -> Any:
-        if kind == "number":
-            return _number(owner, keyword, value)
-        if kind == "flag":
-            return _flag(owner, keyword, value)
-        if not isinstance(value, str):
-            raise TypeError(f"{owner}: {keyword} must be a str, not {type(value).__name__}")
-        return value
-
-    def _config_string(self, hyper: dict[str, Any]) -> str:
-        fields = ",".join(f"{k}={_encode(v)}" for k, v in hyper.items())
-        return f"{self._rule}:{fields}" if fields else self._rule
-
-    def _set_hyper(self, keyword: str, field: str, kind: str, value: Any) -> None:
-        value = self._check(type(self).__name__, keyword, kind, value)
-        hyper = dict(self._hyper, **{field: value})
-        self._engine.set_config(self._config_string(hyper))  # ValueError if out of range
-        self._hyper = hyper
-
-    # -- the reference interface -------------------------------------------------------------
+    # -- hyperparameters and settings ----------------------------------------------------------
 
     @property
     def lr(self) -> float:
         """The learning rate, readable and writable between updates (the engine keeps it as
         float32)."""
-        return self._hyper["lr"]
+        return self._engine.hyper["lr"]
 
     @lr.setter
     def lr(self, value: float) -> None:
-        value = _number(type(self).__name__, "lr", value)
-        self._engine.lr = value
-        self._hyper["lr"] = value
+        self._engine.set_hyper(lr=value)
+
+    @property
+    def hyper(self) -> dict[str, Any]:
+        """Every hyperparameter with its value (the engine's names: ``lr``, ``beta1``, ...)."""
+        return self._engine.hyper
+
+    @property
+    def state_format(self) -> str:
+        """The format of the optimizer state: ``"f32"``, ``"bf16"`` or ``"q8"``."""
+        return self._engine.settings["state_format"]
+
+    @property
+    def master_weights(self) -> bool:
+        """Whether the weights are float16 with float32 master weights in the state."""
+        return self._master
+
+    @property
+    def state_bytes(self) -> int:
+        """Bytes of memory the optimizer state holds (master weights included)."""
+        return self._engine.state_bytes
+
+    @property
+    def grad_scale(self) -> float:
+        """The loss scale gradients are divided by as they are read (default 1)."""
+        return self._engine.settings["grad_scale"]
+
+    @grad_scale.setter
+    def grad_scale(self, value: float) -> None:
+        self._engine.set_settings(grad_scale=value)
+
+    @property
+    def max_grad_norm(self) -> Optional[float]:
+        """The global norm gradients are clipped to, or ``None`` (the default)."""
+        return self._engine.settings["max_grad_norm"]
+
+    @max_grad_norm.setter
+    def max_grad_norm(self, value: Optional[float]) -> None:
+        self._engine.set_settings(max_grad_norm=value)
+
+    @property
+    def non_finite(self) -> str:
+        """What a NaN or infinite gradient does: ``"propagate"`` (default), ``"skip"`` the
+        update, or ``"error"`` (raise ``ValueError``, nothing modified)."""
+        return self._engine.settings["non_finite"]
+
+    @non_finite.setter
+    def non_finite(self, value: str) -> None:
+        self._engine.set_settings(non_finite=value)
+
+    # -- the reference interface -------------------------------------------------------------
 
     def update(
         self,
@@ -201,21 +187,6 @@ class Optimizer:
                     "master_weights"
                 )
 
-    @property
-    def state_format(self) -> str:
-        """The format of the optimizer state: ``"f32"``, ``"bf16"`` or ``"q8"``."""
-        return self._engine.state_format
-
-    @property
-    def master_weights(self) -> bool:
-        """Whether the weights are float16 with float32 master weights in the state."""
-        return self._master
-
-    @property
-    def state_bytes(self) -> int:
-        """Bytes of memory the optimizer state holds (master weights included)."""
-        return self._engine.state_bytes
-
     def _dict_keys(self, params: Mapping[Any, Any], grads: Mapping[Any, Any]) -> tuple[Any, ...]:
         """The keys in engine order, after checking both dicts against each other and the
         layout."""
@@ -272,35 +243,6 @@ class Optimizer:
         """Whether the last update was skipped for a non-finite gradient (``non_finite="skip"``)."""
         return self._engine.last_skipped
 
-    @property
-    def grad_scale(self) -> float:
-        """The loss scale gradients are divided by as they are read (default 1)."""
-        return self._engine.grad_scale
-
-    @grad_scale.setter
-    def grad_scale(self, value: float) -> None:
-        self._engine.grad_scale = _number(type(self).__name__, "grad_scale", value)
-
-    @property
-    def max_grad_norm(self) -> Optional[float]:
-        """The global norm gradients are clipped to, or ``None`` (the default)."""
-        return self._engine.max_grad_norm
-
-    @max_grad_norm.setter
-    def max_grad_norm(self, value: Optional[float]) -> None:
-        owner = type(self).__name__
-        self._engine.max_grad_norm = None if value is None else _number(owner, "max_grad_norm", value)
-
-    @property
-    def non_finite(self) -> str:
-        """What a NaN or infinite gradient does: ``"propagate"`` (default), ``"skip"`` the
-        update, or ``"error"`` (raise ``ValueError``, nothing modified)."""
-        return self._engine.non_finite
-
-    @non_finite.setter
-    def non_finite(self, value: str) -> None:
-        self._engine.non_finite = value
-
     def save_state(self, path: PathLike) -> None:
         """Writes the optimizer state (moments, step counts, hyperparameters, array names) to
         ``path``: the Rust crate's checksummed safetensors state file, written atomically."""
@@ -311,8 +253,6 @@ class Optimizer:
         ``ValueError`` if it is for another optimizer or other arrays, ``OSError`` if it cannot
         be read; then nothing changes. The file's hyperparameters replace this optimizer's."""
         self._engine.load_state(os.fspath(path))
-        config = self._engine.config
-        self._hyper = _parse_fields(config)
         if self._keys is None or self._keys == _SINGLE:
             return
         names = self._engine.tensor_names
@@ -322,9 +262,7 @@ class Optimizer:
             self._labels = _labels_of(self._keys)
 
     def __repr__(self) -> str:
-        shown = ", ".join(
-            f"{kw}={self._hyper[field]!r}" for kw, (field, _) in self._fields.items() if kw != "lr"
-        )
+        shown = ", ".join(f"{_keyword(k)}={v!r}" for k, v in self._engine.hyper.items())
         return f"{type(self).__name__}({shown})"
 
 
@@ -332,269 +270,116 @@ def _labels_of(keys: tuple[Any, ...]) -> list[tuple[str, str]]:
     return [(f"params[{k!r}]", f"grads[{k!r}]") for k in keys]
 
 
-def _parse_fields(config: str) -> dict[str, Any]:
-    """The fields of an engine configuration string, as Python values."""
-    _, _, fields = config.partition(":")
-    out: dict[str, Any] = {}
-    for item in filter(None, fields.split(",")):
-        key, _, text = item.partition("=")
-        if text in ("true", "false"):
-            out[key] = text == "true"
-        elif key == "eps_mode":
-            out[key] = {"seed": "sqrt_v", "pytorch": "sqrt_v_hat"}.get(text, text)
-        else:
-            try:
-                out[key] = float(text)
-            except ValueError:
-                out[key] = text
-    return out
+def _field(field: str) -> property:
+    """The attribute of hyperparameter ``field``: read from the engine, set through it."""
+
+    def get(self: Optimizer) -> Any:
+        return self._engine.hyper[field]
+
+    def set_(self: Optimizer, value: Any) -> None:
+        self._engine.set_hyper(**{field: value})
+
+    return property(get, set_, doc=f"The hyperparameter {field!r} (checked by the engine when set).")
 
 
 _COMMON_DOC = """
-    Keyword-only options (all optimizers): ``weight_decay`` (L2, ``g += weight_decay * w``),
-    ``maximize`` (ascend), ``grad_scale`` (divide gradients by a loss scale), ``max_grad_norm``
-    (clip by the global norm of all arrays of an update), ``non_finite`` (``"propagate"``,
-    ``"skip"`` or ``"error"``); ``state_format`` (``"f32"``, ``"bf16"`` with stochastic
-    rounding, or ``"q8"``, 8-bit block-wise), chosen at construction; ``master_weights``
-    (float16 weight arrays, with float32 master weights kept in the optimizer state and the
-    float16 ones written rounded to nearest). Gradients may be float16 in every mode.
+    Keyword-only options (all optimizers): ``grad_scale`` (divide gradients by a loss scale),
+    ``max_grad_norm`` (clip by the global norm of all arrays of an update), ``non_finite``
+    (``"propagate"``, ``"skip"`` or ``"error"``); ``state_format`` (``"f32"``, ``"bf16"`` with
+    stochastic rounding, or ``"q8"``, 8-bit block-wise), chosen at construction;
+    ``master_weights`` (float16 weight arrays, with float32 master weights kept in the optimizer
+    state and the float16 ones written rounded to nearest). Gradients may be float16 in every
+    mode.
 """
 
 
-class SGD(Optimizer):
-    """Stochastic gradient descent: ``w -= learning_rate * g``."""
-
-    _rule = "sgd"
-    _fields = {
-        "learning_rate": ("lr", "number"),
-        "weight_decay": ("weight_decay", "number"),
-        "maximize": ("maximize", "flag"),
-    }
-    weight_decay = _Field("weight_decay", "number", "L2 weight decay.")
-
-    def __init__(
-        self,
-        learning_rate: float = 0.01,
-        *,
-        weight_decay: float = 0.0,
-        maximize: bool = False,
-        grad_scale: float = 1.0,
-        max_grad_norm: Optional[float] = None,
-        non_finite: str = "propagate",
-        state_format: str = "f32",
-        master_weights: bool = False,
-    ) -> None:
-        super().__init__(
-            {"learning_rate": learning_rate, "weight_decay": weight_decay, "maximize": maximize},
-            grad_scale=grad_scale,
-            max_grad_norm=max_grad_norm,
-            non_finite=non_finite,
-            state_format=state_format,
-            master_weights=master_weights,
+def _rule_class(
+    rule: str,
+    name: str,
+    positional: tuple[str, ...] = ("learning_rate",),
+    doc: str = "",
+    base: type = Optimizer,
+) -> type:
+    """The numpy class of the engine's optimizer ``rule``, called ``name``: its keywords are
+    the rule's hyperparameters with their defaults, ``positional`` of them also by position,
+    then the options every class has."""
+    info = _RULES[rule]
+    params = []
+    for field, default in info["hyper"].items():
+        keyword = _keyword(field)
+        kind = (
+            inspect.Parameter.POSITIONAL_OR_KEYWORD
+            if keyword in positional
+            else inspect.Parameter.KEYWORD_ONLY
         )
+        params.append(inspect.Parameter(keyword, kind, default=default))
+    params.sort(key=lambda p: (p.kind, positional.index(p.name) if p.name in positional else 0))
+    params += [
+        inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=v) for k, v in _OPTIONS.items()
+    ]
+    fields = {f: _field(f) for f in info["hyper"] if f != "lr"}
+    namespace = dict(
+        fields,
+        _rule=rule,
+        __signature__=inspect.Signature(params),
+        __doc__=(doc or f"The engine's {rule!r} optimizer.")
+        + "\n\n    Hyperparameters (the engine's defaults): "
+        + ", ".join(f"``{_keyword(f)}={v!r}``" for f, v in info["hyper"].items())
+        + ".\n"
+        + _COMMON_DOC,
+        __module__=__name__,
+        __qualname__=name,
+    )
+    return type(name, (base,), namespace)
 
 
-class Momentum(Optimizer):
-    """Momentum SGD: ``v = momentum * v - learning_rate * g; w += v``."""
+SGD = _rule_class("sgd", "SGD", doc="Stochastic gradient descent: ``w -= learning_rate * g``.")
+Momentum = _rule_class(
+    "momentum",
+    "Momentum",
+    ("learning_rate", "momentum"),
+    "Momentum SGD: ``v = momentum * v - learning_rate * g; w += v``.",
+)
+Nesterov = _rule_class(
+    "nag",
+    "Nesterov",
+    ("learning_rate", "momentum"),
+    "Nesterov's accelerated gradient, in the reference's form: "
+    "``w += momentum**2 * v - (1 + momentum) * learning_rate * g`` then "
+    "``v = momentum * v - learning_rate * g`` (that is, ``w += momentum * v_new - lr * g``).",
+    base=Momentum,
+)
+AdaGrad = _rule_class(
+    "adagrad",
+    "AdaGrad",
+    doc="AdaGrad: ``h += g * g; w -= learning_rate * g / (sqrt(h) + eps)``, eps 1e-7.",
+)
+RMSProp = _rule_class(
+    "rmsprop",
+    "RMSProp",
+    ("learning_rate", "decay_rate"),
+    "RMSProp: ``h = decay_rate * h + (1 - decay_rate) * g * g; "
+    "w -= learning_rate * g / (sqrt(h) + eps)``, eps 1e-7.",
+)
+Adam = _rule_class(
+    "adam",
+    "Adam",
+    ("learning_rate", "beta1", "beta2"),
+    "Adam, as the reference writes it: ``lr_t = learning_rate * sqrt(1 - beta2**t) / "
+    "(1 - beta1**t)``, ``m += (1 - beta1) * (g - m)``, ``v += (1 - beta2) * (g*g - v)``, "
+    "``w -= lr_t * m / (sqrt(v) + eps)``, eps 1e-7. Keyword-only extras: "
+    "``decoupled_weight_decay`` (AdamW), ``amsgrad``, and ``eps_mode``: ``\"sqrt_v\"`` (the "
+    "reference: eps added to sqrt(v)) or ``\"sqrt_v_hat\"`` (PyTorch: eps added to the "
+    "bias-corrected sqrt(v_hat)).",
+)
 
-    _rule = "momentum"
-    _fields = {
-        "learning_rate": ("lr", "number"),
-        "momentum": ("momentum", "number"),
-        "weight_decay": ("weight_decay", "number"),
-        "maximize": ("maximize", "flag"),
-    }
-    momentum = _Field("momentum", "number", "The momentum coefficient, in [0, 1].")
-    weight_decay = _Field("weight_decay", "number", "L2 weight decay.")
+#: The classes above, by the engine's name of their optimizer.
+_BY_RULE = {cls._rule: cls for cls in (SGD, Momentum, Nesterov, AdaGrad, RMSProp, Adam)}
 
-    def __init__(
-        self,
-        learning_rate: float = 0.01,
-        momentum: float = 0.9,
-        *,
-        weight_decay: float = 0.0,
-        maximize: bool = False,
-        grad_scale: float = 1.0,
-        max_grad_norm: Optional[float] = None,
-        non_finite: str = "propagate",
-        state_format: str = "f32",
-        master_weights: bool = False,
-    ) -> None:
-        super().__init__(
-            {
-                "learning_rate": learning_rate,
-                "momentum": momentum,
-                "weight_decay": weight_decay,
-                "maximize": maximize,
-            },
-            grad_scale=grad_scale,
-            max_grad_norm=max_grad_norm,
-            non_finite=non_finite,
-            state_format=state_format,
-            master_weights=master_weights,
-        )
+#: A class for every other optimizer of the engine, named after it.
+for _name, _info in _RULES.items():
+    if _name not in _BY_RULE:
+        _BY_RULE[_name] = globals()[_info["type_name"]] = _rule_class(_name, _info["type_name"])
+del _name, _info
 
-
-class Nesterov(Momentum):
-    """Nesterov's accelerated gradient, in the reference's form:
-    ``w += momentum**2 * v - (1 + momentum) * learning_rate * g`` then
-    ``v = momentum * v - learning_rate * g`` (that is, ``w += momentum * v_new - lr * g``)."""
-
-    _rule = "nag"
-
-
-class AdaGrad(Optimizer):
-    """AdaGrad: ``h += g * g; w -= learning_rate * g / (sqrt(h) + eps)``, eps 1e-7."""
-
-    _rule = "adagrad"
-    _fields = {
-        "learning_rate": ("lr", "number"),
-        "eps": ("eps", "number"),
-        "weight_decay": ("weight_decay", "number"),
-        "maximize": ("maximize", "flag"),
-    }
-    eps = _Field("eps", "number", "Added to sqrt(h).")
-    weight_decay = _Field("weight_decay", "number", "L2 weight decay.")
-
-    def __init__(
-        self,
-        learning_rate: float = 0.01,
-        *,
-        eps: float = 1e-7,
-        weight_decay: float = 0.0,
-        maximize: bool = False,
-        grad_scale: float = 1.0,
-        max_grad_norm: Optional[float] = None,
-        non_finite: str = "propagate",
-        state_format: str = "f32",
-        master_weights: bool = False,
-    ) -> None:
-        super().__init__(
-            {
-                "learning_rate": learning_rate,
-                "eps": eps,
-                "weight_decay": weight_decay,
-                "maximize": maximize,
-            },
-            grad_scale=grad_scale,
-            max_grad_norm=max_grad_norm,
-            non_finite=non_finite,
-            state_format=state_format,
-            master_weights=master_weights,
-        )
-
-
-class RMSProp(Optimizer):
-    """RMSProp: ``h = decay_rate * h + (1 - decay_rate) * g * g;
-    w -= learning_rate * g / (sqrt(h) + eps)``, eps 1e-7."""
-
-    _rule = "rmsprop"
-    _fields = {
-        "learning_rate": ("lr", "number"),
-        "decay_rate": ("decay_rate", "number"),
-        "eps": ("eps", "number"),
-        "weight_decay": ("weight_decay", "number"),
-        "maximize": ("maximize", "flag"),
-    }
-    decay_rate = _Field("decay_rate", "number", "The decay of the squared-gradient average.")
-    eps = _Field("eps", "number", "Added to sqrt(h).")
-    weight_decay = _Field("weight_decay", "number", "L2 weight decay.")
-
-    def __init__(
-        self,
-        learning_rate: float = 0.01,
-        decay_rate: float = 0.9,
-        *,
-        eps: float = 1e-7,
-        weight_decay: float = 0.0,
-        maximize: bool = False,
-        grad_scale: float = 1.0,
-        max_grad_norm: Optional[float] = None,
-        non_finite: str = "propagate",
-        state_format: str = "f32",
-        master_weights: bool = False,
-    ) -> None:
-        super().__init__(
-            {
-                "learning_rate": learning_rate,
-                "decay_rate": decay_rate,
-                "eps": eps,
-                "weight_decay": weight_decay,
-                "maximize": maximize,
-            },
-            grad_scale=grad_scale,
-            max_grad_norm=max_grad_norm,
-            non_finite=non_finite,
-            state_format=state_format,
-            master_weights=master_weights,
-        )
-
-
-class Adam(Optimizer):
-    """Adam, as the reference writes it: ``lr_t = learning_rate * sqrt(1 - beta2**t) /
-    (1 - beta1**t)``, ``m += (1 - beta1) * (g - m)``, ``v += (1 - beta2) * (g*g - v)``,
-    ``w -= lr_t * m / (sqrt(v) + eps)``, eps 1e-7.
-
-    Keyword-only extras: ``decoupled_weight_decay`` (AdamW), ``amsgrad``, and ``eps_mode``:
-    ``"sqrt_v"`` (the reference: eps added to sqrt(v)) or ``"sqrt_v_hat"`` (PyTorch: eps added
-    to the bias-corrected sqrt(v_hat)).
-    """
-
-    _rule = "adam"
-    _fields = {
-        "learning_rate": ("lr", "number"),
-        "beta1": ("beta1", "number"),
-        "beta2": ("beta2", "number"),
-        "eps": ("eps", "number"),
-        "weight_decay": ("weight_decay", "number"),
-        "maximize": ("maximize", "flag"),
-        "decoupled_weight_decay": ("decoupled_weight_decay", "flag"),
-        "amsgrad": ("amsgrad", "flag"),
-        "eps_mode": ("eps_mode", "choice"),
-    }
-    beta1 = _Field("beta1", "number", "The first moment's decay, in [0, 1).")
-    beta2 = _Field("beta2", "number", "The second moment's decay, in [0, 1).")
-    eps = _Field("eps", "number", "Added to sqrt(v) (or sqrt(v_hat), per eps_mode).")
-    weight_decay = _Field("weight_decay", "number", "L2 (or decoupled) weight decay.")
-
-    def __init__(
-        self,
-        learning_rate: float = 0.001,
-        beta1: float = 0.9,
-        beta2: float = 0.999,
-        *,
-        eps: float = 1e-7,
-        weight_decay: float = 0.0,
-        maximize: bool = False,
-        decoupled_weight_decay: bool = False,
-        amsgrad: bool = False,
-        eps_mode: str = "sqrt_v",
-        grad_scale: float = 1.0,
-        max_grad_norm: Optional[float] = None,
-        non_finite: str = "propagate",
-        state_format: str = "f32",
-        master_weights: bool = False,
-    ) -> None:
-        super().__init__(
-            {
-                "learning_rate": learning_rate,
-                "beta1": beta1,
-                "beta2": beta2,
-                "eps": eps,
-                "weight_decay": weight_decay,
-                "maximize": maximize,
-                "decoupled_weight_decay": decoupled_weight_decay,
-                "amsgrad": amsgrad,
-                "eps_mode": eps_mode,
-            },
-            grad_scale=grad_scale,
-            max_grad_norm=max_grad_norm,
-            non_finite=non_finite,
-            state_format=state_format,
-            master_weights=master_weights,
-        )
-
-
-for _cls in (SGD, Momentum, Nesterov, AdaGrad, RMSProp, Adam):
-    _cls.__doc__ = (_cls.__doc__ or "") + "\n" + _COMMON_DOC
-del _cls
+__all__ = ["Optimizer"] + [cls.__name__ for cls in _BY_RULE.values()]

@@ -55,7 +55,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch.autograd.graph import increment_version
 
-from ._engine import Engine
+from ._engine import Engine, rules
 
 __all__ = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW"]
 
@@ -75,12 +75,6 @@ _HALF = (torch.bfloat16, torch.float16)
 def _flat_numpy(t: torch.Tensor) -> Any:
     """A state tensor's values as a flat, contiguous float32 numpy array."""
     return t.detach().reshape(-1).contiguous().numpy()
-
-
-def _encode(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return repr(float(value))
 
 
 def _describe(kind: str, i: int, group: int, t: torch.Tensor) -> str:
@@ -177,7 +171,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
             raise TypeError(f"{name}: master_weights must be True or False")
         if not isinstance(state_format, str):
             raise TypeError(f"{name}: state_format must be a str, not {type(state_format).__name__}")
-        Engine("sgd").state_format = state_format  # ValueError for an unknown format
+        Engine("sgd").set_settings(state_format=state_format)  # ValueError for an unknown one
         self._state_format = state_format
         self._master = master_weights
         self._dtype: Optional[torch.dtype] = None
@@ -195,11 +189,48 @@ class _FusedOptimizer(torch.optim.Optimizer):
         self._group_of: list[int] = []
         self._weight_ptrs: list[int] = []
         self._lens: list[int] = []
-        self._config: Optional[str] = None
+        self._config: Optional[tuple[str, dict[str, Any]]] = None
         self._group_hyper: Optional[tuple[list[float], list[float]]] = None
         self._buffer: Optional[torch.Tensor] = None
         self._views: list[Optional[torch.Tensor]] = []
         self._view_ptrs: list[int] = []
+
+    # -- copying and pickling --------------------------------------------------------------
+
+    #: What ``_reset_cache`` and ``_bind`` rebuild, and ``state`` (made from the engine):
+    #: left out of copies and pickles.
+    _TRANSIENT = (
+        "state",
+        "_state_cache",
+        "_params",
+        "_group_of",
+        "_weight_ptrs",
+        "_lens",
+        "_config",
+        "_group_hyper",
+        "_buffer",
+        "_views",
+        "_view_ptrs",
+        "_storages",
+        "_index_cache",
+    )
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What ``copy.deepcopy`` and ``pickle`` keep: the groups, the defaults and the engine
+        with its state (torch's own ``__getstate__`` would drop the engine). Hooks are dropped,
+        as torch drops them."""
+        return {
+            k: v
+            for k, v in self.__dict__.items()
+            if k not in self._TRANSIENT and not k.startswith("_optimizer_")
+        }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._reset_cache()
+        self.state = _EngineState(self)  # type: ignore[assignment]
+        if self._flat:
+            self._bind()  # the copied parameters get views of a new flat buffer
 
     # -- building ----------------------------------------------------------------------------
 
@@ -238,9 +269,9 @@ class _FusedOptimizer(torch.optim.Optimizer):
                     "and weight_decay may differ"
                 )
 
-    def _config_string(self, group: dict[str, Any]) -> str:
-        """The engine configuration for the shared hyperparameters (lr 1: each group's lr
-        is its scale)."""
+    def _hyper(self, group: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+        """The engine's optimizer for ``group``'s shared hyperparameters, and those
+        hyperparameters as the engine names them (``lr`` 1: each group's lr is its scale)."""
         raise NotImplementedError
 
     # -- the step ----------------------------------------------------------------------------
@@ -295,9 +326,9 @@ class _FusedOptimizer(torch.optim.Optimizer):
         return params
 
     def _new_engine(self, group: dict[str, Any]) -> Engine:
-        engine = Engine(self._config_string(group))
-        engine.lr = 1.0
-        engine.state_format = self._state_format
+        rule, hyper = self._hyper(group)
+        engine = Engine(rule, **hyper)
+        engine.set_settings(state_format=self._state_format)
         return engine
 
     def _param_dtype(self, params: list[torch.Tensor], group_of: list[int]) -> torch.dtype:
@@ -358,9 +389,16 @@ class _FusedOptimizer(torch.optim.Optimizer):
                         f"({first.get(key)!r} and {group.get(key)!r}); only lr and "
                         "weight_decay may differ"
                     )
-        config = self._config_string(first)
+        config = self._hyper(first)
         if config != self._config:
-            self._engine.set_config(config)
+            rule, hyper = config
+            if rule != self._engine.name:
+                raise ValueError(
+                    f"{type(self).__name__}: the hyperparameters now ask for the engine's {rule!r} "
+                    f"optimizer, and this one runs {self._engine.name!r}; build the optimizer "
+                    "with the settings it will use"
+                )
+            self._engine.set_hyper(**hyper)
             self._config = config
         hyper = (
             [float(g["lr"]) for g in groups],
@@ -859,20 +897,18 @@ class SGD(_FusedOptimizer):
         self._momentum_rule = momentum != 0
         super().__init__(params, defaults, flat_grads, state_format, master_weights)
 
-    def _config_string(self, group: dict[str, Any]) -> str:
+    def _hyper(self, group: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
         momentum = float(group["momentum"])
+        maximize = bool(group["maximize"])
         if not self._momentum_rule:
             if momentum != 0:
                 raise ValueError(
                     "SGD: momentum changed from 0 after the optimizer was built; build it "
                     "with the momentum it will use"
                 )
-            return f"sgd:lr=1,maximize={_encode(bool(group['maximize']))}"
+            return "sgd", {"lr": 1.0, "maximize": maximize}
         rule = "nag" if group["nesterov"] else "momentum"
-        return (
-            f"{rule}:lr=1,momentum={_encode(momentum)},form=buffer,"
-            f"maximize={_encode(bool(group['maximize']))}"
-        )
+        return rule, {"lr": 1.0, "momentum": momentum, "form": "buffer", "maximize": maximize}
 
     def _state_keys(self, group: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
         return (("momentum_buffer", "v"),) if float(group["momentum"]) != 0 else ()
@@ -950,11 +986,8 @@ class Adagrad(_FusedOptimizer):
         )
         super().__init__(params, defaults, flat_grads, state_format, master_weights)
 
-    def _config_string(self, group: dict[str, Any]) -> str:
-        return (
-            f"adagrad:lr=1,eps={_encode(group['eps'])},"
-            f"maximize={_encode(bool(group['maximize']))}"
-        )
+    def _hyper(self, group: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+        return "adagrad", {"lr": 1.0, "eps": float(group["eps"]), "maximize": bool(group["maximize"])}
 
     def _state_keys(self, group: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
         return (("sum", "h"),)
@@ -1017,11 +1050,13 @@ class RMSprop(_FusedOptimizer):
         )
         super().__init__(params, defaults, flat_grads, state_format, master_weights)
 
-    def _config_string(self, group: dict[str, Any]) -> str:
-        return (
-            f"rmsprop:lr=1,decay_rate={_encode(group['alpha'])},eps={_encode(group['eps'])},"
-            f"maximize={_encode(bool(group['maximize']))}"
-        )
+    def _hyper(self, group: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+        return "rmsprop", {
+            "lr": 1.0,
+            "decay_rate": float(group["alpha"]),
+            "eps": float(group["eps"]),
+            "maximize": bool(group["maximize"]),
+        }
 
     def _state_keys(self, group: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
         return (("square_avg", "h"),)
@@ -1080,15 +1115,18 @@ class Adam(_FusedOptimizer):
         )
         super().__init__(params, defaults, flat_grads, state_format, master_weights)
 
-    def _config_string(self, group: dict[str, Any]) -> str:
+    def _hyper(self, group: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
         beta1, beta2 = group["betas"]
-        return (
-            f"adam:lr=1,beta1={_encode(beta1)},beta2={_encode(beta2)},"
-            f"eps={_encode(group['eps'])},amsgrad={_encode(bool(group['amsgrad']))},"
-            f"maximize={_encode(bool(group['maximize']))},"
-            f"decoupled_weight_decay={_encode(bool(group['decoupled_weight_decay']))},"
-            "eps_mode=sqrt_v_hat"
-        )
+        return "adam", {
+            "lr": 1.0,
+            "beta1": float(beta1),
+            "beta2": float(beta2),
+            "eps": float(group["eps"]),
+            "amsgrad": bool(group["amsgrad"]),
+            "maximize": bool(group["maximize"]),
+            "decoupled_weight_decay": bool(group["decoupled_weight_decay"]),
+            "eps_mode": "sqrt_v_hat",
+        }
 
     def _state_keys(self, group: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
         keys = (("exp_avg", "m"), ("exp_avg_sq", "v"))
@@ -1150,3 +1188,120 @@ def _check_adam(lr: Any, betas: Any, eps: float, weight_decay: float) -> None:
         raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
     if weight_decay < 0.0:
         raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+
+
+# -- every other optimizer of the engine -------------------------------------------------------
+
+#: torch.optim's arguments that select an implementation; fusedopt is one (fused) of its own.
+_IMPLEMENTATION = {"foreach": None, "capturable": False, "differentiable": False, "fused": None}
+#: fusedopt's keyword-only options of every class.
+_EXTRAS = {"flat_grads": False, "state_format": "f32", "master_weights": False}
+
+
+class _RuleOptimizer(_FusedOptimizer):
+    """A ``torch.optim.Optimizer`` for an optimizer of the engine that has no class above, made
+    by ``_rule_class``: its arguments are the engine's hyperparameters with the engine's
+    defaults (``beta1``/``beta2`` as torch's ``betas``), its state keys the engine's buffers."""
+
+    _rule: str = ""
+    #: The engine's hyperparameters the groups hold besides lr and weight_decay (``betas`` for
+    #: beta1 and beta2).
+    _fields: tuple[str, ...] = ()
+    _unsupported = (
+        ("foreach", (None, False)),
+        ("capturable", (False,)),
+        ("differentiable", (False,)),
+        ("fused", (None, True)),
+    )
+
+    def __init__(self, params: Params, *args: Any, **kwargs: Any) -> None:
+        bound = type(self).__signature__.bind(params, *args, **kwargs)  # type: ignore[attr-defined]
+        bound.apply_defaults()
+        defaults = dict(bound.arguments)
+        defaults.pop("params")
+        extras = {k: defaults.pop(k) for k in _EXTRAS}
+        if defaults.get("fused") is True:
+            defaults["fused"] = None  # fusedopt is fused
+        # Ranges and types, checked by the engine now, as torch's constructors check theirs.
+        checked = dict(self._engine_hyper(defaults), lr=defaults["lr"])
+        if "weight_decay" in defaults:
+            checked["weight_decay"] = defaults["weight_decay"]
+        Engine(self._rule, **{k: float(v) if isinstance(v, torch.Tensor) else v for k, v in checked.items()})
+        super().__init__(params, defaults, extras["flat_grads"], extras["state_format"], extras["master_weights"])
+
+    @classmethod
+    def _engine_hyper(cls, group: Mapping[str, Any]) -> dict[str, Any]:
+        hyper: dict[str, Any] = {"lr": 1.0}
+        for key in cls._fields:
+            value = group[key]
+            if key == "betas":
+                hyper["beta1"], hyper["beta2"] = (float(b) for b in value)
+            else:
+                hyper[key] = float(value) if isinstance(value, torch.Tensor) else value
+        return hyper
+
+    def _hyper(self, group: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+        return self._rule, self._engine_hyper(group)
+
+    def _state_keys(self, group: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
+        hyper = self._engine_hyper(group)
+        key = tuple(sorted(hyper.items()))
+        cached = getattr(self, "_buffers_cache", None)
+        if cached is None or cached[0] != key:
+            cached = (key, Engine(self._rule, **hyper).buffer_names)
+            self._buffers_cache = cached
+        return tuple((b, b) for b in cached[1])
+
+
+def _rule_class(rule: str, name: str) -> type:
+    """The ``torch.optim``-style class of the engine's optimizer ``rule``, called ``name``:
+    ``(params, lr, betas?, <numeric hyperparameters>, *, <flags and choices>, foreach,
+    capturable, differentiable, fused, flat_grads, state_format, master_weights)`` with the
+    engine's defaults."""
+    import inspect
+
+    info = next(r for r in rules() if r["name"] == rule)
+    hyper = info["hyper"]
+    positional = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    params = [inspect.Parameter("params", positional)]
+    flags = []
+    fields: list[str] = []
+    for field, default in hyper.items():
+        if field == "beta2" and "beta1" in hyper:
+            continue
+        if field == "beta1" and "beta2" in hyper:
+            field, default = "betas", (hyper["beta1"], hyper["beta2"])
+        if field not in ("lr", "weight_decay"):
+            fields.append(field)
+        if isinstance(default, (bool, str)):
+            flags.append(inspect.Parameter(field, keyword, default=default))
+        else:
+            params.append(inspect.Parameter(field, positional, default=default))
+    params += flags
+    params += [inspect.Parameter(k, keyword, default=v) for k, v in {**_IMPLEMENTATION, **_EXTRAS}.items()]
+    group_keys = ("lr", *fields) + (("weight_decay",) if "weight_decay" in hyper else ())
+    namespace = {
+        "_rule": rule,
+        "_fields": tuple(fields),
+        "_shared": tuple(fields),
+        "_group_keys": group_keys,
+        "__signature__": inspect.Signature(params),
+        "__doc__": f"The engine's {rule!r} optimizer as a ``torch.optim.Optimizer``.\n\n"
+        "    Arguments (the engine's defaults): "
+        + ", ".join(f"``{p.name}={p.default!r}``" for p in params[1:])
+        + ". ``lr`` and ``weight_decay`` may differ between parameter groups; the state keys "
+        "are the engine's buffers (``optimizer.state[p]``) and ``step``.",
+        "__module__": __name__,
+        "__qualname__": name,
+    }
+    return type(name, (_RuleOptimizer,), namespace)
+
+
+#: The engine's optimizers that the classes above run.
+_COVERED = {"sgd", "momentum", "nag", "adagrad", "rmsprop", "adam"}
+for _info in rules():
+    if _info["name"] not in _COVERED:
+        globals()[_info["type_name"]] = _rule_class(_info["name"], _info["type_name"])
+        __all__.append(_info["type_name"])
+del _info

@@ -2,28 +2,35 @@
 //! crate. The Python package (`fusedopt`, `fusedopt.torch`) is written against this module;
 //! the core crate knows nothing of Python.
 //!
-//! One class, `Engine`, holds a `Box<dyn Optimizer>` and steps it over either numpy arrays
-//! (borrowed through rust-numpy, which refuses an array passed twice) or memory the caller
-//! vouches for by address (torch tensors, checked by `fusedopt.torch`). Every step releases the
-//! GIL. Errors become Python exceptions that say what was wrong; a refused step modifies nothing.
+//! This layer only converts: keyword arguments to the crate's typed hyperparameters
+//! (`fusedopt::Value`) and `fusedopt::Settings`, numpy arrays and memory lent by address
+//! (checked by `fusedopt::raw`) to slices, and the crate's errors to Python exceptions
+//! ([`PyResultExt`]). Every check is the crate's.
+//!
+//! One class, `Engine`, holds a `Box<dyn Optimizer>` behind a lock: two threads stepping one
+//! engine take turns (the waiting one releases the GIL), and every step releases the GIL.
+//! Engines pickle and copy (the optimizer state travels as the bytes of a state file).
 
+use fusedopt::raw::{RawError, RawTensors};
 use fusedopt::{
-    Element, NonFinite, Optimizer, OptimizerConfig, ParamGroup, StateError, StateFormat, StepError,
+    Backend, Dtype, Element, NonFinite, Optimizer, OptimizerConfig, OptimizerExt, ParamGroup,
+    ParseConfigError, Settings, SimdLevel, StateError, StateFormat, StepError, StepReport, Value,
 };
-use half::{bf16, f16};
+use half::f16;
 use numpy::ndarray::ArrayView1;
 use numpy::{
     BorrowError, PyArray1, PyArrayDyn, PyArrayMethods, PyReadonlyArray1, PyUntypedArray,
     PyUntypedArrayMethods,
 };
+use pyo3::IntoPyObjectExt;
 use pyo3::exceptions::{
     PyFileNotFoundError, PyMemoryError, PyOSError, PyRuntimeError, PyTypeError, PyValueError,
 };
 use pyo3::prelude::*;
-use pyo3::types::{PyWeakrefMethods, PyWeakrefReference};
+use pyo3::types::{PyBool, PyBytes, PyDict, PyString, PyWeakrefMethods, PyWeakrefReference};
 use std::path::PathBuf;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard, TryLockError};
 
 /// The thread count every engine steps with; 0 until `set_num_threads` is called (all cores).
 static THREADS: AtomicUsize = AtomicUsize::new(0);
@@ -65,24 +72,160 @@ fn simd_level() -> &'static str {
     fusedopt::simd_level()
 }
 
-/// A refused step, as the Python exception that fits it.
-fn step_error(e: StepError) -> PyErr {
-    match e {
-        StepError::OutOfMemory { .. } => PyMemoryError::new_err(e.to_string()),
-        StepError::ThreadPool { .. } => PyRuntimeError::new_err(e.to_string()),
-        e => PyValueError::new_err(e.to_string()),
+/// Every optimizer the engine has, as dicts: `name` (what `Engine` takes), `type_name` (the
+/// name of classes made for it), `hyper` (every hyperparameter with its default) and `buffers`
+/// (the state buffers its defaults keep).
+#[pyfunction]
+fn rules(py: Python<'_>) -> PyResult<Vec<Bound<'_, PyDict>>> {
+    OptimizerConfig::all()
+        .iter()
+        .map(|config| {
+            let rule = PyDict::new(py);
+            rule.set_item("name", config.name())?;
+            rule.set_item("type_name", config.type_name())?;
+            rule.set_item("hyper", values_dict(py, &config.values())?)?;
+            rule.set_item("buffers", config.buffer_names())?;
+            Ok(rule)
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Errors
+// ---------------------------------------------------------------------------------------------
+
+/// The crate's errors as the Python exceptions that fit them (tokenizers' `ToPyResult`).
+trait PyResultExt<T> {
+    fn py(self) -> PyResult<T>;
+}
+
+impl<T> PyResultExt<T> for Result<T, StepError> {
+    fn py(self) -> PyResult<T> {
+        self.map_err(|e| match e {
+            StepError::OutOfMemory { .. } => PyMemoryError::new_err(e.to_string()),
+            StepError::ThreadPool { .. } => PyRuntimeError::new_err(e.to_string()),
+            e => PyValueError::new_err(e.to_string()),
+        })
     }
 }
 
-/// A state file that could not be written or read, as a Python exception.
-fn state_error(e: StateError) -> PyErr {
-    match &e {
-        StateError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
-            PyFileNotFoundError::new_err(e.to_string())
-        }
-        StateError::Io { .. } => PyOSError::new_err(e.to_string()),
-        StateError::OutOfMemory { .. } => PyMemoryError::new_err(e.to_string()),
-        _ => PyValueError::new_err(e.to_string()),
+impl<T> PyResultExt<T> for Result<T, StateError> {
+    fn py(self) -> PyResult<T> {
+        self.map_err(|e| match &e {
+            StateError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+                PyFileNotFoundError::new_err(e.to_string())
+            }
+            StateError::Io { .. } => PyOSError::new_err(e.to_string()),
+            StateError::OutOfMemory { .. } => PyMemoryError::new_err(e.to_string()),
+            _ => PyValueError::new_err(e.to_string()),
+        })
+    }
+}
+
+impl<T> PyResultExt<T> for Result<T, ParseConfigError> {
+    fn py(self) -> PyResult<T> {
+        self.map_err(|e| match e {
+            ParseConfigError::Type { .. } => PyTypeError::new_err(e.to_string()),
+            e => PyValueError::new_err(e.to_string()),
+        })
+    }
+}
+
+impl<T> PyResultExt<T> for Result<T, RawError> {
+    fn py(self) -> PyResult<T> {
+        self.map_err(|e| PyValueError::new_err(e.to_string()))
+    }
+}
+
+impl<T> PyResultExt<T> for Result<T, String> {
+    fn py(self) -> PyResult<T> {
+        self.map_err(PyValueError::new_err)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Conversions
+// ---------------------------------------------------------------------------------------------
+
+/// A Python value as a hyperparameter value: `True`/`False` (and numpy's booleans), a name
+/// (`str`), or a number (anything `float()` takes: ints, floats, numpy scalars, one-element
+/// tensors).
+fn value_of(key: &str, obj: &Bound<'_, PyAny>) -> PyResult<Value> {
+    let numpy_bool = || {
+        let ty = obj.get_type();
+        let module = ty.module().map(|m| m.to_string()).unwrap_or_default();
+        let name = ty.name().map(|n| n.to_string()).unwrap_or_default();
+        module == "numpy" && (name == "bool" || name == "bool_")
+    };
+    if obj.is_instance_of::<PyBool>() || numpy_bool() {
+        return Ok(Value::Bool(obj.is_truthy()?));
+    }
+    if let Ok(name) = obj.cast::<PyString>() {
+        return Ok(Value::Choice(name.to_string()));
+    }
+    obj.extract::<f64>().map(Value::Number).map_err(|_| {
+        let kind = obj
+            .get_type()
+            .name()
+            .map_or_else(|_| "?".to_string(), |n| n.to_string());
+        PyTypeError::new_err(format!(
+            "{key} must be a number, True or False, or a name, not {kind}"
+        ))
+    })
+}
+
+/// Hyperparameter values as a dict of Python values.
+fn values_dict<'py>(py: Python<'py>, values: &[(&str, Value)]) -> PyResult<Bound<'py, PyDict>> {
+    let dict = PyDict::new(py);
+    for (field, value) in values {
+        let value = match value {
+            Value::Number(x) => x.into_bound_py_any(py)?,
+            Value::Bool(b) => b.into_bound_py_any(py)?,
+            Value::Choice(name) => name.into_bound_py_any(py)?,
+            _ => py.None().into_bound(py),
+        };
+        dict.set_item(field, value)?;
+    }
+    Ok(dict)
+}
+
+/// `config` with the keyword arguments `hyper` set, checked (types, then ranges).
+fn configured(
+    mut config: OptimizerConfig,
+    hyper: Option<&Bound<'_, PyDict>>,
+) -> PyResult<OptimizerConfig> {
+    for (key, value) in hyper.into_iter().flatten() {
+        let key = key.cast::<PyString>()?.to_string();
+        config.set_value(&key, value_of(&key, &value)?).py()?;
+    }
+    config.validate().py()?;
+    Ok(config)
+}
+
+/// A backend's Python name: `"simd"`, `"scalar"` or a tier's name.
+fn backend_name(backend: Backend) -> &'static str {
+    match backend {
+        Backend::Simd => "simd",
+        Backend::Scalar => "scalar",
+        Backend::Level(level) => level.name(),
+    }
+}
+
+/// The backend named `name`.
+fn backend_of(name: &str) -> PyResult<Backend> {
+    match name {
+        "simd" => Ok(Backend::Simd),
+        "scalar" => Ok(Backend::Scalar),
+        _ => SimdLevel::ALL
+            .into_iter()
+            .find(|l| l.name() == name)
+            .map(Backend::Level)
+            .ok_or_else(|| {
+                let tiers: Vec<_> = SimdLevel::ALL.iter().map(|l| l.name()).collect();
+                PyValueError::new_err(format!(
+                    "backend {name:?}: expected 'simd', 'scalar' or one of {tiers:?}"
+                ))
+            }),
     }
 }
 
@@ -93,6 +236,73 @@ fn policy_name(policy: NonFinite) -> &'static str {
         NonFinite::Error => "error",
         _ => "propagate",
     }
+}
+
+/// The policy named `name`.
+fn policy_of(name: &str) -> PyResult<NonFinite> {
+    match name {
+        "propagate" => Ok(NonFinite::Propagate),
+        "skip" => Ok(NonFinite::Skip),
+        "error" => Ok(NonFinite::Error),
+        other => Err(PyValueError::new_err(format!(
+            "non_finite = {other:?} is invalid, expected 'propagate', 'skip' or 'error'"
+        ))),
+    }
+}
+
+/// `settings` with the keyword arguments `changes` applied (not checked: `set_settings` is).
+/// The thread count is not among them: `set_num_threads` sets it for every engine.
+fn settings_with(mut settings: Settings, changes: &Bound<'_, PyDict>) -> PyResult<Settings> {
+    for (key, value) in changes {
+        let key = key.cast::<PyString>()?.to_string();
+        let text = || -> PyResult<String> {
+            value.extract::<String>().map_err(|_| {
+                PyTypeError::new_err(format!("{key} must be a str, not {}", value.get_type()))
+            })
+        };
+        match key.as_str() {
+            "backend" => settings.backend = backend_of(&text()?)?,
+            "chunk_len" => settings.chunk_len = value.extract()?,
+            "grad_scale" => settings.grad_scale = number(&key, &value)?,
+            "max_grad_norm" if value.is_none() => settings.max_grad_norm = None,
+            "max_grad_norm" => settings.max_grad_norm = Some(number(&key, &value)?),
+            "non_finite" => settings.non_finite = policy_of(&text()?)?,
+            "state_format" => {
+                let format = text()?.parse::<StateFormat>();
+                settings.state_format = format.map_err(|e| format!("state_format: {e}")).py()?;
+            }
+            _ => {
+                return Err(PyTypeError::new_err(format!(
+                    "unknown setting {key:?}: the settings are backend, chunk_len, grad_scale, \
+                     max_grad_norm, non_finite and state_format"
+                )));
+            }
+        }
+    }
+    Ok(settings)
+}
+
+/// A numeric setting, refusing what is not a number (`True` included).
+fn number(key: &str, value: &Bound<'_, PyAny>) -> PyResult<f32> {
+    match value_of(key, value)? {
+        Value::Number(x) => Ok(x as f32),
+        _ => Err(PyTypeError::new_err(format!(
+            "{key} must be a number, not {}",
+            value.get_type()
+        ))),
+    }
+}
+
+/// `settings` as a dict.
+fn settings_dict<'py>(py: Python<'py>, settings: &Settings) -> PyResult<Bound<'py, PyDict>> {
+    let dict = PyDict::new(py);
+    dict.set_item("backend", backend_name(settings.backend))?;
+    dict.set_item("chunk_len", settings.chunk_len)?;
+    dict.set_item("grad_scale", settings.grad_scale)?;
+    dict.set_item("max_grad_norm", settings.max_grad_norm)?;
+    dict.set_item("non_finite", policy_name(settings.non_finite))?;
+    dict.set_item("state_format", settings.state_format.name())?;
+    Ok(dict)
 }
 
 /// A numpy array the engine steps: float32 or float16.
@@ -137,31 +347,6 @@ fn float_array<'a, 'py>(obj: &'a Bound<'py, PyAny>, label: &str) -> PyResult<Flo
     )))
 }
 
-/// A dtype of memory lent by address.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Dtype {
-    F32,
-    Bf16,
-    F16,
-}
-
-impl Dtype {
-    fn parse(name: &str) -> PyResult<Dtype> {
-        match name {
-            "float32" => Ok(Dtype::F32),
-            "bfloat16" => Ok(Dtype::Bf16),
-            "float16" => Ok(Dtype::F16),
-            _ => Err(PyValueError::new_err(format!(
-                "dtype {name:?}: fusedopt steps float32, bfloat16 or float16 memory"
-            ))),
-        }
-    }
-
-    fn size(self) -> usize {
-        if self == Dtype::F32 { 4 } else { 2 }
-    }
-}
-
 /// A shape as Python prints it: `(3, 4)`, `(5,)`, `()`.
 fn shape_text(shape: &[usize]) -> String {
     match shape {
@@ -177,93 +362,33 @@ fn shape_text(shape: &[usize]) -> String {
     }
 }
 
-/// Memory a caller lends by address: `len` values of `size` bytes from `addr` (any address
-/// when `len` is 0).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Span {
-    addr: usize,
-    len: usize,
-    size: usize,
-}
+// ---------------------------------------------------------------------------------------------
+// The engine
+// ---------------------------------------------------------------------------------------------
 
-impl Span {
-    /// One past the last byte.
-    fn end(self) -> usize {
-        self.addr + self.len * self.size
-    }
-}
-
-/// Checks that `addr`/`len` can be a slice of `dtype`: not null, aligned, not wrapping the
-/// address space.
-fn check_span(addr: usize, len: usize, dtype: Dtype, what: &dyn Fn() -> String) -> PyResult<Span> {
-    let size = dtype.size();
-    if len == 0 {
-        return Ok(Span { addr: 0, len, size });
-    }
-    let fits = len
-        .checked_mul(size)
-        .and_then(|bytes| addr.checked_add(bytes))
-        .is_some_and(|end| end <= isize::MAX as usize);
-    if addr == 0 || !addr.is_multiple_of(size) || !fits {
-        return Err(PyValueError::new_err(format!(
-            "{}: address {addr:#x} with {len} {dtype:?} values is not a valid buffer",
-            what()
-        )));
-    }
-    Ok(Span { addr, len, size })
-}
-
-/// The weights and gradients of one `step_bound`, as slices of `E` (the caller vouches for the
-/// memory, see `Engine::step_bound`).
-///
-/// # Safety
-/// Every non-empty span must be live, aligned memory of `len` values of `E`, the weight spans
-/// disjoint from each other and from every gradient span, not otherwise accessed during the
-/// returned borrows' lifetime.
-unsafe fn bound_slices<'a, E: Element>(
-    weights: &[Span],
-    grads: &[Option<Span>],
-) -> (Vec<&'a mut [E]>, Vec<Option<&'a [E]>>) {
-    let w = weights
-        .iter()
-        .map(|s| match s.len {
-            0 => &mut [][..],
-            // SAFETY: the caller's contract.
-            n => unsafe { std::slice::from_raw_parts_mut(s.addr as *mut E, n) },
-        })
-        .collect();
-    let g = grads
-        .iter()
-        .map(|g| {
-            g.map(|g| match g.len {
-                0 => &[][..],
-                // SAFETY: the caller's contract.
-                n => unsafe { std::slice::from_raw_parts(g.addr as *const E, n) },
-            })
-        })
-        .collect();
-    (w, g)
-}
-
-/// The fusedopt engine: one optimizer (any of the six, from a configuration string) with its
-/// state, stepped over numpy arrays or over memory lent by address.
+/// The fusedopt engine: one optimizer (any of the crate's, by name, with its hyperparameters as
+/// keyword arguments) with its state, stepped over numpy arrays or over memory lent by address.
 ///
 /// This is the layer under `fusedopt`'s numpy classes and `fusedopt.torch`; use those.
-#[pyclass(module = "fusedopt._engine")]
+#[pyclass(module = "fusedopt._engine", frozen)]
 struct Engine {
-    opt: Mutex<Box<dyn Optimizer>>,
+    inner: Mutex<Inner>,
+}
+
+/// What an engine holds, behind its lock.
+struct Inner {
+    opt: Box<dyn Optimizer>,
     /// The thread count the optimizer's pool was last set to (0: not yet).
     threads: usize,
     /// The shapes of the numpy arrays of the first successful step, fixed from then on.
     shapes: Option<Vec<Vec<usize>>>,
-    /// The weights lent by address with `bind_weights`, in tensor order.
-    bound: Vec<Span>,
-    /// The same, non-empty ones only, by address (for overlap checks).
-    by_addr: Vec<(Span, usize)>,
-    /// The gradients lent by address with `bind_grads`, in tensor order (`None`: no gradient).
-    bound_grads: Vec<Option<Span>>,
-    /// The dtype of the bound weights and of the gradients `step_bound` reads.
+    /// The memory lent by address: the weights of `bind_weights`, the gradients of the last
+    /// `step_bound`.
+    raw: RawTensors,
+    /// The dtype of the bound weights and of their gradients.
     dtype: Dtype,
+    /// The gradients of `bind_grads` (0: none), for `step_bound(None)`.
+    flat_grads: Vec<usize>,
     /// Each tensor's group (`set_groups`), when there are groups.
     group_of: Vec<u32>,
     /// The last step's report: (skipped, grad_norm).
@@ -280,6 +405,41 @@ struct StateOwner {
 }
 
 impl Engine {
+    /// An engine over `opt`.
+    fn of(opt: Box<dyn Optimizer>) -> Engine {
+        Engine {
+            inner: Mutex::new(Inner {
+                opt,
+                threads: 0,
+                shapes: None,
+                raw: RawTensors::default(),
+                dtype: Dtype::F32,
+                flat_grads: Vec::new(),
+                group_of: Vec::new(),
+                last: None,
+                owner: None,
+            }),
+        }
+    }
+
+    /// The engine, locked. Another thread's call on it (a step, with the GIL released) is waited
+    /// for with the GIL released, so two threads stepping one optimizer take turns.
+    fn lock(&self, py: Python<'_>) -> MutexGuard<'_, Inner> {
+        loop {
+            match self.inner.try_lock() {
+                Ok(guard) => return guard,
+                // A panic inside a call became a Python exception; the engine itself is
+                // consistent (every change is made only once it cannot fail).
+                Err(TryLockError::Poisoned(p)) => return p.into_inner(),
+                Err(TryLockError::WouldBlock) => py.detach(|| {
+                    drop(self.inner.lock());
+                }),
+            }
+        }
+    }
+}
+
+impl Inner {
     /// Refuses to `what` (which would free the state buffers) while arrays from `state_array`
     /// are alive.
     fn check_unshared(&self, py: Python<'_>, what: &str) -> PyResult<()> {
@@ -296,173 +456,122 @@ impl Engine {
         Ok(())
     }
 
-    /// The optimizer, borrowed exclusively.
-    fn opt(&mut self) -> &mut Box<dyn Optimizer> {
-        self.opt.get_mut().unwrap_or_else(|e| e.into_inner())
-    }
-
     /// Applies the global thread count if it changed since the last step.
     fn sync_threads(&mut self) -> PyResult<()> {
         let want = get_num_threads();
         if want != self.threads {
-            self.opt().set_threads(want).map_err(step_error)?;
+            self.opt.set_threads(want).py()?;
             self.threads = want;
         }
         Ok(())
+    }
+
+    /// Records a step's report.
+    fn report(&mut self, report: StepReport) {
+        self.last = Some((report.skipped, report.grad_norm));
+    }
+
+    /// The error for a state buffer or tensor the optimizer does not hold.
+    fn no_state(&self, name: &str, tensor: usize) -> PyErr {
+        PyValueError::new_err(format!(
+            "no state buffer {name:?} for tensor {tensor} (buffers held: {:?}, tensors: {})",
+            self.opt.state_names(),
+            self.opt.layout().map_or(0, <[usize]>::len)
+        ))
     }
 }
 
 #[pymethods]
 impl Engine {
-    /// Builds the optimizer from a configuration string, `name[:field=value,...]`
-    /// (for example `"adam:lr=3e-4,weight_decay=0.1"`).
+    /// Builds the optimizer called `name` (`"adam"`, `"adamw"`, `"sgd"`, ...; see `rules()`)
+    /// with the hyperparameters given as keyword arguments, for example
+    /// `Engine("adam", lr=3e-4, weight_decay=0.1, eps_mode="sqrt_v_hat")`.
     #[new]
-    fn new(config: &str) -> PyResult<Self> {
-        let config: OptimizerConfig = config
-            .parse()
-            .map_err(|e: fusedopt::ParseConfigError| PyValueError::new_err(e.to_string()))?;
-        config.validate().map_err(step_error)?;
-        Ok(Engine {
-            opt: Mutex::new(config.build()),
-            threads: 0,
-            dtype: Dtype::F32,
-            shapes: None,
-            bound: Vec::new(),
-            by_addr: Vec::new(),
-            bound_grads: Vec::new(),
-            group_of: Vec::new(),
-            last: None,
-            owner: None,
-        })
+    #[pyo3(signature = (name, **hyper))]
+    fn new(name: &str, hyper: Option<&Bound<'_, PyDict>>) -> PyResult<Self> {
+        let config = name.parse::<OptimizerConfig>().py()?;
+        Ok(Engine::of(configured(config, hyper)?.build()))
     }
 
-    /// The optimizer's name: `"sgd"`, `"momentum"`, `"nag"`, `"adagrad"`, `"rmsprop"` or
-    /// `"adam"`.
+    /// The optimizer's name: `"sgd"`, `"momentum"`, `"nag"`, `"adagrad"`, `"rmsprop"`,
+    /// `"adam"`, ...
     #[getter]
-    fn name(&mut self) -> &'static str {
-        self.opt().name()
+    fn name(&self, py: Python<'_>) -> &'static str {
+        self.lock(py).opt.name()
     }
 
-    /// The configuration, as a string that `Engine(...)` and `set_config` read.
+    /// Every hyperparameter with its value, as a new dict.
     #[getter]
-    fn config(&mut self) -> String {
-        self.opt().config().to_string()
+    fn hyper<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let values = self.lock(py).opt.config().values();
+        values_dict(py, &values)
     }
 
-    /// Replaces the hyperparameters (same optimizer), keeping the state.
-    fn set_config(&mut self, config: &str) -> PyResult<()> {
-        let config: OptimizerConfig = config
-            .parse()
-            .map_err(|e: fusedopt::ParseConfigError| PyValueError::new_err(e.to_string()))?;
-        self.opt().set_config(config).map_err(step_error)
+    /// Sets the hyperparameters given as keyword arguments, keeping the state; checked in full
+    /// first (nothing changes on error).
+    #[pyo3(signature = (**hyper))]
+    fn set_hyper(&self, py: Python<'_>, hyper: Option<&Bound<'_, PyDict>>) -> PyResult<()> {
+        let mut inner = self.lock(py);
+        let config = configured(inner.opt.config(), hyper)?;
+        inner.opt.set_config(config).py()
     }
 
-    /// The learning rate.
+    /// The names of the state buffers the current hyperparameters keep (`m`, `v`, and `v_max`
+    /// with AMSGrad, ...), whether or not the state exists yet.
     #[getter]
-    fn get_lr(&mut self) -> f32 {
-        self.opt().lr()
+    fn buffer_names(&self, py: Python<'_>) -> Vec<&'static str> {
+        self.lock(py).opt.config().buffer_names()
     }
 
-    /// Sets the learning rate (finite and >= 0).
-    #[setter]
-    fn set_lr(&mut self, lr: f32) -> PyResult<()> {
-        if !(lr.is_finite() && lr >= 0.0) {
-            return Err(PyValueError::new_err(format!(
-                "lr = {lr} is invalid, expected finite and >= 0"
-            )));
-        }
-        self.opt().set_lr(lr);
-        Ok(())
+    /// The settings, as a new dict: `backend`, `chunk_len`, `grad_scale`, `max_grad_norm`,
+    /// `non_finite`, `state_format`.
+    #[getter]
+    fn settings<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let settings = *self.lock(py).opt.settings();
+        settings_dict(py, &settings)
+    }
+
+    /// Sets the settings given as keyword arguments (those of `settings`); checked in full
+    /// first (nothing changes on error).
+    #[pyo3(signature = (**changes))]
+    fn set_settings(&self, py: Python<'_>, changes: Option<&Bound<'_, PyDict>>) -> PyResult<()> {
+        let mut inner = self.lock(py);
+        let Some(changes) = changes else {
+            return Ok(());
+        };
+        let settings = settings_with(*inner.opt.settings(), changes)?;
+        inner.opt.set_settings(settings).py()
     }
 
     /// Steps taken (not counting skipped ones).
     #[getter]
-    fn steps(&mut self) -> u64 {
-        self.opt().steps()
+    fn steps(&self, py: Python<'_>) -> u64 {
+        self.lock(py).opt.steps()
     }
 
     /// Each tensor's own step count.
     #[getter]
-    fn tensor_steps(&mut self) -> Vec<u64> {
-        self.opt().tensor_steps().to_vec()
+    fn tensor_steps(&self, py: Python<'_>) -> Vec<u64> {
+        self.lock(py).opt.tensor_steps().to_vec()
     }
 
     /// The tensor lengths the state was created for, or `None` before the first step.
     #[getter]
-    fn layout(&mut self) -> Option<Vec<usize>> {
-        self.opt().layout().map(<[usize]>::to_vec)
+    fn layout(&self, py: Python<'_>) -> Option<Vec<usize>> {
+        self.lock(py).opt.layout().map(<[usize]>::to_vec)
     }
 
     /// The gradient norm the last step computed (with clipping or a non-finite check on), else
     /// `None`.
     #[getter]
-    fn last_grad_norm(&self) -> Option<f32> {
-        self.last.and_then(|(_, norm)| norm)
+    fn last_grad_norm(&self, py: Python<'_>) -> Option<f32> {
+        self.lock(py).last.and_then(|(_, norm)| norm)
     }
 
     /// Whether the last step was skipped for a non-finite gradient.
     #[getter]
-    fn last_skipped(&self) -> bool {
-        self.last.is_some_and(|(skipped, _)| skipped)
-    }
-
-    /// The loss scale gradients are divided by.
-    #[getter]
-    fn get_grad_scale(&mut self) -> f32 {
-        self.opt().grad_scale()
-    }
-
-    /// Sets the loss scale (finite and > 0).
-    #[setter]
-    fn set_grad_scale(&mut self, scale: f32) -> PyResult<()> {
-        if !(scale.is_finite() && scale > 0.0) {
-            return Err(PyValueError::new_err(format!(
-                "grad_scale = {scale} is invalid, expected finite and > 0"
-            )));
-        }
-        self.opt().set_grad_scale(scale);
-        Ok(())
-    }
-
-    /// The global gradient norm gradients are clipped to, or `None`.
-    #[getter]
-    fn get_max_grad_norm(&mut self) -> Option<f32> {
-        self.opt().max_grad_norm()
-    }
-
-    /// Sets the clipping norm (finite and > 0), or `None` for no clipping.
-    #[setter]
-    fn set_max_grad_norm(&mut self, max: Option<f32>) -> PyResult<()> {
-        if let Some(m) = max.filter(|m| !(m.is_finite() && *m > 0.0)) {
-            return Err(PyValueError::new_err(format!(
-                "max_grad_norm = {m} is invalid, expected finite and > 0, or None"
-            )));
-        }
-        self.opt().set_max_grad_norm(max);
-        Ok(())
-    }
-
-    /// What a NaN or infinite gradient does: `"propagate"`, `"skip"` or `"error"`.
-    #[getter]
-    fn get_non_finite(&mut self) -> &'static str {
-        policy_name(self.opt().non_finite())
-    }
-
-    /// Sets the non-finite policy.
-    #[setter]
-    fn set_non_finite(&mut self, policy: &str) -> PyResult<()> {
-        let policy = match policy {
-            "propagate" => NonFinite::Propagate,
-            "skip" => NonFinite::Skip,
-            "error" => NonFinite::Error,
-            other => {
-                return Err(PyValueError::new_err(format!(
-                    "non_finite = {other:?} is invalid, expected 'propagate', 'skip' or 'error'"
-                )));
-            }
-        };
-        self.opt().set_non_finite(policy);
-        Ok(())
+    fn last_skipped(&self, py: Python<'_>) -> bool {
+        self.lock(py).last.is_some_and(|(skipped, _)| skipped)
     }
 
     /// Gives each tensor its group's learning rate and weight decay: `group_of[i]` is tensor
@@ -470,11 +579,13 @@ impl Engine {
     /// `k`'s values. The optimizer's own `lr` multiplies them (set it to 1 for absolute rates).
     #[pyo3(signature = (group_of, lr, weight_decay))]
     fn set_groups(
-        &mut self,
+        &self,
+        py: Python<'_>,
         group_of: Option<Vec<u32>>,
         lr: Vec<f32>,
         weight_decay: Vec<Option<f32>>,
     ) -> PyResult<()> {
+        let mut inner = self.lock(py);
         if lr.len() != weight_decay.len() {
             return Err(PyValueError::new_err(format!(
                 "set_groups: {} learning rates but {} weight decays",
@@ -482,13 +593,12 @@ impl Engine {
                 weight_decay.len()
             )));
         }
-        let group_of = group_of.unwrap_or_else(|| self.group_of.clone());
+        let group_of = group_of.unwrap_or_else(|| inner.group_of.clone());
         let groups = group_of
             .iter()
             .enumerate()
-            .map(|(i, &k)| {
-                let k = k as usize;
-                match (lr.get(k), weight_decay.get(k)) {
+            .map(
+                |(i, &k)| match (lr.get(k as usize), weight_decay.get(k as usize)) {
                     (Some(&lr_scale), Some(&weight_decay)) => Ok(ParamGroup {
                         lr_scale,
                         weight_decay,
@@ -497,117 +607,102 @@ impl Engine {
                         "set_groups: tensor {i} is in group {k}, but there are {} groups",
                         lr.len()
                     ))),
-                }
-            })
+                },
+            )
             .collect::<PyResult<Vec<_>>>()?;
-        self.opt().set_param_groups(&groups).map_err(step_error)?;
-        self.group_of = group_of;
+        inner.opt.set_param_groups(&groups).py()?;
+        inner.group_of = group_of;
         Ok(())
     }
 
     /// Names the tensors; state files then refuse a model whose tensors differ.
-    fn set_tensor_names(&mut self, names: Vec<String>) -> PyResult<()> {
+    fn set_tensor_names(&self, py: Python<'_>, names: Vec<String>) -> PyResult<()> {
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
-        self.opt().set_tensor_names(&names).map_err(step_error)
+        self.lock(py).opt.set_tensor_names(&names).py()
     }
 
     /// The tensor names (empty if none were set).
     #[getter]
-    fn tensor_names(&mut self) -> Vec<String> {
-        self.opt().tensor_names().to_vec()
+    fn tensor_names(&self, py: Python<'_>) -> Vec<String> {
+        self.lock(py).opt.tensor_names().to_vec()
     }
 
     /// Writes the optimizer state to `path` (atomically; the Rust crate's state file).
-    fn save_state(&mut self, py: Python<'_>, path: PathBuf) -> PyResult<()> {
-        let opt = self.opt();
-        py.detach(move || opt.save_state(&path))
-            .map_err(state_error)
+    fn save_state(&self, py: Python<'_>, path: PathBuf) -> PyResult<()> {
+        let mut inner = self.lock(py);
+        // `&mut`: the optimizer is `Send`, not `Sync`.
+        let opt = &mut inner.opt;
+        py.detach(move || {
+            let opt: &mut Box<dyn Optimizer> = opt;
+            opt.save_state(&path)
+        })
+        .py()
     }
 
     /// Reads the optimizer state from `path`; on error nothing changes. Refused while arrays
     /// from `state_array` are alive.
-    fn load_state(&mut self, py: Python<'_>, path: PathBuf) -> PyResult<()> {
-        self.check_unshared(py, "load a state file")?;
-        let opt = self.opt();
-        py.detach(move || opt.load_state(&path))
-            .map_err(state_error)
+    fn load_state(&self, py: Python<'_>, path: PathBuf) -> PyResult<()> {
+        let mut inner = self.lock(py);
+        inner.check_unshared(py, "load a state file")?;
+        let opt = &mut inner.opt;
+        py.detach(|| opt.load_state(&path)).py()
     }
 
     /// Forgets the state, the step counts and the layout. Refused while arrays from
     /// `state_array` are alive.
-    fn reset(&mut self, py: Python<'_>) -> PyResult<()> {
-        self.check_unshared(py, "reset")?;
-        self.opt().reset();
-        self.shapes = None;
-        self.last = None;
+    fn reset(&self, py: Python<'_>) -> PyResult<()> {
+        let mut inner = self.lock(py);
+        inner.check_unshared(py, "reset")?;
+        inner.opt.reset();
+        inner.shapes = None;
+        inner.last = None;
         Ok(())
     }
 
     /// The names of the state buffers held, in order (`m`, `v`, `v_max` for Adam, `v` for
     /// Momentum and NAG, `h` for AdaGrad and RMSProp); empty before the first step.
     #[getter]
-    fn state_names(&mut self) -> Vec<&'static str> {
-        self.opt().state_names()
+    fn state_names(&self, py: Python<'_>) -> Vec<&'static str> {
+        self.lock(py).opt.state_names()
     }
 
     /// The bytes of memory the state buffers hold (padding included); 0 before the first step.
     #[getter]
-    fn state_bytes(&mut self) -> usize {
-        self.opt().state_bytes()
+    fn state_bytes(&self, py: Python<'_>) -> usize {
+        self.lock(py).opt.state_bytes()
     }
 
     /// Creates the state a first step over tensors of lengths `lens` creates (zeroed, every
     /// tensor at step 0) without stepping; kept as it is if it exists for this layout.
-    fn init_state(&mut self, lens: Vec<usize>) -> PyResult<()> {
-        self.opt().init_state(&lens).map_err(step_error)
+    fn init_state(&self, py: Python<'_>, lens: Vec<usize>) -> PyResult<()> {
+        self.lock(py).opt.init_state(&lens).py()
     }
 
     /// Sets each tensor's step count (the engine's `steps` becomes the largest).
-    fn set_tensor_steps(&mut self, steps: Vec<u64>) -> PyResult<()> {
-        self.opt().set_tensor_steps(&steps).map_err(step_error)
-    }
-
-    /// The format of the optimizer state: `"f32"`, `"bf16"` or `"q8"`.
-    #[getter]
-    fn get_state_format(&mut self) -> String {
-        self.opt().state_format().to_string()
-    }
-
-    /// Chooses the format of the state, before the first step: `"f32"`, `"bf16"` (stochastic
-    /// rounding) or `"q8"` (8-bit, block-wise).
-    #[setter]
-    fn set_state_format(&mut self, format: &str) -> PyResult<()> {
-        let format: StateFormat = format.parse().map_err(|_| {
-            PyValueError::new_err(format!(
-                "state_format {format:?}: choose one of {}",
-                StateFormat::ALL
-                    .iter()
-                    .map(|f| format!("{:?}", f.name()))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ))
-        })?;
-        self.opt().set_state_format(format).map_err(step_error)
+    fn set_tensor_steps(&self, py: Python<'_>, steps: Vec<u64>) -> PyResult<()> {
+        self.lock(py).opt.set_tensor_steps(&steps).py()
     }
 
     /// Tensor `tensor`'s values of state buffer `name` (or `"master"`, the float32 master
     /// weights) as a new float32 array, decoded from the state format.
     fn read_state<'py>(
-        &mut self,
+        &self,
         py: Python<'py>,
         name: &str,
         tensor: usize,
     ) -> PyResult<Bound<'py, PyArray1<f32>>> {
-        match self.opt().read_tensor_state(name, tensor) {
+        let inner = self.lock(py);
+        match inner.opt.read_tensor_state(name, tensor) {
             Some(values) => Ok(PyArray1::from_vec(py, values)),
-            None => Err(self.no_state(name, tensor)),
+            None => Err(inner.no_state(name, tensor)),
         }
     }
 
     /// Sets tensor `tensor`'s values of state buffer `name` (or `"master"`) from a float32
     /// array of its length, encoded in the state format.
     fn write_state(
-        &mut self,
+        &self,
+        py: Python<'_>,
         name: &str,
         tensor: usize,
         values: PyReadonlyArray1<'_, f32>,
@@ -615,12 +710,11 @@ impl Engine {
         let values = values.as_slice().map_err(|_| {
             PyValueError::new_err("write_state: the values must be a contiguous float32 array")
         })?;
-        if name != "master" && !self.opt().state_names().contains(&name) {
-            return Err(self.no_state(name, tensor));
+        let mut inner = self.lock(py);
+        if name != "master" && !inner.opt.state_names().contains(&name) {
+            return Err(inner.no_state(name, tensor));
         }
-        self.opt()
-            .write_tensor_state(name, tensor, values)
-            .map_err(step_error)
+        inner.opt.write_tensor_state(name, tensor, values).py()
     }
 
     /// Tensor `tensor`'s slice of state buffer `name`, as a writable 1-D float32 array that
@@ -633,23 +727,23 @@ impl Engine {
         tensor: usize,
     ) -> PyResult<Bound<'py, PyArray1<f32>>> {
         let py = slf.py();
-        let mut this = slf.borrow_mut();
-        let found = this
-            .opt()
+        let mut inner = slf.get().lock(py);
+        let found = inner
+            .opt
             .tensor_state_mut(name, tensor)
             .map(|values| (values.as_mut_ptr(), values.len()));
         let (ptr, len) = match found {
             Some(found) => found,
-            None if name != "master" && this.opt().state_format() != StateFormat::F32 => {
+            None if name != "master" && inner.opt.state_format() != StateFormat::F32 => {
                 return Err(PyValueError::new_err(format!(
                     "state buffer {name:?} is kept as {}, which no float32 array can view: \
                      use read_state / write_state",
-                    this.opt().state_format()
+                    inner.opt.state_format()
                 )));
             }
-            None => return Err(this.no_state(name, tensor)),
+            None => return Err(inner.no_state(name, tensor)),
         };
-        let live = this.owner.as_ref().and_then(|w| w.bind(py).upgrade());
+        let live = inner.owner.as_ref().and_then(|w| w.bind(py).upgrade());
         let owner = match live {
             Some(owner) => owner,
             None => {
@@ -660,7 +754,7 @@ impl Engine {
                     },
                 )?
                 .into_any();
-                this.owner = Some(PyWeakrefReference::new(&owner)?.unbind());
+                inner.owner = Some(PyWeakrefReference::new(&owner)?.unbind());
                 owner
             }
         };
@@ -677,7 +771,7 @@ impl Engine {
     /// place from `grads[i]` (float32, the same shape). `labels[i]` names the pair in messages.
     /// The shapes of the first successful step are fixed from then on.
     fn step_arrays(
-        &mut self,
+        &self,
         py: Python<'_>,
         weights: Vec<Bound<'_, PyAny>>,
         grads: Vec<Bound<'_, PyAny>>,
@@ -723,15 +817,12 @@ impl Engine {
                 } else {
                     &labels[other].1
                 };
+                let name = |f32: bool| if f32 { "float32" } else { "float16" };
                 return Err(PyTypeError::new_err(format!(
                     "{label} is {} and the first of the {kind} {}: the {kind} of one update \
                      share one dtype",
-                    if is_f32(&pairs[other]) {
-                        "float32"
-                    } else {
-                        "float16"
-                    },
-                    if is_f32(first) { "float32" } else { "float16" },
+                    name(is_f32(&pairs[other])),
+                    name(is_f32(first)),
                 )));
             }
         }
@@ -739,7 +830,8 @@ impl Engine {
             .iter()
             .map(|(w, _)| w.untyped().shape().to_vec())
             .collect();
-        if let Some(held) = &self.shapes {
+        let mut inner = self.lock(py);
+        if let Some(held) = &inner.shapes {
             if held.len() != shapes.len() {
                 return Err(PyValueError::new_err(format!(
                     "the layout changed: the optimizer state holds {} arrays, this update \
@@ -759,24 +851,24 @@ impl Engine {
                 }
             }
         }
-        self.sync_threads()?;
-        let opt = self.opt.get_mut().unwrap_or_else(|e| e.into_inner());
+        inner.sync_threads()?;
+        let opt = &mut inner.opt;
         let wl: Vec<&str> = labels.iter().map(|l| l.0.as_str()).collect();
         let gl: Vec<&str> = labels.iter().map(|l| l.1.as_str()).collect();
         macro_rules! typed {
             ($w:ident, $g:ident) => {{
                 let ws: Vec<_> = pairs
                     .iter()
-                    .map(|p| match &p.0 {
-                        FloatArray::$w(a) => *a,
-                        _ => unreachable!("checked above"),
+                    .filter_map(|p| match &p.0 {
+                        FloatArray::$w(a) => Some(*a),
+                        _ => None,
                     })
                     .collect();
                 let gs: Vec<_> = pairs
                     .iter()
-                    .map(|p| match &p.1 {
-                        FloatArray::$g(a) => *a,
-                        _ => unreachable!("checked above"),
+                    .filter_map(|p| match &p.1 {
+                        FloatArray::$g(a) => Some(*a),
+                        _ => None,
                     })
                     .collect();
                 step_borrowed(py, opt, &ws, &gs, &wl, &gl)
@@ -791,22 +883,28 @@ impl Engine {
             (false, true) => typed!(F16, F32),
             (false, false) => typed!(F16, F16),
         }?;
-        self.last = Some((report.skipped, report.grad_norm));
-        if self.shapes.is_none() {
-            self.shapes = Some(shapes);
+        inner.report(report);
+        if inner.shapes.is_none() {
+            inner.shapes = Some(shapes);
         }
         Ok(())
     }
 
-    /// Lends the weights by address for `step_bound`: tensor `i` is `lens[i]` float32 values
-    /// at `addrs[i]`. Refuses null or misaligned addresses, weights that share memory, and
-    /// lengths other than the state's.
+    /// Lends the weights by address for `step_bound`: tensor `i` is `lens[i]` values of
+    /// `dtype` (`"float32"`, `"bfloat16"` or `"float16"`, the gradients' too) at `addrs[i]`.
+    /// Refuses null or misaligned addresses and weights that share memory.
     ///
-    /// The caller vouches that the memory stays valid, float32 and not otherwise accessed
+    /// The caller vouches that the memory stays valid, of that dtype and not otherwise accessed
     /// during each `step_bound`, as `fusedopt.torch` does for CPU tensors it has checked.
     #[pyo3(signature = (addrs, lens, dtype = "float32"))]
-    fn bind_weights(&mut self, addrs: Vec<usize>, lens: Vec<usize>, dtype: &str) -> PyResult<()> {
-        let dtype = Dtype::parse(dtype)?;
+    fn bind_weights(
+        &self,
+        py: Python<'_>,
+        addrs: Vec<usize>,
+        lens: Vec<usize>,
+        dtype: &str,
+    ) -> PyResult<()> {
+        let dtype = dtype.parse::<Dtype>().py()?;
         if addrs.len() != lens.len() {
             return Err(PyValueError::new_err(format!(
                 "bind_weights: {} addresses but {} lengths",
@@ -814,148 +912,110 @@ impl Engine {
                 lens.len()
             )));
         }
-        let bound = addrs
-            .iter()
-            .zip(&lens)
-            .enumerate()
-            .map(|(i, (&a, &n))| check_span(a, n, dtype, &|| format!("parameter {i}")))
-            .collect::<PyResult<Vec<_>>>()?;
-        let mut by_addr: Vec<(Span, usize)> = bound
-            .iter()
-            .copied()
-            .enumerate()
-            .filter(|(_, s)| s.len > 0)
-            .map(|(i, s)| (s, i))
-            .collect();
-        by_addr.sort_unstable_by_key(|(s, _)| s.addr);
-        if let Some(pair) = by_addr.windows(2).find(|p| p[0].0.end() > p[1].0.addr) {
-            let (a, b) = (pair[0].1.min(pair[1].1), pair[0].1.max(pair[1].1));
-            return Err(PyValueError::new_err(format!(
-                "parameters {a} and {b} share memory: each parameter must own its memory"
-            )));
-        }
-        if let Some(layout) = self.opt().layout()
-            && layout != lens.as_slice()
-        {
-            return Err(PyValueError::new_err(format!(
-                "the layout changed: the optimizer state holds {} tensors of lengths \
-                 {layout:?}, the parameters now have {lens:?}",
-                layout.len()
-            )));
-        }
-        self.bound = bound;
-        self.by_addr = by_addr;
-        self.dtype = dtype;
-        self.bound_grads.clear();
+        let mut inner = self.lock(py);
+        inner
+            .raw
+            .set_weights(dtype, addrs.into_iter().zip(lens))
+            .py()?;
+        inner.dtype = dtype;
+        inner.flat_grads.clear();
         Ok(())
     }
 
     /// Lends gradients by address for every later `step_bound(None)` (one flat buffer's views,
-    /// which stay the same): checked as `step_bound` checks them, once.
-    fn bind_grads(&mut self, grads: Vec<usize>) -> PyResult<()> {
-        self.bound_grads = self.grad_spans(&grads)?;
+    /// which stay the same): `grads[i]` is tensor `i`'s, of its bound length (0: none).
+    fn bind_grads(&self, py: Python<'_>, grads: Vec<usize>) -> PyResult<()> {
+        let mut inner = self.lock(py);
+        let Inner { raw, dtype, .. } = &mut *inner;
+        let lens: Vec<usize> = raw.lens().collect();
+        raw.set_grads(*dtype, grads.iter().copied().zip(lens), true)
+            .py()?;
+        inner.flat_grads = grads;
         Ok(())
     }
 
-    /// One step over the bound weights: `grads[i]` is the address of tensor `i`'s float32
-    /// gradient (its bound length), or 0 when it has none this step (its weights, state and
-    /// step count are left alone); `None` steps with the gradients of `bind_grads`. Refuses a
-    /// gradient that overlaps a weight.
+    /// One step over the bound weights: `grads[i]` is the address of tensor `i`'s gradient (of
+    /// its bound length), or 0 when it has none this step (its weights, state and step count
+    /// are left alone); `None` steps with the gradients of `bind_grads`. Refuses a gradient that
+    /// overlaps a weight.
     ///
     /// The caller vouches for the gradients as for the weights (`bind_weights`).
     #[pyo3(signature = (grads))]
-    fn step_bound(&mut self, py: Python<'_>, grads: Option<Vec<usize>>) -> PyResult<()> {
-        let fresh;
-        let g_spans = match &grads {
-            Some(grads) => {
-                fresh = self.grad_spans(grads)?;
-                &fresh
-            }
-            None if self.bound_grads.len() == self.bound.len() => &self.bound_grads,
+    fn step_bound(&self, py: Python<'_>, grads: Option<Vec<usize>>) -> PyResult<()> {
+        let mut guard = self.lock(py);
+        let inner = &mut *guard;
+        let grads = match grads {
+            Some(grads) => grads,
+            None if inner.flat_grads.len() == inner.raw.len() => inner.flat_grads.clone(),
             None => {
                 return Err(PyValueError::new_err(
                     "step_bound: no gradients bound for these parameters (bind_grads)",
                 ));
             }
         };
-        let want = get_num_threads();
-        let opt = self.opt.get_mut().unwrap_or_else(|e| e.into_inner());
-        if want != self.threads {
-            opt.set_threads(want).map_err(step_error)?;
-            self.threads = want;
-        }
-        // SAFETY (each arm): `bind_weights` checked every weight span non-null, aligned for the
-        // bound dtype and disjoint from every other; `grad_spans` checked every gradient span
-        // the same way and disjoint from every weight; the caller vouches that they are live
-        // memory of that dtype that nothing else accesses during this call.
-        let report = match self.dtype {
-            Dtype::F32 => {
-                let (mut w, g) = unsafe { bound_slices::<f32>(&self.bound, g_spans) };
-                py.detach(|| opt.step_partial(&mut w, &g))
-            }
-            Dtype::Bf16 => {
-                let (mut w, g) = unsafe { bound_slices::<bf16>(&self.bound, g_spans) };
-                py.detach(|| opt.step_partial_typed(&mut w, &g))
-            }
-            Dtype::F16 => {
-                let (mut w, g) = unsafe { bound_slices::<f16>(&self.bound, g_spans) };
-                py.detach(|| opt.step_partial_typed(&mut w, &g))
-            }
-        }
-        .map_err(step_error)?;
-        self.last = Some((report.skipped, report.grad_norm));
+        let lens: Vec<usize> = inner.raw.lens().collect();
+        inner
+            .raw
+            .set_grads(inner.dtype, grads.into_iter().zip(lens), true)
+            .py()?;
+        inner.sync_threads()?;
+        let (raw, opt) = (&inner.raw, &mut inner.opt);
+        // SAFETY: `RawTensors` checked every span (non-null, aligned, inside the address space,
+        // weights disjoint from each other and from every gradient); the caller vouches that
+        // they are live memory of the bound dtype that nothing else accesses during this call.
+        let report = py.detach(|| unsafe { raw.step(&mut **opt) }).py()?;
+        inner.report(report);
         Ok(())
     }
 
-    fn __repr__(&mut self) -> String {
-        format!("Engine({:?})", self.opt().config().to_string())
+    /// Pickling (and `copy`): the optimizer's name, settings and state file, and this layer's
+    /// layout and groups. Weights lent by address are not kept: bind them again.
+    fn __reduce__<'py>(
+        slf: &Bound<'py, Self>,
+    ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, pyo3::types::PyTuple>)> {
+        let py = slf.py();
+        let inner = slf.get().lock(py);
+        let state = inner.opt.save_state_bytes().py()?;
+        let args = (
+            inner.opt.name(),
+            settings_dict(py, inner.opt.settings())?,
+            PyBytes::new(py, &state),
+            inner.shapes.clone(),
+            inner.group_of.clone(),
+            inner.last,
+        )
+            .into_pyobject(py)?;
+        let restore = py.import("fusedopt._engine")?.getattr("_restore")?;
+        Ok((restore, args))
+    }
+
+    fn __repr__(&self, py: Python<'_>) -> String {
+        format!("Engine({:?})", self.lock(py).opt.config().to_string())
     }
 }
 
-impl Engine {
-    /// The error for a state buffer or tensor the optimizer does not hold.
-    fn no_state(&mut self, name: &str, tensor: usize) -> PyErr {
-        let held = self.opt().state_names();
-        PyValueError::new_err(format!(
-            "no state buffer {name:?} for tensor {tensor} (buffers held: {held:?}, tensors: {})",
-            self.opt().layout().map_or(0, <[usize]>::len)
-        ))
+/// Rebuilds a pickled `Engine` (see `Engine.__reduce__`).
+#[pyfunction]
+#[allow(clippy::type_complexity)]
+fn _restore(
+    py: Python<'_>,
+    name: &str,
+    settings: &Bound<'_, PyDict>,
+    state: &[u8],
+    shapes: Option<Vec<Vec<usize>>>,
+    group_of: Vec<u32>,
+    last: Option<(bool, Option<f32>)>,
+) -> PyResult<Engine> {
+    let mut opt = name.parse::<OptimizerConfig>().py()?.build();
+    opt.set_settings(settings_with(*opt.settings(), settings)?)
+        .py()?;
+    py.detach(|| opt.load_state_bytes(state)).py()?;
+    let engine = Engine::of(opt);
+    {
+        let mut inner = engine.lock(py);
+        (inner.shapes, inner.group_of, inner.last) = (shapes, group_of, last);
     }
-
-    /// Checks gradient addresses against the bound weights: one per weight, of its length,
-    /// non-null, aligned and disjoint from every weight (0: no gradient).
-    fn grad_spans(&self, grads: &[usize]) -> PyResult<Vec<Option<Span>>> {
-        if grads.len() != self.bound.len() {
-            return Err(PyValueError::new_err(format!(
-                "{} gradients for {} bound parameters",
-                grads.len(),
-                self.bound.len()
-            )));
-        }
-        let mut g_spans = Vec::with_capacity(grads.len());
-        for (i, (&addr, w)) in grads.iter().zip(&self.bound).enumerate() {
-            if addr == 0 {
-                g_spans.push(None);
-                continue;
-            }
-            let g = check_span(addr, w.len, self.dtype, &|| {
-                format!("the gradient of parameter {i}")
-            })?;
-            if g.len > 0 {
-                // The last weight starting before the gradient's end is the only candidate.
-                let k = self.by_addr.partition_point(|(s, _)| s.addr < g.end());
-                if let Some(&(s, j)) = k.checked_sub(1).map(|k| &self.by_addr[k])
-                    && s.end() > g.addr
-                {
-                    return Err(PyValueError::new_err(format!(
-                        "the gradient of parameter {i} shares memory with parameter {j}"
-                    )));
-                }
-            }
-            g_spans.push(Some(g));
-        }
-        Ok(g_spans)
-    }
+    Ok(engine)
 }
 
 /// Borrows every weight for writing, then every gradient for reading (rust-numpy refuses an
@@ -968,7 +1028,7 @@ fn step_borrowed<E, F>(
     grads: &[&Bound<'_, PyArrayDyn<F>>],
     w_labels: &[&str],
     g_labels: &[&str],
-) -> PyResult<fusedopt::StepReport>
+) -> PyResult<StepReport>
 where
     E: Element + numpy::Element,
     F: Element + numpy::Element,
@@ -990,7 +1050,7 @@ where
         .map(|g| g.as_slice().expect("checked C-contiguous"))
         .collect();
     py.detach(|| opt.step_all_typed(&mut w_slices, &g_slices))
-        .map_err(step_error)
+        .py()
 }
 
 /// A refused borrow of an array, as a `ValueError` naming it.
@@ -1002,7 +1062,7 @@ fn borrow_error(e: BorrowError, label: &str) -> PyErr {
     PyValueError::new_err(format!("{label} {why}"))
 }
 
-/// The module: `Engine`, the thread count and the SIMD level.
+/// The module: `Engine`, the optimizers it has, the thread count and the SIMD level.
 #[pymodule]
 fn _engine(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
@@ -1011,5 +1071,7 @@ fn _engine(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(simd_level, m)?)?;
+    m.add_function(wrap_pyfunction!(rules, m)?)?;
+    m.add_function(wrap_pyfunction!(_restore, m)?)?;
     Ok(())
 }

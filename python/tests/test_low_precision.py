@@ -172,7 +172,7 @@ def test_numpy_float16_master_weights_and_compact_state():
 
 def test_engine_compact_state_access():
     e = fusedopt._engine.Engine("adam")
-    e.state_format = "q8"
+    e.set_settings(state_format="q8")
     w, g = np.ones(300, np.float32), np.full(300, 0.5, np.float32)
     e.step_arrays([w], [g], [("w", "g")])
     m = e.read_state("m", 0)

@@ -299,7 +299,7 @@ def test_results_do_not_depend_on_threads():
 def test_engine_state_arrays_view_the_state_and_keep_it_alive():
     from fusedopt._engine import Engine
 
-    engine = Engine("adam:lr=0.1")
+    engine = Engine("adam", lr=0.1)
     assert engine.state_names == []
     with pytest.raises(ValueError, match="no state buffer"):
         engine.state_array("m", 0)

@@ -234,7 +234,7 @@ def test_bad_parameters_raise():
         ft.SGD(tied).step()
     p = torch.nn.Parameter(torch.ones(4))
     p.grad = p.data
-    with pytest.raises(ValueError, match="shares memory"):
+    with pytest.raises(ValueError, match="share memory"):
         ft.SGD([p]).step()
     assert torch.equal(p.data, torch.ones(4))
 

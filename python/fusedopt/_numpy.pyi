@@ -1,0 +1,146 @@
+"""Type stubs for ``fusedopt._numpy``: the numpy optimizers (made at import from the engine's
+list of optimizers; ``tests/test_stubs.py`` checks these signatures against them)."""
+
+import os
+from collections.abc import Mapping
+from typing import Any, Optional, Union
+
+import numpy as np
+
+PathLike = Union[str, os.PathLike[str]]
+
+class Optimizer:
+    """Base of the numpy optimizers: an engine optimizer with the reference code's interface."""
+
+    lr: float
+    grad_scale: float
+    max_grad_norm: Optional[float]
+    non_finite: str
+    @property
+    def hyper(self) -> dict[str, Any]: ...
+    @property
+    def state_format(self) -> str: ...
+    @property
+    def master_weights(self) -> bool: ...
+    @property
+    def state_bytes(self) -> int: ...
+    @property
+    def steps(self) -> int: ...
+    @property
+    def last_grad_norm(self) -> Optional[float]: ...
+    @property
+    def last_skipped(self) -> bool: ...
+    def update(
+        self,
+        params: Union[np.ndarray, Mapping[Any, np.ndarray]],
+        grads: Union[np.ndarray, Mapping[Any, np.ndarray]],
+    ) -> None: ...
+    def save_state(self, path: PathLike) -> None: ...
+    def load_state(self, path: PathLike) -> None: ...
+
+class SGD(Optimizer):
+    weight_decay: float
+    maximize: bool
+    def __init__(
+        self,
+        learning_rate: float = 0.01,
+        *,
+        weight_decay: float = 0.0,
+        maximize: bool = False,
+        grad_scale: float = 1.0,
+        max_grad_norm: Optional[float] = None,
+        non_finite: str = "propagate",
+        state_format: str = "f32",
+        master_weights: bool = False,
+    ) -> None: ...
+
+class Momentum(Optimizer):
+    momentum: float
+    weight_decay: float
+    maximize: bool
+    form: str
+    def __init__(
+        self,
+        learning_rate: float = 0.01,
+        momentum: float = 0.9,
+        *,
+        weight_decay: float = 0.0,
+        maximize: bool = False,
+        form: str = "velocity",
+        grad_scale: float = 1.0,
+        max_grad_norm: Optional[float] = None,
+        non_finite: str = "propagate",
+        state_format: str = "f32",
+        master_weights: bool = False,
+    ) -> None: ...
+
+class Nesterov(Momentum): ...
+
+class AdaGrad(Optimizer):
+    eps: float
+    weight_decay: float
+    maximize: bool
+    def __init__(
+        self,
+        learning_rate: float = 0.01,
+        *,
+        eps: float = 1e-07,
+        weight_decay: float = 0.0,
+        maximize: bool = False,
+        grad_scale: float = 1.0,
+        max_grad_norm: Optional[float] = None,
+        non_finite: str = "propagate",
+        state_format: str = "f32",
+        master_weights: bool = False,
+    ) -> None: ...
+
+class RMSProp(Optimizer):
+    decay_rate: float
+    eps: float
+    weight_decay: float
+    maximize: bool
+    def __init__(
+        self,
+        learning_rate: float = 0.01,
+        decay_rate: float = 0.9,
+        *,
+        eps: float = 1e-07,
+        weight_decay: float = 0.0,
+        maximize: bool = False,
+        grad_scale: float = 1.0,
+        max_grad_norm: Optional[float] = None,
+        non_finite: str = "propagate",
+        state_format: str = "f32",
+        master_weights: bool = False,
+    ) -> None: ...
+
+class Adam(Optimizer):
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    maximize: bool
+    decoupled_weight_decay: bool
+    amsgrad: bool
+    eps_mode: str
+    def __init__(
+        self,
+        learning_rate: float = 0.001,
+        beta1: float = 0.9,
+        beta2: float = 0.999,
+        *,
+        eps: float = 1e-07,
+        weight_decay: float = 0.0,
+        maximize: bool = False,
+        decoupled_weight_decay: bool = False,
+        amsgrad: bool = False,
+        eps_mode: str = "sqrt_v",
+        grad_scale: float = 1.0,
+        max_grad_norm: Optional[float] = None,
+        non_finite: str = "propagate",
+        state_format: str = "f32",
+        master_weights: bool = False,
+    ) -> None: ...
+
+def __getattr__(name: str) -> type[Optimizer]:
+    """The class of an optimizer the engine has beyond these six (``fusedopt.rules()``)."""
