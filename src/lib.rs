@@ -25,12 +25,12 @@
 //! # Ok::<(), fusedopt::StepError>(())
 //! ```
 //!
-//! A whole model is one call: [`step_all`](Fused::step_all) takes the weights and the
+//! A whole model is one call: [`step_all`](OptimizerExt::step_all) takes the weights and the
 //! gradients as two lists, [`Optimizer::step_many`] as `(weights, grads)` pairs. To choose the
 //! optimizer at run time, parse an [`OptimizerConfig`]:
 //!
 //! ```
-//! use fusedopt::{Optimizer, OptimizerConfig};
+//! use fusedopt::{Optimizer, OptimizerConfig, OptimizerExt};
 //!
 //! let mut weights = vec![vec![0.5f32; 256], vec![0.0f32; 16]];
 //! let grads = vec![vec![0.1f32; 256], vec![-0.1f32; 16]];
@@ -43,7 +43,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!
-//! Trainers that hold their tensors their own way have [`Fused::step_partial`] (tensors without a
+//! Trainers that hold their tensors their own way have [`OptimizerExt::step_partial`] (tensors without a
 //! gradient this step are left alone and keep their own step count), [`Optimizer::step_feed`]
 //! (tensors lent one at a time through a [`TensorFeed`], bitwise the results of `step_many`),
 //! [`Optimizer::set_tensor_names`] (state files refuse a model whose tensors differ) and

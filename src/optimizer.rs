@@ -1,5 +1,5 @@
 //! The public [`Optimizer`] trait: sealed, object safe, implemented once for [`Fused`]; and
-//! `step_all` on `dyn Optimizer`. Imports [`crate::optim`], [`crate::checkpoint`],
+//! [`OptimizerExt`], the list steps written once for every optimizer and `dyn Optimizer`. Imports [`crate::optim`], [`crate::checkpoint`],
 //! [`crate::engine`] and [`crate::types`].
 
 use crate::checkpoint::{self, StateError};
@@ -243,12 +243,12 @@ pub trait Optimizer: sealed::Sealed + Send {
     fn steps(&self) -> u64;
 
     /// The steps each tensor has taken, in layout order; empty before the first step. A tensor
-    /// without a gradient in a step ([`step_partial`](Fused::step_partial),
+    /// without a gradient in a step ([`step_partial`](OptimizerExt::step_partial),
     /// [`step_feed`](Optimizer::step_feed)) does not count it, and Adam's bias correction uses
     /// the tensor's own count, as `torch.optim` and candle do.
     ///
     /// ```
-    /// use fusedopt::{Momentum, MomentumConfig, Optimizer};
+    /// use fusedopt::{Momentum, MomentumConfig, Optimizer, OptimizerExt};
     /// let mut opt = Momentum::new(MomentumConfig::default());
     /// assert!(opt.tensor_steps().is_empty());
     /// let mut weights = vec![vec![1.0f32; 2], vec![1.0f32; 3]];
@@ -287,11 +287,11 @@ pub trait Optimizer: sealed::Sealed + Send {
     /// RMSProp, none for SGD. Empty before the first step or [`init_state`](Optimizer::init_state).
     ///
     /// Last comes `master` once the optimizer keeps `f32` master weights (half-precision
-    /// weights, [`step_typed`](Fused::step_typed)): the state-access methods read and write
+    /// weights, [`step_typed`](OptimizerExt::step_typed)): the state-access methods read and write
     /// them under that name, always as `f32`, for the tensors that have them.
     ///
     /// ```
-    /// use fusedopt::{Adam, AdamConfig, Optimizer, half::bf16};
+    /// use fusedopt::{Adam, AdamConfig, Optimizer, OptimizerExt, half::bf16};
     /// let mut opt = Adam::new(AdamConfig::default());
     /// assert!(opt.state_names().is_empty());
     /// opt.step(&mut [0.0; 3], &[1.0; 3])?;
@@ -600,7 +600,7 @@ pub trait Optimizer: sealed::Sealed + Send {
     /// Applies one update to a model whose tensors `feed` lends one at a time (see
     /// [`TensorFeed`]), with bitwise the results of [`step_many`](Optimizer::step_many) over the
     /// same tensors, every option and gradient hygiene included. A tensor without a gradient is
-    /// left alone, as in [`step_partial`](Fused::step_partial).
+    /// left alone, as in [`step_partial`](OptimizerExt::step_partial).
     ///
     /// Every gradient is read once before any tensor is updated: that checks every length
     /// (nothing changes on a mismatch), and, when clipping or the non-finite check is on, takes
@@ -845,7 +845,7 @@ pub(crate) mod sealed {
     /// Keeps [`Optimizer`] implemented by this crate alone, and carries what `dyn Optimizer`
     /// needs.
     pub trait Sealed {
-        /// One step over the tensors of `source`: [`step_all`](dyn Optimizer::step_all).
+        /// One step over the tensors of `source`: [`step_all`](OptimizerExt::step_all).
         fn step_source(&mut self, source: &mut dyn TensorSource) -> Result<StepReport, StepError>;
         /// The rule's configuration (`R` of `Fused<R>`), for `OptimizerConfig` to read.
         fn rule_config(&self) -> &dyn Any;

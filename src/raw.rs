@@ -1,6 +1,6 @@
 //! Memory lent by address: what the bindings (the C ABI, the Python package) share to step
-//! buffers they know only as an address and a length. Imports [`crate::optimizer`],
-//! [`crate::engine`] and [`crate::types`].
+//! buffers they know only as an address and a length. (In the crate's layers: above the
+//! `Optimizer` trait, on which it builds.)
 //!
 //! [`RawTensors`] holds a model's weight and gradient buffers, checked once when they are set
 //! (not null, aligned to their elements, inside the address space, no weights overlapping each
@@ -22,7 +22,7 @@
 //!
 //! // A gradient inside the weights is refused, and the buffers set before are kept.
 //! let inside = w.as_ptr() as usize + 4;
-//! let err = raw.set_grads(Dtype::F32, [(inside, 2)], false).unwrap_err();
+//! let err = raw.set_grads(Dtype::F32, [(inside, 4)], false).unwrap_err();
 //! assert!(matches!(err, RawError::Overlap { .. }), "{err}");
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```

@@ -386,7 +386,7 @@ pub enum StepError {
         /// Position of the first tensor with a non-finite gradient.
         tensor: usize,
     },
-    /// [`step_all`](crate::Fused::step_all) was given another number of gradient tensors than
+    /// [`step_all`](crate::OptimizerExt::step_all) was given another number of gradient tensors than
     /// weight tensors: a gradient is missing, or there is one too many.
     GradCount {
         /// Number of weight tensors.

@@ -5,7 +5,7 @@
 //! This layer only converts: keyword arguments to the crate's typed hyperparameters
 //! (`fusedopt::Value`) and `fusedopt::Settings`, numpy arrays and memory lent by address
 //! (checked by `fusedopt::raw`) to slices, and the crate's errors to Python exceptions
-//! ([`PyResultExt`]). Every check is the crate's.
+//! (`PyResultExt`). Every check is the crate's.
 //!
 //! One class, `Engine`, holds a `Box<dyn Optimizer>` behind a lock: two threads stepping one
 //! engine take turns (the waiting one releases the GIL), and every step releases the GIL.
