@@ -82,6 +82,25 @@
 //! [`Optimizer::save_state`] and [`Optimizer::load_state`] write and read the state as an atomic,
 //! checksummed safetensors file ([`StateError`]); resuming is bitwise exact.
 //!
+//! ## Settings
+//! How an optimizer runs (not what it computes) is one value, [`Settings`]: kernel tier, chunk
+//! length, loss scale, clipping, non-finite policy, own thread pool and state format. Build it
+//! with its `with_*` methods and hand it to [`Optimizer::set_settings`], which validates every
+//! field at once and changes nothing if one is out of range ([`StepError::InvalidSetting`]).
+//! The per-setting methods ([`Optimizer::set_grad_scale`], ...) are one-line wrappers over it.
+//!
+//! ```
+//! use fusedopt::{NonFinite, Optimizer, Settings, Sgd, SgdConfig};
+//!
+//! let mut opt = Sgd::new(SgdConfig::default());
+//! let settings = Settings::default().with_max_grad_norm(Some(1.0)).with_non_finite(NonFinite::Skip);
+//! opt.set_settings(settings)?;
+//! assert_eq!(opt.settings(), &settings);
+//! assert!(opt.set_settings(Settings::default().with_grad_scale(0.0)).is_err());
+//! assert_eq!(opt.settings(), &settings); // a refused value leaves the settings as they were
+//! # Ok::<(), fusedopt::StepError>(())
+//! ```
+//!
 //! ## Execution
 //! A step cuts its tensors into chunks of [`Optimizer::chunk_len`] elements
 //! ([`DEFAULT_CHUNK_LEN`] by default) and runs them on the current rayon pool: wrap a step in
@@ -115,12 +134,14 @@
 //! 5. `engine`: validation, state and per-tensor step counts, groups, gradient hygiene, thread
 //!    dispatch, over a list of tensors or a [`TensorFeed`]: everything but the update formulas.
 //! 6. `optim`: one file per update rule (configuration, per-step scalars, kernel), the sealed
-//!    [`Rule`] trait, and [`Fused`].
+//!    [`Rule`] trait, [`Fused`], and the registry: one line per rule, from which the modules,
+//!    the exports, [`OptimizerConfig`] and [`OPTIMIZER_NAMES`] are generated.
 //! 7. `checkpoint`: state files, from the engine's plain state and what the rule says of its
 //!    buffers and fields.
 //! 8. `optimizer`: the sealed [`Optimizer`] trait, implemented once for [`Fused`].
-//! 9. `config`: [`OptimizerConfig`].
-//! 10. `candle` (feature `candle`): the optimizers as `candle_nn::Optimizer`s.
+//! 9. `config`: [`OptimizerConfig`], typed field access ([`Value`]).
+//! 10. [`raw`]: memory lent by address (the C and Python bindings), checked once here.
+//! 11. `candle` (feature `candle`): the optimizers as `candle_nn::Optimizer`s.
 //!
 //! [`schedule`] stands alone.
 

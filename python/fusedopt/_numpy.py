@@ -101,6 +101,18 @@ class Optimizer:
         return self._engine.state_bytes
 
     @property
+    def settings(self) -> dict[str, Any]:
+        """The engine's settings: ``backend``, ``chunk_len``, ``grad_scale``,
+        ``max_grad_norm``, ``non_finite``, ``state_format``."""
+        return self._engine.settings
+
+    def set_settings(self, **settings: Any) -> None:
+        """Changes several settings at once (keywords as in :attr:`settings`), validated
+        together by the engine: a value of the wrong type or out of range raises
+        ``TypeError`` / ``ValueError`` naming it, and nothing changes."""
+        self._engine.set_settings(**settings)
+
+    @property
     def grad_scale(self) -> float:
         """The loss scale gradients are divided by as they are read (default 1)."""
         return self._engine.settings["grad_scale"]

@@ -75,6 +75,11 @@ def test_hyperparameters_are_typed_and_checked_by_the_engine():
     with pytest.raises(ValueError, match="grad_scale = 0 is invalid"):
         sgd.grad_scale = 0
     assert (sgd.max_grad_norm, sgd.grad_scale) == (0.0, 1.0)
+    sgd.set_settings(grad_scale=8.0, non_finite="skip")
+    assert (sgd.settings["grad_scale"], sgd.non_finite) == (8.0, "skip")
+    with pytest.raises(ValueError, match="grad_scale"):
+        sgd.set_settings(non_finite="error", grad_scale=float("nan"))
+    assert (sgd.grad_scale, sgd.settings["non_finite"]) == (8.0, "skip")
 
 
 def test_engine_settings_read_back_and_refuse_as_a_whole():
