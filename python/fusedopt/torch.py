@@ -873,27 +873,10 @@ class SGD(_FusedOptimizer):
         state_format: str = "f32",
         master_weights: bool = False,
     ) -> None:
-        if float(lr) < 0.0:
-            raise ValueError(f"Invalid learning rate: {lr}")
-        if momentum < 0.0:
-            raise ValueError(f"Invalid momentum value: {momentum}")
-        if float(weight_decay) < 0.0:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        defaults = _torch_defaults(locals())
+        _check_nonnegative(lr=lr, momentum=momentum, weight_decay=weight_decay)
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
-        if fused is True:
-            fused = None  # fusedopt is fused
-        defaults = dict(
-            lr=lr,
-            momentum=momentum,
-            dampening=dampening,
-            weight_decay=weight_decay,
-            nesterov=nesterov,
-            maximize=maximize,
-            foreach=foreach,
-            differentiable=differentiable,
-            fused=fused,
-        )
         self._momentum_rule = momentum != 0
         super().__init__(params, defaults, flat_grads, state_format, master_weights)
 
@@ -961,28 +944,13 @@ class Adagrad(_FusedOptimizer):
         state_format: str = "f32",
         master_weights: bool = False,
     ) -> None:
-        if float(lr) < 0.0:
-            raise ValueError(f"Invalid learning rate: {lr}")
-        if lr_decay < 0.0:
-            raise ValueError(f"Invalid lr_decay value: {lr_decay}")
-        if weight_decay < 0.0:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-        if initial_accumulator_value < 0.0:
-            raise ValueError(f"Invalid initial_accumulator_value value: {initial_accumulator_value}")
-        if eps < 0.0:
-            raise ValueError(f"Invalid epsilon value: {eps}")
-        if fused is True:
-            fused = None
-        defaults = dict(
+        defaults = _torch_defaults(locals())
+        _check_nonnegative(
             lr=lr,
             lr_decay=lr_decay,
-            eps=eps,
             weight_decay=weight_decay,
             initial_accumulator_value=initial_accumulator_value,
-            foreach=foreach,
-            maximize=maximize,
-            differentiable=differentiable,
-            fused=fused,
+            eps=eps,
         )
         super().__init__(params, defaults, flat_grads, state_format, master_weights)
 
@@ -1026,28 +994,8 @@ class RMSprop(_FusedOptimizer):
         state_format: str = "f32",
         master_weights: bool = False,
     ) -> None:
-        if float(lr) < 0.0:
-            raise ValueError(f"Invalid learning rate: {lr}")
-        if eps < 0.0:
-            raise ValueError(f"Invalid epsilon value: {eps}")
-        if momentum < 0.0:
-            raise ValueError(f"Invalid momentum value: {momentum}")
-        if weight_decay < 0.0:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-        if alpha < 0.0:
-            raise ValueError(f"Invalid alpha value: {alpha}")
-        defaults = dict(
-            lr=lr,
-            momentum=momentum,
-            alpha=alpha,
-            eps=eps,
-            centered=centered,
-            weight_decay=weight_decay,
-            capturable=capturable,
-            foreach=foreach,
-            maximize=maximize,
-            differentiable=differentiable,
-        )
+        defaults = _torch_defaults(locals())
+        _check_nonnegative(lr=lr, eps=eps, momentum=momentum, weight_decay=weight_decay, alpha=alpha)
         super().__init__(params, defaults, flat_grads, state_format, master_weights)
 
     def _hyper(self, group: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -1097,22 +1045,8 @@ class Adam(_FusedOptimizer):
         state_format: str = "f32",
         master_weights: bool = False,
     ) -> None:
+        defaults = _torch_defaults(locals())
         _check_adam(lr, betas, eps, weight_decay)
-        if fused is True:
-            fused = None
-        defaults = dict(
-            lr=lr,
-            betas=betas,
-            eps=eps,
-            weight_decay=weight_decay,
-            amsgrad=amsgrad,
-            maximize=maximize,
-            foreach=foreach,
-            capturable=capturable,
-            differentiable=differentiable,
-            fused=fused,
-            decoupled_weight_decay=decoupled_weight_decay,
-        )
         super().__init__(params, defaults, flat_grads, state_format, master_weights)
 
     def _hyper(self, group: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -1177,17 +1111,30 @@ class AdamW(Adam):
         group["decoupled_weight_decay"] = True  # as torch.optim.AdamW
 
 
+def _torch_defaults(args: Mapping[str, Any]) -> dict[str, Any]:
+    """A class's parameter-group defaults from the ``locals()`` its ``__init__`` starts with:
+    torch's arguments in torch's order (``fused=True`` kept as ``None``: fusedopt is fused),
+    without ``self``, ``params`` and fusedopt's own options."""
+    defaults = {k: v for k, v in args.items() if k not in ("self", "params", "__class__") and k not in _EXTRAS}
+    if defaults.get("fused") is True:
+        defaults["fused"] = None
+    return defaults
+
+
+def _check_nonnegative(**values: Any) -> None:
+    """torch.optim's checks of arguments that must be ``>= 0``, with its messages."""
+    for name, value in values.items():
+        if float(value) < 0.0:
+            what = {"lr": "learning rate", "eps": "epsilon value"}.get(name, f"{name} value")
+            raise ValueError(f"Invalid {what}: {value}")
+
+
 def _check_adam(lr: Any, betas: Any, eps: float, weight_decay: float) -> None:
-    if float(lr) < 0.0:
-        raise ValueError(f"Invalid learning rate: {lr}")
-    if eps < 0.0:
-        raise ValueError(f"Invalid epsilon value: {eps}")
-    if not 0.0 <= float(betas[0]) < 1.0:
-        raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
-    if not 0.0 <= float(betas[1]) < 1.0:
-        raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
-    if weight_decay < 0.0:
-        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+    _check_nonnegative(lr=lr, eps=eps)
+    for i, beta in enumerate(betas):
+        if not 0.0 <= float(beta) < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {i}: {beta}")
+    _check_nonnegative(weight_decay=weight_decay)
 
 
 # -- every other optimizer of the engine -------------------------------------------------------
@@ -1217,17 +1164,14 @@ class _RuleOptimizer(_FusedOptimizer):
     def __init__(self, params: Params, *args: Any, **kwargs: Any) -> None:
         bound = type(self).__signature__.bind(params, *args, **kwargs)  # type: ignore[attr-defined]
         bound.apply_defaults()
-        defaults = dict(bound.arguments)
-        defaults.pop("params")
-        extras = {k: defaults.pop(k) for k in _EXTRAS}
-        if defaults.get("fused") is True:
-            defaults["fused"] = None  # fusedopt is fused
+        args = bound.arguments
+        defaults = _torch_defaults(args)
         # Ranges and types, checked by the engine now, as torch's constructors check theirs.
         checked = dict(self._engine_hyper(defaults), lr=defaults["lr"])
         if "weight_decay" in defaults:
             checked["weight_decay"] = defaults["weight_decay"]
         Engine(self._rule, **{k: float(v) if isinstance(v, torch.Tensor) else v for k, v in checked.items()})
-        super().__init__(params, defaults, extras["flat_grads"], extras["state_format"], extras["master_weights"])
+        super().__init__(params, defaults, args["flat_grads"], args["state_format"], args["master_weights"])
 
     @classmethod
     def _engine_hyper(cls, group: Mapping[str, Any]) -> dict[str, Any]:

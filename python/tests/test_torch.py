@@ -47,7 +47,7 @@ def train(cls, kw, *, groups=False, scheduler=None, flat=False, steps=50, skip=N
                         p.grad = None
             return loss
 
-        losses.append(float(opt.step(closure)))
+        losses.append(float(opt.step(closure).detach()))
         if sched:
             sched.step()
     return [p.detach().clone() for p in model.parameters()], losses, opt
