@@ -573,6 +573,24 @@ impl Backend {
         self.tier().level()
     }
 
+    /// Its name: `"simd"`, `"scalar"`, or the tier's name ([`SimdLevel::name`]) for
+    /// [`Backend::Level`]; [`FromStr`](core::str::FromStr) reads it back.
+    ///
+    /// ```
+    /// use fusedopt::{Backend, SimdLevel};
+    /// assert_eq!(Backend::Simd.name(), "simd");
+    /// assert_eq!(Backend::Level(SimdLevel::Portable).name(), "portable");
+    /// assert_eq!("portable".parse::<Backend>(), Ok(Backend::Level(SimdLevel::Portable)));
+    /// assert!("avx1024".parse::<Backend>().unwrap_err().contains("expected simd, scalar"));
+    /// ```
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Simd => "simd",
+            Backend::Scalar => "scalar",
+            Backend::Level(level) => level.name(),
+        }
+    }
+
     /// The tier, with its proof of availability.
     pub(crate) fn tier(self) -> Tier {
         Tier::new(match self {
@@ -580,6 +598,71 @@ impl Backend {
             Backend::Simd => SimdLevel::detect(),
             Backend::Level(l) => l,
         })
+    }
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl core::str::FromStr for Backend {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "simd" => Ok(Backend::Simd),
+            "scalar" => Ok(Backend::Scalar),
+            name => SimdLevel::ALL
+                .into_iter()
+                .find(|l| l.name() == name)
+                .map(Backend::Level)
+                .ok_or_else(|| {
+                    let tiers: Vec<_> = SimdLevel::ALL.iter().map(|l| l.name()).collect();
+                    format!(
+                        "unknown backend {s:?}, expected simd, scalar or a tier ({})",
+                        tiers.join(", ")
+                    )
+                }),
+        }
+    }
+}
+
+impl NonFinite {
+    /// Every policy.
+    pub const ALL: [NonFinite; 3] = [NonFinite::Propagate, NonFinite::Skip, NonFinite::Error];
+
+    /// Its name: `"propagate"`, `"skip"` or `"error"`; [`FromStr`](core::str::FromStr) reads
+    /// it back.
+    ///
+    /// ```
+    /// use fusedopt::NonFinite;
+    /// assert_eq!(NonFinite::Skip.name(), "skip");
+    /// assert_eq!("error".parse::<NonFinite>(), Ok(NonFinite::Error));
+    /// assert!("ignore".parse::<NonFinite>().is_err());
+    /// ```
+    pub fn name(self) -> &'static str {
+        match self {
+            NonFinite::Propagate => "propagate",
+            NonFinite::Skip => "skip",
+            NonFinite::Error => "error",
+        }
+    }
+}
+
+impl fmt::Display for NonFinite {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl core::str::FromStr for NonFinite {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        NonFinite::ALL
+            .into_iter()
+            .find(|p| p.name() == s.trim())
+            .ok_or_else(|| format!("unknown policy {s:?}, expected propagate, skip or error"))
     }
 }
 

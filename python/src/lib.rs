@@ -13,8 +13,8 @@
 
 use fusedopt::raw::{RawError, RawTensors};
 use fusedopt::{
-    Backend, Dtype, Element, NonFinite, Optimizer, OptimizerConfig, OptimizerExt, ParamGroup,
-    ParseConfigError, Settings, SimdLevel, StateError, StateFormat, StepError, StepReport, Value,
+    Dtype, Element, Optimizer, OptimizerConfig, OptimizerExt, ParamGroup, ParseConfigError,
+    Settings, StateError, StateFormat, StepError, StepReport, Value,
 };
 use half::f16;
 use numpy::ndarray::ArrayView1;
@@ -202,54 +202,6 @@ fn configured(
     Ok(config)
 }
 
-/// A backend's Python name: `"simd"`, `"scalar"` or a tier's name.
-fn backend_name(backend: Backend) -> &'static str {
-    match backend {
-        Backend::Simd => "simd",
-        Backend::Scalar => "scalar",
-        Backend::Level(level) => level.name(),
-    }
-}
-
-/// The backend named `name`.
-fn backend_of(name: &str) -> PyResult<Backend> {
-    match name {
-        "simd" => Ok(Backend::Simd),
-        "scalar" => Ok(Backend::Scalar),
-        _ => SimdLevel::ALL
-            .into_iter()
-            .find(|l| l.name() == name)
-            .map(Backend::Level)
-            .ok_or_else(|| {
-                let tiers: Vec<_> = SimdLevel::ALL.iter().map(|l| l.name()).collect();
-                PyValueError::new_err(format!(
-                    "backend {name:?}: expected 'simd', 'scalar' or one of {tiers:?}"
-                ))
-            }),
-    }
-}
-
-/// The non-finite policy's Python name.
-fn policy_name(policy: NonFinite) -> &'static str {
-    match policy {
-        NonFinite::Skip => "skip",
-        NonFinite::Error => "error",
-        _ => "propagate",
-    }
-}
-
-/// The policy named `name`.
-fn policy_of(name: &str) -> PyResult<NonFinite> {
-    match name {
-        "propagate" => Ok(NonFinite::Propagate),
-        "skip" => Ok(NonFinite::Skip),
-        "error" => Ok(NonFinite::Error),
-        other => Err(PyValueError::new_err(format!(
-            "non_finite = {other:?} is invalid, expected 'propagate', 'skip' or 'error'"
-        ))),
-    }
-}
-
 /// `settings` with the keyword arguments `changes` applied (not checked: `set_settings` is).
 /// The thread count is not among them: `set_num_threads` sets it for every engine.
 fn settings_with(mut settings: Settings, changes: &Bound<'_, PyDict>) -> PyResult<Settings> {
@@ -261,16 +213,13 @@ fn settings_with(mut settings: Settings, changes: &Bound<'_, PyDict>) -> PyResul
             })
         };
         match key.as_str() {
-            "backend" => settings.backend = backend_of(&text()?)?,
+            "backend" => settings.backend = parsed(&key, &text()?)?,
             "chunk_len" => settings.chunk_len = value.extract()?,
             "grad_scale" => settings.grad_scale = number(&key, &value)?,
             "max_grad_norm" if value.is_none() => settings.max_grad_norm = None,
             "max_grad_norm" => settings.max_grad_norm = Some(number(&key, &value)?),
-            "non_finite" => settings.non_finite = policy_of(&text()?)?,
-            "state_format" => {
-                let format = text()?.parse::<StateFormat>();
-                settings.state_format = format.map_err(|e| format!("state_format: {e}")).py()?;
-            }
+            "non_finite" => settings.non_finite = parsed(&key, &text()?)?,
+            "state_format" => settings.state_format = parsed(&key, &text()?)?,
             _ => {
                 return Err(PyTypeError::new_err(format!(
                     "unknown setting {key:?}: the settings are backend, chunk_len, grad_scale, \
@@ -280,6 +229,11 @@ fn settings_with(mut settings: Settings, changes: &Bound<'_, PyDict>) -> PyResul
         }
     }
     Ok(settings)
+}
+
+/// A setting named by a string, read by the crate's `FromStr` (`ValueError` naming `key`).
+fn parsed<T: core::str::FromStr<Err = String>>(key: &str, text: &str) -> PyResult<T> {
+    text.parse().map_err(|e| format!("{key}: {e}")).py()
 }
 
 /// A numeric setting, refusing what is not a number (`True` included).
@@ -296,11 +250,11 @@ fn number(key: &str, value: &Bound<'_, PyAny>) -> PyResult<f32> {
 /// `settings` as a dict.
 fn settings_dict<'py>(py: Python<'py>, settings: &Settings) -> PyResult<Bound<'py, PyDict>> {
     let dict = PyDict::new(py);
-    dict.set_item("backend", backend_name(settings.backend))?;
+    dict.set_item("backend", settings.backend.name())?;
     dict.set_item("chunk_len", settings.chunk_len)?;
     dict.set_item("grad_scale", settings.grad_scale)?;
     dict.set_item("max_grad_norm", settings.max_grad_norm)?;
-    dict.set_item("non_finite", policy_name(settings.non_finite))?;
+    dict.set_item("non_finite", settings.non_finite.name())?;
     dict.set_item("state_format", settings.state_format.name())?;
     Ok(dict)
 }
