@@ -158,26 +158,31 @@ def test_engines_pickle_with_settings_and_state():
         e2.step_arrays([np.ones(3, np.float32)], [np.ones(3, np.float32)], [("w", "g")])
 
 
-def test_two_threads_stepping_one_torch_optimizer_take_turns():
-    model, twin = mlp(), mlp()
-    opt, opt_twin = ft.Adam(model.parameters(), lr=1e-3), ft.Adam(twin.parameters(), lr=1e-3)
-    for m, o in ((model, opt), (twin, opt_twin)):
-        backward(m, o)  # the same gradients at every step: the order of steps does not matter
+def in_threads(n, times, step):
+    """Runs `step` `times` times in each of `n` threads at once; fails on any exception."""
     errors = []
 
     def work():
         try:
-            for _ in range(40):
-                opt.step()
+            for _ in range(times):
+                step()
         except Exception as e:  # noqa: BLE001 - reported below
             errors.append(e)
 
-    threads = [threading.Thread(target=work) for _ in range(2)]
+    threads = [threading.Thread(target=work) for _ in range(n)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     assert not errors, errors
+
+
+def test_two_threads_stepping_one_torch_optimizer_take_turns():
+    model, twin = mlp(), mlp()
+    opt, opt_twin = ft.Adam(model.parameters(), lr=1e-3), ft.Adam(twin.parameters(), lr=1e-3)
+    for m, o in ((model, opt), (twin, opt_twin)):
+        backward(m, o)  # the same gradients at every step: the order of steps does not matter
+    in_threads(2, 40, opt.step)
     for _ in range(80):
         opt_twin.step()
     assert opt.steps == 80
@@ -188,21 +193,7 @@ def test_two_threads_stepping_one_numpy_optimizer_take_turns():
     params = {"a": np.ones(100_000, np.float32), "b": np.ones(10, np.float32)}
     grads = {k: np.full_like(v, 0.25) for k, v in params.items()}
     opt = fusedopt.Momentum(learning_rate=1e-3)
-    errors = []
-
-    def work():
-        try:
-            for _ in range(30):
-                opt.update(params, grads)
-        except Exception as e:  # noqa: BLE001 - reported below
-            errors.append(e)
-
-    threads = [threading.Thread(target=work) for _ in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    in_threads(3, 30, lambda: opt.update(params, grads))
     twin_params = {k: np.ones_like(v) for k, v in params.items()}
     twin = fusedopt.Momentum(learning_rate=1e-3)
     for _ in range(90):
