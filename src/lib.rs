@@ -4,9 +4,10 @@
 //!
 //! A trainer hands fusedopt its weights and gradients as slices; one call updates the weights and
 //! the optimizer state in a single pass over memory, with SIMD kernels on every core of the
-//! current rayon pool. Six optimizers are provided: [`Sgd`], [`Momentum`], [`Nag`], [`AdaGrad`],
-//! [`RmsProp`] and [`Adam`]. Each is one generic type, [`Fused`], over its configuration (`Adam`
-//! is `Fused<AdamConfig>`), and all of them implement the object-safe [`Optimizer`] trait.
+//! current rayon pool. The optimizers: [`Sgd`], [`Momentum`], [`Nag`], [`AdaGrad`],
+//! [`RmsProp`], [`Adam`] (and AdamW), [`Adamax`] and [`Lion`]. Each is one generic type,
+//! [`Fused`], over its configuration (`Adam` is `Fused<AdamConfig>`), and all of them implement
+//! the object-safe [`Optimizer`] trait.
 //!
 //! ```
 //! use fusedopt::{Adam, AdamConfig, Optimizer};
@@ -61,6 +62,8 @@
 //! | [`AdaGrad`] | `h ← h + g²; w ← w − lr·g/(√h + ε)` | lr 0.01, ε 1e-7 |
 //! | [`RmsProp`] | `h ← ρ·h + (1−ρ)·g²; w ← w − lr·g/(√h + ε)` | lr 0.01, ρ 0.9, ε 1e-7 |
 //! | [`Adam`] | `m ← m + (1−β1)(g − m); v ← v + (1−β2)(g² − v); w ← w − lr_t·m/(√v + ε)`, `lr_t = lr·√(1−β2ᵗ)/(1−β1ᵗ)` | lr 0.001, β 0.9/0.999, ε 1e-7 |
+//! | [`Adamax`] | `m ← m + (1−β1)(g − m); u ← max(β2·u, \|g\| + ε); w ← w − (lr/(1−β1ᵗ))·m/u` | lr 0.002, β 0.9/0.999, ε 1e-8 (torch's) |
+//! | [`Lion`] | `c ← β1·m + (1−β1)·g; w ← w·(1 − lr·λ) − lr·sign(c); m ← β2·m + (1−β2)·g` | lr 1e-4, β 0.9/0.99 (the paper's) |
 //!
 //! State (`v`, `h`, `m`) starts at zero and is allocated at the first step, in 64-byte aligned
 //! buffers sized to the tensors.

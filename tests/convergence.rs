@@ -37,6 +37,8 @@ fn every_optimizer_descends_a_quadratic_bowl() {
         let lr = match kind {
             "sgd" | "momentum" | "nag" => "lr=0.05",
             "adagrad" => "lr=0.5",
+            // Lion's steps are ±lr in every coordinate: it settles within about lr.
+            "lion" => "lr=0.015",
             _ => "lr=0.02",
         };
         let (start, end) = bowl(with(config, lr), 500);
@@ -92,6 +94,7 @@ fn every_optimizer_makes_progress_on_rosenbrock() {
             "momentum" | "nag" => ("lr=2e-4", 10_000, 0.05),
             "adagrad" => ("lr=1.0", 20_000, 0.05),
             "rmsprop" => ("lr=1e-3", 10_000, 0.05),
+            "lion" => ("lr=2e-4", 20_000, 0.05),
             _ => ("lr=0.005", 10_000, 0.05),
         };
         let (start, end, dist) = rosenbrock(with(config, lr), steps);

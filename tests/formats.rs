@@ -101,7 +101,11 @@ fn compact_state_follows_f32_state_closely() {
     for config in variants() {
         let (w0, _) = model(1);
         let exact = baseline(config, StateFormat::F32);
+        // Lion moves every weight by ±lr by the sign of a momentum mix: where that mix is near
+        // 0, a rounded state flips a whole step, so its bound is wider.
+        let widen = if config.name() == "lion" { 2.5 } else { 1.0 };
         for (format, tol) in [(StateFormat::Bf16, 0.02), (StateFormat::Q8, 0.08)] {
+            let tol = tol * widen;
             let got = baseline(config, format);
             let (mut err, mut moved) = (0f64, 0f64);
             for ((a, b), w) in got.iter().zip(&exact).zip(&w0) {

@@ -86,7 +86,7 @@ typedef enum fusedopt_status {
 } fusedopt_status;
 
 /**
- * An optimizer: one of fusedopt's six, with its settings and state. Opaque; made by
+ * An optimizer: one of fusedopt's, with its settings and state. Opaque; made by
  * `fusedopt_new`, freed by `fusedopt_free`.
  */
 typedef struct fusedopt_optimizer fusedopt_optimizer;

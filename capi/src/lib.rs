@@ -204,7 +204,7 @@ pub struct fusedopt_report {
     pub grad_norm: f32,
 }
 
-/// An optimizer: one of fusedopt's six, with its settings and state. Opaque; made by
+/// An optimizer: one of fusedopt's, with its settings and state. Opaque; made by
 /// `fusedopt_new`, freed by `fusedopt_free`.
 pub struct fusedopt_optimizer {
     /// Set while a call uses the handle.

@@ -145,5 +145,51 @@ class Adam(Optimizer):
         master_weights: bool = False,
     ) -> None: ...
 
+class Adamax(Optimizer):
+    """Adamax (``torch.optim.Adamax``): ``u = max(beta2 * u, |g| + eps)``."""
+
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    maximize: bool
+    def __init__(
+        self,
+        learning_rate: float = 0.002,
+        *,
+        beta1: float = 0.9,
+        beta2: float = 0.999,
+        eps: float = 1e-08,
+        weight_decay: float = 0.0,
+        maximize: bool = False,
+        grad_scale: float = 1.0,
+        max_grad_norm: Optional[float] = None,
+        non_finite: str = "propagate",
+        state_format: str = "f32",
+        master_weights: bool = False,
+    ) -> None: ...
+
+class Lion(Optimizer):
+    """Lion (Chen et al. 2023): ``w = w * (1 - lr * weight_decay) - lr * sign(c)``."""
+
+    beta1: float
+    beta2: float
+    weight_decay: float
+    maximize: bool
+    def __init__(
+        self,
+        learning_rate: float = 0.0001,
+        *,
+        beta1: float = 0.9,
+        beta2: float = 0.99,
+        weight_decay: float = 0.0,
+        maximize: bool = False,
+        grad_scale: float = 1.0,
+        max_grad_norm: Optional[float] = None,
+        non_finite: str = "propagate",
+        state_format: str = "f32",
+        master_weights: bool = False,
+    ) -> None: ...
+
 def __getattr__(name: str) -> type[Optimizer]:
-    """The class of an optimizer the engine has beyond these six (``fusedopt.rules()``)."""
+    """The class of an optimizer the engine has beyond these (``fusedopt.rules()``)."""

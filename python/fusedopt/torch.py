@@ -1151,6 +1151,9 @@ class _RuleOptimizer(_FusedOptimizer):
     defaults (``beta1``/``beta2`` as torch's ``betas``), its state keys the engine's buffers."""
 
     _rule: str = ""
+    #: The state keys that are not the engine's buffer names (torch's, where torch has the
+    #: optimizer), by buffer.
+    _state_key_names: dict[str, str] = {}
     #: The engine's hyperparameters the groups hold besides lr and weight_decay (``betas`` for
     #: beta1 and beta2).
     _fields: tuple[str, ...] = ()
@@ -1194,7 +1197,7 @@ class _RuleOptimizer(_FusedOptimizer):
         if cached is None or cached[0] != key:
             cached = (key, Engine(self._rule, **hyper).buffer_names)
             self._buffers_cache = cached
-        return tuple((b, b) for b in cached[1])
+        return tuple((self._state_key_names.get(b, b), b) for b in cached[1])
 
 
 def _rule_class(rule: str, name: str) -> type:
@@ -1227,6 +1230,7 @@ def _rule_class(rule: str, name: str) -> type:
     group_keys = ("lr", *fields) + (("weight_decay",) if "weight_decay" in hyper else ())
     namespace = {
         "_rule": rule,
+        "_state_key_names": _STATE_KEY_NAMES.get(rule, {}),
         "_fields": tuple(fields),
         "_shared": tuple(fields),
         "_group_keys": group_keys,
@@ -1235,12 +1239,18 @@ def _rule_class(rule: str, name: str) -> type:
         "    Arguments (the engine's defaults): "
         + ", ".join(f"``{p.name}={p.default!r}``" for p in params[1:])
         + ". ``lr`` and ``weight_decay`` may differ between parameter groups; the state keys "
-        "are the engine's buffers (``optimizer.state[p]``) and ``step``.",
+        "are "
+        + ", ".join(f"``{k}``" for k in [*_STATE_KEY_NAMES.get(rule, {}).values()] or ["the engine's buffers"])
+        + " (``optimizer.state[p]``) and ``step``.",
         "__module__": __name__,
         "__qualname__": name,
     }
     return type(name, (_RuleOptimizer,), namespace)
 
+
+#: State keys as torch.optim (Adamax) and the reference implementations (Lion's lion-pytorch)
+#: name them, so that their state dicts load into each other.
+_STATE_KEY_NAMES = {"adamax": {"m": "exp_avg", "u": "exp_inf"}, "lion": {"m": "exp_avg"}}
 
 #: The engine's optimizers that the classes above run.
 _COVERED = {"sgd", "momentum", "nag", "adagrad", "rmsprop", "adam"}

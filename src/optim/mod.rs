@@ -1,4 +1,4 @@
-//! The six update rules, one file each (Momentum and NAG share one), and [`Fused`], the one
+//! The update rules, one file each (Momentum and NAG share one), and [`Fused`], the one
 //! optimizer type they are applied through. Imports [`crate::engine`], [`crate::simd`] and
 //! [`crate::types`].
 //!
@@ -24,6 +24,8 @@ macro_rules! registry {
             adagrad => AdaGrad(AdaGradConfig);
             rmsprop => RmsProp(RmsPropConfig);
             adam => Adam(AdamConfig);
+            adamax => Adamax(AdamaxConfig);
+            lion => Lion(LionConfig);
         }
     };
 }
@@ -289,7 +291,7 @@ pub(crate) enum FieldError {
 
 /// An optimizer: the configuration of an update rule `R`, with the engine that applies it.
 ///
-/// The six optimizers are this type: [`Sgd`](crate::Sgd) is `Fused<SgdConfig>`,
+/// Every optimizer is this type: [`Sgd`](crate::Sgd) is `Fused<SgdConfig>`,
 /// [`Adam`](crate::Adam) is `Fused<AdamConfig>`, and so on. Its methods are those of the
 /// [`Optimizer`](crate::Optimizer) trait, plus the ones below.
 ///

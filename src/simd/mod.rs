@@ -192,6 +192,11 @@ pub trait Lane:
     /// Lane-wise `if self > other { self } else { other }`: a NaN in `other` is returned, a NaN
     /// in `self` is not (the semantics of x86's `maxps` with the operands in this order).
     fn max(self, other: Self) -> Self;
+    /// Lane-wise `|x|`: the sign bit cleared (NaNs included), as `f32::abs`.
+    fn abs(self) -> Self;
+    /// Lane-wise sign: `1` for `x > 0`, `−1` for `x < 0`, `+0` for `±0`, and a NaN lane
+    /// unchanged (so a NaN gradient still reaches the weights, as everywhere else).
+    fn sign(self) -> Self;
     /// Loads `WIDTH` elements from `p`, which needs no particular alignment.
     ///
     /// # Safety
@@ -262,6 +267,22 @@ impl Lane for f32 {
     #[inline(always)]
     fn max(self, other: Self) -> Self {
         if self > other { self } else { other }
+    }
+    #[inline(always)]
+    fn abs(self) -> Self {
+        f32::abs(self)
+    }
+    #[inline(always)]
+    fn sign(self) -> Self {
+        if self > 0.0 {
+            1.0
+        } else if self < 0.0 {
+            -1.0
+        } else if self == 0.0 {
+            0.0
+        } else {
+            self
+        }
     }
     #[inline(always)]
     unsafe fn load(p: *const f32) -> Self {

@@ -19,6 +19,19 @@ impl Lane for f32x8 {
         Select::select(self.simd_gt(other), self, other)
     }
     #[inline(always)]
+    fn abs(self) -> Self {
+        // Clears the sign bit, as `f32::abs`.
+        f32x8::abs(self)
+    }
+    #[inline(always)]
+    fn sign(self) -> Self {
+        let (zero, one) = (f32x8::splat(0.0), f32x8::splat(1.0));
+        // pos − neg: +0 for ±0 (and for NaN, which the select then puts back).
+        let pos = Select::select(self.simd_gt(zero), one, zero);
+        let neg = Select::select(self.simd_lt(zero), one, zero);
+        Select::select(self.simd_eq(self), pos - neg, self)
+    }
+    #[inline(always)]
     unsafe fn load(p: *const f32) -> Self {
         // SAFETY: the caller guarantees 8 readable elements; `read_unaligned` needs no alignment.
         f32x8::new(unsafe { p.cast::<[f32; 8]>().read_unaligned() })

@@ -83,6 +83,23 @@ impl Lane for Ymm {
         Ymm(unsafe { _mm256_max_ps(self.0, other.0) })
     }
     #[inline(always)]
+    fn abs(self) -> Self {
+        // SAFETY: type invariant. Clearing the sign bit is exactly `f32::abs`.
+        Ymm(unsafe { _mm256_andnot_ps(_mm256_set1_ps(-0.0), self.0) })
+    }
+    #[inline(always)]
+    fn sign(self) -> Self {
+        // SAFETY: type invariant. pos − neg from ordered compares is +0 for ±0 and NaN; the
+        // blend puts a NaN lane (unordered with itself) back, as the scalar `Lane::sign`.
+        unsafe {
+            let (zero, one) = (_mm256_setzero_ps(), _mm256_set1_ps(1.0));
+            let pos = _mm256_and_ps(_mm256_cmp_ps::<_CMP_GT_OQ>(self.0, zero), one);
+            let neg = _mm256_and_ps(_mm256_cmp_ps::<_CMP_LT_OQ>(self.0, zero), one);
+            let nan = _mm256_cmp_ps::<_CMP_UNORD_Q>(self.0, self.0);
+            Ymm(_mm256_blendv_ps(_mm256_sub_ps(pos, neg), self.0, nan))
+        }
+    }
+    #[inline(always)]
     unsafe fn load(p: *const f32) -> Self {
         // SAFETY: type invariant for AVX; the caller guarantees 8 readable elements, and `loadu`
         // needs no alignment.

@@ -23,6 +23,8 @@ pub fn unusual(config: OptimizerConfig) -> OptimizerConfig {
             "adagrad" => "lr=0.037,eps=1e-3",
             "rmsprop" => "lr=0.037,decay_rate=0.7,eps=1e-3",
             "adam" => "lr=0.037,beta1=0.8,beta2=0.95,eps=1e-3",
+            "adamax" => "lr=0.037,beta1=0.8,beta2=0.95,eps=1e-3",
+            "lion" => "lr=0.037,beta1=0.8,beta2=0.95",
             other => panic!("no unusual configuration for {other}"),
         },
     )
@@ -147,6 +149,9 @@ pub trait Float:
     }
     fn gt(self, other: Self) -> bool {
         self.to64() > other.to64()
+    }
+    fn is_nan(self) -> bool {
+        self.to64().is_nan()
     }
 }
 
@@ -290,6 +295,52 @@ impl<F: Float> Reference<F> {
                     } else {
                         w[i] = w[i] - lr_t * m / (v_used.sqrt() + c(h.eps));
                     }
+                }
+            }
+            OptimizerConfig::Adamax(h) => {
+                // Kingma & Ba (2015), Algorithm 2, with torch.optim.Adamax's ε inside the max.
+                let step_size = F::from64(h.lr as f64 / (1.0 - h.beta1.powf(t)));
+                let (one_minus_b1, b2) = (F::from64(1.0 - h.beta1), F::from64(h.beta2));
+                for i in 0..w.len() {
+                    let gi = prep(g[i], w[i], h.maximize, h.weight_decay);
+                    s1[i] = s1[i] + one_minus_b1 * (gi - s1[i]);
+                    let abs = if gi.gt(F::from64(0.0)) { gi } else { gi.neg() };
+                    let candidate = abs + c(h.eps);
+                    let decayed = b2 * s2[i];
+                    // max(β2·u, |g| + ε), a NaN candidate winning.
+                    s2[i] = if decayed.gt(candidate) {
+                        decayed
+                    } else {
+                        candidate
+                    };
+                    w[i] = w[i] - step_size * (s1[i] / s2[i]);
+                }
+            }
+            OptimizerConfig::Lion(h) => {
+                // Chen et al. (2023), Algorithm 2 (decoupled weight decay λ).
+                let (b1, b2) = (F::from64(h.beta1), F::from64(h.beta2));
+                let (one_minus_b1, one_minus_b2) =
+                    (F::from64(1.0 - h.beta1), F::from64(1.0 - h.beta2));
+                let decay = F::from64(1.0 - h.lr as f64 * h.weight_decay as f64);
+                for i in 0..w.len() {
+                    let gi = prep(g[i], w[i], h.maximize, 0.0);
+                    let u = b1 * s1[i] + one_minus_b1 * gi;
+                    let sign = if u.is_nan() {
+                        u
+                    } else if u.gt(F::from64(0.0)) {
+                        F::from64(1.0)
+                    } else if F::from64(0.0).gt(u) {
+                        F::from64(-1.0)
+                    } else {
+                        F::from64(0.0)
+                    };
+                    let wi = if h.weight_decay != 0.0 {
+                        w[i] * decay
+                    } else {
+                        w[i]
+                    };
+                    w[i] = wi - c(h.lr) * sign;
+                    s1[i] = b2 * s1[i] + one_minus_b2 * gi;
                 }
             }
             other => panic!("no reference for {other}"),
