@@ -96,6 +96,21 @@ def torch_case(name, shapes, reps, flat=False):
     return ours, ours_p
 
 
+def rule_case(name, ours_cls, theirs_cls, kw, shapes, reps):
+    """A rule against torch's implementation of it: foreach and single-tensor (torch's fused
+    exists only for Adam, AdamW, SGD and Adagrad), the faster of the two."""
+    ours_p = model(shapes, 0)
+    ours = ours_cls(ours_p, **kw)
+    best = None
+    for foreach in (True, False):
+        theirs_p = model(shapes, 0)
+        theirs = theirs_cls(theirs_p, **kw, foreach=foreach)
+        t_ours, t_theirs = alternate(ours.step, theirs.step, reps)
+        if best is None or t_theirs < best[1]:
+            best = (t_ours, t_theirs, "torch foreach" if foreach else "torch single ")
+    row(name, *best)
+
+
 def overhead(opt, params, reps):
     """Where a default-mode step's time goes, per tensor."""
     n = len(params)
@@ -157,7 +172,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=7)
-    ap.add_argument("--only", default="adam-64M,gpt2,many,numpy-1M")
+    ap.add_argument("--only", default="adam-64M,gpt2,many,numpy-1M,rules")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     fusedopt.set_num_threads(args.threads)
@@ -174,6 +189,10 @@ def main():
         torch_case("  same, flat_grads=True", [(1024,)] * 10_000, args.reps, flat=True)
     if "numpy-1M" in only:
         numpy_case(args.reps)
+    if "rules" in only:
+        # The rules after the first six that torch.optim has.
+        for label, shapes in (("64M", [(1 << 26,)]), ("10,000 x 1024", [(1024,)] * 10_000)):
+            rule_case(f"Adamax, {label}", ft.Adamax, torch.optim.Adamax, dict(lr=2e-3), shapes, args.reps)
 
 
 if __name__ == "__main__":
