@@ -59,7 +59,7 @@
 //! | [`Sgd`] | `w ← w − lr·g` | lr 0.01 |
 //! | [`Momentum`] | `v ← μ·v − lr·g; w ← w + v` | lr 0.01, μ 0.9 |
 //! | [`Nag`] | `v ← μ·v − lr·g; w ← w + μ·v − lr·g` | lr 0.01, μ 0.9 |
-//! | [`AdaGrad`] | `h ← h + g²; w ← w − lr·g/(√h + ε)` | lr 0.01, ε 1e-7 |
+//! | [`AdaGrad`] | `h ← h + g²; w ← w − lr_t·g/(√h + ε)`, `lr_t = lr/(1 + (t−1)·lr_decay)` | lr 0.01, ε 1e-7, lr_decay 0 |
 //! | [`RmsProp`] | `h ← ρ·h + (1−ρ)·g²; w ← w − lr·g/(√h + ε)` | lr 0.01, ρ 0.9, ε 1e-7 |
 //! | [`Adam`] | `m ← m + (1−β1)(g − m); v ← v + (1−β2)(g² − v); w ← w − lr_t·m/(√v + ε)`, `lr_t = lr·√(1−β2ᵗ)/(1−β1ᵗ)` | lr 0.001, β 0.9/0.999, ε 1e-7 |
 //! | [`Adamax`] | `m ← m + (1−β1)(g − m); u ← max(β2·u, \|g\| + ε); w ← w − (lr/(1−β1ᵗ))·m/u` | lr 0.002, β 0.9/0.999, ε 1e-8 (torch's) |

@@ -83,6 +83,7 @@ class AdaGrad(Optimizer):
     eps: float
     weight_decay: float
     maximize: bool
+    lr_decay: float
     def __init__(
         self,
         learning_rate: float = 0.01,
@@ -90,6 +91,7 @@ class AdaGrad(Optimizer):
         eps: float = 1e-07,
         weight_decay: float = 0.0,
         maximize: bool = False,
+        lr_decay: float = 0.0,
         grad_scale: float = 1.0,
         max_grad_norm: Optional[float] = None,
         non_finite: str = "propagate",

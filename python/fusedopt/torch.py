@@ -913,17 +913,16 @@ class SGD(_FusedOptimizer):
 
 class Adagrad(_FusedOptimizer):
     """``torch.optim.Adagrad`` on the fusedopt engine: ``h += g * g``,
-    ``w -= lr * g / (sqrt(h) + eps)``, L2 ``weight_decay`` and ``maximize`` as torch's
-    (``lr_decay`` and ``initial_accumulator_value`` must be 0)."""
+    ``w -= lr / (1 + (t - 1) * lr_decay) * g / (sqrt(h) + eps)``, L2 ``weight_decay`` and
+    ``maximize`` as torch's (``initial_accumulator_value`` must be 0)."""
 
     _unsupported = (
-        ("lr_decay", (0,)),
         ("initial_accumulator_value", (0,)),
         ("foreach", (None, False)),
         ("differentiable", (False,)),
         ("fused", (None, True)),
     )
-    _shared = ("eps", "maximize")
+    _shared = ("eps", "maximize", "lr_decay")
     _eager_state = True
     _group_keys = ("lr", "lr_decay", "eps", "weight_decay", "initial_accumulator_value")
 
@@ -955,7 +954,12 @@ class Adagrad(_FusedOptimizer):
         super().__init__(params, defaults, flat_grads, state_format, master_weights)
 
     def _hyper(self, group: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
-        return "adagrad", {"lr": 1.0, "eps": float(group["eps"]), "maximize": bool(group["maximize"])}
+        return "adagrad", {
+            "lr": 1.0,
+            "eps": float(group["eps"]),
+            "maximize": bool(group["maximize"]),
+            "lr_decay": float(group["lr_decay"]),
+        }
 
     def _state_keys(self, group: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
         return (("sum", "h"),)

@@ -79,6 +79,20 @@ def test_adamax_matches_torch(kw, opts):
         assert float(((a - b).abs() / (b.abs() + 0.01)).max()) <= TOL, key
 
 
+OPTION_CASES = [
+    ("Adagrad", dict(lr=0.05, lr_decay=0.01), dict(scheduler=cosine)),
+    ("Adagrad", dict(lr=0.05, lr_decay=0.1, weight_decay=0.01), dict(grouped=True, scheduler=step_lr)),
+]
+
+
+@pytest.mark.parametrize("name,kw,opts", OPTION_CASES, ids=lambda x: x if isinstance(x, str) else "")
+def test_torch_options_once_refused_match_torch(name, kw, opts):
+    ours, _ = train(getattr(ft, name), kw, **opts)
+    theirs, _ = train(getattr(torch.optim, name), kw, **opts)
+    err = rel_err(ours, theirs)
+    assert err <= TOL, f"{name} {kw}: {err:.2e}"
+
+
 def test_adamax_state_dict_loads_both_ways():
     kw = dict(lr=3e-3, weight_decay=0.01)
     for first, second in ((ft.Adamax, torch.optim.Adamax), (torch.optim.Adamax, ft.Adamax)):

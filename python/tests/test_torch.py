@@ -151,7 +151,6 @@ UNSUPPORTED = [
     (ft.SGD, dict(foreach=True), "foreach"),
     (ft.SGD, dict(differentiable=True), "differentiable"),
     (ft.SGD, dict(fused=False), "fused"),
-    (ft.Adagrad, dict(lr_decay=0.1), "lr_decay"),
     (ft.Adagrad, dict(initial_accumulator_value=0.1), "initial_accumulator_value"),
     (ft.RMSprop, dict(centered=True), "centered"),
     (ft.RMSprop, dict(momentum=0.9), "momentum"),

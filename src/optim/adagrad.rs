@@ -1,13 +1,16 @@
-//! AdaGrad: `h ← h + g²; w ← w − lr·g / (√h + ε)`.
+//! AdaGrad: `h ← h + g²; w ← w − lr_t·g / (√h + ε)`, `lr_t = lr / (1 + (t−1)·lr_decay)`.
 
 use super::{
-    Fused, StateBuffer, check_eps, check_lr, check_weight_decay, config_fields, sealed::RuleImpl,
+    Fused, StateBuffer, check, check_eps, check_lr, check_weight_decay, config_fields,
+    sealed::RuleImpl,
 };
 use crate::engine::{CommonConfig, StepRunner};
 use crate::simd::{Kernel, Lane};
 use crate::types::{StepError, StepReport};
 
-/// AdaGrad: `h ← h + g²; w ← w − lr·g / (√h + ε)`, with `h` starting at zero.
+/// AdaGrad: `h ← h + g²; w ← w − lr_t·g / (√h + ε)`, with `h` starting at zero and
+/// `lr_t = lr / (1 + (t−1)·lr_decay)` at a tensor's step `t` (`lr` itself at the default
+/// `lr_decay` 0), as `torch.optim.Adagrad`.
 ///
 /// ```
 /// use fusedopt::{AdaGrad, AdaGradConfig, Optimizer};
@@ -30,6 +33,9 @@ pub struct AdaGradConfig {
     pub lr: f32,
     /// Added to `√h` in the denominator (default 1e-7). Finite and `>= 0`.
     pub eps: f32,
+    /// Learning-rate decay (default 0), torch's `lr_decay`: step `t` uses
+    /// `lr / (1 + (t−1)·lr_decay)`, computed in f64 and rounded once. Finite and `>= 0`.
+    pub lr_decay: f64,
     /// L2 weight decay (default 0): `g ← g + weight_decay·w`, after `maximize`. Finite and `>= 0`.
     pub weight_decay: f32,
     /// Ascend instead of descend (default false): `g ← −g` before anything else.
@@ -41,6 +47,7 @@ impl Default for AdaGradConfig {
         AdaGradConfig {
             lr: 0.01,
             eps: 1e-7,
+            lr_decay: 0.0,
             weight_decay: 0.0,
             maximize: false,
         }
@@ -61,6 +68,8 @@ impl AdaGradConfig {
     pub fn validate(&self) -> Result<(), StepError> {
         check_lr(Self::NAME, self.lr)?;
         check_eps(Self::NAME, self.eps)?;
+        let d = self.lr_decay;
+        check(Self::NAME, "lr_decay", d as f32, d.is_finite() && d >= 0.0, "finite and >= 0")?;
         check_weight_decay(Self::NAME, self.weight_decay)
     }
 }
@@ -83,11 +92,12 @@ impl Kernel<1> for AdaGradStep {
 impl RuleImpl for AdaGradConfig {
     const NAME: &'static str = "adagrad";
     const BUFFERS: &'static [StateBuffer] = &[StateBuffer::unsigned("h")];
-    config_fields!(lr, eps, weight_decay, maximize);
+    config_fields!(lr, eps, weight_decay, maximize, lr_decay);
     fn step<X: StepRunner>(&self, x: X) -> Result<StepReport, StepError> {
         let common = CommonConfig::l2(self.lr, self.weight_decay, self.maximize);
         x.run(common, |h| AdaGradStep {
-            lr: h.lr,
+            // At lr_decay 0 exactly h.lr: the f64 quotient by 1 rounds back to it.
+            lr: (f64::from(h.lr) / (1.0 + (h.t as f64 - 1.0) * self.lr_decay)) as f32,
             eps: self.eps,
         })
     }
@@ -104,6 +114,25 @@ mod tests {
         let w = k.update(10.0f32, 4.0, &mut h);
         assert_eq!(h, [25.0]);
         assert_eq!(w, 10.0 - 4.0 / 5.0);
+    }
+
+    #[test]
+    fn lr_decay_divides_the_step_size_by_the_step_count() {
+        let c = AdaGradConfig {
+            lr_decay: 0.5,
+            ..Default::default()
+        };
+        // Step 3: lr / (1 + 2·0.5) = lr / 2.
+        use crate::Optimizer;
+        let mut opt = AdaGrad::new(c);
+        let mut w = [1.0f32];
+        for _ in 0..2 {
+            opt.step(&mut w, &[0.0]).unwrap();
+        }
+        opt.step(&mut w, &[4.0]).unwrap();
+        let lr_t = (f64::from(0.01f32) / 2.0) as f32;
+        assert_eq!(w, [1.0 - lr_t * 4.0 / (16f32.sqrt() + 1e-7)]);
+        assert!(AdaGradConfig { lr_decay: -1.0, ..c }.validate().is_err());
     }
 
     #[test]

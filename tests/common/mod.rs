@@ -20,7 +20,7 @@ pub fn unusual(config: OptimizerConfig) -> OptimizerConfig {
         match config.name() {
             "sgd" => "lr=0.037",
             "momentum" | "nag" => "lr=0.037,momentum=0.5",
-            "adagrad" => "lr=0.037,eps=1e-3",
+            "adagrad" => "lr=0.037,eps=1e-3,lr_decay=0.05",
             "rmsprop" => "lr=0.037,decay_rate=0.7,eps=1e-3",
             "adam" => "lr=0.037,beta1=0.8,beta2=0.95,eps=1e-3",
             "adamax" => "lr=0.037,beta1=0.8,beta2=0.95,eps=1e-3",
@@ -241,11 +241,13 @@ impl<F: Float> Reference<F> {
                 }
             }
             OptimizerConfig::AdaGrad(h) => {
+                // torch.optim.Adagrad's lr_decay: lr / (1 + (t − 1)·lr_decay).
+                let lr = F::from64(h.lr as f64 / (1.0 + (t - 1.0) * h.lr_decay));
                 for i in 0..w.len() {
                     let gi = prep(g[i], w[i], h.maximize, h.weight_decay);
                     let hi = s1[i] + gi * gi;
                     s1[i] = hi;
-                    w[i] = w[i] - c(h.lr) * gi / (hi.sqrt() + c(h.eps));
+                    w[i] = w[i] - lr * gi / (hi.sqrt() + c(h.eps));
                 }
             }
             OptimizerConfig::RmsProp(h) => {
