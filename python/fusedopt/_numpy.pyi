@@ -62,6 +62,7 @@ class Momentum(Optimizer):
     weight_decay: float
     maximize: bool
     form: str
+    dampening: float
     def __init__(
         self,
         learning_rate: float = 0.01,
@@ -70,6 +71,7 @@ class Momentum(Optimizer):
         weight_decay: float = 0.0,
         maximize: bool = False,
         form: str = "velocity",
+        dampening: float = 0.0,
         grad_scale: float = 1.0,
         max_grad_norm: Optional[float] = None,
         non_finite: str = "propagate",

@@ -842,17 +842,16 @@ class _FusedOptimizer(torch.optim.Optimizer):
 
 
 class SGD(_FusedOptimizer):
-    """``torch.optim.SGD`` on the fusedopt engine: ``b = momentum * b + g`` (dampening 0),
-    ``w -= lr * b`` (nesterov: ``w -= lr * (g + momentum * b)``), L2 ``weight_decay`` and
+    """``torch.optim.SGD`` on the fusedopt engine: ``b = momentum * b + (1 - dampening) * g``
+    (``b = g`` at a parameter's first step), ``w -= lr * b`` (nesterov: ``w -= lr * (g + momentum * b)``), L2 ``weight_decay`` and
     ``maximize`` as torch's. The current ``lr`` applies to the whole buffer, as in torch."""
 
     _unsupported = (
-        ("dampening", (0,)),
         ("foreach", (None, False)),
         ("differentiable", (False,)),
         ("fused", (None, True)),
     )
-    _shared = ("momentum", "nesterov", "maximize")
+    _shared = ("momentum", "dampening", "nesterov", "maximize")
     _keeps_step = False
     _group_keys = ("lr", "momentum", "dampening", "weight_decay", "nesterov")
 
@@ -890,8 +889,10 @@ class SGD(_FusedOptimizer):
                     "with the momentum it will use"
                 )
             return "sgd", {"lr": 1.0, "maximize": maximize}
-        rule = "nag" if group["nesterov"] else "momentum"
-        return rule, {"lr": 1.0, "momentum": momentum, "form": "buffer", "maximize": maximize}
+        if group["nesterov"]:
+            return "nag", {"lr": 1.0, "momentum": momentum, "form": "buffer", "maximize": maximize}
+        hyper = {"lr": 1.0, "momentum": momentum, "form": "buffer", "maximize": maximize}
+        return "momentum", dict(hyper, dampening=float(group["dampening"]))
 
     def _state_keys(self, group: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
         return (("momentum_buffer", "v"),) if float(group["momentum"]) != 0 else ()

@@ -80,6 +80,8 @@ def test_adamax_matches_torch(kw, opts):
 
 
 OPTION_CASES = [
+    ("SGD", dict(lr=0.05, momentum=0.9, dampening=0.1), dict(scheduler=cosine)),
+    ("SGD", dict(lr=0.05, momentum=0.9, dampening=0.5, weight_decay=0.01), dict(grouped=True, scheduler=step_lr)),
     ("Adagrad", dict(lr=0.05, lr_decay=0.01), dict(scheduler=cosine)),
     ("Adagrad", dict(lr=0.05, lr_decay=0.1, weight_decay=0.01), dict(grouped=True, scheduler=step_lr)),
 ]
@@ -91,6 +93,19 @@ def test_torch_options_once_refused_match_torch(name, kw, opts):
     theirs, _ = train(getattr(torch.optim, name), kw, **opts)
     err = rel_err(ours, theirs)
     assert err <= TOL, f"{name} {kw}: {err:.2e}"
+
+
+def test_sgd_dampening_resumes_from_torchs_state_dict():
+    kw = dict(lr=0.05, momentum=0.9, dampening=0.3)
+    model, opt = train(torch.optim.SGD, kw, steps=20)
+    twin, twin_opt = train(torch.optim.SGD, kw, steps=20)
+    resumed = ft.SGD(model.parameters(), **kw)
+    resumed.load_state_dict(opt.state_dict())  # buffers present: the next step is dampened
+    train(None, kw, steps=20, model=model, opt=resumed)
+    train(None, kw, steps=20, model=twin, opt=twin_opt)
+    assert rel_err(model, twin) <= TOL
+    with pytest.raises(ValueError, match="Nesterov"):
+        ft.SGD(mlp().parameters(), lr=0.1, momentum=0.9, nesterov=True, dampening=0.1)
 
 
 def test_adamax_state_dict_loads_both_ways():

@@ -147,7 +147,6 @@ def test_flat_grads_keep_views_and_zero_in_place():
 
 
 UNSUPPORTED = [
-    (ft.SGD, dict(momentum=0.9, dampening=0.1), "dampening"),
     (ft.SGD, dict(foreach=True), "foreach"),
     (ft.SGD, dict(differentiable=True), "differentiable"),
     (ft.SGD, dict(fused=False), "fused"),

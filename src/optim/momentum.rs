@@ -4,8 +4,8 @@
 //! both optimizers; `NESTEROV` tells them apart.
 
 use super::{
-    FieldValue, Fused, StateBuffer, check_lr, check_unit, check_weight_decay, config_fields,
-    sealed::RuleImpl,
+    FieldValue, Fused, StateBuffer, check, check_lr, check_unit, check_weight_decay,
+    config_fields, sealed::RuleImpl,
 };
 use crate::engine::{CommonConfig, StepRunner};
 use crate::simd::{Kernel, Lane};
@@ -76,6 +76,11 @@ pub struct VelocityConfig<const NESTEROV: bool> {
     pub maximize: bool,
     /// Where the learning rate is applied (default [`MomentumForm::Velocity`]).
     pub form: MomentumForm,
+    /// Dampening `d` (default 0), torch's: from a tensor's second step on, the gradient enters
+    /// the momentum as `(1 − d)·g` (its first step takes `g` whole, as torch's first buffer is
+    /// the gradient). In `[0, 1]`; `f64`, with `1 − d` computed from it and rounded once. NAG
+    /// requires 0, as `torch.optim.SGD(nesterov=True)` does.
+    pub dampening: f64,
 }
 
 /// Where [`Momentum`] and [`Nag`] apply the learning rate. The two forms agree while `lr` is
@@ -130,6 +135,7 @@ impl<const NESTEROV: bool> Default for VelocityConfig<NESTEROV> {
             weight_decay: 0.0,
             maximize: false,
             form: MomentumForm::Velocity,
+            dampening: 0.0,
         }
     }
 }
@@ -150,6 +156,11 @@ impl<const NESTEROV: bool> VelocityConfig<NESTEROV> {
     pub fn validate(&self) -> Result<(), StepError> {
         check_lr(Self::NAME, self.lr)?;
         check_unit(Self::NAME, "momentum", self.momentum, true)?;
+        check_unit(Self::NAME, "dampening", self.dampening, true)?;
+        if NESTEROV && self.dampening != 0.0 {
+            let d = self.dampening as f32;
+            check(Self::NAME, "dampening", d, false, "0 (Nesterov momentum has no dampening)")?;
+        }
         check_weight_decay(Self::NAME, self.weight_decay)
     }
 }
@@ -160,12 +171,32 @@ impl<const NESTEROV: bool> VelocityConfig<NESTEROV> {
 pub(crate) struct VelocityStep<const NESTEROV: bool, const BUFFER: bool> {
     lr: f32,
     momentum: f32,
+    /// `1 − d`, applied to the gradient when `damp` (dampening, after a tensor's first step).
+    g_scale: f32,
+    damp: bool,
+}
+
+impl<const NESTEROV: bool, const BUFFER: bool> VelocityStep<NESTEROV, BUFFER> {
+    /// The scalars of a tensor's step `t` with learning rate `lr`.
+    fn new(c: &VelocityConfig<NESTEROV>, t: u64, lr: f32) -> Self {
+        VelocityStep {
+            lr,
+            momentum: c.momentum,
+            g_scale: (1.0 - c.dampening) as f32,
+            damp: c.dampening != 0.0 && t > 1,
+        }
+    }
 }
 
 impl<const NESTEROV: bool, const BUFFER: bool> Kernel<1> for VelocityStep<NESTEROV, BUFFER> {
     #[inline(always)]
     fn update<V: Lane>(&self, w: V, g: V, [v]: &mut [V; 1]) -> V {
         let (mu, lr) = (V::splat(self.momentum), V::splat(self.lr));
+        let g = if self.damp {
+            g * V::splat(self.g_scale)
+        } else {
+            g
+        };
         if BUFFER {
             *v = mu * *v + g;
             let step = if NESTEROV { g + mu * *v } else { *v };
@@ -181,19 +212,16 @@ impl<const NESTEROV: bool, const BUFFER: bool> Kernel<1> for VelocityStep<NESTER
 impl<const NESTEROV: bool> RuleImpl for VelocityConfig<NESTEROV> {
     const NAME: &'static str = if NESTEROV { "nag" } else { "momentum" };
     const BUFFERS: &'static [StateBuffer] = &[StateBuffer::signed("v")];
-    config_fields!(lr, momentum, weight_decay, maximize, form);
+    config_fields!(lr, momentum, weight_decay, maximize, form, dampening);
     fn step<X: StepRunner>(&self, x: X) -> Result<StepReport, StepError> {
         let common = CommonConfig::l2(self.lr, self.weight_decay, self.maximize);
-        let momentum = self.momentum;
         match self.form {
-            MomentumForm::Velocity => x.run(common, |h| VelocityStep::<NESTEROV, false> {
-                lr: h.lr,
-                momentum,
+            MomentumForm::Velocity => x.run(common, |h| {
+                VelocityStep::<NESTEROV, false>::new(self, h.t, h.lr)
             }),
-            MomentumForm::Buffer => x.run(common, |h| VelocityStep::<NESTEROV, true> {
-                lr: h.lr,
-                momentum,
-            }),
+            MomentumForm::Buffer => {
+                x.run(common, |h| VelocityStep::<NESTEROV, true>::new(self, h.t, h.lr))
+            }
         }
     }
 }
@@ -202,21 +230,52 @@ impl<const NESTEROV: bool> RuleImpl for VelocityConfig<NESTEROV> {
 mod tests {
     use super::*;
 
+    fn undamped<const N: bool, const B: bool>(lr: f32, momentum: f32) -> VelocityStep<N, B> {
+        VelocityStep {
+            lr,
+            momentum,
+            g_scale: 1.0,
+            damp: false,
+        }
+    }
+
     #[test]
     fn kernels_match_their_formulas() {
         let (lr, momentum) = (0.5, 0.5);
         let mut v = [2.0f32];
-        let w = VelocityStep::<false, false> { lr, momentum }.update(1.0f32, 1.0, &mut v);
+        let w = undamped::<false, false>(lr, momentum).update(1.0f32, 1.0, &mut v);
         assert_eq!((v, w), ([0.5], 1.5)); // v = 0.5·2 − 0.5; w = 1 + v
         let mut v = [2.0f32];
-        let w = VelocityStep::<true, false> { lr, momentum }.update(1.0f32, 1.0, &mut v);
+        let w = undamped::<true, false>(lr, momentum).update(1.0f32, 1.0, &mut v);
         assert_eq!((v, w), ([0.5], 0.75)); // the same v; w = 1 + 0.5·0.5 − 0.5
         let mut b = [2.0f32];
-        let w = VelocityStep::<false, true> { lr, momentum }.update(1.0f32, 1.0, &mut b);
+        let w = undamped::<false, true>(lr, momentum).update(1.0f32, 1.0, &mut b);
         assert_eq!((b, w), ([2.0], 0.0)); // b = 0.5·2 + 1; w = 1 − 0.5·b
         let mut b = [2.0f32];
-        let w = VelocityStep::<true, true> { lr, momentum }.update(1.0f32, 1.0, &mut b);
+        let w = undamped::<true, true>(lr, momentum).update(1.0f32, 1.0, &mut b);
         assert_eq!((b, w), ([2.0], 0.0)); // the same b; w = 1 − 0.5·(1 + 0.5·2)
+    }
+
+    #[test]
+    fn dampening_scales_the_gradient_after_the_first_step() {
+        let c = MomentumConfig {
+            momentum: 0.5,
+            dampening: 0.75,
+            form: MomentumForm::Buffer,
+            ..Default::default()
+        };
+        let first = VelocityStep::<false, true>::new(&c, 1, 1.0);
+        let mut b = [0.0f32];
+        first.update(0.0f32, 2.0, &mut b);
+        assert_eq!(b, [2.0]); // torch's first buffer is the gradient itself
+        let later = VelocityStep::<false, true>::new(&c, 2, 1.0);
+        later.update(0.0f32, 2.0, &mut b);
+        assert_eq!(b, [0.5 * 2.0 + 0.25 * 2.0]);
+        let nag = NagConfig {
+            dampening: 0.1,
+            ..Default::default()
+        };
+        assert!(nag.validate().unwrap_err().to_string().contains("Nesterov"));
     }
 
     #[test]

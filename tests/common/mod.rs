@@ -19,7 +19,8 @@ pub fn unusual(config: OptimizerConfig) -> OptimizerConfig {
         config,
         match config.name() {
             "sgd" => "lr=0.037",
-            "momentum" | "nag" => "lr=0.037,momentum=0.5",
+            "momentum" => "lr=0.037,momentum=0.5,dampening=0.25",
+            "nag" => "lr=0.037,momentum=0.5",
             "adagrad" => "lr=0.037,eps=1e-3,lr_decay=0.05",
             "rmsprop" => "lr=0.037,decay_rate=0.7,eps=1e-3",
             "adam" => "lr=0.037,beta1=0.8,beta2=0.95,eps=1e-3",
@@ -209,9 +210,10 @@ impl<F: Float> Reference<F> {
                 }
             }
             OptimizerConfig::Momentum(h) if h.form == MomentumForm::Buffer => {
-                // torch.optim.SGD(momentum=μ): b ← μ·b + g; w ← w − lr·b.
+                // torch.optim.SGD(momentum=μ, dampening=d): b ← μ·b + (1 − d)·g (b ← g first).
+                let damp = F::from64(if t > 1.0 { 1.0 - h.dampening } else { 1.0 });
                 for i in 0..w.len() {
-                    let gi = prep(g[i], w[i], h.maximize, h.weight_decay);
+                    let gi = damp * prep(g[i], w[i], h.maximize, h.weight_decay);
                     s1[i] = c(h.momentum) * s1[i] + gi;
                     w[i] = w[i] - c(h.lr) * s1[i];
                 }
@@ -225,8 +227,9 @@ impl<F: Float> Reference<F> {
                 }
             }
             OptimizerConfig::Momentum(h) => {
+                let damp = F::from64(if t > 1.0 { 1.0 - h.dampening } else { 1.0 });
                 for i in 0..w.len() {
-                    let gi = prep(g[i], w[i], h.maximize, h.weight_decay);
+                    let gi = damp * prep(g[i], w[i], h.maximize, h.weight_decay);
                     let v = c(h.momentum) * s1[i] - c(h.lr) * gi;
                     s1[i] = v;
                     w[i] = w[i] + v;
