@@ -610,7 +610,7 @@ impl fmt::Display for ParseConfigError {
                 found,
             } => {
                 let kind = match found {
-                    Value::Number(_) => "the number",
+                    Value::Number(_) | Value::Count(_) => "the number",
                     Value::Bool(_) => "the flag",
                     _ => "the name",
                 };

@@ -953,7 +953,7 @@ impl<R: Rule> Optimizer for Fused<R> {
         self.engine.state_slice_mut(b, tensor)
     }
     fn init_state(&mut self, lens: &[usize]) -> Result<(), StepError> {
-        self.engine.init_state(lens, self.config.state_buffers())
+        self.create_state(lens)
     }
     fn read_tensor_state(&self, buffer: &str, tensor: usize) -> Option<Vec<f32>> {
         if buffer == MASTER {

@@ -295,6 +295,9 @@ pub enum Value {
     Number(f64),
     /// A flag.
     Bool(bool),
+    /// A whole number: a count of steps (AdEMAMix's warm-up lengths). Fields that take a number
+    /// take a count too; count fields take a number that is a whole number.
+    Count(u64),
     /// One of a field's named choices, for example `"sqrt_v_hat"` for
     /// [`EpsMode`](crate::EpsMode).
     Choice(String),
@@ -306,6 +309,7 @@ impl fmt::Display for Value {
         match self {
             Value::Number(x) => write!(f, "{x}"),
             Value::Bool(b) => write!(f, "{b}"),
+            Value::Count(n) => write!(f, "{n}"),
             Value::Choice(name) => f.write_str(name),
         }
     }

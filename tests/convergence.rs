@@ -39,6 +39,10 @@ fn every_optimizer_descends_a_quadratic_bowl() {
             "adagrad" => "lr=0.5",
             // Lion's steps are ±lr in every coordinate: it settles within about lr.
             "lion" => "lr=0.015",
+            // Its default decoupled decay (0.01) moves the minimum, and a slow EMA of 10,000
+            // steps (β3 0.9999) carries it past the minimum of a 500-step run: β3 is sized to
+            // the run.
+            "ademamix" => "lr=0.02,weight_decay=0,beta3=0.99",
             _ => "lr=0.02",
         };
         let (start, end) = bowl(with(config, lr), 500);
@@ -95,6 +99,9 @@ fn every_optimizer_makes_progress_on_rosenbrock() {
             "adagrad" => ("lr=1.0", 20_000, 0.05),
             "rmsprop" => ("lr=1e-3", 10_000, 0.05),
             "lion" => ("lr=2e-4", 20_000, 0.05),
+            // Its first steps are unrectified momentum steps of lr·m̂: as large as SGD's.
+            "radam" => ("lr=1e-3", 20_000, 0.05),
+            "ademamix" => ("lr=0.005,weight_decay=0", 10_000, 0.05),
             _ => ("lr=0.005", 10_000, 0.05),
         };
         let (start, end, dist) = rosenbrock(with(config, lr), steps);

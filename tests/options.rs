@@ -43,6 +43,22 @@ fn option_sets(config: OptimizerConfig) -> Vec<(&'static str, OptimizerConfig)> 
             ),
         ]);
     }
+    if config.name() == "rmsprop" {
+        sets.extend([
+            ("momentum", "momentum=0.8"),
+            ("centered", "centered=true"),
+            (
+                "centered+momentum+weight_decay+maximize",
+                "centered=true,momentum=0.8,weight_decay=0.1,maximize=true",
+            ),
+        ]);
+    }
+    if matches!(config.name(), "radam" | "nadam") {
+        sets.push((
+            "decoupled_weight_decay",
+            "weight_decay=0.3,decoupled_weight_decay=true",
+        ));
+    }
     if config.name() == "adam" {
         sets.extend([
             (

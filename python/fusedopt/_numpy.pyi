@@ -86,6 +86,7 @@ class AdaGrad(Optimizer):
     weight_decay: float
     maximize: bool
     lr_decay: float
+    initial_accumulator_value: float
     def __init__(
         self,
         learning_rate: float = 0.01,
@@ -94,6 +95,7 @@ class AdaGrad(Optimizer):
         weight_decay: float = 0.0,
         maximize: bool = False,
         lr_decay: float = 0.0,
+        initial_accumulator_value: float = 0.0,
         grad_scale: float = 1.0,
         max_grad_norm: Optional[float] = None,
         non_finite: str = "propagate",
@@ -106,6 +108,8 @@ class RMSProp(Optimizer):
     eps: float
     weight_decay: float
     maximize: bool
+    momentum: float
+    centered: bool
     def __init__(
         self,
         learning_rate: float = 0.01,
@@ -114,6 +118,8 @@ class RMSProp(Optimizer):
         eps: float = 1e-07,
         weight_decay: float = 0.0,
         maximize: bool = False,
+        momentum: float = 0.0,
+        centered: bool = False,
         grad_scale: float = 1.0,
         max_grad_norm: Optional[float] = None,
         non_finite: str = "propagate",
@@ -187,6 +193,93 @@ class Lion(Optimizer):
         beta1: float = 0.9,
         beta2: float = 0.99,
         weight_decay: float = 0.0,
+        maximize: bool = False,
+        grad_scale: float = 1.0,
+        max_grad_norm: Optional[float] = None,
+        non_finite: str = "propagate",
+        state_format: str = "f32",
+        master_weights: bool = False,
+    ) -> None: ...
+
+class RAdam(Optimizer):
+    """RAdam (``torch.optim.RAdam``): Adam rectified once the variance is tractable."""
+
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    maximize: bool
+    decoupled_weight_decay: bool
+    def __init__(
+        self,
+        learning_rate: float = 0.001,
+        *,
+        beta1: float = 0.9,
+        beta2: float = 0.999,
+        eps: float = 1e-08,
+        weight_decay: float = 0.0,
+        maximize: bool = False,
+        decoupled_weight_decay: bool = False,
+        grad_scale: float = 1.0,
+        max_grad_norm: Optional[float] = None,
+        non_finite: str = "propagate",
+        state_format: str = "f32",
+        master_weights: bool = False,
+    ) -> None: ...
+
+class NAdam(Optimizer):
+    """NAdam (``torch.optim.NAdam``): Adam with Nesterov momentum and a momentum schedule."""
+
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    momentum_decay: float
+    maximize: bool
+    decoupled_weight_decay: bool
+    def __init__(
+        self,
+        learning_rate: float = 0.002,
+        *,
+        beta1: float = 0.9,
+        beta2: float = 0.999,
+        eps: float = 1e-08,
+        weight_decay: float = 0.0,
+        momentum_decay: float = 0.004,
+        maximize: bool = False,
+        decoupled_weight_decay: bool = False,
+        grad_scale: float = 1.0,
+        max_grad_norm: Optional[float] = None,
+        non_finite: str = "propagate",
+        state_format: str = "f32",
+        master_weights: bool = False,
+    ) -> None: ...
+
+class AdEMAMix(Optimizer):
+    """AdEMAMix (Pagliardini et al. 2024, as bitsandbytes): a fast and a slow EMA, mixed by
+    ``alpha``; ``t_alpha`` and ``t_beta3`` are warm-up lengths in steps (0 or ``None``: none)."""
+
+    beta1: float
+    beta2: float
+    beta3: float
+    alpha: float
+    t_alpha: int
+    t_beta3: int
+    eps: float
+    weight_decay: float
+    maximize: bool
+    def __init__(
+        self,
+        learning_rate: float = 0.001,
+        *,
+        beta1: float = 0.9,
+        beta2: float = 0.999,
+        beta3: float = 0.9999,
+        alpha: float = 5.0,
+        t_alpha: Optional[int] = 0,
+        t_beta3: Optional[int] = 0,
+        eps: float = 1e-08,
+        weight_decay: float = 0.01,
         maximize: bool = False,
         grad_scale: float = 1.0,
         max_grad_norm: Optional[float] = None,

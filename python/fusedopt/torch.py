@@ -15,16 +15,16 @@ torch's constructor signatures and defaults, and follow torch's formulas: replac
   with the GIL released. Weights are updated and gradients read in place, through their own
   memory.
 * ``state_dict()`` has torch's structure and keys (``step``, ``exp_avg``, ``exp_avg_sq``,
-  ``max_exp_avg_sq``; ``momentum_buffer``; ``sum``; ``square_avg``) and its tensors view the
+  ``max_exp_avg_sq``; ``momentum_buffer``; ``sum``; ``square_avg``, ``grad_avg``) and its tensors view the
   engine's memory (no copy per call); ``optimizer.state[p]`` gives the same views.
   ``load_state_dict()`` takes a dict written by this class or by the same ``torch.optim``
   class (and ``torch.optim`` loads ours); a dict that does not fit raises and changes nothing.
   ``add_param_group`` works before and after the first step (the new parameters start fresh).
   ``torch.distributed.optim.ZeroRedundancyOptimizer(..., optimizer_class=fusedopt.torch.AdamW)``
   shards the state across processes.
-* Arguments the engine does not implement (``dampening != 0``, ``centered=True``,
-  ``lr_decay != 0``, ``foreach=True``, ``capturable=True``, ``differentiable=True``, ...) raise
-  ``ValueError`` when the optimizer is built. Tensors must be CPU, float32, dense and
+* Every option of these classes is implemented but the CUDA-only and autograd ones:
+  ``foreach=True``, ``capturable=True`` and ``differentiable=True`` raise ``ValueError`` when
+  the optimizer is built (``fused`` is accepted: the engine is fused). Tensors must be CPU, float32, dense and
   contiguous; anything else raises before anything is modified.
 * ``flat_grads=True`` (keyword-only, every class) keeps all gradients as views of one flat
   buffer, as apex and DeepSpeed do: ``zero_grad()`` zeroes the buffer instead of dropping the
@@ -530,6 +530,15 @@ class _FusedOptimizer(torch.optim.Optimizer):
         """(torch key, engine buffer) pairs of a parameter's state under ``group``'s settings."""
         raise NotImplementedError
 
+    def _initial_value(self, key: str) -> float:
+        """The value state ``key`` starts from (0 but for Adagrad's ``sum``)."""
+        return 0.0
+
+    def _derived_state(self, group: Mapping[str, Any], step: int) -> dict[str, float]:
+        """The scalars torch keeps per parameter that the engine derives from the step, by
+        state key (none by default)."""
+        return {}
+
     def _all_keys(self, group: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
         """``_state_keys`` and, with master weights, ``("master", "master")``."""
         keys = self._state_keys(group)
@@ -566,7 +575,8 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 return None
             state: dict[str, Any] = {"step": torch.tensor(0.0)}
             state.update(
-                (key, torch.zeros_like(p, dtype=torch.float32)) for key, _ in keys
+                (key, torch.full_like(p, self._initial_value(key), dtype=torch.float32))
+                for key, _ in keys
             )
             return state
         step = steps[i]
@@ -580,11 +590,15 @@ class _FusedOptimizer(torch.optim.Optimizer):
             cache = (engine, list(held), [None] * len(steps))
             self._state_cache = cache
         state = cache[2][i]
+        derived = self._derived_state(self.param_groups[0], step)
         if state is not None:
             if self._keeps_step:
                 state["step"].fill_(float(step))
+            for key, value in derived.items():
+                state[key].fill_(value)
             return state
         state = {"step": torch.tensor(float(step))} if self._keeps_step else {}
+        state.update((k, torch.tensor(v, dtype=torch.float32)) for k, v in derived.items())
         # float32 state is viewed; compact state is decoded into new tensors at every call.
         complete = self._state_format == "f32"
         for key, buffer in keys:
@@ -735,6 +749,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
         name = type(self).__name__
         keys = self._all_keys(group)
         expected = ({"step"} if self._keeps_step else set()) | {k for k, _ in keys}
+        expected |= set(self._derived_state(group, 0))
         if self._master and "master" not in value:
             # A dict without master weights (torch.optim's): they start from the parameters.
             keys = self._state_keys(group)
@@ -914,16 +929,15 @@ class SGD(_FusedOptimizer):
 
 class Adagrad(_FusedOptimizer):
     """``torch.optim.Adagrad`` on the fusedopt engine: ``h += g * g``,
-    ``w -= lr / (1 + (t - 1) * lr_decay) * g / (sqrt(h) + eps)``, L2 ``weight_decay`` and
-    ``maximize`` as torch's (``initial_accumulator_value`` must be 0)."""
+    ``w -= lr / (1 + (t - 1) * lr_decay) * g / (sqrt(h) + eps)``, ``h`` starting at
+    ``initial_accumulator_value``, L2 ``weight_decay`` and ``maximize`` as torch's."""
 
     _unsupported = (
-        ("initial_accumulator_value", (0,)),
         ("foreach", (None, False)),
         ("differentiable", (False,)),
         ("fused", (None, True)),
     )
-    _shared = ("eps", "maximize", "lr_decay")
+    _shared = ("eps", "maximize", "lr_decay", "initial_accumulator_value")
     _eager_state = True
     _group_keys = ("lr", "lr_decay", "eps", "weight_decay", "initial_accumulator_value")
 
@@ -960,7 +974,11 @@ class Adagrad(_FusedOptimizer):
             "eps": float(group["eps"]),
             "maximize": bool(group["maximize"]),
             "lr_decay": float(group["lr_decay"]),
+            "initial_accumulator_value": float(group["initial_accumulator_value"]),
         }
+
+    def _initial_value(self, key: str) -> float:
+        return float(self.param_groups[0]["initial_accumulator_value"])
 
     def _state_keys(self, group: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
         return (("sum", "h"),)
@@ -968,17 +986,16 @@ class Adagrad(_FusedOptimizer):
 
 class RMSprop(_FusedOptimizer):
     """``torch.optim.RMSprop`` on the fusedopt engine: ``h = alpha * h + (1 - alpha) * g * g``,
-    ``w -= lr * g / (sqrt(h) + eps)``, L2 ``weight_decay`` and ``maximize`` as torch's
-    (``momentum`` must be 0 and ``centered`` False)."""
+    ``w -= lr * g / (sqrt(h) + eps)``; ``centered`` (``sqrt(h - g_avg ** 2)``, with the mean
+    gradient ``grad_avg``), ``momentum`` (through ``momentum_buffer``), L2 ``weight_decay`` and
+    ``maximize`` as torch's."""
 
     _unsupported = (
-        ("momentum", (0,)),
-        ("centered", (False,)),
         ("capturable", (False,)),
         ("foreach", (None, False)),
         ("differentiable", (False,)),
     )
-    _shared = ("alpha", "eps", "maximize")
+    _shared = ("alpha", "eps", "maximize", "momentum", "centered")
     _group_keys = ("lr", "alpha", "eps", "weight_decay", "momentum", "centered")
 
     def __init__(
@@ -1009,10 +1026,17 @@ class RMSprop(_FusedOptimizer):
             "decay_rate": float(group["alpha"]),
             "eps": float(group["eps"]),
             "maximize": bool(group["maximize"]),
+            "momentum": float(group["momentum"]),
+            "centered": bool(group["centered"]),
         }
 
     def _state_keys(self, group: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
-        return (("square_avg", "h"),)
+        keys = [("square_avg", "h")]
+        if float(group["momentum"]) > 0:
+            keys.append(("momentum_buffer", "b"))
+        if group["centered"]:
+            keys.append(("grad_avg", "g_avg"))
+        return tuple(keys)
 
 
 class Adam(_FusedOptimizer):
@@ -1162,6 +1186,8 @@ class _RuleOptimizer(_FusedOptimizer):
     #: The engine's hyperparameters the groups hold besides lr and weight_decay (``betas`` for
     #: beta1 and beta2).
     _fields: tuple[str, ...] = ()
+    #: How many ``beta`` fields ``betas`` holds.
+    _betas = 2
     _unsupported = (
         ("foreach", (None, False)),
         ("capturable", (False,)),
@@ -1187,10 +1213,19 @@ class _RuleOptimizer(_FusedOptimizer):
         for key in cls._fields:
             value = group[key]
             if key == "betas":
-                hyper["beta1"], hyper["beta2"] = (float(b) for b in value)
+                betas = tuple(value)
+                if len(betas) != cls._betas:
+                    raise ValueError(
+                        f"{cls.__name__}: betas must hold {cls._betas} values, not {len(betas)}"
+                    )
+                hyper.update((f"beta{k + 1}", float(b)) for k, b in enumerate(betas))
             else:
                 hyper[key] = float(value) if isinstance(value, torch.Tensor) else value
         return hyper
+
+    def _derived_state(self, group: Mapping[str, Any], step: int) -> dict[str, float]:
+        derive = _DERIVED_STATE.get(self._rule, {})
+        return {key: f(self._engine_hyper(group), step) for key, f in derive.items()}
 
     def _hyper(self, group: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
         return self._rule, self._engine_hyper(group)
@@ -1219,11 +1254,12 @@ def _rule_class(rule: str, name: str) -> type:
     params = [inspect.Parameter("params", positional)]
     flags = []
     fields: list[str] = []
+    betas = tuple(hyper[f"beta{k}"] for k in range(1, 4) if f"beta{k}" in hyper)
     for field, default in hyper.items():
-        if field == "beta2" and "beta1" in hyper:
+        if field.startswith("beta") and field != "beta1" and len(betas) > 1:
             continue
-        if field == "beta1" and "beta2" in hyper:
-            field, default = "betas", (hyper["beta1"], hyper["beta2"])
+        if field == "beta1" and len(betas) > 1:
+            field, default = "betas", betas
         if field not in ("lr", "weight_decay"):
             fields.append(field)
         if isinstance(default, (bool, str)):
@@ -1237,6 +1273,7 @@ def _rule_class(rule: str, name: str) -> type:
         "_rule": rule,
         "_state_key_names": _STATE_KEY_NAMES.get(rule, {}),
         "_fields": tuple(fields),
+        "_betas": len(betas),
         "_shared": tuple(fields),
         "_group_keys": group_keys,
         "__signature__": inspect.Signature(params),
@@ -1255,7 +1292,38 @@ def _rule_class(rule: str, name: str) -> type:
 
 #: State keys as torch.optim (Adamax) and the reference implementations (Lion's lion-pytorch)
 #: name them, so that their state dicts load into each other.
-_STATE_KEY_NAMES = {"adamax": {"m": "exp_avg", "u": "exp_inf"}, "lion": {"m": "exp_avg"}}
+_STATE_KEY_NAMES = {
+    "adamax": {"m": "exp_avg", "u": "exp_inf"},
+    "lion": {"m": "exp_avg"},
+    "radam": {"m": "exp_avg", "v": "exp_avg_sq"},
+    "nadam": {"m": "exp_avg", "v": "exp_avg_sq"},
+    "ademamix": {"m1": "exp_avg", "m2": "exp_avg_slow", "nu": "exp_avg_sq"},
+}
+
+
+def _nadam_mu_product(hyper: Mapping[str, Any], step: int) -> float:
+    """torch.optim.NAdam's ``mu_product`` after ``step`` steps, ``prod(beta1 * (1 - 0.5 *
+    0.96 ** (k * momentum_decay)) for k in 1..step)``, from a series whose length does not grow
+    with ``step`` (the engine's ``NAdamConfig::mu_product``)."""
+    beta1, psi = float(hyper["beta1"]), float(hyper["momentum_decay"])
+    if step == 0:
+        return 1.0
+    if beta1 == 0.0:
+        return 0.0
+    ln_q = psi * math.log(0.96)
+    if ln_q == 0.0:
+        total = step * math.log(0.5)
+    else:
+        total, half = 0.0, 1.0
+        for k in range(1, 65):
+            half *= 0.5
+            total -= half / k * math.exp(k * ln_q) * math.expm1(k * step * ln_q) / math.expm1(k * ln_q)
+    return math.exp(step * math.log(beta1) + total)
+
+
+#: Per-parameter state that torch keeps and the engine derives from the step (NAdam's
+#: ``mu_product``): written into state dicts for torch, accepted and not needed on loading.
+_DERIVED_STATE = {"nadam": {"mu_product": _nadam_mu_product}}
 
 #: The engine's optimizers that the classes above run.
 _COVERED = {"sgd", "momentum", "nag", "adagrad", "rmsprop", "adam"}

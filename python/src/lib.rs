@@ -181,6 +181,7 @@ fn values_dict<'py>(py: Python<'py>, values: &[(&str, Value)]) -> PyResult<Bound
         let value = match value {
             Value::Number(x) => x.into_bound_py_any(py)?,
             Value::Bool(b) => b.into_bound_py_any(py)?,
+            Value::Count(n) => n.into_bound_py_any(py)?,
             Value::Choice(name) => name.into_bound_py_any(py)?,
             _ => py.None().into_bound(py),
         };
@@ -196,7 +197,12 @@ fn configured(
 ) -> PyResult<OptimizerConfig> {
     for (key, value) in hyper.into_iter().flatten() {
         let key = key.cast::<PyString>()?.to_string();
-        config.set_value(&key, value_of(&key, &value)?).py()?;
+        // A count of steps (a warm-up length) takes None for none, as bitsandbytes' keywords.
+        let value = match config.value(&key) {
+            Some(Value::Count(_)) if value.is_none() => Value::Count(0),
+            _ => value_of(&key, &value)?,
+        };
+        config.set_value(&key, value).py()?;
     }
     config.validate().py()?;
     Ok(config)

@@ -20,7 +20,9 @@ NAMES = [r["name"] for r in RULES]
 
 
 def test_the_list_has_every_optimizer_with_its_defaults():
-    assert NAMES == ["sgd", "momentum", "nag", "adagrad", "rmsprop", "adam", "adamax", "lion"]
+    assert NAMES == [
+        "sgd", "momentum", "nag", "adagrad", "rmsprop", "adam", "adamax", "lion", "radam", "nadam", "ademamix",
+    ]
     adam = next(r for r in RULES if r["name"] == "adam")
     assert adam["type_name"] == "Adam" and adam["buffers"] == ["m", "v"]
     assert adam["hyper"] == {
@@ -136,6 +138,7 @@ def test_the_generic_torch_class_steps_as_the_engine(name):
     sd = opt.state_dict()
     buffers = next(r for r in RULES if r["name"] == name)["buffers"]
     keys = [ft._STATE_KEY_NAMES.get(name, {}).get(b, b) for b in buffers]  # torch's, where it has one
+    keys += list(ft._DERIVED_STATE.get(name, {}))  # NAdam's mu_product
     for s in sd["state"].values():
         assert sorted(s) == sorted(["step", *keys])
     assert sd["param_groups"][0]["lr"] == 0.05

@@ -85,6 +85,9 @@ pub struct Engine {
     fed: Vec<Fed>,
     /// Each state buffer's map in 8-bit format (signed or not), in the rule's order.
     maps: Vec<Map>,
+    /// The value each state buffer starts from (0 but for Adagrad's
+    /// `initial_accumulator_value`), in the rule's order; set by the rule before each step.
+    initial: Vec<f32>,
 }
 
 /// One tensor of a fed step.
@@ -115,11 +118,17 @@ impl Engine {
             classes: KernelClasses::default(),
             captured: Vec::new(),
             fed: Vec::new(),
+            initial: vec![0.0; signed.len()],
             maps: signed
                 .into_iter()
                 .map(|s| if s { Map::Signed } else { Map::Unsigned })
                 .collect(),
         }
+    }
+
+    /// The values new state buffers start from, one per buffer of the rule, to set.
+    pub(crate) fn initial_mut(&mut self) -> &mut [f32] {
+        &mut self.initial
     }
 
     /// The chunk length steps use ([`chunk_len_for`]).
@@ -257,7 +266,8 @@ impl Engine {
             return Err(StepError::GroupCount { groups, tensors });
         }
         let format = self.settings.state_format;
-        if prepare_state(&mut self.state, lens.iter().copied(), buffers, format)? {
+        let fill = (self.initial.as_slice(), self.maps.as_slice());
+        if prepare_state(&mut self.state, lens.iter().copied(), buffers, format, fill)? {
             self.plan = None;
             self.feed_plan = None;
         }
@@ -331,26 +341,8 @@ impl Engine {
             });
         }
         self.writable_range(b, t, values.len())?;
-        let (format, map) = (self.state.format, self.maps.get(b).copied());
-        let (raw, scales) = self.state.tensor_raw_mut(b, t);
-        match format {
-            StateFormat::Bf16 => {
-                let out: &mut [u16] = bytemuck::cast_slice_mut(raw);
-                for (o, &v) in out.iter_mut().zip(values) {
-                    *o = simd::Half::Bf16.round(v);
-                }
-            }
-            StateFormat::Q8 => {
-                let scales: &mut [f32] = bytemuck::cast_slice_mut(scales);
-                let map = map.unwrap_or(Map::Signed);
-                for ((x, codes), scale) in
-                    values.chunks(BLOCK).zip(raw.chunks_mut(BLOCK)).zip(scales)
-                {
-                    *scale = simd::compact::quantize(map, x, codes);
-                }
-            }
-            _ => bytemuck::cast_slice_mut::<u8, f32>(raw).copy_from_slice(values),
-        }
+        let map = self.maps.get(b).copied().unwrap_or(Map::Signed);
+        encode_tensor(&mut self.state, b, t, values, map);
         Ok(())
     }
 
@@ -712,7 +704,8 @@ impl Engine {
             }
         };
         let format = self.settings.state_format;
-        if prepare_state(&mut self.state, lens, N, format)? {
+        let fill = (self.initial.as_slice(), self.maps.as_slice());
+        if prepare_state(&mut self.state, lens, N, format, fill)? {
             self.plan = None;
         }
         match captured {
@@ -970,14 +963,40 @@ fn step_numbers<'a>(
     }
 }
 
+/// Writes `values` as tensor `t`'s slice of state buffer `b`, encoded in the state's format
+/// (bf16 rounded to nearest, 8-bit quantized block by block with `map`). The caller checks the
+/// buffer, the tensor and the length.
+fn encode_tensor(state: &mut State, b: usize, t: usize, values: &[f32], map: Map) {
+    let format = state.format;
+    let (raw, scales) = state.tensor_raw_mut(b, t);
+    match format {
+        StateFormat::Bf16 => {
+            let out: &mut [u16] = bytemuck::cast_slice_mut(raw);
+            for (o, &v) in out.iter_mut().zip(values) {
+                *o = simd::Half::Bf16.round(v);
+            }
+        }
+        StateFormat::Q8 => {
+            let scales: &mut [f32] = bytemuck::cast_slice_mut(scales);
+            for ((x, codes), scale) in values.chunks(BLOCK).zip(raw.chunks_mut(BLOCK)).zip(scales) {
+                *scale = simd::compact::quantize(map, x, codes);
+            }
+        }
+        _ => bytemuck::cast_slice_mut::<u8, f32>(raw).copy_from_slice(values),
+    }
+}
+
 /// Makes layout, per-tensor step counts and `buffers` state buffers ready for tensors of
-/// lengths `lens` (checked against the layout), and says whether the layout is new. Allocation
-/// failure is an error and leaves the state as it was.
+/// lengths `lens` (checked against the layout), and says whether the layout is new. A new
+/// buffer `b` starts at `initial[b]` in every tensor's elements (encoded with `maps[b]`; 0 where
+/// `initial` has no value), its padding at zero. Allocation failure is an error and leaves the
+/// state as it was.
 fn prepare_state(
     state: &mut State,
     lens: impl ExactSizeIterator<Item = usize> + Clone,
     buffers: usize,
     format: StateFormat,
+    (initial, maps): (&[f32], &[Map]),
 ) -> Result<bool, StepError> {
     // Buffers held keep their format (`set_state_format` refuses another); a rule without
     // buffers keeps its layout in the plain unit whatever the setting.
@@ -1008,11 +1027,22 @@ fn prepare_state(
     if state.buffers.len() < buffers {
         // All or nothing: the state changes only once every new buffer is allocated.
         let words = state::words(format, layout.total());
-        let fresh = (state.buffers.len()..buffers)
+        let first = state.buffers.len();
+        let fresh = (first..buffers)
             .map(|_| state::zeroed_buffer(words))
             .collect::<Result<Vec<_>, _>>()?;
         state.buffers.extend(fresh);
         state.format = format;
+        for b in first..buffers {
+            let value = initial.get(b).copied().unwrap_or(0.0);
+            if value != 0.0 {
+                let map = maps.get(b).copied().unwrap_or(Map::Signed);
+                let lens = state.layout.as_ref().expect("set above").lens().to_vec();
+                for (t, len) in lens.into_iter().enumerate() {
+                    encode_tensor(state, b, t, &vec![value; len], map);
+                }
+            }
+        }
     }
     Ok(new_layout)
 }

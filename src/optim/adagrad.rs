@@ -1,4 +1,5 @@
-//! AdaGrad: `h ← h + g²; w ← w − lr_t·g / (√h + ε)`, `lr_t = lr / (1 + (t−1)·lr_decay)`.
+//! AdaGrad: `h ← h + g²; w ← w − lr_t·g / (√h + ε)`, `lr_t = lr / (1 + (t−1)·lr_decay)`, `h`
+//! starting at `initial_accumulator_value`.
 
 use super::{
     Fused, StateBuffer, check, check_eps, check_lr, check_weight_decay, config_fields,
@@ -8,7 +9,8 @@ use crate::engine::{CommonConfig, StepRunner};
 use crate::simd::{Kernel, Lane};
 use crate::types::{StepError, StepReport};
 
-/// AdaGrad: `h ← h + g²; w ← w − lr_t·g / (√h + ε)`, with `h` starting at zero and
+/// AdaGrad: `h ← h + g²; w ← w − lr_t·g / (√h + ε)`, with `h` starting at
+/// [`initial_accumulator_value`](AdaGradConfig::initial_accumulator_value) (0 by default) and
 /// `lr_t = lr / (1 + (t−1)·lr_decay)` at a tensor's step `t` (`lr` itself at the default
 /// `lr_decay` 0), as `torch.optim.Adagrad`.
 ///
@@ -40,6 +42,9 @@ pub struct AdaGradConfig {
     pub weight_decay: f32,
     /// Ascend instead of descend (default false): `g ← −g` before anything else.
     pub maximize: bool,
+    /// The value `h` starts from (default 0), torch's `initial_accumulator_value`: every element
+    /// of the sum of squares, when the state is created. Finite and `>= 0`.
+    pub initial_accumulator_value: f32,
 }
 
 impl Default for AdaGradConfig {
@@ -50,6 +55,7 @@ impl Default for AdaGradConfig {
             lr_decay: 0.0,
             weight_decay: 0.0,
             maximize: false,
+            initial_accumulator_value: 0.0,
         }
     }
 }
@@ -70,6 +76,9 @@ impl AdaGradConfig {
         check_eps(Self::NAME, self.eps)?;
         let d = self.lr_decay;
         check(Self::NAME, "lr_decay", d as f32, d.is_finite() && d >= 0.0, "finite and >= 0")?;
+        let h0 = self.initial_accumulator_value;
+        let ok = h0.is_finite() && h0 >= 0.0;
+        check(Self::NAME, "initial_accumulator_value", h0, ok, "finite and >= 0")?;
         check_weight_decay(Self::NAME, self.weight_decay)
     }
 }
@@ -92,7 +101,17 @@ impl Kernel<1> for AdaGradStep {
 impl RuleImpl for AdaGradConfig {
     const NAME: &'static str = "adagrad";
     const BUFFERS: &'static [StateBuffer] = &[StateBuffer::unsigned("h")];
-    config_fields!(lr, eps, weight_decay, maximize, lr_decay);
+    config_fields!(
+        lr,
+        eps,
+        weight_decay,
+        maximize,
+        lr_decay,
+        initial_accumulator_value
+    );
+    fn initial_value(&self, _b: usize) -> f32 {
+        self.initial_accumulator_value
+    }
     fn step<X: StepRunner>(&self, x: X) -> Result<StepReport, StepError> {
         let common = CommonConfig::l2(self.lr, self.weight_decay, self.maximize);
         x.run(common, |h| AdaGradStep {
@@ -133,6 +152,34 @@ mod tests {
         let lr_t = (f64::from(0.01f32) / 2.0) as f32;
         assert_eq!(w, [1.0 - lr_t * 4.0 / (16f32.sqrt() + 1e-7)]);
         assert!(AdaGradConfig { lr_decay: -1.0, ..c }.validate().is_err());
+    }
+
+    #[test]
+    fn the_sum_starts_at_the_initial_accumulator_value() {
+        use crate::{Optimizer, StateFormat};
+        let c = AdaGradConfig {
+            lr: 1.0,
+            eps: 0.0,
+            initial_accumulator_value: 9.0,
+            ..Default::default()
+        };
+        let mut opt = AdaGrad::new(c);
+        let mut w = [1.0f32, 2.0];
+        opt.step(&mut w, &[4.0, 0.0]).unwrap(); // h = 9 + 16 = 25: w = 1 − 4/5
+        assert_eq!(w, [1.0 - 4.0 / 5.0, 2.0]);
+        assert_eq!(opt.tensor_state("h", 0), Some(&[25.0f32, 9.0][..]));
+        // Created without a step, and in compact formats, the sum starts there too.
+        for format in [StateFormat::F32, StateFormat::Bf16, StateFormat::Q8] {
+            let mut opt = AdaGrad::new(c);
+            opt.set_state_format(format).unwrap();
+            opt.init_state(&[300]).unwrap();
+            assert_eq!(opt.read_tensor_state("h", 0), Some(vec![9.0; 300]), "{format:?}");
+        }
+        let bad = AdaGradConfig {
+            initial_accumulator_value: -1.0,
+            ..c
+        };
+        assert!(AdaGrad::new(bad).init_state(&[3]).is_err());
     }
 
     #[test]

@@ -26,6 +26,9 @@ macro_rules! registry {
             adam => Adam(AdamConfig);
             adamax => Adamax(AdamaxConfig);
             lion => Lion(LionConfig);
+            radam => RAdam(RAdamConfig);
+            nadam => NAdam(NAdamConfig);
+            ademamix => AdEMAMix(AdEMAMixConfig);
         }
     };
 }
@@ -101,6 +104,11 @@ pub(crate) mod sealed {
         /// ones).
         fn state_buffers(&self) -> usize {
             Self::BUFFERS.iter().filter(|b| !b.optional).count()
+        }
+        /// The value state buffer `b` starts from (by default 0; Adagrad's
+        /// `initial_accumulator_value`).
+        fn initial_value(&self, _b: usize) -> f32 {
+            0.0
         }
         /// Builds this step's kernels from the configuration, checked by the caller, and runs
         /// them through `runner`.
@@ -204,6 +212,7 @@ impl FieldValue for f32 {
     fn set_value(&mut self, value: &Value) -> Result<(), &'static str> {
         match value {
             Value::Number(x) => *self = *x as f32,
+            Value::Count(n) => *self = *n as f32,
             _ => return Err("a number"),
         }
         Ok(())
@@ -224,9 +233,38 @@ impl FieldValue for f64 {
     fn set_value(&mut self, value: &Value) -> Result<(), &'static str> {
         match value {
             Value::Number(x) => *self = *x,
+            Value::Count(n) => *self = *n as f64,
             _ => return Err("a number"),
         }
         Ok(())
+    }
+}
+
+/// A count of steps (a warm-up length): a whole number, exactly representable as an `f64` when
+/// typed.
+impl FieldValue for u64 {
+    fn encode(&self) -> String {
+        self.to_string()
+    }
+    fn parse(&mut self, text: &str) -> Result<(), &'static str> {
+        *self = text.trim().parse().map_err(|_| "a whole number >= 0")?;
+        Ok(())
+    }
+    fn value(&self) -> Value {
+        Value::Count(*self)
+    }
+    fn set_value(&mut self, value: &Value) -> Result<(), &'static str> {
+        match value {
+            Value::Count(n) => {
+                *self = *n;
+                Ok(())
+            }
+            Value::Number(x) if x.fract() == 0.0 && (0.0..=9_007_199_254_740_992.0).contains(x) => {
+                *self = *x as u64;
+                Ok(())
+            }
+            _ => Err("a whole number >= 0"),
+        }
     }
 }
 
@@ -354,6 +392,7 @@ impl<R: Rule> Fused<R> {
         let config = &self.config;
         self.engine.with_tensors(source, |engine, tensors| {
             config.check()?;
+            set_initial(config, engine);
             config.step(ListStep(engine, tensors))
         })
     }
@@ -361,7 +400,25 @@ impl<R: Rule> Fused<R> {
     /// One step over the tensors `feed` lends one at a time.
     pub(crate) fn step_fed(&mut self, feed: &dyn TensorFeed) -> Result<StepReport, StepError> {
         self.config.check()?;
+        set_initial(&self.config, &mut self.engine);
         self.config.step(FeedStep(&mut self.engine, feed))
+    }
+
+    /// Creates the state a first step over tensors of `lens` would, without stepping.
+    ///
+    /// # Errors
+    /// An invalid configuration, and those of [`Engine::init_state`].
+    pub(crate) fn create_state(&mut self, lens: &[usize]) -> Result<(), StepError> {
+        self.config.check()?;
+        set_initial(&self.config, &mut self.engine);
+        self.engine.init_state(lens, self.config.state_buffers())
+    }
+}
+
+/// Tells `engine` the values the state buffers of `config` start from.
+fn set_initial<R: Rule>(config: &R, engine: &mut Engine) {
+    for (b, value) in engine.initial_mut().iter_mut().enumerate() {
+        *value = config.initial_value(b);
     }
 }
 

@@ -21,11 +21,20 @@ pub fn unusual(config: OptimizerConfig) -> OptimizerConfig {
             "sgd" => "lr=0.037",
             "momentum" => "lr=0.037,momentum=0.5,dampening=0.25",
             "nag" => "lr=0.037,momentum=0.5",
-            "adagrad" => "lr=0.037,eps=1e-3,lr_decay=0.05",
+            "adagrad" => "lr=0.037,eps=1e-3,lr_decay=0.05,initial_accumulator_value=0.1",
             "rmsprop" => "lr=0.037,decay_rate=0.7,eps=1e-3",
             "adam" => "lr=0.037,beta1=0.8,beta2=0.95,eps=1e-3",
             "adamax" => "lr=0.037,beta1=0.8,beta2=0.95,eps=1e-3",
             "lion" => "lr=0.037,beta1=0.8,beta2=0.95",
+            "radam" => {
+                "lr=0.037,beta1=0.8,beta2=0.95,eps=1e-3,weight_decay=0.1,decoupled_weight_decay=true"
+            }
+            "nadam" => {
+                "lr=0.037,beta1=0.8,beta2=0.95,eps=1e-3,momentum_decay=0.05,weight_decay=0.1,decoupled_weight_decay=true"
+            }
+            "ademamix" => {
+                "lr=0.037,beta1=0.8,beta2=0.95,beta3=0.999,alpha=3,t_alpha=20,t_beta3=30,eps=1e-3,weight_decay=0.1"
+            }
             other => panic!("no unusual configuration for {other}"),
         },
     )
@@ -183,10 +192,15 @@ impl Float for f64 {
 impl<F: Float> Reference<F> {
     pub fn new(config: OptimizerConfig, n: usize) -> Self {
         let zero = F::from64(0.0);
+        // torch.optim.Adagrad's initial_accumulator_value: the sum of squares starts there.
+        let h0 = match config {
+            OptimizerConfig::AdaGrad(h) => F::from64(h.initial_accumulator_value as f64),
+            _ => zero,
+        };
         Reference {
             config,
             t: 0,
-            s1: vec![zero; n],
+            s1: vec![h0; n],
             s2: vec![zero; n],
             s3: vec![zero; n],
         }
@@ -254,13 +268,26 @@ impl<F: Float> Reference<F> {
                 }
             }
             OptimizerConfig::RmsProp(h) => {
+                // torch.optim.RMSprop: centered divides by √(h − ḡ²) + ε; momentum steps
+                // through b ← μ·b + g/avg.
                 let rho = F::from64(h.decay_rate);
                 let one_minus_rho = F::from64(1.0 - h.decay_rate);
                 for i in 0..w.len() {
                     let gi = prep(g[i], w[i], h.maximize, h.weight_decay);
                     let hi = rho * s1[i] + one_minus_rho * (gi * gi);
                     s1[i] = hi;
-                    w[i] = w[i] - c(h.lr) * gi / (hi.sqrt() + c(h.eps));
+                    let avg = if h.centered {
+                        s3[i] = s3[i] + one_minus_rho * (gi - s3[i]);
+                        (hi - s3[i] * s3[i]).sqrt() + c(h.eps)
+                    } else {
+                        hi.sqrt() + c(h.eps)
+                    };
+                    if h.momentum > 0.0 {
+                        s2[i] = F::from64(h.momentum) * s2[i] + gi / avg;
+                        w[i] = w[i] - c(h.lr) * s2[i];
+                    } else {
+                        w[i] = w[i] - c(h.lr) * gi / avg;
+                    }
                 }
             }
             OptimizerConfig::Adam(h) => {
@@ -346,6 +373,95 @@ impl<F: Float> Reference<F> {
                     };
                     w[i] = wi - c(h.lr) * sign;
                     s1[i] = b2 * s1[i] + one_minus_b2 * gi;
+                }
+            }
+            OptimizerConfig::RAdam(h) => {
+                // Liu et al. (2020), Algorithm 2, as torch.optim.RAdam (ε added to √v).
+                let (b1, b2) = (h.beta1, h.beta2);
+                let rho_inf = 2.0 / (1.0 - b2) - 1.0;
+                let rho_t = rho_inf - 2.0 * t * b2.powf(t) / (1.0 - b2.powf(t));
+                let step = if rho_t > 5.0 {
+                    let r = ((rho_t - 4.0) * (rho_t - 2.0) * rho_inf
+                        / ((rho_inf - 4.0) * (rho_inf - 2.0) * rho_t))
+                        .sqrt();
+                    h.lr as f64 * r * (1.0 - b2.powf(t)).sqrt() / (1.0 - b1.powf(t))
+                } else {
+                    h.lr as f64 / (1.0 - b1.powf(t))
+                };
+                let decoupled = h.decoupled_weight_decay && h.weight_decay != 0.0;
+                let l2 = if h.decoupled_weight_decay {
+                    0.0
+                } else {
+                    h.weight_decay
+                };
+                let decay = F::from64(1.0 - h.lr as f64 * h.weight_decay as f64);
+                for i in 0..w.len() {
+                    let gi = prep(g[i], w[i], h.maximize, l2);
+                    s1[i] = s1[i] + F::from64(1.0 - b1) * (gi - s1[i]);
+                    s2[i] = F::from64(b2) * s2[i] + F::from64(1.0 - b2) * (gi * gi);
+                    let wi = if decoupled { w[i] * decay } else { w[i] };
+                    w[i] = if rho_t > 5.0 {
+                        wi - F::from64(step) * s1[i] / (s2[i].sqrt() + c(h.eps))
+                    } else {
+                        wi - F::from64(step) * s1[i]
+                    };
+                }
+            }
+            OptimizerConfig::NAdam(h) => {
+                // Dozat (2016) with torch.optim.NAdam's momentum schedule; the product of the
+                // μ's taken step by step.
+                let mu = |k: f64| h.beta1 * (1.0 - 0.5 * 0.96f64.powf(k * h.momentum_decay));
+                let product: f64 = (1..=self.t).map(|k| mu(k as f64)).product();
+                let (mu_t, mu_next) = (mu(t), mu(t + 1.0));
+                let lr = h.lr as f64;
+                let gc = F::from64(lr * (1.0 - mu_t) / (1.0 - product));
+                let mc = F::from64(lr * mu_next / (1.0 - product * mu_next));
+                let bc2 = F::from64(1.0 - h.beta2.powf(t));
+                let decoupled = h.decoupled_weight_decay && h.weight_decay != 0.0;
+                let l2 = if h.decoupled_weight_decay {
+                    0.0
+                } else {
+                    h.weight_decay
+                };
+                let decay = F::from64(1.0 - lr * h.weight_decay as f64);
+                for i in 0..w.len() {
+                    let gi = prep(g[i], w[i], h.maximize, l2);
+                    s1[i] = s1[i] + F::from64(1.0 - h.beta1) * (gi - s1[i]);
+                    s2[i] = F::from64(h.beta2) * s2[i] + F::from64(1.0 - h.beta2) * (gi * gi);
+                    let d = (s2[i] / bc2).sqrt() + c(h.eps);
+                    let wi = if decoupled { w[i] * decay } else { w[i] };
+                    w[i] = wi - gc * (gi / d) - mc * (s1[i] / d);
+                }
+            }
+            OptimizerConfig::AdEMAMix(h) => {
+                // Pagliardini et al. (2024), Algorithm 1, with its α and β3 warm-ups.
+                let alpha = if h.t_alpha == 0 {
+                    h.alpha
+                } else {
+                    (t * h.alpha / h.t_alpha as f64).min(h.alpha)
+                };
+                let b3 = if h.t_beta3 == 0 {
+                    h.beta3
+                } else {
+                    let s = t / h.t_beta3 as f64;
+                    let (l1, l3) = (h.beta1.ln(), h.beta3.ln());
+                    (l1 * l3 / ((1.0 - s) * l3 + s * l1)).exp().min(h.beta3)
+                };
+                let inv_bc1 = F::from64(1.0 / (1.0 - h.beta1.powf(t)));
+                let bc2_sqrt = F::from64((1.0 - h.beta2.powf(t)).sqrt());
+                let f = F::from64;
+                for i in 0..w.len() {
+                    let gi = prep(g[i], w[i], h.maximize, 0.0);
+                    s1[i] = f(h.beta1) * s1[i] + f(1.0 - h.beta1) * gi;
+                    s2[i] = f(b3) * s2[i] + f(1.0 - b3) * gi;
+                    s3[i] = f(h.beta2) * s3[i] + f(1.0 - h.beta2) * (gi * gi);
+                    let d = s3[i].sqrt() / bc2_sqrt + c(h.eps);
+                    let u = (s1[i] * inv_bc1 + f(alpha) * s2[i]) / d;
+                    w[i] = if h.weight_decay != 0.0 {
+                        w[i] - c(h.lr) * (u + c(h.weight_decay) * w[i])
+                    } else {
+                        w[i] - c(h.lr) * u
+                    };
                 }
             }
             other => panic!("no reference for {other}"),
