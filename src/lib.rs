@@ -5,7 +5,8 @@
 //! A trainer hands fusedopt its weights and gradients as slices; one call updates the weights and
 //! the optimizer state in a single pass over memory, with SIMD kernels on every core of the
 //! current rayon pool. The optimizers: [`Sgd`], [`Momentum`], [`Nag`], [`AdaGrad`],
-//! [`RmsProp`], [`Adam`] (and AdamW), [`Adamax`] and [`Lion`]. Each is one generic type,
+//! [`RmsProp`], [`Adam`] (and AdamW), [`Adamax`], [`Lion`], [`RAdam`], [`NAdam`] and
+//! [`AdEMAMix`]. Each is one generic type,
 //! [`Fused`], over its configuration (`Adam` is `Fused<AdamConfig>`), and all of them implement
 //! the object-safe [`Optimizer`] trait.
 //!
@@ -64,6 +65,9 @@
 //! | [`Adam`] | `m ← m + (1−β1)(g − m); v ← v + (1−β2)(g² − v); w ← w − lr_t·m/(√v + ε)`, `lr_t = lr·√(1−β2ᵗ)/(1−β1ᵗ)` | lr 0.001, β 0.9/0.999, ε 1e-7 |
 //! | [`Adamax`] | `m ← m + (1−β1)(g − m); u ← max(β2·u, \|g\| + ε); w ← w − (lr/(1−β1ᵗ))·m/u` | lr 0.002, β 0.9/0.999, ε 1e-8 (torch's) |
 //! | [`Lion`] | `c ← β1·m + (1−β1)·g; w ← w·(1 − lr·λ) − lr·sign(c); m ← β2·m + (1−β2)·g` | lr 1e-4, β 0.9/0.99 (the paper's) |
+//! | [`RAdam`] | Adam rectified by `r_t` once `ρ_t > 5`, momentum SGD before (torch's) | lr 1e-3, β 0.9/0.999, ε 1e-8 |
+//! | [`NAdam`] | Adam with Nesterov momentum and the schedule `μ_t = β1(1 − ½·0.96^(tψ))` (torch's) | lr 2e-3, β 0.9/0.999, ε 1e-8, ψ 4e-3 |
+//! | [`AdEMAMix`] | `w ← w − lr·((m̂1 + α_t·m2)/(√ν̂ + ε) + λ·w)`, a fast and a slow EMA (the paper's) | lr 1e-3, β 0.9/0.999/0.9999, α 5, λ 0.01 |
 //!
 //! State (`v`, `h`, `m`) starts at zero and is allocated at the first step, in 64-byte aligned
 //! buffers sized to the tensors.
