@@ -193,6 +193,10 @@ def main():
         # The rules after the first six that torch.optim has.
         for label, shapes in (("64M", [(1 << 26,)]), ("10,000 x 1024", [(1024,)] * 10_000)):
             rule_case(f"Adamax, {label}", ft.Adamax, torch.optim.Adamax, dict(lr=2e-3), shapes, args.reps)
+            rule_case(f"RAdam, {label}", ft.RAdam, torch.optim.RAdam, dict(lr=1e-3), shapes, args.reps)
+            rule_case(f"NAdam, {label}", ft.NAdam, torch.optim.NAdam, dict(lr=2e-3), shapes, args.reps)
+            rule_case(f"RMSprop centered+momentum, {label}", ft.RMSprop, torch.optim.RMSprop,
+                      dict(lr=1e-3, centered=True, momentum=0.9), shapes, args.reps)
 
 
 if __name__ == "__main__":

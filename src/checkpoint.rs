@@ -485,6 +485,19 @@ fn snapshot<'s, R: Rule>(
     for (field, value) in field_map(config, |v| v.encode()) {
         metadata.insert(format!("config.{field}"), value);
     }
+    if !R::SUMS.is_empty() {
+        // Rust prints the shortest text that parses back to the same f64.
+        let sums: Vec<String> = R::SUMS
+            .iter()
+            .zip(state.sums)
+            .map(|(name, value)| format!("{name}={value:?}"))
+            .collect();
+        metadata.insert("sums".to_string(), sums.join(","));
+    }
+    if config.eval_shift().is_some() {
+        let mode = if state.eval { "eval" } else { "train" };
+        metadata.insert("mode".to_string(), mode.to_string());
+    }
     let tensors_per_buffer = layout.map_or(0, |l| l.lens().len());
     let mut tensors = Vec::new();
     for (b, buffer) in buffers.iter().enumerate() {
@@ -641,12 +654,15 @@ pub(crate) fn load<R: Rule>(
         });
     }
     let verified = verify::<R>(&file, current, names)?;
-    let state = fit(
+    let (sums, eval) = read_sums::<R>(&file, &verified.config)?;
+    let mut state = fit(
         &file,
         verified.layout,
         verified.steps,
         verified.tensor_steps,
     )?;
+    state.sums = sums;
+    state.eval = eval;
     Ok(Loaded {
         config: verified.config,
         state,
@@ -906,6 +922,42 @@ fn read_names(file: &StateFile<'_>, expected: &[String]) -> Result<Vec<String>, 
         });
     }
     Ok(found)
+}
+
+/// The rule's running sums (entry `sums`, `name=value` in the rule's order) and the mode
+/// (entry `mode`, `train` or `eval`), for the rules that keep them.
+fn read_sums<R: Rule>(file: &StateFile<'_>, config: &R) -> Result<([f64; 2], bool), StateError> {
+    let mut sums = [0.0; 2];
+    if !R::SUMS.is_empty() {
+        let text = file.entry("sums")?;
+        let items: Vec<&str> = text.split(',').collect();
+        let ok = items.len() == R::SUMS.len()
+            && items.iter().zip(R::SUMS).zip(&mut sums).all(|((item, name), sum)| {
+                let value = item.strip_prefix(name).and_then(|v| v.strip_prefix('='));
+                match value.and_then(|v| v.parse::<f64>().ok()) {
+                    Some(v) if v.is_finite() && v >= 0.0 => {
+                        *sum = v;
+                        true
+                    }
+                    _ => false,
+                }
+            });
+        if !ok {
+            let expected = R::SUMS.join("=<number>,");
+            return Err(file.bad(format!(
+                "sums {text:?} are not {expected}=<number>, each finite and >= 0"
+            )));
+        }
+    }
+    let eval = match config.eval_shift() {
+        None => false,
+        Some(_) => match file.entry("mode")? {
+            "train" => false,
+            "eval" => true,
+            other => return Err(file.bad(format!("mode {other:?} is not train or eval"))),
+        },
+    };
+    Ok((sums, eval))
 }
 
 /// The steps taken in all, and by each tensor: in a version 1 file, every tensor has taken them

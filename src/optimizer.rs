@@ -837,6 +837,73 @@ pub trait Optimizer: sealed::Sealed + Send {
     /// opt.step(&mut [0.0; 5], &[1.0; 5]).unwrap(); // a new layout is fine now
     /// ```
     fn reset(&mut self);
+
+    /// Moves the weights to the point to evaluate the model at, for the optimizers that keep
+    /// one apart from the point gradients are taken at: the schedule-free ones
+    /// ([`ScheduleFreeAdamW`](crate::ScheduleFreeAdamW), [`ScheduleFreeSgd`](crate::ScheduleFreeSgd)),
+    /// whose `eval()` sets the weights `y` to the average `x`. Call it before evaluating or
+    /// saving a model; [`train`](Optimizer::train) moves them back. Steps are refused
+    /// ([`StepError::EvalMode`]) until then. Does nothing when the weights are there already,
+    /// and for every other optimizer (whose two points are one); before the first step every
+    /// tensor is at both points. `weights` are the tensors the steps update, in their order.
+    ///
+    /// ```
+    /// use fusedopt::{Optimizer, ScheduleFreeSgd, ScheduleFreeSgdConfig, StepError};
+    /// let mut opt = ScheduleFreeSgd::new(ScheduleFreeSgdConfig { lr: 0.5, ..Default::default() });
+    /// let mut w = [1.0f32, 2.0];
+    /// opt.step(&mut w, &[1.0, -1.0])?;
+    /// let y = w;
+    /// opt.eval(&mut [&mut w])?;
+    /// assert!(opt.is_eval() && w != y); // x, the average, differs from y
+    /// assert!(matches!(opt.step(&mut w, &[1.0, 1.0]), Err(StepError::EvalMode { .. })));
+    /// opt.train(&mut [&mut w])?;
+    /// assert!((w[0] - y[0]).abs() < 1e-6 && (w[1] - y[1]).abs() < 1e-6);
+    /// # Ok::<(), fusedopt::StepError>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`StepError::TensorCount`] or [`StepError::TensorLen`] if `weights` are not the tensors
+    /// of the layout; nothing is modified then.
+    fn eval(&mut self, weights: &mut [&mut [f32]]) -> Result<(), StepError> {
+        self.shift_weights(weights, true)
+    }
+
+    /// Moves the weights back to the point gradients are taken at (schedule-free's `y`) after
+    /// [`eval`](Optimizer::eval); does nothing when they are there already, and for the
+    /// optimizers without a separate evaluation point.
+    ///
+    /// ```
+    /// use fusedopt::{Adam, AdamConfig, Optimizer};
+    /// let mut opt = Adam::new(AdamConfig::default());
+    /// let mut w = [1.0f32];
+    /// opt.step(&mut w, &[1.0])?;
+    /// let before = w;
+    /// opt.eval(&mut [&mut w])?; // Adam has one point: nothing moves
+    /// opt.train(&mut [&mut w])?;
+    /// assert_eq!((w, opt.is_eval()), (before, false));
+    /// # Ok::<(), fusedopt::StepError>(())
+    /// ```
+    ///
+    /// # Errors
+    /// As [`eval`](Optimizer::eval).
+    fn train(&mut self, weights: &mut [&mut [f32]]) -> Result<(), StepError> {
+        self.shift_weights(weights, false)
+    }
+
+    /// Whether the weights were left at the evaluation point by [`eval`](Optimizer::eval)
+    /// (always `false` for optimizers without one).
+    ///
+    /// ```
+    /// use fusedopt::{Optimizer, ScheduleFreeAdamW, ScheduleFreeAdamWConfig};
+    /// let mut opt = ScheduleFreeAdamW::new(ScheduleFreeAdamWConfig::default());
+    /// assert!(!opt.is_eval());
+    /// opt.eval(&mut [])?; // before the first step, nothing to move
+    /// assert!(opt.is_eval());
+    /// # Ok::<(), fusedopt::StepError>(())
+    /// ```
+    fn is_eval(&self) -> bool {
+        self.eval_mode()
+    }
 }
 
 pub(crate) mod sealed {
@@ -855,6 +922,11 @@ pub(crate) mod sealed {
         fn save_to(&self, path: Option<&Path>) -> Result<Option<Vec<u8>>, StateError>;
         /// Loads the state file `bytes`, read from `path` (for errors).
         fn load_from(&mut self, path: &Path, bytes: &[u8]) -> Result<(), StateError>;
+        /// [`Optimizer::eval`] (`eval`) and [`Optimizer::train`].
+        fn shift_weights(&mut self, weights: &mut [&mut [f32]], eval: bool)
+        -> Result<(), StepError>;
+        /// [`Optimizer::is_eval`].
+        fn eval_mode(&self) -> bool;
     }
 }
 
@@ -876,6 +948,12 @@ impl<R: Rule> sealed::Sealed for Fused<R> {
             Some(path) => checkpoint::save(path, parts.0, parts.1, parts.2, names).map(|()| None),
             None => checkpoint::save_bytes(parts.0, parts.1, parts.2, names).map(Some),
         }
+    }
+    fn shift_weights(&mut self, weights: &mut [&mut [f32]], eval: bool) -> Result<(), StepError> {
+        self.shift(weights, eval)
+    }
+    fn eval_mode(&self) -> bool {
+        self.engine.is_eval()
     }
     fn load_from(&mut self, path: &Path, bytes: &[u8]) -> Result<(), StateError> {
         let engine = &self.engine;

@@ -455,6 +455,12 @@ pub enum StepError {
         /// The tensor.
         tensor: usize,
     },
+    /// A step was asked of a schedule-free optimizer whose weights are at their evaluation
+    /// point: call [`train`](crate::Optimizer::train) first.
+    EvalMode {
+        /// The optimizer's name.
+        optimizer: &'static str,
+    },
     /// The optimizer state could not be allocated.
     OutOfMemory {
         /// Number of `f32` elements of the buffer that failed.
@@ -549,6 +555,11 @@ impl fmt::Display for StepError {
             StepError::NoState { buffer, tensor } => write!(
                 f,
                 "the optimizer holds no state buffer {buffer} for tensor {tensor}"
+            ),
+            StepError::EvalMode { optimizer } => write!(
+                f,
+                "{optimizer}: the weights are at the evaluation point (after eval()); call \
+                 train() before stepping"
             ),
             StepError::OutOfMemory { elements } => {
                 write!(

@@ -182,6 +182,58 @@ impl Engine {
         &self.state
     }
 
+    /// The rule's running sums (see [`State::sums`]), to advance after an applied step.
+    pub(crate) fn sums_mut(&mut self) -> &mut [f64; 2] {
+        &mut self.state.sums
+    }
+
+    /// Whether the weights were last left at the evaluation point ([`State::eval`]).
+    pub(crate) fn is_eval(&self) -> bool {
+        self.state.eval
+    }
+
+    /// Moves the weights between a rule's training and evaluation points: `w ← w + c·d` for
+    /// every tensor, `d` being state buffer `b` (decoded from its format), and records the mode
+    /// `eval`. Nothing to move before the first step (every tensor is at both points then);
+    /// a tensor that has not stepped yet has `d = 0` and keeps its weights. Weights are checked
+    /// against the layout before any changes; the arithmetic is one rounding per operation,
+    /// the same on every tier.
+    ///
+    /// # Errors
+    /// [`StepError::TensorCount`] or [`StepError::TensorLen`] if `weights` are not the layout's
+    /// tensors.
+    pub(crate) fn shift_weights(
+        &mut self,
+        weights: &mut [&mut [f32]],
+        b: usize,
+        c: f32,
+        eval: bool,
+    ) -> Result<(), StepError> {
+        if let Some(lens) = self.layout().filter(|_| b < self.state.buffers.len()) {
+            if weights.len() != lens.len() {
+                return Err(StepError::TensorCount {
+                    expected: lens.len(),
+                    found: weights.len(),
+                });
+            }
+            if let Some(t) = (0..lens.len()).find(|&t| weights[t].len() != lens[t]) {
+                return Err(StepError::TensorLen {
+                    tensor: t,
+                    expected: lens[t],
+                    found: weights[t].len(),
+                });
+            }
+            for (t, w) in weights.iter_mut().enumerate() {
+                let d = self.read_state(b, t).expect("checked against the layout");
+                for (w, d) in w.iter_mut().zip(d) {
+                    *w += c * d;
+                }
+            }
+        }
+        self.state.eval = eval;
+        Ok(())
+    }
+
     /// The steps each tensor of the layout has taken; empty before the first step.
     pub(crate) fn tensor_steps(&self) -> &[u64] {
         &self.state.tensor_steps
@@ -907,6 +959,10 @@ fn finish(
 /// A rule's way into a step, over a captured list or a feed: the rule says how to build its
 /// kernel, the runner runs the step.
 pub trait StepRunner {
+    /// The steps applied before this one, and the rule's running sums after them (the
+    /// schedule-free rules' averaging weights come from them).
+    fn clock(&self) -> (u64, [f64; 2]);
+
     /// Runs the step with the kernels `make` builds.
     ///
     /// # Errors
@@ -922,6 +978,10 @@ pub trait StepRunner {
 pub(crate) struct ListStep<'e, 'l, 't>(pub &'e mut Engine, pub &'l TensorList<'t>);
 
 impl StepRunner for ListStep<'_, '_, '_> {
+    fn clock(&self) -> (u64, [f64; 2]) {
+        (self.0.state.steps, self.0.state.sums)
+    }
+
     fn run<K: Kernel<N> + Copy, const N: usize>(
         self,
         common: CommonConfig,
@@ -935,6 +995,10 @@ impl StepRunner for ListStep<'_, '_, '_> {
 pub(crate) struct FeedStep<'e, 'f>(pub &'e mut Engine, pub &'f dyn TensorFeed);
 
 impl StepRunner for FeedStep<'_, '_> {
+    fn clock(&self) -> (u64, [f64; 2]) {
+        (self.0.state.steps, self.0.state.sums)
+    }
+
     fn run<K: Kernel<N> + Copy, const N: usize>(
         self,
         common: CommonConfig,

@@ -59,6 +59,13 @@ pub(crate) struct State {
     /// Which tensors' master weights hold their values (taken from the trainer's weights at
     /// the tensor's first step in half precision).
     pub master_ready: Vec<bool>,
+    /// The rule's running sums over the steps applied (schedule-free's largest learning rate
+    /// and sum of averaging weights); zero for the rules that keep none.
+    pub sums: [f64; 2],
+    /// Whether the weights were last left at the rule's evaluation point (schedule-free's
+    /// average `x`) by [`eval`](crate::Optimizer::eval); steps are refused until
+    /// [`train`](crate::Optimizer::train).
+    pub eval: bool,
 }
 
 impl State {
@@ -86,6 +93,8 @@ impl State {
             format,
             master: None,
             master_ready: Vec::new(),
+            sums: [0.0; 2],
+            eval: false,
         })
     }
 

@@ -29,6 +29,7 @@ macro_rules! registry {
             radam => RAdam(RAdamConfig);
             nadam => NAdam(NAdamConfig);
             ademamix => AdEMAMix(AdEMAMixConfig);
+            schedule_free => ScheduleFreeAdamW(ScheduleFreeAdamWConfig), ScheduleFreeSgd(ScheduleFreeSgdConfig);
         }
     };
 }
@@ -109,6 +110,17 @@ pub(crate) mod sealed {
         /// `initial_accumulator_value`).
         fn initial_value(&self, _b: usize) -> f32 {
             0.0
+        }
+        /// Names of the running sums the rule keeps in [`State::sums`](crate::engine) (in state
+        /// files); none by default.
+        const SUMS: &'static [&'static str] = &[];
+        /// Advances the running sums over an applied step that followed `k` others (by
+        /// default, none are kept).
+        fn advance(&self, _sums: &mut [f64; 2], _k: u64) {}
+        /// For rules whose weights have a separate evaluation point (schedule-free): the state
+        /// buffer `d` and the coefficient `c` with `x = w + c·d` (the way back is `w = x − c·d`).
+        fn eval_shift(&self) -> Option<(usize, f64)> {
+            None
         }
         /// Builds this step's kernels from the configuration, checked by the caller, and runs
         /// them through `runner`.
@@ -391,17 +403,34 @@ impl<R: Rule> Fused<R> {
     ) -> Result<StepReport, StepError> {
         let config = &self.config;
         self.engine.with_tensors(source, |engine, tensors| {
-            config.check()?;
-            set_initial(config, engine);
-            config.step(ListStep(engine, tensors))
+            before_step(config, engine)?;
+            let k = engine.state().steps;
+            let report = config.step(ListStep(engine, tensors))?;
+            after_step(config, engine, k);
+            Ok(report)
         })
     }
 
     /// One step over the tensors `feed` lends one at a time.
     pub(crate) fn step_fed(&mut self, feed: &dyn TensorFeed) -> Result<StepReport, StepError> {
-        self.config.check()?;
-        set_initial(&self.config, &mut self.engine);
-        self.config.step(FeedStep(&mut self.engine, feed))
+        before_step(&self.config, &mut self.engine)?;
+        let k = self.engine.state().steps;
+        let report = self.config.step(FeedStep(&mut self.engine, feed))?;
+        after_step(&self.config, &mut self.engine, k);
+        Ok(report)
+    }
+
+    /// Moves the weights to the evaluation point (`eval`) or back to the training point, for
+    /// rules that have one; the others' weights are the same at both.
+    pub(crate) fn shift(&mut self, weights: &mut [&mut [f32]], eval: bool) -> Result<(), StepError> {
+        let Some((b, c)) = self.config.eval_shift() else {
+            return Ok(());
+        };
+        if self.engine.is_eval() == eval {
+            return Ok(());
+        }
+        let c = if eval { c } else { -c };
+        self.engine.shift_weights(weights, b, c as f32, eval)
     }
 
     /// Creates the state a first step over tensors of `lens` would, without stepping.
@@ -412,6 +441,27 @@ impl<R: Rule> Fused<R> {
         self.config.check()?;
         set_initial(&self.config, &mut self.engine);
         self.engine.init_state(lens, self.config.state_buffers())
+    }
+}
+
+/// What every step checks and sets first: the configuration, the mode (a rule with an
+/// evaluation point steps only from its training point) and the buffers' initial values.
+fn before_step<R: Rule>(config: &R, engine: &mut Engine) -> Result<(), StepError> {
+    config.check()?;
+    if config.eval_shift().is_some() && engine.is_eval() {
+        return Err(StepError::EvalMode {
+            optimizer: R::NAME,
+        });
+    }
+    set_initial(config, engine);
+    Ok(())
+}
+
+/// Advances the rule's running sums once a step that followed `k` others was applied (not
+/// skipped by the non-finite policy, not refused).
+fn after_step<R: Rule>(config: &R, engine: &mut Engine, k: u64) {
+    if engine.state().steps > k {
+        config.advance(engine.sums_mut(), k);
     }
 }
 
