@@ -16,7 +16,9 @@
 //!   comma-separated; empty before the first step), `names` (the tensor names, comma-separated;
 //!   empty when none), `buffers` (the buffer names, comma-separated), `groups` (the per-tensor
 //!   [`ParamGroup`]s as `lr_scale/weight_decay` with `-` for no override, comma-separated; empty
-//!   when none), every hyperparameter as `config.<field>`, and `checksum`.
+//!   when none), every hyperparameter as `config.<field>`, and `checksum`. The schedule-free
+//!   rules add `sums` (their running values, `k=<f64>,lr_max=<f64>,weight_sum=<f64>`) and
+//!   `mode` (`train`, or `eval` after [`eval`](crate::Optimizer::eval)).
 //!
 //! Compact state ([`StateFormat`]) is saved as stored: the metadata entry `state_format` names
 //! the format (`f32` when absent), a bf16 buffer is a `BF16` tensor, an 8-bit buffer a `U8`
@@ -926,22 +928,29 @@ fn read_names(file: &StateFile<'_>, expected: &[String]) -> Result<Vec<String>, 
 
 /// The rule's running sums (entry `sums`, `name=value` in the rule's order) and the mode
 /// (entry `mode`, `train` or `eval`), for the rules that keep them.
-fn read_sums<R: Rule>(file: &StateFile<'_>, config: &R) -> Result<([f64; 2], bool), StateError> {
-    let mut sums = [0.0; 2];
+fn read_sums<R: Rule>(
+    file: &StateFile<'_>,
+    config: &R,
+) -> Result<(crate::engine::Sums, bool), StateError> {
+    let mut sums = [0.0; 3];
     if !R::SUMS.is_empty() {
         let text = file.entry("sums")?;
         let items: Vec<&str> = text.split(',').collect();
         let ok = items.len() == R::SUMS.len()
-            && items.iter().zip(R::SUMS).zip(&mut sums).all(|((item, name), sum)| {
-                let value = item.strip_prefix(name).and_then(|v| v.strip_prefix('='));
-                match value.and_then(|v| v.parse::<f64>().ok()) {
-                    Some(v) if v.is_finite() && v >= 0.0 => {
-                        *sum = v;
-                        true
+            && items
+                .iter()
+                .zip(R::SUMS)
+                .zip(&mut sums)
+                .all(|((item, name), sum)| {
+                    let value = item.strip_prefix(name).and_then(|v| v.strip_prefix('='));
+                    match value.and_then(|v| v.parse::<f64>().ok()) {
+                        Some(v) if v.is_finite() && v >= 0.0 => {
+                            *sum = v;
+                            true
+                        }
+                        _ => false,
                     }
-                    _ => false,
-                }
-            });
+                });
         if !ok {
             let expected = R::SUMS.join("=<number>,");
             return Err(file.bad(format!(

@@ -74,6 +74,8 @@ const MASTER: &str = "master";
 /// #   fn set_param_groups(&mut self, _: &[ParamGroup]) -> Result<(), StepError> { Ok(()) }
 /// #   fn param_groups(&self) -> &[ParamGroup] { &[] }
 /// #   fn reset(&mut self) {}
+/// #   fn scalar_state(&self) -> Vec<(&'static str, f64)> { Vec::new() }
+/// #   fn set_scalar_state(&mut self, _: &[f64]) -> Result<(), StepError> { Ok(()) }
 /// }
 /// ```
 ///
@@ -851,6 +853,7 @@ pub trait Optimizer: sealed::Sealed + Send {
     /// use fusedopt::{Optimizer, ScheduleFreeSgd, ScheduleFreeSgdConfig, StepError};
     /// let mut opt = ScheduleFreeSgd::new(ScheduleFreeSgdConfig { lr: 0.5, ..Default::default() });
     /// let mut w = [1.0f32, 2.0];
+    /// opt.step(&mut w, &[1.0, -1.0])?; // the first step sets x = y = z
     /// opt.step(&mut w, &[1.0, -1.0])?;
     /// let y = w;
     /// opt.eval(&mut [&mut w])?;
@@ -904,6 +907,42 @@ pub trait Optimizer: sealed::Sealed + Send {
     fn is_eval(&self) -> bool {
         self.eval_mode()
     }
+
+    /// The optimizer's state besides its buffers and per-tensor step counts: values the rule
+    /// keeps for the whole optimizer, by name (the schedule-free rules' `k`, the steps of their
+    /// averaging, `lr_max`, the largest learning rate so far, and `weight_sum`, the sum of the
+    /// averaging weights, as the reference keeps them per parameter group; none for the
+    /// others).
+    /// With [`set_scalar_state`](Optimizer::set_scalar_state), what it takes to move a state
+    /// into another optimizer (as [`tensor_state`](Optimizer::tensor_state) does for buffers).
+    ///
+    /// ```
+    /// use fusedopt::{Optimizer, ScheduleFreeSgd, ScheduleFreeSgdConfig};
+    /// let mut opt = ScheduleFreeSgd::new(ScheduleFreeSgdConfig { lr: 0.5, ..Default::default() });
+    /// opt.step(&mut [1.0], &[1.0])?;
+    /// opt.step(&mut [1.0], &[1.0])?;
+    /// // Two steps, each of weight 0.5²:
+    /// assert_eq!(opt.scalar_state(), [("k", 2.0), ("lr_max", 0.5), ("weight_sum", 0.5)]);
+    /// # Ok::<(), fusedopt::StepError>(())
+    /// ```
+    fn scalar_state(&self) -> Vec<(&'static str, f64)>;
+
+    /// Sets the values of [`scalar_state`](Optimizer::scalar_state), one per name in its
+    /// order.
+    ///
+    /// ```
+    /// use fusedopt::{Optimizer, ScheduleFreeAdamW, ScheduleFreeAdamWConfig};
+    /// let mut opt = ScheduleFreeAdamW::new(ScheduleFreeAdamWConfig::default());
+    /// opt.set_scalar_state(&[3.0, 0.01, 0.25])?;
+    /// assert_eq!(opt.scalar_state(), [("k", 3.0), ("lr_max", 0.01), ("weight_sum", 0.25)]);
+    /// assert!(opt.set_scalar_state(&[0.01]).is_err());
+    /// # Ok::<(), fusedopt::StepError>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`StepError::InvalidSetting`] unless there is one value per name, each finite, `>= 0`
+    /// and whole (counts are kept as `f64`, exact to 2⁵³); nothing changes then.
+    fn set_scalar_state(&mut self, values: &[f64]) -> Result<(), StepError>;
 }
 
 pub(crate) mod sealed {
@@ -923,8 +962,11 @@ pub(crate) mod sealed {
         /// Loads the state file `bytes`, read from `path` (for errors).
         fn load_from(&mut self, path: &Path, bytes: &[u8]) -> Result<(), StateError>;
         /// [`Optimizer::eval`] (`eval`) and [`Optimizer::train`].
-        fn shift_weights(&mut self, weights: &mut [&mut [f32]], eval: bool)
-        -> Result<(), StepError>;
+        fn shift_weights(
+            &mut self,
+            weights: &mut [&mut [f32]],
+            eval: bool,
+        ) -> Result<(), StepError>;
         /// [`Optimizer::is_eval`].
         fn eval_mode(&self) -> bool;
     }
@@ -971,6 +1013,28 @@ impl<R: Rule> sealed::Sealed for Fused<R> {
 impl<R: Rule> Optimizer for Fused<R> {
     fn name(&self) -> &'static str {
         R::NAME
+    }
+    fn scalar_state(&self) -> Vec<(&'static str, f64)> {
+        R::SUMS
+            .iter()
+            .copied()
+            .zip(self.engine.state().sums)
+            .collect()
+    }
+    fn set_scalar_state(&mut self, values: &[f64]) -> Result<(), StepError> {
+        let whole = |i: usize, v: f64| R::SUMS.get(i) != Some(&"k") || v.fract() == 0.0;
+        let bad = (0..values.len())
+            .find(|&i| !(values[i].is_finite() && values[i] >= 0.0 && whole(i, values[i])))
+            .map(|i| &values[i]);
+        if values.len() != R::SUMS.len() || bad.is_some() {
+            return Err(StepError::InvalidSetting {
+                field: "scalar_state",
+                value: bad.map_or(values.len() as f32, |&v| v as f32),
+                expected: "one value per name of scalar_state(), each finite and >= 0 (k whole)",
+            });
+        }
+        self.engine.sums_mut()[..values.len()].copy_from_slice(values);
+        Ok(())
     }
     fn settings(&self) -> &Settings {
         self.engine.settings()

@@ -43,6 +43,9 @@ fn every_optimizer_descends_a_quadratic_bowl() {
             // steps (β3 0.9999) carries it past the minimum of a 500-step run: β3 is sized to
             // the run.
             "ademamix" => "lr=0.02,weight_decay=0,beta3=0.99",
+            // The average x of the iterates converges as 1/t: larger steps for the iterates.
+            "adamw_schedulefree" => "lr=0.2",
+            "sgd_schedulefree" => "lr=0.05",
             _ => "lr=0.02",
         };
         let (start, end) = bowl(with(config, lr), 500);
@@ -102,6 +105,9 @@ fn every_optimizer_makes_progress_on_rosenbrock() {
             // Its first steps are unrectified momentum steps of lr·m̂: as large as SGD's.
             "radam" => ("lr=1e-3", 20_000, 0.05),
             "ademamix" => ("lr=0.005,weight_decay=0", 10_000, 0.05),
+            "adamw_schedulefree" => ("lr=0.02", 20_000, 0.05),
+            // Its average weighs the first, far iterates as much as the last: a longer run.
+            "sgd_schedulefree" => ("lr=5e-3", 40_000, 0.05),
             _ => ("lr=0.005", 10_000, 0.05),
         };
         let (start, end, dist) = rosenbrock(with(config, lr), steps);

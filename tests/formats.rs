@@ -303,6 +303,8 @@ fn compact_state_read_and_written_as_f32_resumes_bitwise() {
                 }
             }
             second.set_tensor_steps(first.tensor_steps()).unwrap();
+            let sums: Vec<f64> = first.scalar_state().iter().map(|s| s.1).collect();
+            second.set_scalar_state(&sums).unwrap();
             for g in &grads[2..] {
                 second.step_all(&mut w, g).unwrap();
             }

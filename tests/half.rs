@@ -288,6 +288,8 @@ fn master_weights_read_and_written_as_f32_resume_bitwise() {
                 }
             }
             second.set_tensor_steps(first.tensor_steps()).unwrap();
+            let sums: Vec<f64> = first.scalar_state().iter().map(|s| s.1).collect();
+            second.set_scalar_state(&sums).unwrap();
             // The trainer's weights no longer say what the master weights are: the copied
             // master weights must be what continues.
             let mut w_rounded = w.clone();

@@ -22,9 +22,60 @@ fn variants() -> Vec<OptimizerConfig> {
     v
 }
 
+/// The rules whose every tensor keeps its own clock: all but the schedule-free ones, whose
+/// averaging (`k`, `lr_max`, `weight_sum`) is the optimizer's, as the reference keeps it per
+/// parameter group (see `schedule_free_tensors_without_a_gradient_wait_while_the_clock_runs`).
+fn per_tensor_clock() -> Vec<OptimizerConfig> {
+    variants()
+        .into_iter()
+        .filter(|c| !c.name().ends_with("_schedulefree"))
+        .collect()
+}
+
+#[test]
+fn schedule_free_tensors_without_a_gradient_wait_while_the_clock_runs() {
+    for name in ["adamw_schedulefree", "sgd_schedulefree"] {
+        let config = with(
+            unusual(OptimizerConfig::default_for(name).unwrap()),
+            "weight_decay=0",
+        );
+        let mut rng = Rng(5);
+        let w0 = [rng.vec(64, 1.0), rng.vec(33, 1.0)];
+        let (mut both, mut alone, mut zeros) = (config.build(), config.build(), config.build());
+        let (mut ws, mut wa, mut wz) = (w0.clone(), vec![w0[0].clone()], w0[1].clone());
+        for s in 0..6 {
+            let g0 = rng.vec(64, 1.0);
+            let g1 = (s >= 3).then(|| rng.vec(33, 1.0));
+            both.step_partial(&mut ws, &[Some(g0.clone()), g1.clone()])
+                .unwrap();
+            alone.step_all(&mut wa, &[&g0]).unwrap();
+            // Without weight decay a zero gradient moves neither the weights nor d and v:
+            // stepping on zeros is waiting.
+            zeros
+                .step(&mut wz, &g1.unwrap_or_else(|| vec![0.0; 33]))
+                .unwrap();
+            if s < 3 {
+                assert_eq!(ws[1], w0[1], "{name}: a tensor without a gradient moved");
+            }
+        }
+        assert_same(
+            &ws[0],
+            &wa[0],
+            &format!("{name}: tensor 0 against its optimizer alone"),
+        );
+        assert_same(
+            &ws[1],
+            &wz,
+            &format!("{name}: tensor 1 against zero gradients"),
+        );
+        assert_eq!(both.tensor_steps(), [6, 3]);
+        assert_eq!(both.scalar_state(), alone.scalar_state(), "{name}");
+    }
+}
+
 #[test]
 fn missing_gradients_equal_one_optimizer_per_tensor_stepping_when_it_has_one() {
-    for config in variants() {
+    for config in per_tensor_clock() {
         for chunk in [0, 256] {
             let mut rng = Rng(1);
             let w0: Vec<Vec<f32>> = LENS.iter().map(|&n| rng.vec(n, 1.0)).collect();
@@ -107,7 +158,7 @@ fn with_hygiene_and_groups_the_rest_is_stepped_as_if_alone() {
 fn a_tensor_first_stepped_late_starts_from_fresh_state() {
     // Tensor 1 has no gradient for 3 steps, then one: its update is a first step (Adam's t = 1,
     // zero moments), whatever the other tensor went through.
-    for config in variants() {
+    for config in per_tensor_clock() {
         let mut rng = Rng(3);
         let w0 = [rng.vec(64, 1.0), rng.vec(33, 1.0)];
         let mut opt = config.build();

@@ -60,6 +60,8 @@ fn state_copied_into_a_fresh_optimizer_continues_bitwise() {
             }
         }
         second.set_tensor_steps(first.tensor_steps()).unwrap();
+        let sums: Vec<f64> = first.scalar_state().iter().map(|s| s.1).collect();
+        second.set_scalar_state(&sums).unwrap();
         assert_eq!(second.tensor_steps(), first.tensor_steps());
         for g in &all[5..] {
             second.step_partial(&mut w_resumed, g).unwrap();

@@ -41,7 +41,7 @@ mod state;
 mod tensors;
 
 pub(crate) use groups::{CommonConfig, GroupHyper, check_groups};
-pub(crate) use state::State;
+pub(crate) use state::{State, Sums};
 pub(crate) use state::{
     bytes_per_element as state_bytes_per_element, unit as state_unit, zeroed_buffer,
 };
@@ -183,7 +183,7 @@ impl Engine {
     }
 
     /// The rule's running sums (see [`State::sums`]), to advance after an applied step.
-    pub(crate) fn sums_mut(&mut self) -> &mut [f64; 2] {
+    pub(crate) fn sums_mut(&mut self) -> &mut Sums {
         &mut self.state.sums
     }
 
@@ -959,9 +959,9 @@ fn finish(
 /// A rule's way into a step, over a captured list or a feed: the rule says how to build its
 /// kernel, the runner runs the step.
 pub trait StepRunner {
-    /// The steps applied before this one, and the rule's running sums after them (the
-    /// schedule-free rules' averaging weights come from them).
-    fn clock(&self) -> (u64, [f64; 2]);
+    /// The rule's running values after the steps applied before this one (the schedule-free
+    /// rules' step count and averaging weights).
+    fn clock(&self) -> Sums;
 
     /// Runs the step with the kernels `make` builds.
     ///
@@ -978,8 +978,8 @@ pub trait StepRunner {
 pub(crate) struct ListStep<'e, 'l, 't>(pub &'e mut Engine, pub &'l TensorList<'t>);
 
 impl StepRunner for ListStep<'_, '_, '_> {
-    fn clock(&self) -> (u64, [f64; 2]) {
-        (self.0.state.steps, self.0.state.sums)
+    fn clock(&self) -> Sums {
+        self.0.state.sums
     }
 
     fn run<K: Kernel<N> + Copy, const N: usize>(
@@ -995,8 +995,8 @@ impl StepRunner for ListStep<'_, '_, '_> {
 pub(crate) struct FeedStep<'e, 'f>(pub &'e mut Engine, pub &'f dyn TensorFeed);
 
 impl StepRunner for FeedStep<'_, '_> {
-    fn clock(&self) -> (u64, [f64; 2]) {
-        (self.0.state.steps, self.0.state.sums)
+    fn clock(&self) -> Sums {
+        self.0.state.sums
     }
 
     fn run<K: Kernel<N> + Copy, const N: usize>(

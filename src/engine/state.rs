@@ -40,6 +40,9 @@ pub(crate) fn unit(format: StateFormat) -> usize {
     }
 }
 
+/// A rule's running values for the whole optimizer ([`State::sums`]).
+pub(crate) type Sums = [f64; 3];
+
 /// An optimizer's state: step counts, layout and state buffers (momentum, moments, ...).
 #[derive(Debug, Default)]
 pub(crate) struct State {
@@ -59,9 +62,9 @@ pub(crate) struct State {
     /// Which tensors' master weights hold their values (taken from the trainer's weights at
     /// the tensor's first step in half precision).
     pub master_ready: Vec<bool>,
-    /// The rule's running sums over the steps applied (schedule-free's largest learning rate
-    /// and sum of averaging weights); zero for the rules that keep none.
-    pub sums: [f64; 2],
+    /// The rule's running values over the steps applied (schedule-free's step count, largest
+    /// learning rate and sum of averaging weights); zero for the rules that keep none.
+    pub sums: Sums,
     /// Whether the weights were last left at the rule's evaluation point (schedule-free's
     /// average `x`) by [`eval`](crate::Optimizer::eval); steps are refused until
     /// [`train`](crate::Optimizer::train).
@@ -93,7 +96,7 @@ impl State {
             format,
             master: None,
             master_ready: Vec::new(),
-            sums: [0.0; 2],
+            sums: [0.0; 3],
             eval: false,
         })
     }

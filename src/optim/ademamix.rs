@@ -129,7 +129,8 @@ impl AdEMAMixConfig {
     ///
     /// ```
     /// let c = fusedopt::AdEMAMixConfig { t_beta3: 100, ..Default::default() };
-    /// assert!((c.beta3_at(1) - 0.9).abs() < 0.01);
+    /// assert!((c.beta3_at(0) - 0.9).abs() < 1e-12); // β1 at the start
+    /// assert!(c.beta3_at(1) > 0.99); // 1/ln β3_t grows fast from there
     /// assert!((c.beta3_at(100) - 0.9999).abs() < 1e-12 && c.beta3_at(200) == 0.9999);
     /// ```
     pub fn beta3_at(&self, t: u64) -> f64 {

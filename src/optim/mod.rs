@@ -48,7 +48,7 @@ macro_rules! rule_modules {
 }
 registry!(rule_modules);
 
-use crate::engine::{Engine, FeedStep, ListStep, StepRunner, TensorFeed, TensorSource};
+use crate::engine::{Engine, FeedStep, ListStep, StepRunner, Sums, TensorFeed, TensorSource};
 use crate::types::{StepError, StepReport, Value};
 use core::fmt::Debug;
 
@@ -114,9 +114,8 @@ pub(crate) mod sealed {
         /// Names of the running sums the rule keeps in [`State::sums`](crate::engine) (in state
         /// files); none by default.
         const SUMS: &'static [&'static str] = &[];
-        /// Advances the running sums over an applied step that followed `k` others (by
-        /// default, none are kept).
-        fn advance(&self, _sums: &mut [f64; 2], _k: u64) {}
+        /// Advances the running values over an applied step (by default, none are kept).
+        fn advance(&self, _sums: &mut Sums) {}
         /// For rules whose weights have a separate evaluation point (schedule-free): the state
         /// buffer `d` and the coefficient `c` with `x = w + c·d` (the way back is `w = x − c·d`).
         fn eval_shift(&self) -> Option<(usize, f64)> {
@@ -422,7 +421,11 @@ impl<R: Rule> Fused<R> {
 
     /// Moves the weights to the evaluation point (`eval`) or back to the training point, for
     /// rules that have one; the others' weights are the same at both.
-    pub(crate) fn shift(&mut self, weights: &mut [&mut [f32]], eval: bool) -> Result<(), StepError> {
+    pub(crate) fn shift(
+        &mut self,
+        weights: &mut [&mut [f32]],
+        eval: bool,
+    ) -> Result<(), StepError> {
         let Some((b, c)) = self.config.eval_shift() else {
             return Ok(());
         };
@@ -449,19 +452,17 @@ impl<R: Rule> Fused<R> {
 fn before_step<R: Rule>(config: &R, engine: &mut Engine) -> Result<(), StepError> {
     config.check()?;
     if config.eval_shift().is_some() && engine.is_eval() {
-        return Err(StepError::EvalMode {
-            optimizer: R::NAME,
-        });
+        return Err(StepError::EvalMode { optimizer: R::NAME });
     }
     set_initial(config, engine);
     Ok(())
 }
 
-/// Advances the rule's running sums once a step that followed `k` others was applied (not
+/// Advances the rule's running values once a step that followed `k` others was applied (not
 /// skipped by the non-finite policy, not refused).
 fn after_step<R: Rule>(config: &R, engine: &mut Engine, k: u64) {
     if engine.state().steps > k {
-        config.advance(engine.sums_mut(), k);
+        config.advance(engine.sums_mut());
     }
 }
 

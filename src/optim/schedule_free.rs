@@ -24,7 +24,7 @@
 
 use super::{Fused, StateBuffer, check, check_eps, check_lr, check_weight_decay, config_fields};
 use super::{check_unit, sealed::RuleImpl};
-use crate::engine::{CommonConfig, StepRunner};
+use crate::engine::{CommonConfig, StepRunner, Sums};
 use crate::simd::{Kernel, Lane};
 use crate::types::{StepError, StepReport};
 
@@ -204,22 +204,22 @@ impl ScheduleFreeSgdConfig {
 }
 
 /// The averaging of one step: its learning rate's warm-up factor, the weight `c` of the new
-/// iterate in the average, and the running sums `[γ_max, W]` after it.
+/// iterate in the average, and the running values `[k, γ_max, W]` after it.
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct Averaging {
     /// `min(1, (k+1)/warmup_steps)`.
     sched: f64,
     /// `c = w_k / W`, 0 while `W` is 0.
     c: f64,
-    /// `[γ_max, W]` after the step.
-    sums: [f64; 2],
+    /// `[k, γ_max, W]` after the step.
+    sums: Sums,
 }
 
-/// The averaging of the step after `k` others, from the sums `[γ_max, W]` before it (both
-/// start at 0: `max(γ, 0) = max(γ, −1)`, the reference's start, for `γ >= 0`).
-fn averaging(lr: f32, warmup: u64, r: f64, power: f64, [lr_max, sum]: [f64; 2], k: u64) -> Averaging {
-    let t = k as f64 + 1.0;
-    let sched = if k < warmup { t / warmup as f64 } else { 1.0 };
+/// The averaging of the step after `k` others, from the running values `[k, γ_max, W]` before
+/// it (all start at 0: `max(γ, 0) = max(γ, −1)`, the reference's start, for `γ >= 0`).
+fn averaging(lr: f32, warmup: u64, r: f64, power: f64, [k, lr_max, sum]: Sums) -> Averaging {
+    let t = k + 1.0;
+    let sched = if k < warmup as f64 { t / warmup as f64 } else { 1.0 };
     let lr_max = lr_max.max(f64::from(lr) * sched);
     let weight = t.powf(r) * lr_max.powf(power);
     let sum = sum + weight;
@@ -227,7 +227,7 @@ fn averaging(lr: f32, warmup: u64, r: f64, power: f64, [lr_max, sum]: [f64; 2], 
     Averaging {
         sched,
         c,
-        sums: [lr_max, sum],
+        sums: [t, lr_max, sum],
     }
 }
 
@@ -296,7 +296,7 @@ impl RuleImpl for ScheduleFreeAdamWConfig {
     const NAME: &'static str = "adamw_schedulefree";
     const BUFFERS: &'static [StateBuffer] =
         &[StateBuffer::signed("d"), StateBuffer::unsigned("v")];
-    const SUMS: &'static [&'static str] = &["lr_max", "weight_sum"];
+    const SUMS: &'static [&'static str] = &["k", "lr_max", "weight_sum"];
     config_fields!(
         lr,
         beta1,
@@ -308,18 +308,17 @@ impl RuleImpl for ScheduleFreeAdamWConfig {
         weight_lr_power,
         maximize
     );
-    fn advance(&self, sums: &mut [f64; 2], k: u64) {
+    fn advance(&self, sums: &mut Sums) {
         let (lr, w, r, p) = (self.lr, self.warmup_steps, self.r, self.weight_lr_power);
-        *sums = averaging(lr, w, r, p, *sums, k).sums;
+        *sums = averaging(lr, w, r, p, *sums).sums;
     }
     fn eval_shift(&self) -> Option<(usize, f64)> {
         Some((0, 1.0 - 1.0 / self.beta1))
     }
     fn step<X: StepRunner>(&self, x: X) -> Result<StepReport, StepError> {
-        let (k, sums) = x.clock();
         let (lr, w, r, p) = (self.lr, self.warmup_steps, self.r, self.weight_lr_power);
-        let avg = averaging(lr, w, r, p, sums, k);
-        let bias2 = (1.0 - self.beta2.powf(k as f64 + 1.0)) as f32;
+        let avg = averaging(lr, w, r, p, x.clock());
+        let bias2 = (1.0 - self.beta2.powf(avg.sums[0])) as f32;
         let common = CommonConfig {
             lr: self.lr,
             weight_decay: self.weight_decay,
@@ -341,7 +340,7 @@ impl RuleImpl for ScheduleFreeAdamWConfig {
 impl RuleImpl for ScheduleFreeSgdConfig {
     const NAME: &'static str = "sgd_schedulefree";
     const BUFFERS: &'static [StateBuffer] = &[StateBuffer::signed("d")];
-    const SUMS: &'static [&'static str] = &["lr_max", "weight_sum"];
+    const SUMS: &'static [&'static str] = &["k", "lr_max", "weight_sum"];
     config_fields!(
         lr,
         momentum,
@@ -351,17 +350,16 @@ impl RuleImpl for ScheduleFreeSgdConfig {
         weight_lr_power,
         maximize
     );
-    fn advance(&self, sums: &mut [f64; 2], k: u64) {
+    fn advance(&self, sums: &mut Sums) {
         let (lr, w, r, p) = (self.lr, self.warmup_steps, self.r, self.weight_lr_power);
-        *sums = averaging(lr, w, r, p, *sums, k).sums;
+        *sums = averaging(lr, w, r, p, *sums).sums;
     }
     fn eval_shift(&self) -> Option<(usize, f64)> {
         Some((0, 1.0 - 1.0 / self.momentum))
     }
     fn step<X: StepRunner>(&self, x: X) -> Result<StepReport, StepError> {
-        let (k, sums) = x.clock();
         let (lr, w, r, p) = (self.lr, self.warmup_steps, self.r, self.weight_lr_power);
-        let avg = averaging(lr, w, r, p, sums, k);
+        let avg = averaging(lr, w, r, p, x.clock());
         let common = CommonConfig::l2(self.lr, self.weight_decay, self.maximize);
         x.run(common, |h| ScheduleFreeSgdStep {
             mix: interpolation(avg, h.lr, self.momentum),
@@ -376,26 +374,27 @@ mod tests {
     #[test]
     fn averaging_follows_the_reference() {
         // Constant γ, no warm-up, r = 0, p = 2: every weight is γ², so c = 1/(k+1).
-        let mut sums = [0.0; 2];
+        let mut sums = [0.0; 3];
         for k in 0..5 {
-            let a = averaging(0.5, 0, 0.0, 2.0, sums, k);
+            let a = averaging(0.5, 0, 0.0, 2.0, sums);
+            assert_eq!(a.sums[0], k as f64 + 1.0);
             assert_eq!(a.c, 1.0 / (k as f64 + 1.0));
             sums = a.sums;
         }
         // Warm-up over 4 steps: γ_k = γ·(k+1)/4, weights γ_k² (γ_max grows with it).
-        let (mut sums, mut total) = ([0.0; 2], 0.0);
+        let (mut sums, mut total) = ([0.0; 3], 0.0);
         for k in 0..6u64 {
-            let a = averaging(2.0, 4, 0.0, 2.0, sums, k);
+            let a = averaging(2.0, 4, 0.0, 2.0, sums);
             let lr = 2.0 * ((k as f64 + 1.0) / 4.0).min(1.0);
             total += lr * lr;
             assert!((a.c - lr * lr / total).abs() < 1e-15, "{k}");
             sums = a.sums;
         }
         // γ = 0: W stays 0 and c is 0 (the reference's ZeroDivisionError branch).
-        assert_eq!(averaging(0.0, 0, 0.0, 2.0, [0.0; 2], 0).c, 0.0);
+        assert_eq!(averaging(0.0, 0, 0.0, 2.0, [0.0; 3]).c, 0.0);
         // A learning rate that drops keeps γ_max.
-        let a = averaging(0.1, 0, 0.0, 1.0, [1.0, 3.0], 3);
-        assert_eq!(a.sums, [1.0, 4.0]);
+        let a = averaging(0.1, 0, 0.0, 1.0, [3.0, 1.0, 3.0]);
+        assert_eq!(a.sums, [4.0, 1.0, 4.0]);
         assert_eq!(a.c, 0.25);
     }
 
@@ -406,7 +405,7 @@ mod tests {
         let a = Averaging {
             sched: 1.0,
             c: 0.25,
-            sums: [0.0; 2],
+            sums: [0.0; 3],
         };
         let k = ScheduleFreeSgdStep {
             mix: interpolation(a, 0.5, 0.8),

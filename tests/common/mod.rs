@@ -35,6 +35,10 @@ pub fn unusual(config: OptimizerConfig) -> OptimizerConfig {
             "ademamix" => {
                 "lr=0.037,beta1=0.8,beta2=0.95,beta3=0.999,alpha=3,t_alpha=20,t_beta3=30,eps=1e-3,weight_decay=0.1"
             }
+            "adamw_schedulefree" => {
+                "lr=0.037,beta1=0.8,beta2=0.95,eps=1e-3,weight_decay=0.1,warmup_steps=3,r=0.5,weight_lr_power=1.5"
+            }
+            "sgd_schedulefree" => "lr=0.037,momentum=0.7,weight_decay=0.1,warmup_steps=3,r=0.5",
             other => panic!("no unusual configuration for {other}"),
         },
     )
@@ -141,6 +145,8 @@ pub struct Reference<F> {
     pub s2: Vec<F>,
     /// AMSGrad's running maximum of `s2`.
     pub s3: Vec<F>,
+    /// The schedule-free rules' largest learning rate and sum of averaging weights.
+    pub sums: [f64; 2],
 }
 
 pub trait Float:
@@ -203,6 +209,7 @@ impl<F: Float> Reference<F> {
             s1: vec![h0; n],
             s2: vec![zero; n],
             s3: vec![zero; n],
+            sums: [0.0; 2],
         }
     }
 
@@ -464,9 +471,85 @@ impl<F: Float> Reference<F> {
                     };
                 }
             }
+            OptimizerConfig::ScheduleFreeAdamW(h) => {
+                // Defazio et al. (2024), as facebookresearch/schedule_free's AdamWScheduleFree,
+                // with d = z − y for z: y ← y + c·d + γ(β(1−c) − 1)·u, d ← (1−c)·d − γβ(1−c)·u.
+                let [c_, a, keep, step] = schedule_free(
+                    &mut self.sums,
+                    self.t,
+                    h.lr,
+                    h.warmup_steps,
+                    h.r,
+                    h.weight_lr_power,
+                    h.beta1,
+                );
+                let bc2 = F::from64(1.0 - h.beta2.powf(t));
+                let (b2, one_minus_b2) = (F::from64(h.beta2), F::from64(1.0 - h.beta2));
+                for i in 0..w.len() {
+                    let gi = prep(g[i], w[i], h.maximize, 0.0);
+                    s2[i] = b2 * s2[i] + one_minus_b2 * (gi * gi);
+                    let mut u = gi / ((s2[i] / bc2).sqrt() + c(h.eps));
+                    if h.weight_decay != 0.0 {
+                        u = u + c(h.weight_decay) * w[i];
+                    }
+                    w[i] = w[i] + F::from64(c_) * s1[i] + F::from64(a) * u;
+                    s1[i] = F::from64(keep) * s1[i] - F::from64(step) * u;
+                }
+            }
+            OptimizerConfig::ScheduleFreeSgd(h) => {
+                // As above, SGDScheduleFree: u = g + λ·y.
+                let [c_, a, keep, step] = schedule_free(
+                    &mut self.sums,
+                    self.t,
+                    h.lr,
+                    h.warmup_steps,
+                    h.r,
+                    h.weight_lr_power,
+                    h.momentum,
+                );
+                for i in 0..w.len() {
+                    let u = prep(g[i], w[i], h.maximize, h.weight_decay);
+                    w[i] = w[i] + F::from64(c_) * s1[i] + F::from64(a) * u;
+                    s1[i] = F::from64(keep) * s1[i] - F::from64(step) * u;
+                }
+            }
             other => panic!("no reference for {other}"),
         }
     }
+}
+
+/// The schedule-free averaging of step `t` (advancing `sums`, the largest learning rate and the
+/// sum of weights): `[c, γ_k(β(1−c) − 1), 1 − c, γ_kβ(1 − c)]`.
+fn schedule_free(
+    sums: &mut [f64; 2],
+    t: u64,
+    lr: f32,
+    warmup: u64,
+    r: f64,
+    power: f64,
+    beta: f64,
+) -> [f64; 4] {
+    let sched = if t <= warmup {
+        t as f64 / warmup as f64
+    } else {
+        1.0
+    };
+    let t = t as f64;
+    let lr = lr as f64 * sched;
+    sums[0] = sums[0].max(lr);
+    let weight = t.powf(r) * sums[0].powf(power);
+    sums[1] += weight;
+    let c = if sums[1] == 0.0 {
+        0.0
+    } else {
+        weight / sums[1]
+    };
+    [
+        c,
+        lr * (beta * (1.0 - c) - 1.0),
+        1.0 - c,
+        lr * beta * (1.0 - c),
+    ]
 }
 
 #[path = "../../examples/common/locked.rs"]
