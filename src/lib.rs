@@ -5,8 +5,8 @@
 //! A trainer hands fusedopt its weights and gradients as slices; one call updates the weights and
 //! the optimizer state in a single pass over memory, with SIMD kernels on every core of the
 //! current rayon pool. The optimizers: [`Sgd`], [`Momentum`], [`Nag`], [`AdaGrad`],
-//! [`RmsProp`], [`Adam`] (and AdamW), [`Adamax`], [`Lion`], [`RAdam`], [`NAdam`] and
-//! [`AdEMAMix`]. Each is one generic type,
+//! [`RmsProp`], [`Adam`] (and AdamW), [`Adamax`], [`Lion`], [`RAdam`], [`NAdam`], [`AdEMAMix`],
+//! [`ScheduleFreeAdamW`] and [`ScheduleFreeSgd`]. Each is one generic type,
 //! [`Fused`], over its configuration (`Adam` is `Fused<AdamConfig>`), and all of them implement
 //! the object-safe [`Optimizer`] trait.
 //!
@@ -68,6 +68,8 @@
 //! | [`RAdam`] | Adam rectified by `r_t` once `ρ_t > 5`, momentum SGD before (torch's) | lr 1e-3, β 0.9/0.999, ε 1e-8 |
 //! | [`NAdam`] | Adam with Nesterov momentum and the schedule `μ_t = β1(1 − ½·0.96^(tψ))` (torch's) | lr 2e-3, β 0.9/0.999, ε 1e-8, ψ 4e-3 |
 //! | [`AdEMAMix`] | `w ← w − lr·((m̂1 + α_t·m2)/(√ν̂ + ε) + λ·w)`, a fast and a slow EMA (the paper's) | lr 1e-3, β 0.9/0.999/0.9999, α 5, λ 0.01 |
+//! | [`ScheduleFreeAdamW`] | steps at `y`, averages into `x` (Defazio et al. 2024); [`Optimizer::eval`] / [`Optimizer::train`] move the weights between them | lr 0.0025, β 0.9/0.999, ε 1e-8 |
+//! | [`ScheduleFreeSgd`] | the same with the plain gradient | lr 1, momentum 0.9 |
 //!
 //! State (`v`, `h`, `m`) starts at zero and is allocated at the first step, in 64-byte aligned
 //! buffers sized to the tensors.

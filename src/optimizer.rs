@@ -908,6 +908,23 @@ pub trait Optimizer: sealed::Sealed + Send {
         self.eval_mode()
     }
 
+    /// Records where the weights are (`eval`: at the evaluation point) without moving them,
+    /// for a state restored next to weights saved apart from it (a torch state dict saved in
+    /// eval mode, with the model's weights in their own file). Does nothing for optimizers
+    /// without an evaluation point.
+    ///
+    /// ```
+    /// use fusedopt::{Optimizer, ScheduleFreeSgd, ScheduleFreeSgdConfig};
+    /// let mut opt = ScheduleFreeSgd::new(ScheduleFreeSgdConfig::default());
+    /// opt.step(&mut [1.0], &[1.0])?;
+    /// opt.set_eval_mode(true);
+    /// assert!(opt.is_eval());
+    /// # Ok::<(), fusedopt::StepError>(())
+    /// ```
+    fn set_eval_mode(&mut self, eval: bool) {
+        self.record_mode(eval);
+    }
+
     /// The optimizer's state besides its buffers and per-tensor step counts: values the rule
     /// keeps for the whole optimizer, by name (the schedule-free rules' `k`, the steps of their
     /// averaging, `lr_max`, the largest learning rate so far, and `weight_sum`, the sum of the
@@ -969,6 +986,8 @@ pub(crate) mod sealed {
         ) -> Result<(), StepError>;
         /// [`Optimizer::is_eval`].
         fn eval_mode(&self) -> bool;
+        /// [`Optimizer::set_eval_mode`].
+        fn record_mode(&mut self, eval: bool);
     }
 }
 
@@ -996,6 +1015,11 @@ impl<R: Rule> sealed::Sealed for Fused<R> {
     }
     fn eval_mode(&self) -> bool {
         self.engine.is_eval()
+    }
+    fn record_mode(&mut self, eval: bool) {
+        if self.config.eval_shift().is_some() {
+            self.engine.set_eval(eval);
+        }
     }
     fn load_from(&mut self, path: &Path, bytes: &[u8]) -> Result<(), StateError> {
         let engine = &self.engine;

@@ -61,6 +61,19 @@ class Engine:
     @property
     def tensor_steps(self) -> list[int]: ...
     @property
+    def is_eval(self) -> bool:
+        """Whether the weights are at the evaluation point (schedule-free's ``x``)."""
+    def set_eval_mode(self, eval: bool) -> None:
+        """Records where the weights are without moving them."""
+    def shift_arrays(self, weights: list[np.ndarray], labels: list[str], eval: bool) -> None:
+        """Moves float32 weights to the evaluation point (``eval``) or back."""
+    @property
+    def scalar_state(self) -> list[tuple[str, float]]:
+        """The optimizer's values besides buffers and step counts (schedule-free's ``k``,
+        ``lr_max``, ``weight_sum``)."""
+    def set_scalar_state(self, values: list[float]) -> None:
+        """Sets the values of ``scalar_state``, in its order."""
+    @property
     def layout(self) -> Optional[list[int]]: ...
     @property
     def last_grad_norm(self) -> Optional[float]: ...

@@ -255,6 +255,37 @@ class Optimizer:
         """Whether the last update was skipped for a non-finite gradient (``non_finite="skip"``)."""
         return self._engine.last_skipped
 
+    def eval(self, params: Union[np.ndarray, Mapping[Any, np.ndarray]]) -> None:
+        """Moves the weights (the array, or the dict of arrays, that ``update`` takes) to the
+        point to evaluate the model at: for the schedule-free optimizers, from ``y``, where
+        gradients are taken, to the average ``x``. Updates raise ``RuntimeError`` until
+        ``train``. Does nothing when the weights are there already, and for the other
+        optimizers (whose two points are one)."""
+        self._shift(params, True)
+
+    def train(self, params: Union[np.ndarray, Mapping[Any, np.ndarray]]) -> None:
+        """Moves the weights back to the point gradients are taken at, after ``eval``."""
+        self._shift(params, False)
+
+    @property
+    def is_eval(self) -> bool:
+        """Whether ``eval`` left the weights at the evaluation point."""
+        return self._engine.is_eval
+
+    def _shift(self, params: Any, to_eval: bool) -> None:
+        if isinstance(params, Mapping):
+            keys = self._keys if self._keys not in (None, _SINGLE) else tuple(params)
+            missing = [k for k in keys if k not in params]
+            if missing or len(params) != len(keys):
+                raise ValueError(
+                    f"params must hold the arrays the optimizer updates: {list(keys)}, not "
+                    f"{list(params)}"
+                )
+            weights, labels = [params[k] for k in keys], [f"params[{k!r}]" for k in keys]
+        else:
+            weights, labels = [params], ["weight"]
+        self._engine.shift_arrays(weights, labels, to_eval)
+
     def save_state(self, path: PathLike) -> None:
         """Writes the optimizer state (moments, step counts, hyperparameters, array names) to
         ``path``: the Rust crate's checksummed safetensors state file, written atomically."""

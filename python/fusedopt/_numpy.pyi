@@ -38,6 +38,13 @@ class Optimizer:
         params: Union[np.ndarray, Mapping[Any, np.ndarray]],
         grads: Union[np.ndarray, Mapping[Any, np.ndarray]],
     ) -> None: ...
+    def eval(self, params: Union[np.ndarray, Mapping[Any, np.ndarray]]) -> None:
+        """Moves the weights to the evaluation point (schedule-free's average ``x``); a no-op
+        for the optimizers without one."""
+    def train(self, params: Union[np.ndarray, Mapping[Any, np.ndarray]]) -> None:
+        """Moves the weights back to the training point after ``eval``."""
+    @property
+    def is_eval(self) -> bool: ...
     def save_state(self, path: PathLike) -> None: ...
     def load_state(self, path: PathLike) -> None: ...
 
@@ -280,6 +287,63 @@ class AdEMAMix(Optimizer):
         t_beta3: Optional[int] = 0,
         eps: float = 1e-08,
         weight_decay: float = 0.01,
+        maximize: bool = False,
+        grad_scale: float = 1.0,
+        max_grad_norm: Optional[float] = None,
+        non_finite: str = "propagate",
+        state_format: str = "f32",
+        master_weights: bool = False,
+    ) -> None: ...
+
+class ScheduleFreeAdamW(Optimizer):
+    """Schedule-free AdamW (Defazio et al. 2024, as ``facebookresearch/schedule_free``): call
+    ``eval(params)`` before evaluating the model and ``train(params)`` before updating again."""
+
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    warmup_steps: int
+    r: float
+    weight_lr_power: float
+    maximize: bool
+    def __init__(
+        self,
+        learning_rate: float = 0.0025,
+        *,
+        beta1: float = 0.9,
+        beta2: float = 0.999,
+        eps: float = 1e-08,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        r: float = 0.0,
+        weight_lr_power: float = 2.0,
+        maximize: bool = False,
+        grad_scale: float = 1.0,
+        max_grad_norm: Optional[float] = None,
+        non_finite: str = "propagate",
+        state_format: str = "f32",
+        master_weights: bool = False,
+    ) -> None: ...
+
+class ScheduleFreeSgd(Optimizer):
+    """Schedule-free SGD (Defazio et al. 2024, as ``facebookresearch/schedule_free``)."""
+
+    momentum: float
+    weight_decay: float
+    warmup_steps: int
+    r: float
+    weight_lr_power: float
+    maximize: bool
+    def __init__(
+        self,
+        learning_rate: float = 1.0,
+        *,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        r: float = 0.0,
+        weight_lr_power: float = 2.0,
         maximize: bool = False,
         grad_scale: float = 1.0,
         max_grad_norm: Optional[float] = None,

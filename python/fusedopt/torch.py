@@ -1240,6 +1240,95 @@ class _RuleOptimizer(_FusedOptimizer):
         return tuple((self._state_key_names.get(b, b), b) for b in cached[1])
 
 
+class _ScheduleFreeOptimizer(_RuleOptimizer):
+    """A schedule-free optimizer (``facebookresearch/schedule_free``'s ``AdamWScheduleFree`` and
+    ``SGDScheduleFree``): ``eval()`` moves the parameters to the average ``x`` to evaluate or
+    save the model at, ``train()`` back to ``y``, where gradients are taken; ``step`` raises
+    ``RuntimeError`` in eval mode. Unlike the reference, a new optimizer starts in train mode
+    (before the first step the two points are one, so the reference's first ``train()`` is a
+    no-op here too). The state dict's parameter groups carry the averaging's ``k``, ``lr_max``,
+    ``weight_sum`` and ``train_mode`` as the reference's do; the per-parameter state is ``d``
+    (``z − y``) and, for AdamW, ``exp_avg_sq``. The averaging weights come from the base
+    learning rate, in the engine as in the reference; a group's ``lr`` scales its steps."""
+
+    _SCALARS = ("k", "lr_max", "weight_sum")
+
+    @torch.no_grad()
+    def eval(self) -> None:
+        """Moves every parameter to the evaluation point ``x``; a no-op in eval mode."""
+        self._shift(True)
+
+    @torch.no_grad()
+    def train(self) -> None:
+        """Moves every parameter back to the training point ``y``; a no-op in train mode."""
+        self._shift(False)
+
+    @property
+    def is_eval(self) -> bool:
+        """Whether ``eval()`` left the parameters at the evaluation point."""
+        return self._engine is not None and self._engine.is_eval
+
+    def _shift(self, to_eval: bool) -> None:
+        params = self._bind()
+        assert self._engine is not None
+        if self._dtype != torch.float32:
+            raise TypeError(
+                f"{type(self).__name__}: eval() and train() move float32 parameters; these are "
+                f"{self._dtype}"
+            )
+        arrays = [p.detach().numpy().reshape(-1) for p in params]
+        self._engine.shift_arrays(arrays, [f"parameter {i}" for i in range(len(arrays))], to_eval)
+        increment_version(params)
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's state dict, with the averaging's ``k``, ``lr_max`` and ``weight_sum`` and
+        the ``train_mode`` in every parameter group, as the reference writes them."""
+        state = super().state_dict()
+        values = dict(self._engine.scalar_state) if self._engine is not None else {}
+        for group in state["param_groups"]:
+            group["k"] = int(values.get("k", 0.0))
+            group["lr_max"] = values.get("lr_max", 0.0)
+            group["weight_sum"] = values.get("weight_sum", 0.0)
+            group["train_mode"] = not self.is_eval
+        return state
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """As the other classes', plus the averaging and the mode of the first parameter
+        group (checked before anything changes). The mode is recorded, the parameters are not
+        moved: load the model's weights saved with it."""
+        name = type(self).__name__
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"{name}: a state dict is a dict, not {type(state_dict).__name__}")
+        state_dict = dict(state_dict)
+        groups = state_dict.get("param_groups")
+        extra: dict[str, Any] = {}
+        if isinstance(groups, list) and groups and all(isinstance(g, Mapping) for g in groups):
+            extra = {k: groups[0][k] for k in (*self._SCALARS, "train_mode") if k in groups[0]}
+            state_dict["param_groups"] = [
+                {k: v for k, v in g.items() if k not in (*self._SCALARS, "train_mode", "scheduled_lr")}
+                for g in groups
+            ]
+        values = []
+        for key in self._SCALARS:
+            value = extra.get(key, 0.0)
+            if key == "lr_max":
+                value = max(value, 0.0)  # the reference starts it at -1
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name}: the state dict's {key} = {value!r} is not a number >= 0")
+            values.append(float(value))
+        if values[0] != int(values[0]):
+            raise ValueError(f"{name}: the state dict's k = {values[0]!r} is not a whole number")
+        train_mode = extra.get("train_mode", True)
+        if not isinstance(train_mode, bool):
+            raise ValueError(f"{name}: the state dict's train_mode = {train_mode!r} is not a bool")
+        super().load_state_dict(state_dict)
+        if self._engine is None:
+            self._bind()
+        assert self._engine is not None
+        self._engine.set_scalar_state(values)
+        self._engine.set_eval_mode(not train_mode)
+
+
 def _rule_class(rule: str, name: str) -> type:
     """The ``torch.optim``-style class of the engine's optimizer ``rule``, called ``name``:
     ``(params, lr, betas?, <numeric hyperparameters>, *, <flags and choices>, foreach,
@@ -1287,7 +1376,8 @@ def _rule_class(rule: str, name: str) -> type:
         "__module__": __name__,
         "__qualname__": name,
     }
-    return type(name, (_RuleOptimizer,), namespace)
+    base = _ScheduleFreeOptimizer if rule.endswith("_schedulefree") else _RuleOptimizer
+    return type(name, (base,), namespace)
 
 
 #: State keys as torch.optim (Adamax) and the reference implementations (Lion's lion-pytorch)
@@ -1298,6 +1388,7 @@ _STATE_KEY_NAMES = {
     "radam": {"m": "exp_avg", "v": "exp_avg_sq"},
     "nadam": {"m": "exp_avg", "v": "exp_avg_sq"},
     "ademamix": {"m1": "exp_avg", "m2": "exp_avg_slow", "nu": "exp_avg_sq"},
+    "adamw_schedulefree": {"v": "exp_avg_sq"},
 }
 
 
@@ -1332,3 +1423,8 @@ for _info in rules():
         globals()[_info["type_name"]] = _rule_class(_info["name"], _info["type_name"])
         __all__.append(_info["type_name"])
 del _info
+
+#: The names ``facebookresearch/schedule_free`` gives them.
+AdamWScheduleFree = ScheduleFreeAdamW  # type: ignore[name-defined]  # noqa: F821
+SGDScheduleFree = ScheduleFreeSgd  # type: ignore[name-defined]  # noqa: F821
+__all__ += ["AdamWScheduleFree", "SGDScheduleFree"]

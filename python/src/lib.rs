@@ -103,7 +103,9 @@ impl<T> PyResultExt<T> for Result<T, StepError> {
     fn py(self) -> PyResult<T> {
         self.map_err(|e| match e {
             StepError::OutOfMemory { .. } => PyMemoryError::new_err(e.to_string()),
-            StepError::ThreadPool { .. } => PyRuntimeError::new_err(e.to_string()),
+            StepError::ThreadPool { .. } | StepError::EvalMode { .. } => {
+                PyRuntimeError::new_err(e.to_string())
+            }
             e => PyValueError::new_err(e.to_string()),
         })
     }
@@ -507,6 +509,75 @@ impl Engine {
     #[getter]
     fn steps(&self, py: Python<'_>) -> u64 {
         self.lock(py).opt.steps()
+    }
+
+    /// Whether the weights are at the evaluation point (schedule-free's `x`, after
+    /// `shift_arrays(..., eval=True)`); always `False` for the optimizers without one.
+    #[getter]
+    fn is_eval(&self, py: Python<'_>) -> bool {
+        self.lock(py).opt.is_eval()
+    }
+
+    /// Records where the weights are without moving them (a state restored next to weights
+    /// saved apart from it).
+    fn set_eval_mode(&self, py: Python<'_>, eval: bool) {
+        self.lock(py).opt.set_eval_mode(eval);
+    }
+
+    /// Moves the weights (C-contiguous, writable float32 arrays, one per tensor of the layout,
+    /// in its order; `labels[i]` names them in messages) to the evaluation point (`eval`) or
+    /// back to the training point, as `Optimizer::eval` / `Optimizer::train`.
+    fn shift_arrays(
+        &self,
+        py: Python<'_>,
+        weights: Vec<Bound<'_, PyAny>>,
+        labels: Vec<String>,
+        eval: bool,
+    ) -> PyResult<()> {
+        let mut arrays = Vec::with_capacity(weights.len());
+        for (w, label) in weights.iter().zip(&labels) {
+            match float_array(w, label)? {
+                FloatArray::F32(a) if a.is_c_contiguous() => arrays.push(a),
+                FloatArray::F32(_) => {
+                    return Err(PyValueError::new_err(format!(
+                        "{label} is not C-contiguous"
+                    )));
+                }
+                FloatArray::F16(_) => {
+                    return Err(PyTypeError::new_err(format!(
+                        "{label} is float16: the evaluation point is moved in float32 weights only"
+                    )));
+                }
+            }
+        }
+        let mut borrowed = Vec::with_capacity(arrays.len());
+        for (a, label) in arrays.iter().zip(&labels) {
+            borrowed.push(a.try_readwrite().map_err(|e| borrow_error(e, label))?);
+        }
+        let mut slices: Vec<&mut [f32]> = borrowed
+            .iter_mut()
+            .map(|w| w.as_slice_mut().expect("checked C-contiguous"))
+            .collect();
+        let mut inner = self.lock(py);
+        let opt = &mut inner.opt;
+        let result = if eval {
+            opt.eval(&mut slices)
+        } else {
+            opt.train(&mut slices)
+        };
+        result.py()
+    }
+
+    /// The optimizer's values besides buffers and step counts (schedule-free's `k`, `lr_max`,
+    /// `weight_sum`), as `(name, value)` pairs.
+    #[getter]
+    fn scalar_state(&self, py: Python<'_>) -> Vec<(&'static str, f64)> {
+        self.lock(py).opt.scalar_state()
+    }
+
+    /// Sets the values of `scalar_state`, one per name in its order.
+    fn set_scalar_state(&self, py: Python<'_>, values: Vec<f64>) -> PyResult<()> {
+        self.lock(py).opt.set_scalar_state(&values).py()
     }
 
     /// Each tensor's own step count.

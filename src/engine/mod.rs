@@ -192,6 +192,11 @@ impl Engine {
         self.state.eval
     }
 
+    /// Records where the weights are, without moving them.
+    pub(crate) fn set_eval(&mut self, eval: bool) {
+        self.state.eval = eval;
+    }
+
     /// Moves the weights between a rule's training and evaluation points: `w ← w + c·d` for
     /// every tensor, `d` being state buffer `b` (decoded from its format), and records the mode
     /// `eval`. Nothing to move before the first step (every tensor is at both points then);
