@@ -680,9 +680,9 @@ mod tests {
     fn errors_name_what_is_wrong() {
         let err = |s: &str| s.parse::<OptimizerConfig>().unwrap_err();
         assert_eq!(
-            err("lamb:lr=1"),
+            err("shampoo:lr=1"),
             ParseConfigError::UnknownOptimizer {
-                name: "lamb".into()
+                name: "shampoo".into()
             }
         );
         assert!(matches!(err("adam:lr"), ParseConfigError::Syntax { item } if item == "lr"));

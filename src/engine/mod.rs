@@ -39,6 +39,7 @@ mod hygiene;
 mod par;
 mod state;
 mod tensors;
+mod trust;
 
 pub(crate) use groups::{CommonConfig, GroupHyper, check_groups};
 pub(crate) use state::{State, Sums};
@@ -57,6 +58,7 @@ use crate::types::{Dtype, ParamGroup, Settings, StateFormat, StepError, StepRepo
 use groups::{GroupKernels, Groups, KernelClasses, Kernels, StepNumbers};
 use hygiene::{GradCheck, GradScale, NormPass};
 use par::{OwnPool, Par};
+use trust::TrustPass;
 use std::collections::HashSet;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -78,6 +80,8 @@ pub struct Engine {
     plan: Option<Plan>,
     feed_plan: Option<FeedPlan>,
     norm: NormPass,
+    /// The per-tensor norms of trust-ratio rules.
+    trust: TrustPass,
     classes: KernelClasses,
     /// The storage of each step's [`TensorList`].
     captured: Vec<TensorRef>,
@@ -115,6 +119,7 @@ impl Engine {
             plan: None,
             feed_plan: None,
             norm: NormPass::default(),
+            trust: TrustPass::default(),
             classes: KernelClasses::default(),
             captured: Vec::new(),
             fed: Vec::new(),
@@ -570,6 +575,11 @@ impl Engine {
                     *plan = Some(Plan::cut(layout.lens(), chunk_len, layout.unit()));
                 }
                 let plan = plan.as_ref().expect("cut above");
+                if K::TRUST {
+                    // SAFETY: as for the segments below: every slice lies inside its tensor,
+                    // which is borrowed for the step; the pass only reads.
+                    unsafe { run.measure_all(par, refs, &stepping, chunk_len) };
+                }
                 par.for_each(plan.tasks(), |task| {
                     for seg in plan.task(task) {
                         let tensor = refs[seg.tensor];
@@ -745,6 +755,9 @@ impl Engine {
         summed: bool,
         apply: impl FnOnce(&Run<'_, K, N>, Par<'_>, &Layout, &mut Option<Plan>),
     ) -> Result<Updated, StepError> {
+        if K::TRUST {
+            self.trust.fit(lens.clone());
+        }
         let mut store = GroupKernels::Empty;
         let kernels = self.groups.kernels(
             &common,
@@ -792,6 +805,7 @@ impl Engine {
             offsets: layout.offsets(),
             compact,
             master,
+            trust: &self.trust,
         };
         apply(&run, par_of(&self.pool), layout, &mut self.plan);
         Ok(Updated::Applied { grad_norm: scale.1 })
@@ -850,7 +864,7 @@ fn par_of(pool: &Option<OwnPool>) -> Par<'_> {
 ///
 /// # Errors
 /// [`StepError::Feed`] if the feed fails, lends nothing, or lends another length.
-fn update_lent<K: Kernel<N>, const N: usize>(
+fn update_lent<K: Kernel<N> + Copy, const N: usize>(
     feed: &dyn TensorFeed,
     i: usize,
     len: usize,
@@ -877,6 +891,11 @@ fn update_lent<K: Kernel<N>, const N: usize>(
             w_dtype: Dtype::F32,
             g_dtype: Dtype::F32,
         };
+        if K::TRUST {
+            // SAFETY: the tensor's weights and gradients are `len` long (checked above) and
+            // borrowed for this call; the pass only reads.
+            unsafe { run.measure_tensor(i, tensor, par, chunk_len) };
+        }
         par.for_each(len.div_ceil(chunk_len), |s| {
             let start = s * chunk_len;
             // SAFETY: `start..start + len` lies inside the tensor's weights and gradients (both
@@ -1201,6 +1220,8 @@ struct Run<'a, K, const N: usize> {
     /// The master weights (laid out as a state buffer), or null when no tensor has
     /// half-precision weights.
     master: MasterPtr,
+    /// The norms trust-ratio kernels measure.
+    trust: &'a TrustPass,
 }
 
 /// The master weights' base pointer, shared by the tasks of one step.
@@ -1213,9 +1234,9 @@ unsafe impl Send for MasterPtr {}
 // SAFETY: as above.
 unsafe impl Sync for MasterPtr {}
 
-impl<K: Kernel<N>, const N: usize> Run<'_, K, N> {
+impl<K: Kernel<N> + Copy, const N: usize> Run<'_, K, N> {
     /// Updates elements `start..start + len` of tensor `tensor`, whose weights and gradients are
-    /// `t`.
+    /// `t`; a kernel that measures its tensors runs with the tensor's norms, measured before.
     ///
     /// # Safety
     /// `start..start + len` must lie inside the tensor's weights and gradients, valid for the
@@ -1223,10 +1244,119 @@ impl<K: Kernel<N>, const N: usize> Run<'_, K, N> {
     /// elements during the call; weights and gradients must not overlap.
     unsafe fn segment(&self, tensor: usize, t: TensorRef, start: usize, len: usize) {
         let (kernel, wd) = self.kernels.of(tensor);
+        let trusted;
+        let kernel = if K::TRUST && kernel.measures() {
+            trusted = kernel.with_norms(self.trust.norms(tensor));
+            &trusted
+        } else {
+            kernel
+        };
+        // SAFETY: the caller's contract.
+        unsafe {
+            let (prep, span, formats) = self.span(tensor, t, start, len, *wd);
+            simd::update_span(self.tier, kernel, prep, span, formats);
+        }
+    }
+
+    /// The sums of squares of the two vectors tensor `tensor`'s kernel measures over elements
+    /// `start..start + len` (a slice of the measuring pass); reads only.
+    ///
+    /// # Safety
+    /// As [`segment`](Run::segment), for reads.
+    unsafe fn measure(&self, tensor: usize, t: TensorRef, start: usize, len: usize) -> [f64; 2] {
+        let (kernel, wd) = self.kernels.of(tensor);
+        // SAFETY: the caller's contract.
+        unsafe {
+            let (prep, span, formats) = self.span(tensor, t, start, len, *wd);
+            simd::measure_span(self.tier, kernel, prep, span, formats)
+        }
+    }
+
+    /// Measures every tensor of `refs` that steps and whose kernel measures, slice by slice,
+    /// each thread taking one contiguous run of slices; then records each one's norms.
+    ///
+    /// # Safety
+    /// Every tensor of `refs` with a gradient valid for reads over its length, which is the
+    /// layout's.
+    unsafe fn measure_all(
+        &self,
+        par: Par<'_>,
+        refs: &[TensorRef],
+        stepping: &(dyn Fn(usize) -> bool + Sync),
+        chunk_len: usize,
+    ) {
+        let measured = |t: usize| stepping(t) && self.kernels.of(t).0.measures();
+        let slices = self.trust.slices();
+        let per_thread = slices.len().div_ceil(par.threads()).max(1);
+        let run = |task: usize| {
+            let first = task * per_thread;
+            for (i, &(t, start, len)) in slices
+                .iter()
+                .enumerate()
+                .skip(first)
+                .take(per_thread)
+            {
+                if measured(t) {
+                    // SAFETY: the slice lies inside tensor `t` (the plan was cut from the
+                    // layout's lengths), valid for reads (caller's contract).
+                    let sums = unsafe { self.measure(t, refs[t], start, len) };
+                    self.trust.store(i, sums);
+                }
+            }
+        };
+        let tasks = slices.len().div_ceil(per_thread);
+        if self.trust.elements() <= chunk_len {
+            (0..tasks).for_each(run);
+        } else {
+            par.for_each(tasks, run);
+        }
+        (0..refs.len())
+            .filter(|&t| measured(t))
+            .for_each(|t| self.trust.finish(t));
+    }
+
+    /// Measures tensor `i` (lent as `tensor`) if its kernel measures, its slices spread over
+    /// `par` when it is longer than `chunk_len`, and records its norms.
+    ///
+    /// # Safety
+    /// The tensor valid for reads over its length, which is the layout's.
+    unsafe fn measure_tensor(&self, i: usize, tensor: TensorRef, par: Par<'_>, chunk_len: usize) {
+        if !self.kernels.of(i).0.measures() {
+            return;
+        }
+        let range = self.trust.tensor_slices(i);
+        let slices = &self.trust.slices()[range.clone()];
+        let store = |s: usize| {
+            let (_, start, len) = slices[s];
+            // SAFETY: the slice lies inside the tensor (caller's contract).
+            let sums = unsafe { self.measure(i, tensor, start, len) };
+            self.trust.store(range.start + s, sums);
+        };
+        if tensor.w_len <= chunk_len {
+            (0..slices.len()).for_each(store);
+        } else {
+            par.for_each(slices.len(), store);
+        }
+        self.trust.finish(i);
+    }
+
+    /// The gradient transform, span and formats of elements `start..start + len` of tensor
+    /// `tensor` (weights and gradients `t`) with L2 decay `wd`.
+    ///
+    /// # Safety
+    /// As [`segment`](Run::segment): the pointers are offset into the tensor and its state.
+    unsafe fn span(
+        &self,
+        tensor: usize,
+        t: TensorRef,
+        start: usize,
+        len: usize,
+        wd: f32,
+    ) -> (GradPrep, Span<N>, Formats<N>) {
         let prep = GradPrep {
             div: self.scale.div,
             factor: self.scale.factor,
-            wd: *wd,
+            wd,
         };
         let at = self.offsets[tensor] + start;
         // SAFETY: the caller's contract; the state pointers are offset to the tensor's slice
@@ -1255,7 +1385,7 @@ impl<K: Kernel<N>, const N: usize> Run<'_, K, N> {
                 },
                 len,
             };
-            simd::update_span(self.tier, kernel, prep, span, formats);
+            (prep, span, formats)
         }
     }
 }

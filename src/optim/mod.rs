@@ -30,6 +30,8 @@ macro_rules! registry {
             nadam => NAdam(NAdamConfig);
             ademamix => AdEMAMix(AdEMAMixConfig);
             schedule_free => ScheduleFreeAdamW(ScheduleFreeAdamWConfig), ScheduleFreeSgd(ScheduleFreeSgdConfig);
+            lamb => Lamb(LambConfig);
+            lars => Lars(LarsConfig);
         }
     };
 }

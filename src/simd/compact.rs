@@ -321,6 +321,93 @@ pub(crate) enum CompactState<const N: usize> {
     },
 }
 
+/// One block of a span's compact state and half-precision gradients, expanded to `f32`.
+pub(crate) struct Scratch<const N: usize> {
+    state: [[f32; BLOCK]; N],
+    grads: [f32; BLOCK],
+}
+
+impl<const N: usize> Scratch<N> {
+    /// Zeroed scratch arrays.
+    #[inline(always)]
+    pub(crate) fn new() -> Self {
+        Scratch {
+            state: [[0f32; BLOCK]; N],
+            grads: [0f32; BLOCK],
+        }
+    }
+
+    /// Expands elements `start..start + len` (`len <= BLOCK`; for 8-bit state, `start` on a
+    /// block boundary) of the compact state and half-precision gradients of `formats` into the
+    /// scratch arrays, and returns the block as an `f32` span: those arrays where the span's
+    /// data is compact, the span's own memory (offset to `start`) where it is `f32`.
+    ///
+    /// # Safety
+    /// `start + len <= span.len`, and the pointer contract of [`block_loop`] for those elements.
+    #[inline(always)]
+    pub(crate) unsafe fn expand(
+        &mut self,
+        span: Span<N>,
+        formats: Formats<N>,
+        start: usize,
+        len: usize,
+    ) -> Span<N> {
+        // SAFETY: the caller's contract; the scratch arrays hold BLOCK >= len elements.
+        unsafe {
+            match formats.state {
+                None => {}
+                Some(CompactState::Bf16 { s, .. }) => {
+                    for j in 0..N {
+                        let src = core::slice::from_raw_parts(s[j].add(start), len);
+                        for (d, &b) in self.state[j][..len].iter_mut().zip(src) {
+                            *d = bf16_to_f32(b);
+                        }
+                    }
+                }
+                Some(CompactState::Q8 {
+                    codes,
+                    scales,
+                    maps,
+                }) => {
+                    for j in 0..N {
+                        let src = core::slice::from_raw_parts(codes[j].add(start), len);
+                        let scale = *scales[j].add(start / BLOCK);
+                        dequantize(maps[j], src, scale, &mut self.state[j][..len]);
+                    }
+                }
+            }
+            let g = match formats.grads {
+                None => span.g.add(start),
+                Some((kind, p)) => {
+                    let src = core::slice::from_raw_parts(p.add(start), len);
+                    match kind {
+                        Half::Bf16 => {
+                            for (d, &b) in self.grads[..len].iter_mut().zip(src) {
+                                *d = bf16_to_f32(b);
+                            }
+                        }
+                        Half::F16 => {
+                            for (d, &b) in self.grads[..len].iter_mut().zip(src) {
+                                *d = Half::F16.to_f32(b);
+                            }
+                        }
+                    }
+                    self.grads.as_ptr()
+                }
+            };
+            Span {
+                w: span.w.add(start),
+                g,
+                s: match formats.state {
+                    None => span.s.map(|p| p.add(start)),
+                    Some(_) => core::array::from_fn(|j| self.state[j].as_mut_ptr()),
+                },
+                len,
+            }
+        }
+    }
+}
+
 /// Runs kernel `k` over a span with compact state or half-precision weights or gradients, block
 /// by block, with lane type `V`: each block's compact state and half gradients are expanded to
 /// `f32` scratch arrays, the one kernel body runs over the block, the state is written back
@@ -337,64 +424,14 @@ pub(crate) unsafe fn block_loop<K: Kernel<N>, V: Lane, const N: usize>(
     span: Span<N>,
     formats: Formats<N>,
 ) {
-    let mut scratch = [[0f32; BLOCK]; N];
-    let mut grads = [0f32; BLOCK];
+    let mut scratch = Scratch::<N>::new();
     let mut start = 0;
     while start < span.len {
         let len = BLOCK.min(span.len - start);
         // SAFETY: `start + len <= span.len`, inside every range the caller vouched for; the
         // scratch arrays hold BLOCK elements.
         unsafe {
-            match formats.state {
-                None => {}
-                Some(CompactState::Bf16 { s, .. }) => {
-                    for j in 0..N {
-                        let src = core::slice::from_raw_parts(s[j].add(start), len);
-                        for (d, &b) in scratch[j][..len].iter_mut().zip(src) {
-                            *d = bf16_to_f32(b);
-                        }
-                    }
-                }
-                Some(CompactState::Q8 {
-                    codes,
-                    scales,
-                    maps,
-                }) => {
-                    for j in 0..N {
-                        let src = core::slice::from_raw_parts(codes[j].add(start), len);
-                        let scale = *scales[j].add(start / BLOCK);
-                        dequantize(maps[j], src, scale, &mut scratch[j][..len]);
-                    }
-                }
-            }
-            let g = match formats.grads {
-                None => span.g.add(start),
-                Some((kind, p)) => {
-                    let src = core::slice::from_raw_parts(p.add(start), len);
-                    match kind {
-                        Half::Bf16 => {
-                            for (d, &b) in grads[..len].iter_mut().zip(src) {
-                                *d = bf16_to_f32(b);
-                            }
-                        }
-                        Half::F16 => {
-                            for (d, &b) in grads[..len].iter_mut().zip(src) {
-                                *d = Half::F16.to_f32(b);
-                            }
-                        }
-                    }
-                    grads.as_ptr()
-                }
-            };
-            let block = Span {
-                w: span.w.add(start),
-                g,
-                s: match formats.state {
-                    None => span.s.map(|p| p.add(start)),
-                    Some(_) => core::array::from_fn(|j| scratch[j].as_mut_ptr()),
-                },
-                len,
-            };
+            let block = scratch.expand(span, formats, start, len);
             span_loop::<K, V, N>(k, block);
             match formats.state {
                 None => {}
@@ -403,7 +440,7 @@ pub(crate) unsafe fn block_loop<K: Kernel<N>, V: Lane, const N: usize>(
                     for j in 0..N {
                         let dst = core::slice::from_raw_parts_mut(s[j].add(start), len);
                         let mut at = first;
-                        for (d, &x) in dst.iter_mut().zip(&scratch[j][..len]) {
+                        for (d, &x) in dst.iter_mut().zip(&scratch.state[j][..len]) {
                             *d = bf16_stochastic(x, random(seeds[j], at));
                             at = at.wrapping_add(1);
                         }
@@ -416,7 +453,8 @@ pub(crate) unsafe fn block_loop<K: Kernel<N>, V: Lane, const N: usize>(
                 }) => {
                     for j in 0..N {
                         let dst = core::slice::from_raw_parts_mut(codes[j].add(start), len);
-                        *scales[j].add(start / BLOCK) = quantize(maps[j], &scratch[j][..len], dst);
+                        *scales[j].add(start / BLOCK) =
+                            quantize(maps[j], &scratch.state[j][..len], dst);
                     }
                 }
             }

@@ -517,10 +517,39 @@ unsafe fn span_loop_q8<K: Kernel<N>, V: Lane, const N: usize>(
 /// An optimizer's element-wise update with `N` state buffers, written once for every [`Lane`].
 ///
 /// The kernel value carries the per-step scalars (computed once per step, outside the loop).
+///
+/// A rule with a per-tensor trust ratio (LAMB, LARS) also says which two vectors' norms over a
+/// tensor set its step ([`measure`](Kernel::measure)), and makes the tensor's kernel from them
+/// ([`with_norms`](Kernel::with_norms)); the engine measures every such tensor in a read-only
+/// pass before its update.
 pub trait Kernel<const N: usize>: Sync {
+    /// Whether kernels of this type may measure their tensors (a type's kernels that never do
+    /// compile no measuring pass).
+    const TRUST: bool = false;
+
     /// Updates one vector of elements: given weights `w`, gradients `g` and the state vectors,
     /// returns the new weights and updates `state` in place.
     fn update<V: Lane>(&self, w: V, g: V, state: &mut [V; N]) -> V;
+
+    /// Whether this kernel's tensors are measured before their update (a rule may exempt some
+    /// parameter groups).
+    fn measures(&self) -> bool {
+        Self::TRUST
+    }
+
+    /// The two vectors whose norms over the tensor this kernel's step depends on, from what
+    /// [`update`](Kernel::update) reads (the state before the step), changing nothing.
+    fn measure<V: Lane>(&self, w: V, g: V, _state: &[V; N]) -> [V; 2] {
+        [w, g]
+    }
+
+    /// The kernel for a tensor whose measured vectors have the Euclidean norms `norms`.
+    fn with_norms(&self, _norms: [f64; 2]) -> Self
+    where
+        Self: Copy,
+    {
+        *self
+    }
 }
 
 /// Pointers to one contiguous span of elements: weights, gradients and each state buffer.
@@ -662,23 +691,80 @@ struct Prepped<'a, K, const DIV: bool, const SCALE: bool, const L2: bool> {
     prep: GradPrep,
 }
 
-impl<K: Kernel<N>, const N: usize, const DIV: bool, const SCALE: bool, const L2: bool> Kernel<N>
-    for Prepped<'_, K, DIV, SCALE, L2>
-{
+impl<K, const DIV: bool, const SCALE: bool, const L2: bool> Prepped<'_, K, DIV, SCALE, L2> {
+    /// The gradient as the kernel reads it.
     #[inline(always)]
-    fn update<V: Lane>(&self, w: V, g: V, state: &mut [V; N]) -> V {
+    fn grad<V: Lane>(&self, w: V, g: V) -> V {
         let g = if DIV { g / V::splat(self.prep.div) } else { g };
         let g = if SCALE {
             g * V::splat(self.prep.factor)
         } else {
             g
         };
-        let g = if L2 {
+        if L2 {
             g + V::splat(self.prep.wd) * w
         } else {
             g
+        }
+    }
+}
+
+impl<K: Kernel<N>, const N: usize, const DIV: bool, const SCALE: bool, const L2: bool> Kernel<N>
+    for Prepped<'_, K, DIV, SCALE, L2>
+{
+    const TRUST: bool = K::TRUST;
+
+    #[inline(always)]
+    fn update<V: Lane>(&self, w: V, g: V, state: &mut [V; N]) -> V {
+        self.kernel.update(w, self.grad(w, g), state)
+    }
+
+    #[inline(always)]
+    fn measure<V: Lane>(&self, w: V, g: V, state: &[V; N]) -> [V; 2] {
+        self.kernel.measure(w, self.grad(w, g), state)
+    }
+}
+
+/// Work over one span that runs with whatever kernel type the gradient transform makes of an
+/// optimizer's kernel ([`with_prep`]).
+pub(crate) trait SpanJob<const N: usize> {
+    /// What the work returns.
+    type Out;
+    /// Runs the work with kernel `k`.
+    ///
+    /// # Safety
+    /// As the job's own contract (the pointers it holds).
+    unsafe fn run<K: Kernel<N>>(self, k: &K) -> Self::Out;
+}
+
+/// Runs `job` with kernel `k` behind the gradient transform `prep`: each transform compiled in
+/// only where it is active.
+///
+/// # Safety
+/// The contract of `job`.
+#[inline]
+unsafe fn with_prep<K: Kernel<N>, J: SpanJob<N>, const N: usize>(
+    k: &K,
+    prep: GradPrep,
+    job: J,
+) -> J::Out {
+    macro_rules! prepped {
+        ($div:literal, $scale:literal, $l2:literal) => {
+            job.run(&Prepped::<K, $div, $scale, $l2> { kernel: k, prep })
         };
-        self.kernel.update(w, g, state)
+    }
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        match (prep.div != 1.0, prep.factor != 1.0, prep.wd != 0.0) {
+            (false, false, false) => job.run(k),
+            (false, true, false) => prepped!(false, true, false),
+            (false, false, true) => prepped!(false, false, true),
+            (false, true, true) => prepped!(false, true, true),
+            (true, false, false) => prepped!(true, false, false),
+            (true, true, false) => prepped!(true, true, false),
+            (true, false, true) => prepped!(true, false, true),
+            (true, true, true) => prepped!(true, true, true),
+        }
     }
 }
 
@@ -695,29 +781,166 @@ pub(crate) unsafe fn update_span<K: Kernel<N>, const N: usize>(
     span: Span<N>,
     formats: Formats<N>,
 ) {
-    macro_rules! prepped {
-        ($div:literal, $scale:literal, $l2:literal) => {
-            update_span_on(
-                tier,
-                &Prepped::<K, $div, $scale, $l2> { kernel: k, prep },
-                span,
-                formats,
-            )
-        };
-    }
-    // SAFETY: forwarded from the caller.
-    unsafe {
-        match (prep.div != 1.0, prep.factor != 1.0, prep.wd != 0.0) {
-            (false, false, false) => update_span_on(tier, k, span, formats),
-            (false, true, false) => prepped!(false, true, false),
-            (false, false, true) => prepped!(false, false, true),
-            (false, true, true) => prepped!(false, true, true),
-            (true, false, false) => prepped!(true, false, false),
-            (true, true, false) => prepped!(true, true, false),
-            (true, false, true) => prepped!(true, false, true),
-            (true, true, true) => prepped!(true, true, true),
+    /// The update of one span.
+    struct Update<const N: usize>(Tier, Span<N>, Formats<N>);
+    impl<const N: usize> SpanJob<N> for Update<N> {
+        type Out = ();
+        unsafe fn run<K: Kernel<N>>(self, k: &K) {
+            // SAFETY: the contract of `update_span`.
+            unsafe { update_span_on(self.0, k, self.1, self.2) }
         }
     }
+    // SAFETY: forwarded from the caller.
+    unsafe { with_prep(k, prep, Update(tier, span, formats)) }
+}
+
+/// The norms' squares of the two vectors kernel `k` measures ([`Kernel::measure`]) over `span`
+/// on `tier`, with gradients read through `prep` and the formats of `formats`; reads only.
+///
+/// Element `i` of the span adds its squares (in f64) to accumulator `i % 8` of each vector, in
+/// order, whatever the tier; the accumulators are combined pairwise. So the sums have the same
+/// bits on every tier, and do not depend on how the work around them is cut as long as the
+/// spans are (the engine measures fixed slices).
+///
+/// # Safety
+/// The pointer contract of [`update_span`], for reads.
+#[inline]
+pub(crate) unsafe fn measure_span<K: Kernel<N>, const N: usize>(
+    tier: Tier,
+    k: &K,
+    prep: GradPrep,
+    span: Span<N>,
+    formats: Formats<N>,
+) -> [f64; 2] {
+    /// The measure of one span.
+    struct Measure<const N: usize>(Tier, Span<N>, Formats<N>);
+    impl<const N: usize> SpanJob<N> for Measure<N> {
+        type Out = [f64; 2];
+        unsafe fn run<K: Kernel<N>>(self, k: &K) -> [f64; 2] {
+            let Measure(tier, span, formats) = self;
+            // SAFETY: the contract of `measure_span`; each arm instantiates the same body for
+            // one tier, and the AVX2 arm holds the token that proves the CPU has AVX2.
+            let acc = unsafe {
+                match tier {
+                    Tier::Scalar => measure_body::<K, f32, N>(k, span, formats),
+                    Tier::Portable => portable::measure_span(k, span, formats),
+                    #[cfg(target_arch = "x86_64")]
+                    Tier::Avx2(token) => x86_avx2::measure_span(token, k, span, formats),
+                }
+            };
+            acc.map(|a| combine(&a))
+        }
+    }
+    // SAFETY: forwarded from the caller.
+    unsafe { with_prep(k, prep, Measure(tier, span, formats)) }
+}
+
+/// Elements per row of the measuring loop: two vectors of the widest tier.
+const MEASURE_ROW: usize = 16;
+
+/// Adds the squares of `row` (at most [`MEASURE_ROW`] elements, starting at a multiple of 8 of
+/// the span) into `acc`, element `r` into `acc[r % 8]`.
+#[inline(always)]
+fn add_squares(acc: &mut [f64; 8], row: &[f32]) {
+    for (r, &x) in row.iter().enumerate() {
+        let x = f64::from(x);
+        acc[r % 8] += x * x;
+    }
+}
+
+/// Measures the elements `i..i + n` of an `f32` span into rows `a` and `b`, one lane of `V` at
+/// a time.
+///
+/// # Safety
+/// Elements `i..i + n` readable in every range of `span`; `n` a multiple of `V::WIDTH`, at most
+/// [`MEASURE_ROW`].
+#[inline(always)]
+unsafe fn measure_row<K: Kernel<N>, V: Lane, const N: usize>(
+    k: &K,
+    span: &Span<N>,
+    i: usize,
+    n: usize,
+    rows: &mut [[f32; MEASURE_ROW]; 2],
+) {
+    let mut h = 0;
+    // SAFETY: `i + h + V::WIDTH <= i + n`, inside the ranges and the rows (caller's contract).
+    unsafe {
+        while h < n {
+            let mut st = [V::splat(0.0); N];
+            for j in 0..N {
+                st[j] = V::load(span.s[j].add(i + h));
+            }
+            let [x, y] = k.measure(V::load(span.w.add(i + h)), V::load(span.g.add(i + h)), &st);
+            x.store(rows[0].as_mut_ptr().add(h));
+            y.store(rows[1].as_mut_ptr().add(h));
+            h += V::WIDTH;
+        }
+    }
+}
+
+/// The measuring loop over an `f32` span: rows of [`MEASURE_ROW`] elements in vectors of `V`,
+/// the last row one element at a time, the squares added into `acc` in element order.
+///
+/// # Safety
+/// Every pointer of `span` valid for reads of `span.len` elements.
+#[inline(always)]
+unsafe fn measure_loop<K: Kernel<N>, V: Lane, const N: usize>(
+    k: &K,
+    span: Span<N>,
+    acc: &mut [[f64; 8]; 2],
+) {
+    let mut rows = [[0f32; MEASURE_ROW]; 2];
+    let mut i = 0;
+    // SAFETY: every row lies inside the span (`i + n <= span.len`).
+    unsafe {
+        while i + MEASURE_ROW <= span.len {
+            V::prefetch(span.w.wrapping_add(i + PREFETCH_AHEAD));
+            V::prefetch(span.g.wrapping_add(i + PREFETCH_AHEAD));
+            for j in 0..N {
+                V::prefetch(span.s[j].wrapping_add(i + PREFETCH_AHEAD));
+            }
+            measure_row::<K, V, N>(k, &span, i, MEASURE_ROW, &mut rows);
+            add_squares(&mut acc[0], &rows[0]);
+            add_squares(&mut acc[1], &rows[1]);
+            i += MEASURE_ROW;
+        }
+        let n = span.len - i;
+        measure_row::<K, f32, N>(k, &span, i, n, &mut rows);
+        add_squares(&mut acc[0], &rows[0][..n]);
+        add_squares(&mut acc[1], &rows[1][..n]);
+    }
+}
+
+/// The one measuring body every tier instantiates: the `f32` loop, or, over compact state or
+/// half-precision gradients, the same loop over each block expanded to `f32` (blocks are
+/// multiples of [`MEASURE_ROW`] long, so every element keeps its accumulator).
+///
+/// # Safety
+/// The pointer contract of [`span_body`], for reads.
+#[inline(always)]
+unsafe fn measure_body<K: Kernel<N>, V: Lane, const N: usize>(
+    k: &K,
+    span: Span<N>,
+    formats: Formats<N>,
+) -> [[f64; 8]; 2] {
+    let mut acc = [[0f64; 8]; 2];
+    // SAFETY: forwarded from the caller; each block lies inside the span.
+    unsafe {
+        if formats.state.is_none() && formats.grads.is_none() {
+            // Half-precision weights are read from their f32 master copy, `span.w`.
+            measure_loop::<K, V, N>(k, span, &mut acc);
+        } else {
+            let mut scratch = compact::Scratch::<N>::new();
+            let mut start = 0;
+            while start < span.len {
+                let len = BLOCK.min(span.len - start);
+                let block = scratch.expand(span, formats, start, len);
+                measure_loop::<K, V, N>(k, block, &mut acc);
+                start += len;
+            }
+        }
+    }
+    acc
 }
 
 /// Runs kernel `k` over `span`, instantiating the one body for `tier`.

@@ -1,6 +1,6 @@
 //! The portable tier: `wide::f32x8`, compiled for whatever target features the build has.
 
-use super::{Formats, Kernel, Lane, Span, span_body};
+use super::{Formats, Kernel, Lane, Span, measure_body, span_body};
 use wide::{Select, f32x8};
 
 impl Lane for f32x8 {
@@ -79,4 +79,17 @@ pub(super) unsafe fn update_span<K: Kernel<N>, const N: usize>(
 ) {
     // SAFETY: forwarded from the caller.
     unsafe { span_body::<K, f32x8, N>(k, span, formats) }
+}
+
+/// [`measure_body`] with `f32x8`.
+///
+/// # Safety
+/// The pointer contract of [`measure_body`].
+pub(super) unsafe fn measure_span<K: Kernel<N>, const N: usize>(
+    k: &K,
+    span: Span<N>,
+    formats: Formats<N>,
+) -> [[f64; 8]; 2] {
+    // SAFETY: forwarded from the caller.
+    unsafe { measure_body::<K, f32x8, N>(k, span, formats) }
 }

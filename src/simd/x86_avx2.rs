@@ -12,7 +12,9 @@
 //! [`Ymm`] is private to this module and instantiated only inside [`update_span`], so its
 //! arithmetic, which uses AVX2 without a check, never runs without that proof.
 
-use super::{Formats, Kernel, Lane, SimdLevel, Span, compact, span_body, sum_squares_body};
+use super::{
+    Formats, Kernel, Lane, SimdLevel, Span, compact, measure_body, span_body, sum_squares_body,
+};
 use core::arch::x86_64::*;
 use core::ops::{Add, Div, Mul, Neg, Sub};
 
@@ -227,6 +229,33 @@ unsafe fn update_span_avx2<K: Kernel<N>, const N: usize>(
 ) {
     // SAFETY: forwarded from the caller; AVX2 is enabled for this function's body.
     unsafe { span_body::<K, Ymm, N>(k, span, formats) }
+}
+
+/// [`measure_body`] with AVX2.
+///
+/// # Safety
+/// The pointer contract of [`measure_body`].
+#[inline]
+pub(super) unsafe fn measure_span<K: Kernel<N>, const N: usize>(
+    _: Avx2,
+    k: &K,
+    span: Span<N>,
+    formats: Formats<N>,
+) -> [[f64; 8]; 2] {
+    // SAFETY: the token proves AVX2 and FMA; the pointer contract is forwarded.
+    unsafe { measure_span_avx2(k, span, formats) }
+}
+
+/// # Safety
+/// The pointer contract of [`measure_body`], and the CPU must support AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn measure_span_avx2<K: Kernel<N>, const N: usize>(
+    k: &K,
+    span: Span<N>,
+    formats: Formats<N>,
+) -> [[f64; 8]; 2] {
+    // SAFETY: forwarded from the caller; AVX2 is enabled for this function's body.
+    unsafe { measure_body::<K, Ymm, N>(k, span, formats) }
 }
 
 /// [`sum_squares_body`] compiled for AVX2.

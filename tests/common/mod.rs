@@ -39,6 +39,10 @@ pub fn unusual(config: OptimizerConfig) -> OptimizerConfig {
                 "lr=0.037,beta1=0.8,beta2=0.95,eps=1e-3,weight_decay=0.1,warmup_steps=3,r=0.5,weight_lr_power=1.5"
             }
             "sgd_schedulefree" => "lr=0.037,momentum=0.7,weight_decay=0.1,warmup_steps=3,r=0.5",
+            "lamb" => "lr=0.037,beta1=0.8,beta2=0.95,eps=1e-3,weight_decay=0.1,trust_clip=true",
+            "lars" => {
+                "lr=0.37,momentum=0.8,dampening=0.25,weight_decay=0.1,trust_coeff=0.02,eps=1e-3"
+            }
             other => panic!("no unusual configuration for {other}"),
         },
     )
@@ -513,9 +517,85 @@ impl<F: Float> Reference<F> {
                     s1[i] = F::from64(keep) * s1[i] - F::from64(step) * u;
                 }
             }
+            OptimizerConfig::Lamb(h) => {
+                // You et al. (2020), "Large Batch Optimization for Deep Learning: Training BERT
+                // in 76 minutes", Algorithm 2, with timm's conventions: u = m̂/(√v̂ + ε) + λw,
+                // r = ‖w‖/‖u‖ (1 where a norm is 0), only for decayed tensors by default.
+                let (bc1, bc2) = if h.bias_correction {
+                    (1.0 - h.beta1.powf(t), 1.0 - h.beta2.powf(t))
+                } else {
+                    (1.0, 1.0)
+                };
+                let mut u = vec![F::from64(0.0); w.len()];
+                for i in 0..w.len() {
+                    let gi = prep(g[i], w[i], h.maximize, 0.0);
+                    s1[i] = F::from64(h.beta1) * s1[i] + F::from64(1.0 - h.beta1) * gi;
+                    s2[i] = F::from64(h.beta2) * s2[i] + F::from64(1.0 - h.beta2) * (gi * gi);
+                    let m_hat = s1[i] / F::from64(bc1);
+                    let v_hat = s2[i] / F::from64(bc2);
+                    u[i] = m_hat / (v_hat.sqrt() + c(h.eps)) + c(h.weight_decay) * w[i];
+                }
+                let mut r = 1.0;
+                if h.weight_decay != 0.0 || h.always_adapt {
+                    let (wn, un) = (norm(w), norm(&u));
+                    if wn > 0.0 && un > 0.0 {
+                        r = wn / un;
+                    }
+                    if h.trust_clip {
+                        r = r.min(1.0);
+                    }
+                }
+                for i in 0..w.len() {
+                    w[i] = w[i] - c(h.lr) * F::from64(r) * u[i];
+                }
+            }
+            OptimizerConfig::Lars(h) => {
+                // You, Gitman and Ginsburg (2017), "Large Batch Training of Convolutional
+                // Networks", Algorithm 1, with the learning rate outside the momentum (timm's
+                // Lars, torch's SGD): r = η‖w‖/(‖g‖ + λ‖w‖ + ε), d = r(g + λw).
+                let gs: Vec<F> = (0..w.len())
+                    .map(|i| prep(g[i], w[i], h.maximize, 0.0))
+                    .collect();
+                let adapt = h.weight_decay != 0.0 || h.always_adapt;
+                let mut r = 1.0;
+                if adapt {
+                    let (wn, gn) = (norm(w), norm(&gs));
+                    if wn > 0.0 && gn > 0.0 {
+                        let denom = gn + wn * h.weight_decay as f64 + h.eps as f64;
+                        r = h.trust_coeff as f64 * wn / denom;
+                    }
+                    if h.trust_clip {
+                        r = (r / h.lr as f64).min(1.0);
+                    }
+                }
+                for i in 0..w.len() {
+                    let d = if adapt {
+                        F::from64(r) * (gs[i] + c(h.weight_decay) * w[i])
+                    } else {
+                        gs[i]
+                    };
+                    let step = if h.momentum > 0.0 {
+                        let mu = c(h.momentum);
+                        s1[i] = if self.t == 1 {
+                            d
+                        } else {
+                            mu * s1[i] + F::from64(1.0 - h.dampening) * d
+                        };
+                        if h.nesterov { d + mu * s1[i] } else { s1[i] }
+                    } else {
+                        d
+                    };
+                    w[i] = w[i] - c(h.lr) * step;
+                }
+            }
             other => panic!("no reference for {other}"),
         }
     }
+}
+
+/// The Euclidean norm of `x`, in f64.
+fn norm<F: Float>(x: &[F]) -> f64 {
+    x.iter().map(|v| v.to64() * v.to64()).sum::<f64>().sqrt()
 }
 
 /// The schedule-free averaging of step `t` (advancing `sums`, the largest learning rate and the
