@@ -108,6 +108,14 @@ fn every_optimizer_makes_progress_on_rosenbrock() {
             "adamw_schedulefree" => ("lr=0.02", 20_000, 0.05),
             // Its average weighs the first, far iterates as much as the last: a longer run.
             "sgd_schedulefree" => ("lr=5e-3", 40_000, 0.05),
+            // One tensor: the trust ratio ‖w‖/‖u‖ keeps the step's norm at lr·‖w‖, which never
+            // settles without a schedule; clipped to 1, it is Adam's step near the minimum.
+            "lamb" => (
+                "lr=0.005,weight_decay=0,always_adapt=true,trust_clip=true",
+                10_000,
+                0.05,
+            ),
+            "lars" => ("lr=2e-4,momentum=0.9", 10_000, 0.05),
             _ => ("lr=0.005", 10_000, 0.05),
         };
         let (start, end, dist) = rosenbrock(with(config, lr), steps);

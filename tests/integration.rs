@@ -20,3 +20,4 @@ mod reference;
 mod state;
 mod state_access;
 mod sweeps;
+mod trust;

@@ -58,10 +58,10 @@ use crate::types::{Dtype, ParamGroup, Settings, StateFormat, StepError, StepRepo
 use groups::{GroupKernels, Groups, KernelClasses, Kernels, StepNumbers};
 use hygiene::{GradCheck, GradScale, NormPass};
 use par::{OwnPool, Par};
-use trust::TrustPass;
 use std::collections::HashSet;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
+use trust::TrustPass;
 
 /// Everything an optimizer needs besides its rule: settings, state, parameter groups, tensor
 /// names, its thread pool, and what steps reuse (plans, norm slices, capture buffers).
@@ -1290,12 +1290,7 @@ impl<K: Kernel<N> + Copy, const N: usize> Run<'_, K, N> {
         let per_thread = slices.len().div_ceil(par.threads()).max(1);
         let run = |task: usize| {
             let first = task * per_thread;
-            for (i, &(t, start, len)) in slices
-                .iter()
-                .enumerate()
-                .skip(first)
-                .take(per_thread)
-            {
+            for (i, &(t, start, len)) in slices.iter().enumerate().skip(first).take(per_thread) {
                 if measured(t) {
                     // SAFETY: the slice lies inside tensor `t` (the plan was cut from the
                     // layout's lengths), valid for reads (caller's contract).

@@ -59,6 +59,15 @@ pub fn with(mut config: OptimizerConfig, overrides: &str) -> OptimizerConfig {
     config
 }
 
+/// Whether `config` keeps no state (SGD; LARS without momentum), so that any layout is fine.
+pub fn stateless(config: &OptimizerConfig) -> bool {
+    match config.name() {
+        "sgd" => true,
+        "lars" => number(config, "momentum") == 0.0,
+        _ => false,
+    }
+}
+
 /// The learning rate of `config`.
 pub fn lr_of(config: &OptimizerConfig) -> f32 {
     number(config, "lr")
@@ -532,8 +541,11 @@ impl<F: Float> Reference<F> {
                     s1[i] = F::from64(h.beta1) * s1[i] + F::from64(1.0 - h.beta1) * gi;
                     s2[i] = F::from64(h.beta2) * s2[i] + F::from64(1.0 - h.beta2) * (gi * gi);
                     let m_hat = s1[i] / F::from64(bc1);
-                    let v_hat = s2[i] / F::from64(bc2);
-                    u[i] = m_hat / (v_hat.sqrt() + c(h.eps)) + c(h.weight_decay) * w[i];
+                    let sqrt_v_hat = s2[i].sqrt() / F::from64(bc2.sqrt());
+                    u[i] = m_hat / (sqrt_v_hat + c(h.eps));
+                    if h.weight_decay != 0.0 {
+                        u[i] = u[i] + c(h.weight_decay) * w[i];
+                    }
                 }
                 let mut r = 1.0;
                 if h.weight_decay != 0.0 || h.always_adapt {
@@ -546,7 +558,7 @@ impl<F: Float> Reference<F> {
                     }
                 }
                 for i in 0..w.len() {
-                    w[i] = w[i] - c(h.lr) * F::from64(r) * u[i];
+                    w[i] = w[i] - F::from64(h.lr as f64 * r) * u[i];
                 }
             }
             OptimizerConfig::Lars(h) => {
@@ -593,9 +605,19 @@ impl<F: Float> Reference<F> {
     }
 }
 
-/// The Euclidean norm of `x`, in f64.
+/// The Euclidean norm of `x`, in f64, with the additions in the order the crate documents for
+/// its per-tensor norms (so that an f32 reference matches bit for bit): slices of 8192 elements
+/// added in order, within a slice element `i` into accumulator `i % 8`, combined pairwise.
 fn norm<F: Float>(x: &[F]) -> f64 {
-    x.iter().map(|v| v.to64() * v.to64()).sum::<f64>().sqrt()
+    let mut total = 0.0;
+    for slice in x.chunks(8192) {
+        let mut acc = [0f64; 8];
+        for (i, v) in slice.iter().enumerate() {
+            acc[i % 8] += v.to64() * v.to64();
+        }
+        total += ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    }
+    total.sqrt()
 }
 
 /// The schedule-free averaging of step `t` (advancing `sums`, the largest learning rate and the
