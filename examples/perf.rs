@@ -58,6 +58,11 @@ struct Args {
     /// default), against the all-f32 step.
     #[arg(long)]
     formats: bool,
+    /// Instead: LAMB and LARS (trust ratios, adapted) against Adam at each `--sizes` (64M by
+    /// default) and on the GPT-2-small layout, with their floor: Adam plus one plain read of
+    /// the four streams LAMB measures.
+    #[arg(long)]
+    trust: bool,
     /// Instead: the cost of choosing the thread count on a small (4,550-parameter) step:
     /// `pool.install` around each step against the optimizer's own pool (`set_threads`).
     #[arg(long)]
@@ -89,6 +94,13 @@ fn main() {
             args.sizes.iter().map(|s| parse_size(s).unwrap()).collect()
         };
         pool.install(|| formats(&sizes));
+    } else if args.trust {
+        let sizes = if args.sizes == Args::parse_from(["perf"]).sizes {
+            vec![64 << 20]
+        } else {
+            args.sizes.iter().map(|s| parse_size(s).unwrap()).collect()
+        };
+        pool.install(|| trust(&sizes));
     } else if args.hygiene {
         let sizes = if args.sizes == Args::parse_from(["perf"]).sizes {
             vec![64 << 20]
@@ -400,6 +412,80 @@ fn plain_floor_pass(g: &[f32], sink: &mut f32) {
             acc.iter().sum::<f32>()
         })
         .sum::<f32>();
+}
+
+/// LAMB and LARS against Adam (each on its own buffers, rotating, medians), over one tensor of
+/// each size in `sizes` and over the GPT-2-small layout; and the floor of a rule that measures
+/// its tensors first: Adam's step plus a plain read of weights, gradients and both moments.
+fn trust(sizes: &[usize]) {
+    println!(
+        "LAMB/LARS vs Adam: {} threads, {} kernels; median of rotating runs (time / Adam's time)",
+        rayon::current_num_threads(),
+        simd_level()
+    );
+    let cases: Vec<(String, Vec<usize>)> = sizes
+        .iter()
+        .map(|&n| (label(n), vec![n]))
+        .chain([("gpt2-small".to_string(), gpt2_small())])
+        .collect();
+    for (name, layout) in cases {
+        let total: usize = layout.iter().sum();
+        let reps = if total >= 16 << 20 { 31 } else { 201 };
+        let mut rng_w = data(total).0;
+        let split = |v: &[f32]| -> Vec<Vec<f32>> {
+            let mut at = 0;
+            layout
+                .iter()
+                .map(|&n| {
+                    at += n;
+                    v[at - n..at].to_vec()
+                })
+                .collect()
+        };
+        let g = split(&data(total).1);
+        let w0 = split(&rng_w);
+        rng_w.clear();
+        let build = |config: &str| {
+            let opt = config.parse::<OptimizerConfig>().unwrap().build();
+            (opt, w0.clone())
+        };
+        let (mut adam, mut wa) = build("adamw");
+        let (mut lamb, mut wl) = build("lamb");
+        let (mut lars, mut wr) = build("lars:lr=0.1,momentum=0.9,weight_decay=1e-4");
+        let (mut floor, mut wf) = build("adamw");
+        // The floor's extra read: four streams as long as the model (w, g, m, v).
+        let extra: Vec<Vec<f32>> = (0..4).map(|_| vec![0.5f32; total]).collect();
+        let mut sink = 0.0f32;
+        let times = rotate(
+            reps,
+            &mut [
+                &mut || {
+                    adam.step_all(&mut wa, &g).unwrap();
+                },
+                &mut || {
+                    lamb.step_all(&mut wl, &g).unwrap();
+                },
+                &mut || {
+                    lars.step_all(&mut wr, &g).unwrap();
+                },
+                &mut || {
+                    for e in &extra {
+                        plain_floor_pass(e, &mut sink);
+                    }
+                    floor.step_all(&mut wf, &g).unwrap();
+                },
+            ],
+        );
+        std::hint::black_box(sink);
+        let t = times[0];
+        println!(
+            "{name:>10}: adam {:>8.3} ms; lamb {:.3}x, lars (momentum) {:.3}x; floor (adam + read of 4 streams) {:.3}x",
+            t * 1e3,
+            times[1] / t,
+            times[2] / t,
+            times[3] / t
+        );
+    }
 }
 
 /// Adam with gradient hygiene or options on, against plain Adam on its own buffers.

@@ -352,5 +352,69 @@ class ScheduleFreeSgd(Optimizer):
         master_weights: bool = False,
     ) -> None: ...
 
+class Lamb(Optimizer):
+    """LAMB (You et al. 2020, timm's ``Lamb``): ``w = w - lr * (|w| / |u|) * u`` with Adam's
+    direction ``u = m_hat / (sqrt(v_hat) + eps) + weight_decay * w`` and the norms per tensor."""
+
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    maximize: bool
+    bias_correction: bool
+    trust_clip: bool
+    always_adapt: bool
+    def __init__(
+        self,
+        learning_rate: float = 0.001,
+        *,
+        beta1: float = 0.9,
+        beta2: float = 0.999,
+        eps: float = 1e-06,
+        weight_decay: float = 0.01,
+        maximize: bool = False,
+        bias_correction: bool = True,
+        trust_clip: bool = False,
+        always_adapt: bool = False,
+        grad_scale: float = 1.0,
+        max_grad_norm: Optional[float] = None,
+        non_finite: str = "propagate",
+        state_format: str = "f32",
+        master_weights: bool = False,
+    ) -> None: ...
+
+class Lars(Optimizer):
+    """LARS (You et al. 2017, timm's ``Lars``): SGD with momentum on the gradient scaled per
+    tensor by ``trust_coeff * |w| / (|g| + weight_decay * |w| + eps)``."""
+
+    momentum: float
+    dampening: float
+    weight_decay: float
+    nesterov: bool
+    trust_coeff: float
+    eps: float
+    maximize: bool
+    trust_clip: bool
+    always_adapt: bool
+    def __init__(
+        self,
+        learning_rate: float = 1.0,
+        *,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        trust_coeff: float = 0.001,
+        eps: float = 1e-08,
+        maximize: bool = False,
+        trust_clip: bool = False,
+        always_adapt: bool = False,
+        grad_scale: float = 1.0,
+        max_grad_norm: Optional[float] = None,
+        non_finite: str = "propagate",
+        state_format: str = "f32",
+        master_weights: bool = False,
+    ) -> None: ...
+
 def __getattr__(name: str) -> type[Optimizer]:
     """The class of an optimizer the engine has beyond these (``fusedopt.rules()``)."""

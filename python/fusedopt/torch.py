@@ -1380,8 +1380,8 @@ def _rule_class(rule: str, name: str) -> type:
     return type(name, (base,), namespace)
 
 
-#: State keys as torch.optim (Adamax) and the reference implementations (Lion's lion-pytorch)
-#: name them, so that their state dicts load into each other.
+#: State keys as torch.optim (Adamax) and the reference implementations (Lion's lion-pytorch,
+#: timm's Lamb and Lars) name them, so that their state dicts load into each other.
 _STATE_KEY_NAMES = {
     "adamax": {"m": "exp_avg", "u": "exp_inf"},
     "lion": {"m": "exp_avg"},
@@ -1389,6 +1389,8 @@ _STATE_KEY_NAMES = {
     "nadam": {"m": "exp_avg", "v": "exp_avg_sq"},
     "ademamix": {"m1": "exp_avg", "m2": "exp_avg_slow", "nu": "exp_avg_sq"},
     "adamw_schedulefree": {"v": "exp_avg_sq"},
+    "lamb": {"m": "exp_avg", "v": "exp_avg_sq"},
+    "lars": {"b": "momentum_buffer"},
 }
 
 

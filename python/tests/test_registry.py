@@ -22,7 +22,7 @@ NAMES = [r["name"] for r in RULES]
 def test_the_list_has_every_optimizer_with_its_defaults():
     assert NAMES == [
         "sgd", "momentum", "nag", "adagrad", "rmsprop", "adam", "adamax", "lion", "radam", "nadam", "ademamix",
-        "adamw_schedulefree", "sgd_schedulefree",
+        "adamw_schedulefree", "sgd_schedulefree", "lamb", "lars",
     ]
     adam = next(r for r in RULES if r["name"] == "adam")
     assert adam["type_name"] == "Adam" and adam["buffers"] == ["m", "v"]

@@ -17,7 +17,7 @@ def stub(name):
 
 def test_the_numpy_stubs_have_the_classes_signatures():
     classes = {n.name: n for n in stub("_numpy.pyi").body if isinstance(n, ast.ClassDef)}
-    for name in ["SGD", "Momentum", "AdaGrad", "RMSProp", "Adam", "Adamax", "Lion", "RAdam", "NAdam", "AdEMAMix", "ScheduleFreeAdamW", "ScheduleFreeSgd"]:
+    for name in ["SGD", "Momentum", "AdaGrad", "RMSProp", "Adam", "Adamax", "Lion", "RAdam", "NAdam", "AdEMAMix", "ScheduleFreeAdamW", "ScheduleFreeSgd", "Lamb", "Lars"]:
         init = next(f for f in classes[name].body if isinstance(f, ast.FunctionDef) and f.name == "__init__")
         args = init.args
         declared = [(a.arg, "positional") for a in args.args[1:]] + [(a.arg, "keyword") for a in args.kwonlyargs]
