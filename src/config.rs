@@ -223,7 +223,7 @@ impl OptimizerConfig {
     /// ```
     /// use fusedopt::{AdamConfig, OptimizerConfig};
     /// assert_eq!(OptimizerConfig::default_for("adamw"), Some(OptimizerConfig::Adam(AdamConfig::adamw())));
-    /// assert_eq!(OptimizerConfig::default_for("lamb"), None);
+    /// assert_eq!(OptimizerConfig::default_for("shampoo"), None);
     /// ```
     pub fn default_for(name: &str) -> Option<OptimizerConfig> {
         let found = OptimizerConfig::all()
@@ -405,7 +405,7 @@ impl FromStr for OptimizerConfig {
     /// ```
     /// use fusedopt::{OptimizerConfig, ParseConfigError};
     /// assert!("nag:momentum=0.8".parse::<OptimizerConfig>().is_ok());
-    /// let err = "lamb".parse::<OptimizerConfig>().unwrap_err();
+    /// let err = "shampoo".parse::<OptimizerConfig>().unwrap_err();
     /// assert!(matches!(err, ParseConfigError::UnknownOptimizer { .. }));
     /// let err = "adam:beta3=0.5".parse::<OptimizerConfig>().unwrap_err();
     /// assert!(err.to_string().contains("beta3"), "{err}");
@@ -642,7 +642,7 @@ impl std::error::Error for ParseConfigError {
 /// for name in OPTIMIZER_NAMES {
 ///     assert_eq!(optimizer_by_name(name).unwrap().name(), name);
 /// }
-/// assert!(optimizer_by_name("lamb").is_none());
+/// assert!(optimizer_by_name("shampoo").is_none());
 /// ```
 pub fn optimizer_by_name(name: &str) -> Option<Box<dyn Optimizer>> {
     name.parse::<OptimizerConfig>()

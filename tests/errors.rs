@@ -56,7 +56,6 @@ fn mismatched_grads_on_the_first_step_allocate_nothing() {
 #[test]
 fn another_length_once_state_exists_is_refused() {
     for config in configs() {
-        let kind = config.name();
         let mut opt = config.build();
         opt.step(&mut [1.0; 10], &[1.0; 10]).unwrap();
         let mut w = vec![2.0f32; 11];
@@ -141,7 +140,6 @@ fn step_many_refuses_another_layout() {
 #[test]
 fn empty_tensors_are_fine() {
     for config in configs() {
-        let kind = config.name();
         let mut opt = config.build();
         assert_eq!(opt.step(&mut [], &[]).unwrap().step, 1);
         assert_eq!(opt.step(&mut [], &[]).unwrap().step, 2);

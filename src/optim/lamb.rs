@@ -14,9 +14,10 @@ use crate::types::{StepError, StepReport};
 /// `Lamb` and apex's `FusedLAMB`:
 ///
 /// `m ← β1·m + (1−β1)·g;  v ← β2·v + (1−β2)·g²;
-/// u = (m/(1−β1ᵗ)) / (√v/√(1−β2ᵗ) + ε) + λ·w;  r = ‖w‖/‖u‖;  w ← w − lr·r·u`,
+/// u = m·c1 / (√v·c2 + ε) + λ·w;  r = ‖w‖/‖u‖;  w ← w − lr·r·u`,
 ///
-/// with `m`, `v` starting at zero, the norms taken over each tensor, and `r = 1` where either
+/// with the bias corrections `c1 = 1/(1−β1ᵗ)` and `c2 = 1/√(1−β2ᵗ)` (so `m·c1 = m̂` and
+/// `√v·c2 = √v̂`), `m`, `v` starting at zero, the norms taken over each tensor, and `r = 1` where either
 /// norm is 0. A tensor whose weight decay is 0 (biases and norms, in the usual parameter groups)
 /// takes `r = 1` unless [`always_adapt`](LambConfig::always_adapt). Each tensor is read once to
 /// measure its norms, then updated in one pass.
@@ -123,10 +124,10 @@ pub(crate) struct LambStep {
     one_minus_beta1: f32,
     beta2: f32,
     one_minus_beta2: f32,
-    /// `1 − β1ᵗ` (1 without bias correction).
-    bc1: f32,
-    /// `√(1 − β2ᵗ)` (1 without bias correction).
-    bc2_sqrt: f32,
+    /// `1/(1 − β1ᵗ)` (1 without bias correction).
+    bc1_inv: f32,
+    /// `1/√(1 − β2ᵗ)` (1 without bias correction).
+    bc2_sqrt_inv: f32,
     eps: f32,
     wd: f32,
     adapt: bool,
@@ -150,8 +151,8 @@ impl LambStep {
             one_minus_beta1: (1.0 - c.beta1) as f32,
             beta2: c.beta2 as f32,
             one_minus_beta2: (1.0 - c.beta2) as f32,
-            bc1: bc1 as f32,
-            bc2_sqrt: bc2.sqrt() as f32,
+            bc1_inv: (1.0 / bc1) as f32,
+            bc2_sqrt_inv: (1.0 / bc2.sqrt()) as f32,
             eps: c.eps,
             wd,
             adapt: wd != 0.0 || c.always_adapt,
@@ -164,8 +165,10 @@ impl LambStep {
     fn direction<V: Lane>(&self, w: V, g: V, m: V, v: V) -> (V, V, V) {
         let m = V::splat(self.beta1) * m + V::splat(self.one_minus_beta1) * g;
         let v = V::splat(self.beta2) * v + V::splat(self.one_minus_beta2) * (g * g);
-        let denom = v.sqrt() / V::splat(self.bc2_sqrt) + V::splat(self.eps);
-        let u = (m / V::splat(self.bc1)) / denom;
+        // The bias corrections as multiplications by their reciprocals (computed in f64, rounded
+        // once): one division per element, as Adam's.
+        let denom = v.sqrt() * V::splat(self.bc2_sqrt_inv) + V::splat(self.eps);
+        let u = (m * V::splat(self.bc1_inv)) / denom;
         let u = if self.wd != 0.0 {
             u + V::splat(self.wd) * w
         } else {

@@ -345,6 +345,7 @@ impl<const N: usize> Scratch<N> {
     /// # Safety
     /// `start + len <= span.len`, and the pointer contract of [`block_loop`] for those elements.
     #[inline(always)]
+    #[allow(clippy::needless_range_loop)]
     pub(crate) unsafe fn expand(
         &mut self,
         span: Span<N>,

@@ -540,8 +540,8 @@ impl<F: Float> Reference<F> {
                     let gi = prep(g[i], w[i], h.maximize, 0.0);
                     s1[i] = F::from64(h.beta1) * s1[i] + F::from64(1.0 - h.beta1) * gi;
                     s2[i] = F::from64(h.beta2) * s2[i] + F::from64(1.0 - h.beta2) * (gi * gi);
-                    let m_hat = s1[i] / F::from64(bc1);
-                    let sqrt_v_hat = s2[i].sqrt() / F::from64(bc2.sqrt());
+                    let m_hat = s1[i] * F::from64(1.0 / bc1);
+                    let sqrt_v_hat = s2[i].sqrt() * F::from64(1.0 / bc2.sqrt());
                     u[i] = m_hat / (sqrt_v_hat + c(h.eps));
                     if h.weight_decay != 0.0 {
                         u[i] = u[i] + c(h.weight_decay) * w[i];
