@@ -46,6 +46,9 @@ fn every_optimizer_descends_a_quadratic_bowl() {
             // The average x of the iterates converges as 1/t: larger steps for the iterates.
             "adamw_schedulefree" => "lr=0.2",
             "sgd_schedulefree" => "lr=0.05",
+            // Decay moves the minimum, and the trust ratio keeps the step's norm at lr·‖w‖
+            // unless clipped to 1 (then it is Adam's step near the minimum).
+            "lamb" => "lr=0.02,weight_decay=0,always_adapt=true,trust_clip=true",
             _ => "lr=0.02",
         };
         let (start, end) = bowl(with(config, lr), 500);

@@ -1254,7 +1254,12 @@ impl<K: Kernel<N> + Copy, const N: usize> Run<'_, K, N> {
         // SAFETY: the caller's contract.
         unsafe {
             let (prep, span, formats) = self.span(tensor, t, start, len, *wd);
-            simd::update_span(self.tier, kernel, prep, span, formats);
+            if K::SPLIT && kernel.measures() && formats.all_f32() {
+                // The measuring pass updated the state (`simd::measure_span`).
+                simd::apply_span(self.tier, kernel, span);
+            } else {
+                simd::update_span(self.tier, kernel, prep, span, formats);
+            }
         }
     }
 

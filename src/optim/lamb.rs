@@ -19,8 +19,10 @@ use crate::types::{StepError, StepReport};
 /// with the bias corrections `c1 = 1/(1−β1ᵗ)` and `c2 = 1/√(1−β2ᵗ)` (so `m·c1 = m̂` and
 /// `√v·c2 = √v̂`), `m`, `v` starting at zero, the norms taken over each tensor, and `r = 1` where either
 /// norm is 0. A tensor whose weight decay is 0 (biases and norms, in the usual parameter groups)
-/// takes `r = 1` unless [`always_adapt`](LambConfig::always_adapt). Each tensor is read once to
-/// measure its norms, then updated in one pass.
+/// takes `r = 1` unless [`always_adapt`](LambConfig::always_adapt). With `f32` state, a first
+/// pass updates the moments and measures the norms, a second updates the weights from the
+/// moments (the gradients are read once); with compact state, a read-only pass measures and
+/// the update is one pass.
 ///
 /// ```
 /// use fusedopt::{Lamb, LambConfig, Optimizer};
@@ -160,32 +162,37 @@ impl LambStep {
         }
     }
 
-    /// The new moments and the direction `u` they give at weight `w`.
+    /// The new moments from the gradient.
     #[inline(always)]
-    fn direction<V: Lane>(&self, w: V, g: V, m: V, v: V) -> (V, V, V) {
+    fn moments<V: Lane>(&self, g: V, m: V, v: V) -> (V, V) {
         let m = V::splat(self.beta1) * m + V::splat(self.one_minus_beta1) * g;
         let v = V::splat(self.beta2) * v + V::splat(self.one_minus_beta2) * (g * g);
+        (m, v)
+    }
+
+    /// The direction `u` the new moments `m`, `v` give at weight `w`.
+    #[inline(always)]
+    fn direction<V: Lane>(&self, w: V, m: V, v: V) -> V {
         // The bias corrections as multiplications by their reciprocals (computed in f64, rounded
         // once): one division per element, as Adam's.
         let denom = v.sqrt() * V::splat(self.bc2_sqrt_inv) + V::splat(self.eps);
         let u = (m * V::splat(self.bc1_inv)) / denom;
-        let u = if self.wd != 0.0 {
+        if self.wd != 0.0 {
             u + V::splat(self.wd) * w
         } else {
             u
-        };
-        (m, v, u)
+        }
     }
 }
 
 impl Kernel<2> for LambStep {
     const TRUST: bool = true;
+    const SPLIT: bool = true;
 
     #[inline(always)]
     fn update<V: Lane>(&self, w: V, g: V, [m, v]: &mut [V; 2]) -> V {
-        let (m1, v1, u) = self.direction(w, g, *m, *v);
-        (*m, *v) = (m1, v1);
-        w - V::splat(self.step) * u
+        (*m, *v) = self.moments(g, *m, *v);
+        w - V::splat(self.step) * self.direction(w, *m, *v)
     }
 
     fn measures(&self) -> bool {
@@ -194,7 +201,8 @@ impl Kernel<2> for LambStep {
 
     #[inline(always)]
     fn measure<V: Lane>(&self, w: V, g: V, &[m, v]: &[V; 2]) -> [V; 2] {
-        [w, self.direction(w, g, m, v).2]
+        let (m, v) = self.moments(g, m, v);
+        [w, self.direction(w, m, v)]
     }
 
     fn with_norms(&self, [w_norm, u_norm]: [f64; 2]) -> Self {
@@ -203,6 +211,17 @@ impl Kernel<2> for LambStep {
             step: (f64::from(self.lr) * r) as f32,
             ..*self
         }
+    }
+
+    #[inline(always)]
+    fn measure_update<V: Lane>(&self, w: V, g: V, [m, v]: &mut [V; 2]) -> [V; 2] {
+        (*m, *v) = self.moments(g, *m, *v);
+        [w, self.direction(w, *m, *v)]
+    }
+
+    #[inline(always)]
+    fn apply<V: Lane>(&self, w: V, &[m, v]: &[V; 2]) -> V {
+        w - V::splat(self.step) * self.direction(w, m, v)
     }
 }
 
@@ -254,6 +273,20 @@ mod tests {
         let k = k.with_norms([6.0, 3.0]);
         let w = k.update(2.0f32, 4.0, &mut s);
         assert_eq!((w, s), (2.0 - 0.5 * 2.0, [2.0, 4.0]));
+    }
+
+    #[test]
+    fn the_split_step_is_the_update_bit_for_bit() {
+        let k = LambStep::new(&LambConfig::default(), 3, 0.01, 0.01).with_norms([2.0, 0.7]);
+        for (w, g, m, v) in [(0.3f32, -1.7f32, 0.2f32, 0.9f32), (-2.0, 1e-3, -0.5, 1e-6)] {
+            let mut whole = [m, v];
+            let updated = k.update(w, g, &mut whole);
+            let mut split = [m, v];
+            let [_, u] = k.measure_update(w, g, &mut split);
+            assert_eq!(u, k.measure(w, g, &[m, v])[1]);
+            assert_eq!(split, whole);
+            assert_eq!(k.apply(w, &split).to_bits(), updated.to_bits());
+        }
     }
 
     #[test]

@@ -550,6 +550,24 @@ pub trait Kernel<const N: usize>: Sync {
     {
         *self
     }
+
+    /// Whether the step of this type's kernels splits into a measuring pass that updates the
+    /// state ([`measure_update`](Kernel::measure_update)) and an update that reads the new
+    /// state instead of the gradients ([`apply`](Kernel::apply)): one read fewer than measuring
+    /// and then updating. Used where state, weights and gradients are all `f32` (where the
+    /// split computes what the update would, bit for bit).
+    const SPLIT: bool = false;
+
+    /// [`measure`](Kernel::measure), updating `state` as [`update`](Kernel::update) does.
+    fn measure_update<V: Lane>(&self, w: V, g: V, state: &mut [V; N]) -> [V; 2] {
+        self.measure(w, g, state)
+    }
+
+    /// The new weight from the state [`measure_update`](Kernel::measure_update) left: what
+    /// [`update`](Kernel::update) returns.
+    fn apply<V: Lane>(&self, w: V, _state: &[V; N]) -> V {
+        w
+    }
 }
 
 /// Pointers to one contiguous span of elements: weights, gradients and each state buffer.
@@ -723,6 +741,13 @@ impl<K: Kernel<N>, const N: usize, const DIV: bool, const SCALE: bool, const L2:
     fn measure<V: Lane>(&self, w: V, g: V, state: &[V; N]) -> [V; 2] {
         self.kernel.measure(w, self.grad(w, g), state)
     }
+
+    const SPLIT: bool = K::SPLIT;
+
+    #[inline(always)]
+    fn measure_update<V: Lane>(&self, w: V, g: V, state: &mut [V; N]) -> [V; 2] {
+        self.kernel.measure_update(w, self.grad(w, g), state)
+    }
 }
 
 /// Work over one span that runs with whatever kernel type the gradient transform makes of an
@@ -835,6 +860,67 @@ pub(crate) unsafe fn measure_span<K: Kernel<N>, const N: usize>(
     unsafe { with_prep(k, prep, Measure(tier, span, formats)) }
 }
 
+/// The second half of a split step ([`Kernel::SPLIT`]) over an all-`f32` span on `tier`: the
+/// new weights from the state the measuring pass wrote; the gradients are not read.
+///
+/// # Safety
+/// `span.w` valid for reads and writes and every `span.s` for reads of `span.len` elements.
+#[inline]
+pub(crate) unsafe fn apply_span<K: Kernel<N>, const N: usize>(tier: Tier, k: &K, span: Span<N>) {
+    // SAFETY: forwarded from the caller; the AVX2 arm holds the token that proves the CPU has
+    // AVX2.
+    unsafe {
+        match tier {
+            Tier::Scalar => apply_body::<K, f32, N>(k, span),
+            Tier::Portable => portable::apply_span(k, span),
+            #[cfg(target_arch = "x86_64")]
+            Tier::Avx2(token) => x86_avx2::apply_span(token, k, span),
+        }
+    }
+}
+
+/// Applies the `V::WIDTH` elements at `i`.
+///
+/// # Safety
+/// As [`apply_body`], with `i + V::WIDTH <= span.len`.
+#[inline(always)]
+#[allow(clippy::needless_range_loop)]
+unsafe fn apply_vector<K: Kernel<N>, V: Lane, const N: usize>(k: &K, span: &Span<N>, i: usize) {
+    // SAFETY: elements `i..i + V::WIDTH` lie inside every range (caller's contract).
+    unsafe {
+        let mut st = [V::splat(0.0); N];
+        for j in 0..N {
+            st[j] = V::load(span.s[j].add(i));
+        }
+        k.apply(V::load(span.w.add(i)), &st).store(span.w.add(i));
+    }
+}
+
+/// The one body of [`apply_span`]: full vectors of `V`, then the tail one element at a time.
+///
+/// # Safety
+/// The contract of [`apply_span`].
+#[inline(always)]
+unsafe fn apply_body<K: Kernel<N>, V: Lane, const N: usize>(k: &K, span: Span<N>) {
+    let mut i = 0;
+    // SAFETY: `i + V::WIDTH <= len` in the vector loops and `i < len` in the tail.
+    unsafe {
+        while i + 2 * V::WIDTH <= span.len {
+            V::prefetch(span.w.wrapping_add(i + PREFETCH_AHEAD));
+            for j in 0..N {
+                V::prefetch(span.s[j].wrapping_add(i + PREFETCH_AHEAD));
+            }
+            apply_vector::<K, V, N>(k, &span, i);
+            apply_vector::<K, V, N>(k, &span, i + V::WIDTH);
+            i += 2 * V::WIDTH;
+        }
+        while i < span.len {
+            apply_vector::<K, f32, N>(k, &span, i);
+            i += 1;
+        }
+    }
+}
+
 /// Elements per row of the measuring loop: two vectors of the widest tier.
 const MEASURE_ROW: usize = 16;
 
@@ -868,7 +954,7 @@ fn add_squares_row(acc: &mut [f64; 8], row: &[f32; MEASURE_ROW]) {
 /// [`MEASURE_ROW`].
 #[inline(always)]
 #[allow(clippy::needless_range_loop)]
-unsafe fn measure_row<K: Kernel<N>, V: Lane, const N: usize>(
+unsafe fn measure_row<K: Kernel<N>, V: Lane, const N: usize, const WRITE: bool>(
     k: &K,
     span: &Span<N>,
     i: usize,
@@ -883,7 +969,16 @@ unsafe fn measure_row<K: Kernel<N>, V: Lane, const N: usize>(
             for j in 0..N {
                 st[j] = V::load(span.s[j].add(i + h));
             }
-            let [x, y] = k.measure(V::load(span.w.add(i + h)), V::load(span.g.add(i + h)), &st);
+            let (w, g) = (V::load(span.w.add(i + h)), V::load(span.g.add(i + h)));
+            let [x, y] = if WRITE {
+                let measured = k.measure_update(w, g, &mut st);
+                for j in 0..N {
+                    st[j].store(span.s[j].add(i + h));
+                }
+                measured
+            } else {
+                k.measure(w, g, &st)
+            };
             x.store(rows[0].as_mut_ptr().add(h));
             y.store(rows[1].as_mut_ptr().add(h));
             h += V::WIDTH;
@@ -892,12 +987,14 @@ unsafe fn measure_row<K: Kernel<N>, V: Lane, const N: usize>(
 }
 
 /// The measuring loop over an `f32` span: rows of [`MEASURE_ROW`] elements in vectors of `V`,
-/// the last row one element at a time, the squares added into `acc` in element order.
+/// the last row one element at a time, the squares added into `acc` in element order; with
+/// `WRITE`, the state updated as well ([`Kernel::measure_update`]).
 ///
 /// # Safety
-/// Every pointer of `span` valid for reads of `span.len` elements.
+/// Every pointer of `span` valid for reads of `span.len` elements (and the state for writes,
+/// with `WRITE`).
 #[inline(always)]
-unsafe fn measure_loop<K: Kernel<N>, V: Lane, const N: usize>(
+unsafe fn measure_loop<K: Kernel<N>, V: Lane, const N: usize, const WRITE: bool>(
     k: &K,
     span: Span<N>,
     acc: &mut [[f64; 8]; 2],
@@ -912,19 +1009,20 @@ unsafe fn measure_loop<K: Kernel<N>, V: Lane, const N: usize>(
             for j in 0..N {
                 V::prefetch(span.s[j].wrapping_add(i + PREFETCH_AHEAD));
             }
-            measure_row::<K, V, N>(k, &span, i, MEASURE_ROW, &mut rows);
+            measure_row::<K, V, N, WRITE>(k, &span, i, MEASURE_ROW, &mut rows);
             add_squares_row(&mut acc[0], &rows[0]);
             add_squares_row(&mut acc[1], &rows[1]);
             i += MEASURE_ROW;
         }
         let n = span.len - i;
-        measure_row::<K, f32, N>(k, &span, i, n, &mut rows);
+        measure_row::<K, f32, N, WRITE>(k, &span, i, n, &mut rows);
         add_squares(&mut acc[0], &rows[0][..n]);
         add_squares(&mut acc[1], &rows[1][..n]);
     }
 }
 
-/// The one measuring body every tier instantiates: the `f32` loop, or, over compact state or
+/// The one measuring body every tier instantiates: the `f32` loop (writing the state, for a
+/// [`Kernel::SPLIT`] kernel), or, over compact state or
 /// half-precision gradients, the same loop over each block expanded to `f32` (blocks are
 /// multiples of [`MEASURE_ROW`] long, so every element keeps its accumulator).
 ///
@@ -939,16 +1037,18 @@ unsafe fn measure_body<K: Kernel<N>, V: Lane, const N: usize>(
     let mut acc = [[0f64; 8]; 2];
     // SAFETY: forwarded from the caller; each block lies inside the span.
     unsafe {
-        if formats.state.is_none() && formats.grads.is_none() {
+        if K::SPLIT && formats.all_f32() {
+            measure_loop::<K, V, N, true>(k, span, &mut acc);
+        } else if formats.state.is_none() && formats.grads.is_none() {
             // Half-precision weights are read from their f32 master copy, `span.w`.
-            measure_loop::<K, V, N>(k, span, &mut acc);
+            measure_loop::<K, V, N, false>(k, span, &mut acc);
         } else {
             let mut scratch = compact::Scratch::<N>::new();
             let mut start = 0;
             while start < span.len {
                 let len = BLOCK.min(span.len - start);
                 let block = scratch.expand(span, formats, start, len);
-                measure_loop::<K, V, N>(k, block, &mut acc);
+                measure_loop::<K, V, N, false>(k, block, &mut acc);
                 start += len;
             }
         }

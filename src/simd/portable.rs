@@ -1,6 +1,6 @@
 //! The portable tier: `wide::f32x8`, compiled for whatever target features the build has.
 
-use super::{Formats, Kernel, Lane, Span, measure_body, span_body};
+use super::{Formats, Kernel, Lane, Span, apply_body, measure_body, span_body};
 use wide::{Select, f32x8};
 
 impl Lane for f32x8 {
@@ -92,4 +92,13 @@ pub(super) unsafe fn measure_span<K: Kernel<N>, const N: usize>(
 ) -> [[f64; 8]; 2] {
     // SAFETY: forwarded from the caller.
     unsafe { measure_body::<K, f32x8, N>(k, span, formats) }
+}
+
+/// [`apply_body`] with `f32x8`.
+///
+/// # Safety
+/// The pointer contract of [`apply_body`].
+pub(super) unsafe fn apply_span<K: Kernel<N>, const N: usize>(k: &K, span: Span<N>) {
+    // SAFETY: forwarded from the caller.
+    unsafe { apply_body::<K, f32x8, N>(k, span) }
 }

@@ -13,7 +13,8 @@
 //! arithmetic, which uses AVX2 without a check, never runs without that proof.
 
 use super::{
-    Formats, Kernel, Lane, SimdLevel, Span, compact, measure_body, span_body, sum_squares_body,
+    Formats, Kernel, Lane, SimdLevel, Span, apply_body, compact, measure_body, span_body,
+    sum_squares_body,
 };
 use core::arch::x86_64::*;
 use core::ops::{Add, Div, Mul, Neg, Sub};
@@ -256,6 +257,24 @@ unsafe fn measure_span_avx2<K: Kernel<N>, const N: usize>(
 ) -> [[f64; 8]; 2] {
     // SAFETY: forwarded from the caller; AVX2 is enabled for this function's body.
     unsafe { measure_body::<K, Ymm, N>(k, span, formats) }
+}
+
+/// [`apply_body`] with AVX2.
+///
+/// # Safety
+/// The pointer contract of [`apply_body`].
+#[inline]
+pub(super) unsafe fn apply_span<K: Kernel<N>, const N: usize>(_: Avx2, k: &K, span: Span<N>) {
+    // SAFETY: the token proves AVX2 and FMA; the pointer contract is forwarded.
+    unsafe { apply_span_avx2(k, span) }
+}
+
+/// # Safety
+/// The pointer contract of [`apply_body`], and the CPU must support AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn apply_span_avx2<K: Kernel<N>, const N: usize>(k: &K, span: Span<N>) {
+    // SAFETY: forwarded from the caller; AVX2 is enabled for this function's body.
+    unsafe { apply_body::<K, Ymm, N>(k, span) }
 }
 
 /// [`sum_squares_body`] compiled for AVX2.
