@@ -224,6 +224,56 @@ fn vars_without_a_gradient_are_left_alone() -> Result<()> {
     Ok(())
 }
 
+/// LAMB and LARS through candle: each Var takes its own trust ratio, bitwise the f32 reference
+/// of that tensor alone.
+#[test]
+fn trust_ratio_rules_measure_each_var_alone() -> Result<()> {
+    use crate::common::{Reference, assert_same};
+    fn run<R: fusedopt::Rule>(config: R, name: &str) -> Result<()> {
+        let mut rng = Rng(6);
+        let vars: Vec<Var> = SHAPES
+            .iter()
+            .map(|s| var(&mut rng, s))
+            .collect::<Result<_>>()?;
+        let before: Vec<Vec<f32>> = vars.iter().map(values).collect::<Result<_>>()?;
+        let mut opt = VarOptimizer::new(vars.clone(), config)?;
+        let all: Vec<Vec<Option<Tensor>>> = (0..3)
+            .map(|_| random_grads(&mut rng, 1.0))
+            .collect::<Result<_>>()?;
+        for grads in &all {
+            opt.step(&store(&vars, grads))?;
+        }
+        let parsed: fusedopt::OptimizerConfig = name.parse().unwrap();
+        for (i, v) in vars.iter().enumerate() {
+            let mut w = before[i].clone();
+            let mut r = Reference::<f32>::new(parsed, w.len());
+            for grads in &all {
+                let g: Vec<f32> = grads[i].as_ref().unwrap().flatten_all()?.to_vec1()?;
+                r.step(&mut w, &g);
+            }
+            assert_same(&values(v)?, &w, &format!("{name} var {i}"));
+        }
+        Ok(())
+    }
+    let lamb = "lamb:lr=0.01,weight_decay=0.1";
+    run(
+        fusedopt::LambConfig {
+            lr: 0.01,
+            weight_decay: 0.1,
+            ..Default::default()
+        },
+        lamb,
+    )?;
+    let lars = "lars:lr=0.5,momentum=0.9,weight_decay=0.01";
+    let config = fusedopt::LarsConfig {
+        lr: 0.5,
+        momentum: 0.9,
+        weight_decay: 0.01,
+        ..Default::default()
+    };
+    run(config, lars)
+}
+
 #[test]
 fn ten_thousand_vars_step_as_step_all_does() -> Result<()> {
     let mut rng = Rng(5);

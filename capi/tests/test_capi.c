@@ -323,6 +323,8 @@ static const char *const CONFIGS[] = {
     "adam",
     "adamw:lr=3e-3,weight_decay=0.1",
     "adam:amsgrad=true,weight_decay=0.01",
+    "lamb:lr=0.01",
+    "lars:lr=0.5,momentum=0.9,weight_decay=0.01",
 };
 #define NCONFIGS (sizeof CONFIGS / sizeof CONFIGS[0])
 
@@ -384,8 +386,9 @@ static void model_free(Model *m) {
 
 static void whole_model_with_every_option(void) {
     static const char *const configs[] = {"adamw:lr=1e-2,weight_decay=0.05", "momentum:lr=0.05",
-                                          "rmsprop:lr=1e-3"};
-    for (size_t c = 0; c < 3; c++) {
+                                          "rmsprop:lr=1e-3", "lamb:weight_decay=0.1",
+                                          "lars:momentum=0.9,weight_decay=0.01"};
+    for (size_t c = 0; c < sizeof configs / sizeof configs[0]; c++) {
         Model m = model_new();
         H h = h_new(configs[c]);
         h_threads(h, 2);
