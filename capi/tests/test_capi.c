@@ -606,7 +606,7 @@ static void errors_creating(void) {
     fusedopt_optimizer *const untouched = opt;
     FAILS(fusedopt_new(NULL, &opt), FUSEDOPT_ERROR_NULL, "configuration string is NULL");
     FAILS(fusedopt_new("adam", NULL), FUSEDOPT_ERROR_NULL, "out-pointer");
-    FAILS(fusedopt_new("lamb", &opt), FUSEDOPT_ERROR_INVALID_ARGUMENT, "lamb");
+    FAILS(fusedopt_new("shampoo", &opt), FUSEDOPT_ERROR_INVALID_ARGUMENT, "shampoo");
     FAILS(fusedopt_new("adam:beta3=0.5", &opt), FUSEDOPT_ERROR_INVALID_ARGUMENT, "beta3");
     FAILS(fusedopt_new("adam:beta1=1.5", &opt), FUSEDOPT_ERROR_INVALID_ARGUMENT, "beta1");
     FAILS(fusedopt_new("adam:lr=fast", &opt), FUSEDOPT_ERROR_INVALID_ARGUMENT, "lr");
@@ -876,15 +876,15 @@ static void *fail_in_thread(void *arg) {
 }
 static void errors_are_thread_local(void) {
     fusedopt_optimizer *opt = NULL;
-    FAILS(fusedopt_new("lamb", &opt), FUSEDOPT_ERROR_INVALID_ARGUMENT, "lamb");
+    FAILS(fusedopt_new("shampoo", &opt), FUSEDOPT_ERROR_INVALID_ARGUMENT, "shampoo");
     pthread_t t;
     CHECK(pthread_create(&t, NULL, fail_in_thread, NULL) == 0, "pthread_create");
     pthread_join(t, NULL);
-    CHECK(strstr(fusedopt_last_error(), "lamb") != NULL, "another thread's error leaked: %s",
+    CHECK(strstr(fusedopt_last_error(), "shampoo") != NULL, "another thread's error leaked: %s",
           fusedopt_last_error());
     /* A success leaves the message alone. */
     OK(fusedopt_new("sgd", &opt));
-    CHECK(strstr(fusedopt_last_error(), "lamb") != NULL, "%s", fusedopt_last_error());
+    CHECK(strstr(fusedopt_last_error(), "shampoo") != NULL, "%s", fusedopt_last_error());
     OK(fusedopt_free(opt));
 }
 
